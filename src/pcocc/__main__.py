@@ -1,0 +1,3 @@
+from pcocc.cli.core import main
+
+main()

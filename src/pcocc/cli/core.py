@@ -1,0 +1,169 @@
+"""Entry point and the one error boundary.
+
+main() turns known errors into one line on stderr and an exit status (see
+pcocc.errors.ExitStatus); program() is the plain command tree. Command
+modules are imported only when their command runs, to keep start-up fast.
+"""
+
+import importlib
+import logging
+import sys
+
+import click
+
+from pcocc import __version__
+from pcocc.env import Environment
+from pcocc.errors import ExitStatus, PcoccError
+
+# name -> (module under pcocc.cli, attribute, short help). Kept here so that
+# `pcocc --help` lists every command without importing any of them.
+COMMANDS = {
+    "alloc": ("cluster", "alloc", "Run a virtual cluster, with an interactive shell in its allocation"),
+    "batch": ("cluster", "batch", "Submit a virtual cluster as a batch job"),
+    "ps": ("cluster", "ps", "List your running virtual clusters"),
+    "cancel": ("cluster", "cancel", "Stop a virtual cluster"),
+    "ssh": ("access", "ssh", "Connect to a VM with ssh"),
+    "scp": ("access", "scp", "Copy files to and from VMs with scp"),
+    "nc": ("access", "nc", "Connect to a TCP port of a VM"),
+    "exec": ("access", "exec_", "Run a command in VMs through their agent"),
+    "console": ("access", "console", "Connect to the serial console of a VM"),
+    "display": ("access", "display", "Show the remote display of a VM"),
+    "reset": ("access", "reset", "Reset VMs"),
+    "monitor-cmd": ("access", "monitor_cmd", "Send a command to the qemu monitor of VMs"),
+    "dump": ("access", "dump", "Dump the memory of a VM to a file"),
+    "save": ("saving", "save", "Save the disk of a VM as a new image revision"),
+    "ckpt": ("saving", "ckpt", "Checkpoint a virtual cluster to a directory"),
+    "template": ("template", "template", "List and show VM templates"),
+    "image": ("image", "image", "Manage VM images and repositories"),
+    "config": ("config", "config", "Validate and show the configuration"),
+    "help": ("helptopics", "help_", "Show a help topic"),
+    "internal": ("internal", "internal", "Commands run by pcocc itself"),
+}
+HIDDEN = {"internal"}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(f"pcocc.cli.{module}"), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, short) for name, (_, _, short) in COMMANDS.items() if name not in HIDDEN]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+class App:
+    """What every command gets: the environment, flags, and the config loaded once."""
+
+    def __init__(self, env, verbosity=0, debug=False):
+        self.env = env
+        self.verbosity = verbosity
+        self.debug = debug
+        self._config = None
+
+    @property
+    def config(self):
+        if self._config is None:
+            from pcocc.config.loader import load_config
+
+            self._config = load_config(self.env)
+        return self._config
+
+    def out(self, text=""):
+        self.env.stdout.write(text + "\n")
+
+    def info(self, text):
+        """A progress or status line for a person (stderr, hidden by -q)."""
+        if self.verbosity >= 0:
+            self.env.stderr.write(text + "\n")
+            self.env.stderr.flush()
+
+    def warn(self, text):
+        if self.verbosity >= -1:
+            self.env.stderr.write(f"pcocc: warning: {text}\n")
+            self.env.stderr.flush()
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="pcocc")
+@click.option("-v", "--verbose", count=True, help="More output (repeat for more).")
+@click.option("-q", "--quiet", count=True, help="Less output.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def program(ctx, verbose, quiet, debug):
+    """pcocc: run private virtual clusters of qemu VMs as ordinary cluster jobs.
+
+    Run 'pcocc COMMAND --help' for the options of a command, and
+    'pcocc help' for the help topics.
+    """
+    verbosity = verbose - quiet
+    if ctx.obj is None:
+        ctx.obj = App(Environment(), verbosity, debug)
+    else:
+        ctx.obj.verbosity, ctx.obj.debug = verbosity, debug
+    level = logging.DEBUG if debug or verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING
+    logging.basicConfig(level=level, format="pcocc: %(levelname)s: %(name)s: %(message)s", stream=ctx.obj.env.stderr)
+
+
+def _debug_requested(argv):
+    return "--debug" in argv[: argv.index("--")] if "--" in argv else "--debug" in argv
+
+
+def main(argv=None, env=None):
+    """Run pcocc and exit with its status."""
+    sys.exit(run(argv, env))
+
+
+def run(argv=None, env=None):
+    """Run pcocc and return its exit status (used by main and by the tests)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    env = env or Environment()
+    debug = _debug_requested(argv)
+    app = App(env, debug=debug)
+    try:
+        program.main(argv, prog_name="pcocc", standalone_mode=False, obj=app)
+        return ExitStatus.OK
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:  # usage errors: exit 2 with a hint
+        if exc.ctx is not None and isinstance(exc, click.UsageError):
+            env.stderr.write(f"pcocc: error: {exc.format_message()}\n")
+            env.stderr.write(f"Try '{exc.ctx.command_path} --help' for help.\n")
+        else:
+            env.stderr.write(f"pcocc: error: {exc.format_message()}\n")
+        return exc.exit_code
+    except click.Abort:
+        env.stderr.write("\npcocc: interrupted\n")
+        return ExitStatus.INTERRUPTED
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        env.stderr.write("\npcocc: interrupted\n")
+        return ExitStatus.INTERRUPTED
+    except PcoccError as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc(file=env.stderr)
+        for line in exc.lines():
+            env.stderr.write(f"pcocc: error: {line}\n")
+        return exc.status
+    except BrokenPipeError:
+        # The reader went away (pcocc ps | head): not an error of ours.
+        sys.stderr = None
+        return ExitStatus.OK
+    except Exception as exc:  # a bug: say so, with the way to get details
+        if debug:
+            raise
+        env.stderr.write(f"pcocc: internal error: {type(exc).__name__}: {exc}\n")
+        env.stderr.write("Run again with --debug for the traceback, and report it.\n")
+        return ExitStatus.ERROR

@@ -1,0 +1,90 @@
+"""pcocc template list|show."""
+
+import click
+
+from pcocc.cli.core import pass_app
+from pcocc.cli.render import dump_json, table
+from pcocc.templates import SETTINGS
+
+
+@click.group()
+def template():
+    """List and show VM templates."""
+
+
+def _summary(tset, name):
+    r = tset.resolve(name)
+    tpl = tset.get(name)
+    return {
+        "name": name,
+        "scope": tpl.scope,
+        "description": r["description"],
+        "image": r["image"] if r["image"] is not False else None,
+        "resource-set": r["resource-set"],
+        "inherits": tpl.parent,
+        "file": f"{tpl.file}:{tpl.line}",
+    }
+
+
+@template.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@pass_app
+def list_(app, as_json):
+    """List the templates you can use (user templates first)."""
+    tset = app.config.templates
+    rows = [_summary(tset, n) for n in tset.names()]
+    rows.sort(key=lambda r: (r["scope"] != "user", r["name"]))
+    if as_json:
+        return dump_json(app, rows)
+    if not rows:
+        app.info("No templates defined (see 'pcocc help templates').")
+        return
+    for scope, title in (("user", "User templates"), ("system", "System templates")):
+        part = [r for r in rows if r["scope"] == scope]
+        if part:
+            app.out(title)
+            table(app, ["NAME", "DESCRIPTION", "RESOURCES", "IMAGE"], [[r["name"], r["description"], r["resource-set"], r["image"]] for r in part])
+            app.out()
+
+
+@template.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Also show settings left at their default.")
+@pass_app
+def show(app, name, as_json, show_all):
+    """Show the settings of template NAME and where each value comes from."""
+    tset = app.config.templates
+    resolved = tset.resolve(name)
+    tpl = tset.get(name)
+    settings = []
+    for key, setting in SETTINGS.items():
+        value, origin = resolved.values[key], resolved.origin[key]
+        if origin is None and not show_all and key != "resource-set":
+            continue
+        settings.append({"key": key, "value": value, "from": origin or "default", "inherited": resolved.inherited(key)})
+    if as_json:
+        return dump_json(app, {"name": name, "scope": tpl.scope, "file": f"{tpl.file}:{tpl.line}", "chain": [t.name for t in tset.chain(name)], "settings": settings})
+    app.out(f"Template {name} ({tpl.scope}, {tpl.file}:{tpl.line})")
+    rows = []
+    for s in settings:
+        for key, text in _lines(s["key"], s["value"]):
+            rows.append([key, text, s["from"]])
+    table(app, ["SETTING", "VALUE", "FROM"], rows)
+
+
+def _lines(key, value):
+    """One (label, text) row per scalar, per mount point, per drive."""
+    if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+        return [(f"{key}.{k}", _compact(v)) for k, v in value.items()]
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return [(f"{key}[{i}]", _compact(v)) for i, v in enumerate(value)]
+    if isinstance(value, list):
+        return [(key, " ".join(map(str, value)) or "-")]
+    if isinstance(value, dict):
+        return [(key, _compact(value) or "-")]
+    return [(key, "-" if value is None else str(value))]
+
+
+def _compact(mapping):
+    return " ".join(f"{k}={v}" for k, v in mapping.items() if v is not None)

@@ -1,0 +1,1 @@
+"""Configuration: /etc/pcocc (system) and ~/.pcocc (user), parsed once into typed models."""

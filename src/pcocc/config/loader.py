@@ -1,0 +1,272 @@
+"""Load and check every configuration file, reporting all problems at once.
+
+System files come from PCOCC_SYSTEM_CONF_DIR (/etc/pcocc), user files from
+PCOCC_USER_CONF_DIR (~/.pcocc). A missing system directory means the embedded
+single-host default: local backend, SQLite store, a user image repository.
+"""
+
+import os
+import re
+
+from pcocc import networks, pathtpl
+from pcocc.config import yamlfile
+from pcocc.config.models import BatchConfig, Config, Network, Repo, ResourceSet
+from pcocc.config.schema import INVALID, Anything, At, Bool, Enum, F, Int, ListOf, MapOf, Problems, Str, Struct, line_of
+from pcocc.errors import ConfigError
+from pcocc.templates import SCHEMA as TEMPLATE_SCHEMA
+from pcocc.templates import Template, TemplateSet
+
+_NAME = r"[a-zA-Z][a-zA-Z0-9_.-]*"
+
+BATCH_SCHEMA = Struct(
+    {
+        "type": F(Enum("slurm", "local"), required=True),
+        "settings": F(
+            Struct(
+                {
+                    "etcd-servers": F(ListOf(Str(), scalar_ok=True)),
+                    "etcd-client-port": F(Int(min=1, max=65535), default=2379),
+                    "etcd-protocol": F(Enum("http", "https"), default="http"),
+                    "etcd-auth-type": F(Enum("password", "munge", "none"), default="none"),
+                    "etcd-ca-cert": F(Str()),
+                    "batch-args": F(ListOf(Str()), default=[]),
+                    # Ours: where cluster state lives. Default: etcd when servers are listed, else SQLite.
+                    "store": F(Enum("etcd", "sqlite")),
+                    "store-path": F(Str(), default="%{homedir}/.pcocc/state.db"),
+                }
+            ),
+            default=None,
+        ),
+    },
+    "batch configuration",
+)
+
+NETWORK_SCHEMA = Struct({"type": F(Str(), required=True), "settings": F(Anything(), default=None)}, "network definition")
+
+RESOURCE_SCHEMA = Struct(
+    {
+        "networks": F(ListOf(Str()), default=[]),
+        "default": F(Bool(), default=False),
+        "description": F(Str(), default=""),
+    },
+    "resource set",
+)
+
+REPOS_SCHEMA = Struct(
+    {
+        "repos": F(ListOf(Struct({"name": F(Str(_NAME, "a repository name"), required=True), "path": F(Str(), required=True)})), default=[]),
+        "cache": F(Struct({"path": F(Str(), required=True)})),
+    },
+    "repository list",
+)
+
+DEFAULT_USER_REPO = "%{homedir}/.pcocc/repo"
+
+
+class _Loader:
+    def __init__(self, env):
+        self.env = env
+        self.problems = Problems()
+        self.files = []
+        self.path_values = {"homedir": env.home, "user": env.user}
+
+    def read(self, path):
+        """Parsed YAML of a file (None when absent); parse errors are recorded."""
+        try:
+            data = yamlfile.load(path)
+        except ConfigError as exc:
+            self.problems.extend(exc.problems)
+            return None
+        if data is not None or os.path.exists(path):
+            self.files.append(path)
+        return data
+
+    def at(self, path, data):
+        return At(path, line_of(data), "", self.problems)
+
+    def expand(self, text, path, line, key):
+        try:
+            return os.path.expanduser(pathtpl.expand(text, self.path_values, self.env.environ))
+        except ConfigError as exc:
+            self.problems.append(f"{path}:{line}: {key}: {exc.problems[0]}")
+            return text
+
+    def check_placeholders(self, text, path, line, key):
+        for name in pathtpl.unknown_placeholders(text):
+            self.problems.append(f"{path}:{line}: {key}: unknown placeholder %{{{name}}} (known: {', '.join(pathtpl.KNOWN)})")
+
+    # -- batch.yaml
+    def batch(self, sysdir):
+        path = os.path.join(sysdir, "batch.yaml")
+        data = self.read(path)
+        if data is None:
+            return BatchConfig("local", self._batch_settings({}, "local", path, None), path)
+        checked = BATCH_SCHEMA.check(data, self.at(path, data))
+        if checked is INVALID:
+            return BatchConfig("local", self._batch_settings({}, "local", path, None), path)
+        return BatchConfig(checked["type"], self._batch_settings(checked["settings"], checked["type"], path, data), path)
+
+    def _batch_settings(self, settings, btype, path, data):
+        if not settings:
+            settings = BATCH_SCHEMA.fields["settings"].kind.check({}, At(path, 1, "settings", Problems()))
+        settings = dict(settings)
+        if settings["store"] is None:
+            settings["store"] = "etcd" if settings["etcd-servers"] else "sqlite"
+        line = line_of(data.get("settings") if data else None) if data else 1
+        if settings["store"] == "etcd" and not settings["etcd-servers"]:
+            self.problems.append(f"{path}:{line}: settings.etcd-servers: required with the etcd store")
+        if btype == "slurm" and settings["store"] != "etcd":
+            self.problems.append(f"{path}:{line}: settings.store: the slurm backend needs the etcd store (nodes share state)")
+        settings["store-path"] = self.expand(settings["store-path"], path, line, "settings.store-path")
+        return settings
+
+    # -- networks.yaml
+    def networks(self, sysdir):
+        path = os.path.join(sysdir, "networks.yaml")
+        data = self.read(path)
+        out = {}
+        if data is None:
+            return out
+        top = MapOf(NETWORK_SCHEMA, key=Str(_NAME, "a network name (a letter, then letters, digits, _ . -)"))
+        checked = top.check(data, self.at(path, data))
+        if checked is INVALID:
+            checked = {}
+        for name, net in checked.items():
+            raw = data[name]
+            line = line_of(data, name)
+            ntype = networks.lookup(net["type"]) if isinstance(net["type"], str) else None
+            if ntype is None:
+                self.problems.append(
+                    f"{path}:{line_of(raw, 'type')}: {name}.type: unknown network type {net['type']!r} "
+                    f"(known: {', '.join(networks.known_type_names())})"
+                )
+                continue
+            settings = ntype.settings.check(raw.get("settings"), At(path, line_of(raw, "settings"), f"{name}.settings", self.problems))
+            if settings is not INVALID:
+                out[name] = Network(name, ntype.name, settings, path, line)
+        return out
+
+    # -- resources.yaml
+    def resources(self, sysdir, nets):
+        path = os.path.join(sysdir, "resources.yaml")
+        data = self.read(path)
+        if data is None:
+            return {"default": ResourceSet("default", (), True, "(built-in)", 0)}
+        checked = MapOf(RESOURCE_SCHEMA, key=Str(_NAME, "a resource set name")).check(data, self.at(path, data))
+        out = {}
+        if checked is INVALID:
+            return out
+        defaults = [n for n, r in checked.items() if r["default"]]
+        if len(defaults) > 1:
+            self.problems.append(f"{path}:{line_of(data, defaults[1])}: {defaults[1]}.default: only one resource set may be the default (also: {defaults[0]})")
+        for name, rset in checked.items():
+            for i, net in enumerate(rset["networks"]):
+                if net not in nets:
+                    line = line_of(data[name].get("networks"), i)
+                    self.problems.append(f"{path}:{line}: {name}.networks: unknown network '{net}' (not in networks.yaml)")
+            out[name] = ResourceSet(name, tuple(rset["networks"]), rset["default"], path, line_of(data, name))
+        return out
+
+    # -- templates.yaml, templates.d/*.yaml
+    def templates(self, sysdir, userdir, rsets):
+        files = [(os.path.join(sysdir, "templates.yaml"), "system"), (os.path.join(userdir, "templates.yaml"), "user")]
+        tdir = os.path.join(userdir, "templates.d")
+        if os.path.isdir(tdir):
+            files += [(os.path.join(tdir, f), "user") for f in sorted(os.listdir(tdir)) if f.endswith(".yaml")]
+        templates = {}
+        name_check = Str(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", "a template name (letters, digits, _ . -; not starting with _)")
+        for path, scope in files:
+            data = self.read(path)
+            if data is None:
+                continue
+            checked = MapOf(TEMPLATE_SCHEMA, key=name_check).check(data, self.at(path, data))
+            if checked is INVALID:
+                # Keep the templates that are valid so that cross-checks still report on them.
+                checked = {}
+                for name, raw in (data.items() if isinstance(data, dict) else ()):
+                    one = TEMPLATE_SCHEMA.check(raw, At(path, line_of(data, name), name, Problems()))
+                    if one is not INVALID and re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", name):
+                        checked[name] = one
+            for name, values in checked.items():
+                line = line_of(data, name)
+                if name in templates:
+                    first = templates[name]
+                    self.problems.append(f"{path}:{line}: {name}: template already defined at {first.file}:{first.line}; choose another name and use 'inherits'")
+                    continue
+                raw = data[name]
+                set_values = {k: v for k, v in values.items() if v is not None and k in (raw or {})}
+                templates[name] = Template(name, scope, path, line, set_values, dict(getattr(raw, "lines", {})))
+        default_rset = next((r.name for r in rsets.values() if r.default), None)
+        tset = TemplateSet(templates, default_rset)
+        for tpl in templates.values():
+            self._check_template(tpl, tset, rsets)
+        return tset
+
+    def _check_template(self, tpl, tset, rsets):
+        parent = tpl.parent
+        if parent is not None:
+            where = tpl.where("inherits")
+            if parent not in tset.templates:
+                self.problems.append(f"{where}: {tpl.name}.inherits: no template named '{parent}'")
+            elif tpl.scope == "system" and tset.templates[parent].scope == "user":
+                self.problems.append(f"{where}: {tpl.name}.inherits: a system template cannot inherit the user template '{parent}'")
+            else:
+                seen, cur = [tpl.name], tset.templates[parent]
+                while cur is not None:
+                    if cur.name in seen:
+                        cycle = " -> ".join(seen[seen.index(cur.name):] + [cur.name])
+                        if cur.name == tpl.name:
+                            self.problems.append(f"{where}: {tpl.name}.inherits: inheritance cycle: {cycle}")
+                        break
+                    seen.append(cur.name)
+                    cur = tset.templates.get(cur.parent) if cur.parent else None
+        rset = tpl.values.get("resource-set")
+        if rset is not None and rset not in rsets:
+            self.problems.append(f"{tpl.where('resource-set')}: {tpl.name}.resource-set: unknown resource set '{rset}' (not in resources.yaml)")
+        for key in ("image", "user-data"):
+            if isinstance(tpl.values.get(key), str):
+                self.check_placeholders(tpl.values[key], tpl.file, tpl.key_lines.get(key, tpl.line), f"{tpl.name}.{key}")
+        line = tpl.key_lines.get("mount-points", tpl.line)
+        for tag, mount in tpl.values.get("mount-points", {}).items():
+            self.check_placeholders(mount["path"], tpl.file, line, f"{tpl.name}.mount-points.{tag}.path")
+        line = tpl.key_lines.get("persistent-drives", tpl.line)
+        for drive in tpl.values.get("persistent-drives", []):
+            self.check_placeholders(drive["path"], tpl.file, line, f"{tpl.name}.persistent-drives")
+
+    # -- repos.yaml (user first: it has priority)
+    def repos(self, sysdir, userdir):
+        out, seen = [], {}
+        found_any = False
+        for path, scope in ((os.path.join(userdir, "repos.yaml"), "user"), (os.path.join(sysdir, "repos.yaml"), "system")):
+            data = self.read(path)
+            if data is None:
+                continue
+            found_any = True
+            checked = REPOS_SCHEMA.check(data, self.at(path, data))
+            if checked is INVALID:
+                continue
+            items = data.get("repos") or []
+            for i, repo in enumerate(checked["repos"]):
+                line = line_of(items, i)
+                if repo["name"] in seen:
+                    self.problems.append(f"{path}:{line}: repos.{i}.name: repository '{repo['name']}' already defined at {seen[repo['name']]}")
+                    continue
+                seen[repo["name"]] = f"{path}:{line}"
+                out.append(Repo(repo["name"], self.expand(repo["path"], path, line, f"repos.{i}.path"), scope, path, line))
+        if not found_any:
+            out.append(Repo("user", self.expand(DEFAULT_USER_REPO, "(built-in)", 0, "repos"), "user", "(built-in)", 0))
+        return out
+
+
+def load_config(env):
+    """Load the whole configuration; raise ConfigError listing every problem."""
+    loader = _Loader(env)
+    sysdir, userdir = env.system_conf_dir, env.user_conf_dir
+    batch = loader.batch(sysdir)
+    nets = loader.networks(sysdir)
+    rsets = loader.resources(sysdir, nets)
+    templates = loader.templates(sysdir, userdir, rsets)
+    repos = loader.repos(sysdir, userdir)
+    if loader.problems:
+        raise ConfigError(loader.problems)
+    return Config(sysdir, userdir, batch, nets, rsets, templates, repos, loader.files)
