@@ -50,7 +50,7 @@ class ConfigError(PcoccError):
     status = ExitStatus.CONFIG
 
     def __init__(self, problems, hint=None):
-        self.problems = list(problems)
+        self.problems = [" ".join(str(p).split()) for p in problems]  # one line each
         super().__init__(self.problems[0] if self.problems else "invalid configuration", hint)
 
     def lines(self):

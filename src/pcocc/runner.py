@@ -34,3 +34,32 @@ def run(argv, *, check=True, input=None, timeout=None, env=None, cwd=None, captu
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, proc.stderr or "")
     return proc
+
+
+def stream(argv, on_chunk, *, env=None):
+    """Run argv, passing its stdout to on_chunk(text) as it comes; stderr is captured.
+
+    For long commands whose progress is read from their output (qemu-img -p).
+    """
+    argv = [str(a) for a in argv]
+    log.debug("run: %s", shlex.join(argv))
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, bufsize=1)
+    except FileNotFoundError:
+        raise CommandError(argv, 127, f"{argv[0]}: command not found") from None
+    import threading
+
+    err = []
+    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    try:
+        while chunk := proc.stdout.read(64):
+            on_chunk(chunk)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join()
+    if proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, "".join(err))

@@ -5,6 +5,7 @@ pcocc.errors.ExitStatus); program() is the plain command tree. Command
 modules are imported only when their command runs, to keep start-up fast.
 """
 
+import contextlib
 import importlib
 import logging
 import sys
@@ -130,7 +131,9 @@ def run(argv=None, env=None):
     debug = _debug_requested(argv)
     app = App(env, debug=debug)
     try:
-        program.main(argv, prog_name="pcocc", standalone_mode=False, obj=app)
+        # click prints help and version to sys.stdout: send it where env says.
+        with contextlib.redirect_stdout(env.stdout):
+            program.main(argv, prog_name="pcocc", standalone_mode=False, obj=app)
         return ExitStatus.OK
     except click.exceptions.Exit as exc:
         return exc.exit_code

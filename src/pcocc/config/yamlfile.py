@@ -42,7 +42,7 @@ def _convert(node, ctor, path, active=frozenset()):
         for knode, vnode in node.value:
             if not isinstance(knode, yaml.ScalarNode):
                 raise ConfigError([f"{path}:{knode.start_mark.line + 1}: a mapping key must be a plain value"])
-            key = ctor.construct_object(knode)
+            key = _convert(knode, ctor, path, active)
             if not isinstance(key, (str, int, float, bool)) or key is None:
                 raise ConfigError([f"{path}:{knode.start_mark.line + 1}: invalid key {key!r}"])
             key = str(key)
@@ -62,6 +62,8 @@ def _convert(node, ctor, path, active=frozenset()):
         return ctor.construct_object(node, deep=True)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}:{line}: invalid value: {getattr(exc, 'problem', exc)}"]) from None
+    except (ValueError, TypeError, IndexError, OverflowError):  # e.g. '!!int' on an empty value
+        raise ConfigError([f"{path}:{line}: invalid value for tag {node.tag}: {node.value!r}"]) from None
 
 
 def parse(text, path):
@@ -76,8 +78,11 @@ def parse(text, path):
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         raise ConfigError([f"{path}:{line}: invalid YAML: {exc.problem or exc.context}"]) from None
+    except yaml.reader.ReaderError as exc:
+        line = text[: exc.position].count("\n") + 1
+        raise ConfigError([f"{path}:{line}: invalid YAML: unacceptable character {exc.character!r}"]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}:1: invalid YAML: {exc}"]) from None
+        raise ConfigError([f"{path}:1: invalid YAML: {' '.join(str(exc).split())}"]) from None
     if node is None:
         return None
     return _convert(node, _ScalarConstructor(), path)

@@ -1,0 +1,1 @@
+"""VM images: repositories of immutable qcow2 layers, URIs and revisions."""
