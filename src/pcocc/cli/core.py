@@ -63,18 +63,16 @@ class App:
     """What every command gets: the environment, flags, and the config loaded once."""
 
     def __init__(self, env, verbosity=0, debug=False):
+        from pcocc.context import Context
+
         self.env = env
         self.verbosity = verbosity
         self.debug = debug
-        self._config = None
+        self.ctx = Context(env)
 
     @property
     def config(self):
-        if self._config is None:
-            from pcocc.config.loader import load_config
-
-            self._config = load_config(self.env)
-        return self._config
+        return self.ctx.config
 
     def out(self, text=""):
         self.env.stdout.write(text + "\n")

@@ -1,0 +1,1 @@
+"""Talking to the VMs: the guest agent client."""

@@ -1,0 +1,48 @@
+"""What the core needs from its caller: environment, configuration, store, images.
+
+Built once per command by the CLI (or by a supervisor process), and passed
+down; nothing reads globals.
+"""
+
+import socket
+
+
+class Context:
+    def __init__(self, env, config=None):
+        self.env = env
+        self._config = config
+        self._store = None
+        self.hostname = socket.gethostname().split(".")[0]
+        # The control endpoints listen here; on one host, loopback is enough.
+        self.control_host = env.environ.get("PCOCC_CONTROL_HOST", "127.0.0.1")
+
+    @property
+    def config(self):
+        if self._config is None:
+            from pcocc.config.loader import load_config
+
+            self._config = load_config(self.env)
+        return self._config
+
+    @property
+    def store(self):
+        if self._store is None:
+            from pcocc.store import open_store
+
+            self._store = open_store(self.config)
+        return self._store
+
+    def reopen_store(self):
+        """A fresh store connection (after fork: never share one between processes)."""
+        self._store = None
+        return self.store
+
+    def images(self):
+        from pcocc.images.store import ImageStore
+
+        return ImageStore(self.config.repos, self.env.user)
+
+    def backend(self):
+        from pcocc.batch import get_backend
+
+        return get_backend(self)

@@ -1,0 +1,1 @@
+"""The qemu hypervisor: accelerator probe, command line, topology, seed, VM lifecycle."""

@@ -1,0 +1,104 @@
+"""Choose the accelerator: KVM when a real guest kernel runs under it, else TCG.
+
+/dev/kvm may open and still hang (nested KVM on some hosts: a boot sector,
+even one entering long mode, runs, while a Linux kernel never prints a line).
+So the probe starts a Linux kernel under KVM and waits, with a short deadline,
+for its first line on the serial console. Without a kernel to try, it falls
+back to a boot sector that exits through the isa-debug-exit port. The answer
+is cached per boot of the host.
+"""
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+
+PROBE_TIMEOUT = 4.0
+# mov al, 1; out 0xf4, al; hlt  -> qemu exits with status (1 << 1) | 1 = 3
+_BOOT_SECTOR = bytes([0xB0, 0x01, 0xE6, 0xF4, 0xF4]).ljust(510, b"\0") + b"\x55\xaa"
+
+
+def _boot_id():
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def _run_until(argv, done, timeout):
+    """Run argv until done() is true (True), it exits (its status), or timeout (None)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if done():
+                return True
+            if proc.poll() is not None:
+                return proc.returncode
+            time.sleep(0.02)
+        return None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def probe_kvm(qemu_bin="qemu-system-x86_64", kernel=None, timeout=PROBE_TIMEOUT):
+    """Whether a VM runs under KVM here (False when /dev/kvm is absent, unusable or hangs)."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    base = [qemu_bin, "-accel", "kvm", "-M", "pc", "-m", "64", "-nodefaults", "-display", "none", "-no-reboot"]
+    with tempfile.TemporaryDirectory(prefix="pcocc-probe-") as tmp:
+        if kernel:
+            log = os.path.join(tmp, "serial.log")
+
+            def printed():
+                try:
+                    with open(log, "rb") as f:
+                        return b"Linux version" in f.read()
+                except OSError:
+                    return False
+
+            argv = base + ["-kernel", kernel, "-append", "console=ttyS0 panic=-1", "-serial", f"file:{log}"]
+            return _run_until(argv, printed, timeout) is True
+        disk = os.path.join(tmp, "boot.img")
+        with open(disk, "wb") as f:
+            f.write(_BOOT_SECTOR)
+        argv = base + ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-drive", f"file={disk},format=raw,if=ide"]
+        return _run_until(argv, lambda: False, timeout) == 3
+
+
+def host_kernel():
+    """A kernel to probe with when the image has none: the host's own, if readable."""
+    for name in sorted(os.listdir("/boot"), reverse=True) if os.path.isdir("/boot") else []:
+        path = os.path.join("/boot", name)
+        if name.startswith("vmlinuz") and os.access(path, os.R_OK):
+            return path
+    return None
+
+
+def choose(cache_dir, qemu_bin="qemu-system-x86_64", kernel=None, forced=None):
+    """'kvm' or 'tcg'. forced (e.g. from PCOCC_ACCEL) skips the probe."""
+    if forced in ("kvm", "tcg"):
+        return forced
+    cache = os.path.join(cache_dir, "accel.json")
+    boot = _boot_id()
+    try:
+        with open(cache) as f:
+            cached = json.load(f)
+        if cached.get("boot_id") == boot and cached.get("qemu") == qemu_bin:
+            return cached["accel"]
+    except (OSError, ValueError, KeyError):
+        pass
+    accel = "kvm" if probe_kvm(qemu_bin, kernel or host_kernel()) else "tcg"
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{cache}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"boot_id": boot, "qemu": qemu_bin, "accel": accel}, f)
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return accel

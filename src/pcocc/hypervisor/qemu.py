@@ -1,0 +1,87 @@
+"""The qemu command line of a VM, from its template and its host slice."""
+
+import os
+from dataclasses import dataclass, field
+
+from pcocc.errors import UsageError
+from pcocc.hypervisor.topology import numa_args
+
+_DISK_DEVICES = {"virtio": "virtio-blk-pci", "ide": "ide-hd", "virtio-scsi": "scsi-hd"}
+
+
+@dataclass
+class VMConfig:
+    name: str
+    rundir: str  # sockets and logs of this VM
+    settings: dict  # the resolved template values
+    accel: str  # "kvm" or "tcg"
+    topology: object  # topology.Topology
+    disk: str = None  # the ephemeral overlay, or None
+    seed: str = None  # the cloud-init ISO
+    boot: tuple = None  # (kernel, initrd or None, append) for a direct kernel boot
+    mounts: list = field(default_factory=list)  # [(tag, host path, readonly)]
+    drives: list = field(default_factory=list)  # [(path, cache, format)] persistent drives
+    nics: list = field(default_factory=list)  # [list of qemu args per NIC]
+
+    def path(self, name):
+        return os.path.join(self.rundir, name)
+
+
+def command_line(vm):
+    s = vm.settings
+    topo = vm.topology
+    argv = [s["qemu-bin"], "-name", vm.name, "-nodefaults", "-no-user-config", "-display", "none", "-S"]
+    argv += ["-machine", f"type={s['machine-type']},accel={vm.accel}"]
+    cpu = s.get("cpu-model") or ("host" if vm.accel == "kvm" else None)
+    if cpu:
+        argv += ["-cpu", cpu]
+    argv += ["-smp", f"{topo.vcpus},sockets=1,cores={topo.vcpus},threads=1", "-m", f"{topo.memory_mb}M"]
+    argv += numa_args(topo)
+    # Control: QMP, serial console (qemu keeps the log), guest agent channel.
+    argv += ["-qmp", f"unix:{vm.path('qmp.sock')},server=on,wait=off"]
+    argv += ["-chardev", f"socket,id=console,path={vm.path('console.sock')},server=on,wait=off,logfile={vm.path('console.log')},logappend=on"]
+    argv += ["-serial", "chardev:console"]
+    argv += ["-device", "virtio-serial-pci,id=vser0"]
+    argv += ["-chardev", f"socket,id=qga0,path={vm.path('qga.sock')},server=on,wait=off"]
+    argv += ["-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"]
+    argv += _disks(vm)
+    if vm.seed:
+        argv += ["-drive", f"file={vm.seed},if=none,id=seed,format=raw,readonly=on", "-device", "virtio-blk-pci,drive=seed"]
+    for tag, path, readonly in vm.mounts:
+        argv += ["-fsdev", f"local,id=fs_{tag},path={path},security_model=none{',readonly=on' if readonly else ''}"]
+        argv += ["-device", f"virtio-9p-pci,fsdev=fs_{tag},mount_tag={tag}"]
+    for nic in vm.nics:
+        argv += nic
+    if s.get("remote-display") == "spice":
+        argv += ["-vga", "qxl", "-spice", f"unix=on,addr={vm.path('spice.sock')},disable-ticketing=on"]
+    custom = list(s.get("custom-args") or [])
+    kernel = s.get("kernel")
+    if kernel:  # the template's kernel wins over the image's own
+        boot = (kernel, s.get("initrd"), s.get("append") or "console=ttyS0 root=/dev/vda1")
+    else:
+        boot = vm.boot
+    if boot and "-kernel" not in custom:
+        k, initrd, append = boot
+        argv += ["-kernel", k]
+        if initrd:
+            argv += ["-initrd", initrd]
+        if "-append" not in custom:
+            argv += ["-append", append]
+    return argv + custom
+
+
+def _disks(vm):
+    s = vm.settings
+    model = s["disk-model"]
+    if model not in _DISK_DEVICES:
+        raise UsageError(f"unknown disk-model '{model}'")
+    args = []
+    if model == "virtio-scsi":
+        args += ["-device", "virtio-scsi-pci,id=scsi0"]
+    disks = ([(vm.disk, s["disk-cache"], "qcow2")] if vm.disk else []) + list(vm.drives)
+    for i, (path, cache, fmt) in enumerate(disks):
+        args += ["-drive", f"file={path},if=none,id=disk{i},cache={cache},format={fmt}"]
+        bus = ",bus=scsi0.0" if model == "virtio-scsi" else ""
+        boot = ",bootindex=1" if i == 0 else ""
+        args += ["-device", f"{_DISK_DEVICES[model]},drive=disk{i}{bus}{boot}"]
+    return args

@@ -1,0 +1,48 @@
+"""The cloud-init NoCloud seed of a VM: meta-data and user-data on an ISO labelled cidata."""
+
+import os
+
+import yaml
+
+from pcocc.runner import run
+
+
+def user_ssh_keys(home, extra_dirs=()):
+    """The user's public ssh keys, to let them log into their VMs."""
+    keys = []
+    for d in (os.path.join(home, ".ssh"), *extra_dirs):
+        for name in ("id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub"):
+            try:
+                with open(os.path.join(d, name)) as f:
+                    key = f.read().strip()
+            except OSError:
+                continue
+            if key and key not in keys:
+                keys.append(key)
+    return keys
+
+
+def render(vm_name, instance_id, user_data=None, ssh_keys=(), domain=None):
+    """(meta-data text, user-data text). user_data: cloud-config mapping, file text, or None."""
+    hostname = f"{vm_name}.{domain}" if domain else vm_name
+    meta = {"instance-id": instance_id, "local-hostname": hostname}
+    if ssh_keys:
+        meta["public-keys"] = list(ssh_keys)
+    if user_data is None:
+        user = "#cloud-config\n" + yaml.safe_dump({"hostname": vm_name}, sort_keys=False)
+    elif isinstance(user_data, dict):
+        user = "#cloud-config\n" + yaml.safe_dump(user_data, sort_keys=False)
+    else:
+        user = user_data
+    return yaml.safe_dump(meta, sort_keys=False), user
+
+
+def write_iso(path, meta_data, user_data, workdir):
+    """Write the seed ISO (genisoimage, volume label cidata)."""
+    src = os.path.join(workdir, "seed-src")
+    os.makedirs(src, exist_ok=True)
+    for name, text in (("meta-data", meta_data), ("user-data", user_data)):
+        with open(os.path.join(src, name), "w") as f:
+            f.write(text)
+    run(["genisoimage", "-quiet", "-output", path, "-volid", "cidata", "-joliet", "-rock", src])
+    return path

@@ -1,0 +1,86 @@
+"""The host slice a VM copies: its cores, their NUMA nodes, and vCPU pinning."""
+
+import glob
+import os
+import re
+from dataclasses import dataclass
+
+
+def parse_cpulist(text):
+    """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11]"""
+    cpus = []
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            cpus += range(int(lo), int(hi or lo) + 1)
+    return cpus
+
+
+def format_cpulist(cpus):
+    out, cpus = [], sorted(cpus)
+    i = 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        out.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def host_numa_nodes(sysfs="/sys"):
+    """{node id: [cpus]} from sysfs; one node with every CPU when sysfs has none."""
+    nodes = {}
+    for path in glob.glob(os.path.join(sysfs, "devices/system/node/node[0-9]*/cpulist")):
+        node = int(re.search(r"node(\d+)/cpulist$", path).group(1))
+        with open(path) as f:
+            nodes[node] = parse_cpulist(f.read())
+    return nodes or {0: sorted(os.sched_getaffinity(0))}
+
+
+@dataclass(frozen=True)
+class Topology:
+    """What a VM gets: its host cores (one vCPU per core) and memory, split by NUMA node."""
+
+    cores: tuple  # host CPU ids, in vCPU order
+    memory_mb: int
+    numa: tuple  # ((node id, (vcpu indexes...)), ...) in guest node order
+
+    @property
+    def vcpus(self):
+        return len(self.cores)
+
+
+def plan(cores, memory_mb, sysfs="/sys"):
+    """Topology for a VM given its cores: one guest NUMA node per host node spanned."""
+    cores = tuple(cores)
+    host = host_numa_nodes(sysfs)
+    by_node = {}
+    for i, cpu in enumerate(cores):
+        node = next((n for n, cpus in host.items() if cpu in cpus), 0)
+        by_node.setdefault(node, []).append(i)
+    numa = tuple((node, tuple(v)) for node, v in sorted(by_node.items()))
+    return Topology(cores, memory_mb, numa)
+
+
+def numa_args(topo):
+    """qemu arguments for the guest NUMA layout (none for a single node)."""
+    if len(topo.numa) < 2:
+        return []
+    args = []
+    total_vcpus = topo.vcpus
+    remaining = topo.memory_mb
+    for i, (node, vcpus) in enumerate(topo.numa):
+        # memory split in proportion to the vCPUs of each node; the last node takes the rest
+        size = remaining if i == len(topo.numa) - 1 else topo.memory_mb * len(vcpus) // total_vcpus
+        remaining -= size
+        args += ["-object", f"memory-backend-ram,id=mem{i},size={size}M,host-nodes={node},policy=bind"]
+        cpus = ",".join(f"cpus={c}" for c in vcpus)
+        args += ["-numa", f"node,nodeid={i},{cpus},memdev=mem{i}"]
+    return args
+
+
+def pin_vcpus(thread_ids, topo):
+    """Pin each vCPU thread to its host core (thread_ids: vCPU index -> host thread id)."""
+    for index, tid in thread_ids.items():
+        os.sched_setaffinity(tid, {topo.cores[index % topo.vcpus]})

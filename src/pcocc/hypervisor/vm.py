@@ -1,0 +1,118 @@
+"""One VM's life, as run by `pcocc internal run`: disk, seed, qemu, pinning, endpoint, stop, cleanup."""
+
+import contextlib
+import logging
+import os
+import subprocess
+import threading
+import time
+
+from pcocc.errors import PcoccError
+from pcocc.hypervisor import qemu, seed, topology
+from pcocc.hypervisor.monitor import Monitor
+
+log = logging.getLogger("pcocc.vm")
+
+START_TIMEOUT = 60
+STOP_TIMEOUT = 30
+
+
+def _drive_format(path):
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+
+
+class VM:
+    """A running VM: qemu, its monitor, its guest agent channel."""
+
+    def __init__(self, config):
+        self.config = config
+        self.proc = None
+        self.monitor = Monitor(config.path("qmp.sock"))
+        self.stopping = threading.Event()
+
+    @property
+    def qga_path(self):
+        return self.config.path("qga.sock")
+
+    def start(self, pin=True):
+        """Start qemu paused, connect QMP, pin vCPUs, then let it run."""
+        argv = qemu.command_line(self.config)
+        log.debug("qemu: %s", " ".join(argv))
+        errlog = open(self.config.path("qemu.err"), "wb")
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, start_new_session=True)
+        except FileNotFoundError:
+            raise PcoccError(f"qemu binary not found: {argv[0]}") from None
+        finally:
+            errlog.close()
+        try:
+            self.monitor.connect(time.monotonic() + START_TIMEOUT, alive=lambda: self.proc.poll() is None)
+        except PcoccError as exc:
+            raise PcoccError(f"{self.config.name}: {exc}: {self.qemu_error()}") from None
+        if pin:
+            try:
+                topology.pin_vcpus(self.monitor.vcpu_threads(), self.config.topology)
+            except OSError as exc:  # cores outside our own affinity: keep running unpinned
+                log.warning("%s: vCPU pinning failed: %s", self.config.name, exc)
+        self.monitor.cmd("cont")
+
+    def qemu_error(self):
+        try:
+            with open(self.config.path("qemu.err"), errors="replace") as f:
+                lines = [l.strip() for l in f if l.strip() and "warning" not in l]
+            return lines[-1] if lines else f"exit status {self.proc.poll()}"
+        except OSError:
+            return ""
+
+    def wait(self):
+        return self.proc.wait()
+
+    def stop(self, graceful=False, timeout=STOP_TIMEOUT):
+        """Stop qemu: ACPI powerdown first when graceful (persistent drives), then quit, then kill."""
+        self.stopping.set()
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if graceful:
+            with contextlib.suppress(PcoccError):
+                self.monitor.cmd("system_powerdown")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        if self.proc.poll() is None:
+            with contextlib.suppress(PcoccError):
+                self.monitor.cmd("quit")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self):
+        self.monitor.close()
+
+
+def prepare(config_kwargs, image_rev, overlay_path, seed_data, workdir):
+    """Build the VMConfig: overlay on the image, seed ISO, persistent drive formats."""
+    from pcocc.images.store import create_overlay
+
+    cfg = qemu.VMConfig(**config_kwargs)
+    if image_rev is not None:
+        cfg.disk = create_overlay(image_rev, overlay_path)
+        boot = image_rev.boot_files()
+        if boot and not cfg.settings.get("kernel"):
+            cfg.boot = boot
+    if seed_data is not None:
+        meta, user = seed_data
+        cfg.seed = seed.write_iso(os.path.join(workdir, "seed.iso"), meta, user, workdir)
+    return cfg
+
+
+def drive_list(drives, expand):
+    """[(path, cache, format)] of persistent drives, paths expanded; a missing drive is an error."""
+    out = []
+    for d in drives:
+        path = expand(d["path"])
+        if not os.path.exists(path):
+            raise PcoccError(f"persistent drive not found: {path}")
+        out.append((path, d["cache"], _drive_format(path)))
+    return out

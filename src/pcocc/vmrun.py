@@ -1,0 +1,184 @@
+"""`pcocc internal run`: run one VM of a cluster, serve its control endpoint, clean up.
+
+The VM publishes its state in the store as it goes: starting -> qemu-start ->
+running (its guest agent answered), then stopped or failed (with the reason).
+"""
+
+import logging
+import os
+import shlex
+import shutil
+import signal
+import threading
+import time
+
+from pcocc import pathtpl, state
+from pcocc.agent.endpoint import ControlServer, decode_bytes, encode_bytes
+from pcocc.agent.qga import GuestAgent
+from pcocc.errors import NotFoundError, PcoccError
+from pcocc.hypervisor import accel, seed, topology, vm as vmlib
+
+log = logging.getLogger("pcocc.run")
+
+AGENT_TIMEOUT = 300  # a TCG boot of a large image can be slow
+
+
+class ControlHandler:
+    """What the control endpoint can do to this VM."""
+
+    def __init__(self, vm, agent):
+        self.vm = vm
+        self.agent = agent
+
+    def op_ping(self):
+        self.agent.ping()
+        return {"pong": True}
+
+    def op_exec(self, argv, user=None, input_b64=None, timeout=3600):
+        if user and user != "root":
+            argv = ["su", "-s", "/bin/sh", user, "-c", shlex.join(argv)]
+        code, out, err = self.agent.exec(argv, input=decode_bytes(input_b64) if input_b64 else None, timeout=timeout)
+        return {"exit": code, "stdout_b64": encode_bytes(out), "stderr_b64": encode_bytes(err)}
+
+    def op_writefile(self, path, data_b64, mode=None):
+        self.agent.write_file(path, decode_bytes(data_b64), mode)
+        return {}
+
+    def op_readfile(self, path):
+        return {"data_b64": encode_bytes(self.agent.read_file(path))}
+
+    def op_reset(self):
+        self.vm.monitor.cmd("system_reset")
+        return {}
+
+    def op_monitor_cmd(self, command):
+        return {"output": self.vm.monitor.hmp(command)}
+
+    def op_dump(self, path):
+        path = os.path.abspath(path)
+        self.vm.monitor.cmd("dump-guest-memory", paging=False, protocol=f"file:{path}")
+        return {"path": path}
+
+
+def run_vm(ctx, jobid, rank):
+    """Run VM `rank` of job `jobid` until it stops or we are told to stop; return an exit status."""
+    user = ctx.env.user
+    store = ctx.store
+    info = store.get(state.cluster_prefix(user, jobid) + "info")
+    if info is None:
+        raise NotFoundError(f"no cluster {jobid} in the store")
+    key = state.vm_key(user, jobid, rank)
+    spec = info["vms"][rank]
+    rundir = os.path.join(info["rundir"], f"vm{rank}")
+    os.makedirs(rundir, mode=0o700, exist_ok=True)
+    vm = server = agent = None
+    stop = threading.Event()
+    outcome = {"state": "stopped"}
+
+    def publish(status, **extra):
+        store.put(key, {"rank": rank, "name": f"vm{rank}", "state": status, "host": ctx.hostname, "pid": os.getpid(), **extra})
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        publish("starting")
+        vm = vmlib.VM(_vm_config(ctx, info, spec, rank, rundir))
+        if stop.is_set():
+            return 0
+        vm.start(pin=spec["settings"]["bind-vcpus"])
+        publish("qemu-start", qemu_pid=vm.proc.pid)
+        agent = GuestAgent(vm.qga_path, timeout=30)
+        ca = store.get(state.cluster_prefix(user, jobid) + "ca")
+        server = ControlServer(ControlHandler(vm, agent), ca_pem=ca["cert"], cert_pem=ca["server_cert"], key_pem=ca["server_key"],
+                               owner=info["owner"], host=ctx.control_host).start()
+        _wait_agent(agent, vm, stop)
+        if not stop.is_set() and vm.proc.poll() is None:
+            publish("running", qemu_pid=vm.proc.pid, control=list(server.address), rundir=rundir)
+        while not stop.is_set() and vm.proc.poll() is None:
+            stop.wait(0.2)
+        if vm.proc.poll() is not None and not stop.is_set():
+            code = vm.proc.returncode
+            if code != 0:
+                reason = f"qemu killed by signal {-code}" if code < 0 else f"qemu exited with status {code}: {vm.qemu_error()}"
+                outcome = {"state": "failed", "error": reason}
+                log.error("vm%d: %s", rank, reason)
+        return 0 if outcome["state"] == "stopped" else 1
+    except PcoccError as exc:
+        outcome = {"state": "failed", "error": exc.message}
+        log.error("vm%d: %s", rank, exc.message)
+        return 1
+    finally:
+        if server is not None:
+            server.stop()
+        if vm is not None:
+            vm.stop(graceful=bool(spec["settings"]["persistent-drives"]))
+            vm.close()
+        if agent is not None:
+            agent.close()
+        shutil.rmtree(rundir, ignore_errors=True)
+        try:
+            publish(outcome["state"], **({"error": outcome["error"]} if "error" in outcome else {}))
+        except PcoccError:
+            pass
+
+
+def _wait_agent(agent, vm, stop):
+    deadline = time.monotonic() + AGENT_TIMEOUT
+    while not stop.is_set() and vm.proc.poll() is None:
+        try:
+            agent.connect(min(deadline, time.monotonic() + 1.0))
+            agent.ping()
+            return
+        except PcoccError:
+            if time.monotonic() > deadline:
+                raise PcoccError(f"the guest agent of {vm.config.name} did not answer in {AGENT_TIMEOUT} s (see its console log)") from None
+
+
+def _vm_config(ctx, info, spec, rank, rundir):
+    """Everything qemu needs for this VM: image overlay, seed, mounts, drives, topology."""
+    settings = spec["settings"]
+    values = {"homedir": ctx.env.home, "user": ctx.env.user, "clusterdir": info["rundir"], "vm_rank": rank, "jobid": info["jobid"]}
+
+    def expand(text):
+        return os.path.expanduser(pathtpl.expand(text, values, ctx.env.environ))
+
+    image = settings["image"]
+    rev = ctx.images().find(expand(image)) if image else None
+    kernel = settings.get("kernel") or (rev.boot_files()[0] if rev and rev.boot_files() else None)
+    chosen = accel.choose(ctx.env.cache_dir, settings["qemu-bin"], kernel=kernel, forced=ctx.env.environ.get("PCOCC_ACCEL"))
+    if chosen == "tcg" and not ctx.env.environ.get("PCOCC_ACCEL"):
+        log.info("vm%d: KVM is not usable here: using TCG (software emulation, slower)", rank)
+    topo = topology.plan(spec["cores"], spec["memory_mb"])
+    user_data = _user_data(settings, info, expand)
+    keys = seed.user_ssh_keys(ctx.env.home, [os.path.join(ctx.env.user_conf_dir, "ssh")])
+    meta, user = seed.render(f"vm{rank}", settings.get("instance-id") or f"pcocc-{info['jobid']}-vm{rank}", user_data, keys)
+    mounts = []
+    for tag, m in settings["mount-points"].items():
+        path = expand(m["path"])
+        if not os.path.isdir(path):
+            raise PcoccError(f"mount point '{tag}': no such directory: {path}")
+        mounts.append((tag, path, m["readonly"]))
+    cfg_args = dict(
+        name=f"vm{rank}", rundir=rundir, settings=settings, accel=chosen, topology=topo, mounts=mounts,
+        drives=vmlib.drive_list(settings["persistent-drives"], expand),
+    )
+    return vmlib.prepare(cfg_args, rev, os.path.join(rundir, "disk.qcow2"), (meta, user), rundir)
+
+
+def _user_data(settings, info, expand):
+    if info.get("user_data"):
+        path = info["user_data"]
+    elif isinstance(settings.get("user-data"), dict):
+        return settings["user-data"]
+    elif settings.get("user-data"):
+        path = expand(settings["user-data"])
+    else:
+        return None
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as exc:
+        raise PcoccError(f"cannot read user-data {path}: {exc.strerror}") from None

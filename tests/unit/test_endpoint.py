@@ -1,0 +1,268 @@
+"""The control endpoint of a VM: mutual TLS, owner check, JSON lines protocol, fan-out."""
+
+import json
+import os
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from pcocc.agent import pki
+from pcocc.agent.endpoint import AgentError, ControlClient, ControlServer, call_many, decode_bytes, encode_bytes
+from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, TimeoutExpired
+
+OWNER = "alice"
+
+
+class FakeHandler:
+    """A VM that runs a few fake commands."""
+
+    def __init__(self):
+        self.calls = []
+
+    def op_ping(self):
+        self.calls.append("ping")
+        return {"pong": True, "thread": threading.current_thread().name}
+
+    def op_exec(self, argv, input_b64=""):
+        self.calls.append("exec")
+        data = decode_bytes(input_b64)
+        if argv[0] == "cat":
+            return {"exit_code": 0, "stdout_b64": encode_bytes(data), "stderr_b64": ""}
+        if argv[0] == "exit":
+            return {"exit_code": int(argv[1]), "stdout_b64": "", "stderr_b64": encode_bytes(b"bye\xff\n")}
+        raise NotFoundError(f"{argv[0]}: command not found")
+
+    def op_slow(self, seconds):
+        time.sleep(seconds)
+        return {"slept": seconds}
+
+    def op_crash(self):
+        return 1 / 0
+
+    def op_raise(self, kind):
+        raise {"permission": PermissionDenied, "timeout": TimeoutExpired, "error": PcoccError}[kind](f"raised {kind}", "a hint")
+
+    def op_unjsonable(self):
+        return {"data": b"raw bytes"}
+
+
+@pytest.fixture(scope="module")
+def creds():
+    ca = pki.make_ca("cluster-1")
+    other_ca = pki.make_ca("cluster-2")
+    return {
+        "ca": ca,
+        "server": pki.issue(*ca, "vm0", server=True, ips=("127.0.0.1",)),
+        "owner": pki.issue(*ca, OWNER),
+        "stranger": pki.issue(*ca, "bob"),
+        "forged": pki.issue(*other_ca, OWNER),  # right name, wrong cluster
+        "other_ca": other_ca,
+    }
+
+
+def start_server(creds, handler=None):
+    cert, key = creds["server"]
+    return ControlServer(handler or FakeHandler(), ca_pem=creds["ca"][0], cert_pem=cert, key_pem=key, owner=OWNER).start()
+
+
+def client(creds, address, who="owner", ca=None, timeout=5.0):
+    cert, key = creds[who]
+    return ControlClient(address, ca_pem=(ca or creds["ca"])[0], cert_pem=cert, key_pem=key, timeout=timeout)
+
+
+@pytest.fixture
+def server(creds):
+    before = set(threading.enumerate())
+    srv = start_server(creds)
+    yield srv
+    srv.stop()
+    assert set(threading.enumerate()) <= before, "threads left behind"
+
+
+def test_certificates(creds):
+    ca_cert = x509.load_pem_x509_certificate(creds["ca"][0])
+    srv = x509.load_pem_x509_certificate(creds["server"][0])
+    usr = x509.load_pem_x509_certificate(creds["owner"][0])
+    assert ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert srv.issuer == usr.issuer == ca_cert.subject
+    assert usr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == OWNER
+    assert [str(ip) for ip in srv.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert list(usr.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert b"ENCRYPTED" not in creds["owner"][1]
+    days = (usr.not_valid_after_utc - usr.not_valid_before_utc).days
+    assert 29 <= days <= 31
+
+
+def test_issuing_is_fast(creds):
+    n = 20
+    t0 = time.perf_counter()
+    for i in range(n):
+        pki.issue(*creds["ca"], f"vm{i}", server=True, ips=("127.0.0.1",), dns=(f"vm{i}",))
+    assert (time.perf_counter() - t0) / n < 0.05  # ~0.4 ms here; generous for a loaded machine
+
+
+def test_good_client_gets_results(creds, server):
+    with client(creds, server.address) as c:
+        assert c.call("ping")["pong"] is True
+        r = c.call("exec", argv=["exit", "3"])
+        assert r["exit_code"] == 3 and decode_bytes(r["stderr_b64"]) == b"bye\xff\n"
+        assert c.call("exec", argv=["exit", "0"])["exit_code"] == 0
+
+
+def test_exec_output_round_trips_arbitrary_bytes(creds, server):
+    data = bytes(range(256)) + b"\n\r\x00" + os.urandom(1 << 20)
+    with client(creds, server.address) as c:
+        r = c.call("exec", argv=["cat"], input_b64=encode_bytes(data))
+    assert decode_bytes(r["stdout_b64"]) == data
+
+
+def test_several_requests_over_one_connection(creds, server):
+    with client(creds, server.address) as c:
+        threads = {c.call("ping")["thread"] for _ in range(50)}
+    assert len(threads) == 1  # one connection thread served them all
+    assert server.handler.calls == ["ping"] * 50
+
+
+def test_another_user_of_the_cluster_is_refused(creds, server):
+    with client(creds, server.address, who="stranger") as c:
+        with pytest.raises(PermissionDenied, match=f"permission denied: this VM belongs to {OWNER}"):
+            c.call("ping")
+        with pytest.raises(PermissionDenied):  # and again on the same connection
+            c.call("exec", argv=["cat"])
+    assert server.handler.calls == []
+
+
+def test_certificate_from_another_cluster_fails_the_handshake(creds, server):
+    with client(creds, server.address, who="forged") as c:
+        with pytest.raises(AgentError, match=r"TLS failure .* 127\.0\.0\.1:\d+"):
+            c.call("ping")
+    assert server.handler.calls == []
+    with client(creds, server.address) as c:  # the server is unharmed
+        assert c.call("ping")["pong"]
+
+
+def test_server_from_another_cluster_is_not_trusted(creds, server):
+    with client(creds, server.address, ca=creds["other_ca"]) as c:
+        with pytest.raises(AgentError, match="TLS failure .* certificate"):
+            c.call("ping")
+    assert server.handler.calls == []
+
+
+def test_client_without_certificate_fails(creds, server):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=creds["ca"][0].decode())
+    with socket.create_connection(server.address, timeout=5) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            with ctx.wrap_socket(raw) as s:
+                s.sendall(json.dumps({"op": "ping", "args": {}}).encode() + b"\n")
+                # with TLS 1.3 the refusal arrives here, as an alert or an end of file
+                if not s.recv(4096):
+                    raise ConnectionError("closed")
+    assert server.handler.calls == []
+
+
+def test_unknown_op_and_bad_arguments_are_errors(creds, server):
+    with client(creds, server.address) as c:
+        with pytest.raises(AgentError, match="unknown operation 'nope'"):
+            c.call("nope")
+        with pytest.raises(AgentError, match="invalid op"):
+            c.call("../ping")
+        with pytest.raises(AgentError, match="bad arguments for 'exec'"):
+            c.call("exec", argv=["cat"], color="red")
+        assert c.call("ping")["pong"]
+
+
+@pytest.mark.parametrize("kind, cls", [("permission", PermissionDenied), ("timeout", TimeoutExpired), ("error", PcoccError)])
+def test_handler_errors_keep_their_kind(creds, server, kind, cls):
+    with client(creds, server.address) as c:
+        with pytest.raises(cls, match=f"^raised {kind}$") as info:
+            c.call("raise", kind=kind)
+        assert info.value.hint == "a hint"
+        with pytest.raises(NotFoundError, match="frobnicate: command not found"):
+            c.call("exec", argv=["frobnicate"])
+
+
+def test_handler_exception_does_not_kill_the_server(creds, server):
+    with client(creds, server.address) as c:
+        with pytest.raises(AgentError, match="internal error: ZeroDivisionError"):
+            c.call("crash")
+        with pytest.raises(AgentError, match="internal error: result is not JSON"):
+            c.call("unjsonable")
+        assert c.call("ping")["pong"]  # same connection
+    with client(creds, server.address) as c:
+        assert c.call("ping")["pong"]  # new connection
+
+
+def test_client_timeout_then_recovers(creds, server):
+    with client(creds, server.address, timeout=0.2) as c:
+        with pytest.raises(TimeoutExpired, match="within 0.2 s"):
+            c.call("slow", seconds=0.5)
+        assert c.call("ping")["pong"]  # reconnected; the late answer is not mistaken for this one
+
+
+def test_connection_refused_names_the_address(creds):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with client(creds, ("127.0.0.1", port)) as c:
+        with pytest.raises(AgentError, match=f"cannot reach the control endpoint at 127.0.0.1:{port}"):
+            c.call("ping")
+
+
+def test_call_many(creds):
+    servers = [start_server(creds) for _ in range(8)]
+    try:
+        servers[3].stop()
+        targets = [(f"vm{i}", s.address) for i, s in enumerate(servers)]
+        cert, key = creds["owner"]
+        out = call_many(targets, "exec", {"argv": ["exit", "0"]}, ca_pem=creds["ca"][0], cert_pem=cert, key_pem=key, timeout=5, parallel=4)
+        assert list(out) == [name for name, _ in targets]
+        for name, (ok, result) in out.items():
+            if name == "vm3":
+                assert not ok and f"127.0.0.1:{servers[3].address[1]}" in result
+            else:
+                assert ok and result["exit_code"] == 0
+        assert call_many([], "ping", {}, ca_pem=creds["ca"][0], cert_pem=cert, key_pem=key) == {}
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_stop_is_prompt_and_leaves_no_thread(creds):
+    before = set(threading.enumerate())
+    srv = start_server(creds)
+    clients = [client(creds, srv.address) for _ in range(3)]
+    for c in clients:
+        c.call("ping")  # idle, authenticated connections
+    silent = socket.create_connection(srv.address)  # never says hello
+    busy, outcome = client(creds, srv.address), []
+
+    def slow_call():
+        try:
+            outcome.append(busy.call("slow", seconds=0.3))
+        except PcoccError as e:
+            outcome.append(e)
+
+    slow = threading.Thread(target=slow_call)
+    slow.start()
+    time.sleep(0.1)  # let the slow request reach the handler
+    t0 = time.monotonic()
+    srv.stop()
+    assert time.monotonic() - t0 < 2.0
+    slow.join(5)
+    assert isinstance(outcome[0], AgentError)  # its connection was cut under it
+    assert set(threading.enumerate()) <= before
+    with pytest.raises(AgentError):
+        clients[0].call("ping")
+    with pytest.raises(AgentError, match="cannot reach"):
+        client(creds, srv.address).call("ping")
+    srv.stop()  # twice is fine
+    for c in clients + [busy]:
+        c.close()
+    silent.close()
