@@ -32,9 +32,15 @@ class Context:
             self._store = open_store(self.config)
         return self._store
 
+    def close_store(self):
+        """Close the store connection: required before fork, as SQLite's per-process
+        state (locks, shared memory) must not be inherited by a child."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
     def reopen_store(self):
-        """A fresh store connection (after fork: never share one between processes)."""
-        self._store = None
+        self.close_store()
         return self.store
 
     def images(self):

@@ -111,18 +111,23 @@ def run_vm(ctx, jobid, rank):
         log.error("vm%d: %s", rank, exc.message)
         return 1
     finally:
+        # Each step on its own: a failure in one must not skip the others.
         if server is not None:
-            server.stop()
+            _quietly(server.stop)
         if vm is not None:
-            vm.stop(graceful=bool(spec["settings"]["persistent-drives"]))
-            vm.close()
+            _quietly(vm.stop, graceful=bool(spec["settings"]["persistent-drives"]))
+            _quietly(vm.close)
         if agent is not None:
-            agent.close()
+            _quietly(agent.close)
         shutil.rmtree(rundir, ignore_errors=True)
-        try:
-            publish(outcome["state"], **({"error": outcome["error"]} if "error" in outcome else {}))
-        except PcoccError:
-            pass
+        _quietly(publish, outcome["state"], **({"error": outcome["error"]} if "error" in outcome else {}))
+
+
+def _quietly(fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - cleanup goes on, and says what failed
+        log.warning("cleanup: %s: %s: %s", getattr(fn, "__qualname__", fn), type(exc).__name__, exc)
 
 
 def _wait_agent(agent, vm, stop):

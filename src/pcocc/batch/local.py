@@ -147,6 +147,7 @@ class LocalBackend:
         self.ctx.store.put(prefix + "client", {"ca": text(ca_cert), "cert": text(client_cert), "key": text(client_key)})
 
     def _start_supervisor(self, jobid):
+        self.ctx.close_store()
         pid = os.fork()
         if pid == 0:  # child: detach, fork the supervisor, exit
             try:
@@ -290,19 +291,20 @@ def _supervise(ctx, jobid):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         backend._adopt(jobid, os.getpid())
         children = {}
+        ctx.close_store()
         for vm in info["vms"]:
             pid = os.fork()
             if pid == 0:
                 code = 1
                 try:
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    ctx.reopen_store()
                     code = run_vm(ctx, jobid, vm["rank"])
                 except BaseException as exc:  # noqa: BLE001 - the VM process must never raise past here
                     log.error("vm%d: %s", vm["rank"], getattr(exc, "message", exc))
                 finally:
                     os._exit(code)
             children[pid] = vm["rank"]
+        store = ctx.store
         store.put(prefix + "info", {**info, "supervisor": os.getpid(), "state": "running"})
         script_done = None
         while children:

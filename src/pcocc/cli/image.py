@@ -1,5 +1,7 @@
 """pcocc image ...: list, show, import, export, copy, delete, resize, verify, build, repo."""
 
+import os
+
 import click
 
 from pcocc.cli.core import pass_app
@@ -155,9 +157,10 @@ def build(app, recipe, dest):
     """
     from pcocc.images.build import build_image
 
-    built = build_image(recipe, app.env.cache_dir, log=app.info)
-    boot = {"kernel": built.kernel, "initrd": built.initrd, "append": built.append}
-    rev = _store(app).import_(built.disk, dest, "qcow2", description=f"pcocc {recipe} image", boot=boot)
+    built = build_image(recipe, cache_dir=os.path.join(app.env.cache_dir, "images"), log=app.info)
+    # the uncompressed kernel boots seconds faster under TCG (no decompression in the guest)
+    boot = {"kernel": str(built.vmlinux or built.kernel), "initrd": str(built.initrd), "append": built.append}
+    rev = _store(app).import_(str(built.disk), dest, "qcow2", description=f"pcocc {recipe} image", boot=boot)
     app.info(f"built {rev.uri}")
 
 

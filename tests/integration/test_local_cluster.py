@@ -1,0 +1,187 @@
+"""Virtual clusters on the local backend, with real qemu (TCG here), the real guest agent
+and the mutual-TLS control endpoint."""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import LocalSite
+from pcocc.errors import ExitStatus
+
+pytestmark = pytest.mark.integration
+
+
+def ps(site):
+    r = site.pcocc("ps", "--json", check=True)
+    return json.loads(r.stdout)
+
+
+def wait_for(predicate, timeout=60, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def our_qemu_pids(site):
+    pids = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            if b"qemu-system" in cmd and str(site.run_dir).encode() in cmd:
+                pids.append(int(pid))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_image):
+    """A 3-VM cluster with a 9p share, shared by the tests of this module."""
+    site = LocalSite(tmp_path_factory.mktemp("cluster"), tiny_image)
+    share = site.root / "share"
+    share.mkdir()
+    (share / "hello.txt").write_text("hello from the host\n")
+    site.write(".pcocc/templates.yaml", f"""
+tiny:
+  image: user:tiny
+  description: tiny test VM
+  mount-points:
+    share:
+      path: {share}
+      readonly: true
+  user-data: {site.home}/ud.yaml
+""")
+    site.write("ud.yaml", "#cloud-config\nmounts:\n  - [share, /mnt/share, 9p, 'trans=virtio,version=9p2000.L,ro']\n")
+    r = site.pcocc("batch", "-m", "256", "-J", "three", "--wait", "tiny:3")
+    assert r.returncode == 0, r.stderr
+    site.jobid = int(r.stdout.strip())
+    yield site
+    site.cleanup()
+
+
+def test_every_vm_runs_and_its_agent_answers(cluster):
+    (job,) = ps(cluster)
+    assert job["jobid"] == cluster.jobid and job["name"] == "three"
+    assert job["vm_states"] == {"vm0": "running", "vm1": "running", "vm2": "running"}
+    r = cluster.pcocc("exec", "hostname")
+    assert r.returncode == 0, r.stderr
+    for n in range(3):
+        assert f"vm[{0}-2] (3)" not in r.stdout  # each VM prints its own name
+        assert f"\nvm{n}\n" in r.stdout
+
+
+def test_exec_gathers_output_and_exit_codes(cluster):
+    r = cluster.pcocc("exec", "echo same")
+    assert r.returncode == 0
+    assert "vm[0-2] (3)" in r.stdout and r.stdout.count("same") == 1  # grouped like clush -b
+    r = cluster.pcocc("exec", "-w", "vm[1-2]", "exit 3")
+    assert r.returncode == 3
+    assert "vm[1-2] (2) exit 3" in r.stdout
+    r = cluster.pcocc("exec", "-w", "vm0", "cat /nonexistent")
+    assert r.returncode == 1 and "No such file" in r.stdout
+    r = cluster.pcocc("exec", "-w", "vm2", "-u", "nobody", "id -un")
+    assert r.returncode == 0 and r.stdout.strip() == "nobody"
+    r = cluster.pcocc("exec", "-w", "vm7", "true")
+    assert r.returncode == ExitStatus.USAGE and "no VM vm7" in r.stderr
+
+
+def test_9p_mount_is_visible_in_the_guest(cluster):
+    r = cluster.pcocc("exec", "-w", "vm1", "cat /mnt/share/hello.txt")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip() == "hello from the host"
+
+
+def test_console_log_and_monitor(cluster):
+    r = cluster.pcocc("console", "-l", "vm0")
+    assert r.returncode == 0 and "PCOCC-READY vm0" in r.stdout
+    r = cluster.pcocc("monitor-cmd", "vm0", "info", "status")
+    assert r.returncode == 0 and "running" in r.stdout
+
+
+def test_control_endpoint_refuses_other_users(cluster):
+    from pcocc.agent import pki
+    from pcocc.agent.endpoint import AgentError, ControlClient
+    from pcocc.errors import PermissionDenied
+
+    items = cluster.store_items()
+    prefix = f"/pcocc/users/{cluster.environ['USER']}/clusters/{cluster.jobid}/"
+    ca = json.loads(items[prefix + "ca"])
+    vm0 = json.loads(items[prefix + "vms/0"])
+    address = tuple(vm0["control"])
+    # a user with a certificate of this cluster's CA, but not the owner
+    cert, key = pki.issue(ca["cert"].encode(), ca["key"].encode(), "mallory")
+    with pytest.raises(PermissionDenied):
+        with ControlClient(address, ca_pem=ca["cert"], cert_pem=cert, key_pem=key, timeout=10) as c:
+            c.call("exec", argv=["id"])
+    # a user with a certificate of another CA
+    other_ca, other_key = pki.make_ca("elsewhere")
+    cert, key = pki.issue(other_ca, other_key, cluster.environ["USER"])
+    with pytest.raises(AgentError):
+        with ControlClient(address, ca_pem=ca["cert"], cert_pem=cert, key_pem=key, timeout=10) as c:
+            c.call("ping")
+
+
+def test_crashed_vm_is_reported_and_cleaned(cluster):
+    """Last test of the module: kills vm2's qemu, then cancels the cluster."""
+    items = cluster.store_items()
+    prefix = f"/pcocc/users/{cluster.environ['USER']}/clusters/{cluster.jobid}/"
+    qemu_pid = json.loads(items[prefix + "vms/2"])["qemu_pid"]
+    os.kill(qemu_pid, signal.SIGKILL)
+    job = wait_for(lambda: next((j for j in ps(cluster) if j["vm_states"]["vm2"] == "failed"), None), what="vm2 reported failed")
+    assert "killed by signal 9" in job["errors"]["vm2"]
+    r = cluster.pcocc("exec", "-w", "vm0", "echo still here")
+    assert r.returncode == 0 and "still here" in r.stdout
+    r = cluster.pcocc("exec", "-w", "vm2", "true")
+    assert r.returncode != 0 and "vm2 is not running" in r.stderr
+    r = cluster.pcocc("cancel", "-J", "three")
+    assert r.returncode == 0, r.stderr
+    assert ps(cluster) == []
+    assert our_qemu_pids(cluster) == []
+    assert not (cluster.run_dir / f"job_{cluster.jobid}").exists()
+    assert [k for k in cluster.store_items() if "/clusters/" in k or "/reservations/" in k] == [] or all(
+        json.loads(v) in (None, {}) for k, v in cluster.store_items().items() if "/reservations/" in k
+    )
+    assert not [k for k in cluster.store_items() if "/clusters/" in k]
+
+
+def test_batch_script_runs_in_vm0_and_ends_the_cluster(site):
+    site.write(".pcocc/templates.yaml", "tiny:\n  image: user:tiny\n")
+    script = site.root / "job.sh"
+    script.write_text("#!/bin/sh\necho \"script on $(hostname)\"\nexit 0\n")
+    r = site.pcocc("batch", "-m", "256", "-b", script, "tiny:1")
+    assert r.returncode == 0, r.stderr
+    jobid = int(r.stdout.strip())  # the job id alone, like sbatch --parsable
+    wait_for(lambda: ps(site) == [], timeout=120, what="the batch cluster to end")
+    out = site.root / f"pcocc_{jobid}.out"
+    assert out.read_text().strip() == "script on vm0"
+    assert our_qemu_pids(site) == []
+
+
+def test_alloc_runs_a_host_script_inside_the_allocation(site):
+    site.write(".pcocc/templates.yaml", "tiny:\n  image: user:tiny\n")
+    script = site.root / "alloc.sh"
+    script.write_text("#!/bin/sh\nset -e\necho \"job=$PCOCC_JOB_ID\"\npcocc exec hostname\n")
+    script.chmod(0o755)
+    r = site.pcocc("alloc", "-m", "256", "-E", script, "tiny:1")
+    assert r.returncode == 0, r.stderr
+    assert "job=1" in r.stdout and "vm0" in r.stdout
+    assert ps(site) == [] and our_qemu_pids(site) == []
+
+
+def test_clusters_that_do_not_fit_are_refused(site):
+    site.write(".pcocc/templates.yaml", "tiny:\n  image: user:tiny\n")
+    r = site.pcocc("batch", "-m", "256", "tiny:500")
+    assert r.returncode == ExitStatus.RESOURCES
+    assert "not enough cores on this host" in r.stderr
+    r = site.pcocc("batch", "-m", "10000000", "tiny:1")
+    assert r.returncode == ExitStatus.RESOURCES and "not enough memory" in r.stderr
+    assert ps(site) == []
