@@ -179,7 +179,7 @@ def test_alloc_runs_a_host_script_inside_the_allocation(site):
 
 def test_clusters_that_do_not_fit_are_refused(site):
     site.write(".pcocc/templates.yaml", "tiny:\n  image: user:tiny\n")
-    r = site.pcocc("batch", "-m", "256", "tiny:500")
+    r = site.pcocc("batch", "-m", "16", "tiny:500")
     assert r.returncode == ExitStatus.RESOURCES
     assert "not enough cores on this host" in r.stderr
     r = site.pcocc("batch", "-m", "10000000", "tiny:1")

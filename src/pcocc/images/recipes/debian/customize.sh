@@ -13,7 +13,7 @@ base_config "$R" "$IMAGE_HOSTNAME"
 install -D -m 644 "$RECIPE_DIR/cloud.cfg" "$R/etc/cloud/cloud.cfg.d/90_pcocc.cfg"
 
 # networking: systemd-networkd, DHCP on any NIC unless cloud-init writes a config;
-# wait-online must not hold the boot for minutes without a NIC or a DHCP server
+# wait-online must not hold the boot (cloud-init waits for it) without a NIC or DHCP
 chroot "$R" systemctl enable systemd-networkd.service > /dev/null 2>&1
 install -D -m 644 "$RECIPE_DIR/dhcp.network" "$R/etc/systemd/network/99-pcocc-dhcp.network"
 install -D -m 644 "$RECIPE_DIR/wait-online.conf" "$unit/systemd-networkd-wait-online.service.d/pcocc.conf"
@@ -30,6 +30,6 @@ install -m 644 "$RECIPE_DIR/pcocc-ready.service" "$unit/pcocc-ready.service"
 chroot "$R" systemctl enable pcocc-ready.service > /dev/null 2>&1
 
 # nothing that downloads or scrubs on its own in a short-lived VM
-chroot "$R" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer > /dev/null 2>&1 || true
+chroot "$R" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer > /dev/null 2>&1 || true
 
 trim_rootfs "$R"
