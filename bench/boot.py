@@ -48,11 +48,13 @@ def setup(work):
 
 def run_pcocc(env, n):
     t0 = time.perf_counter()
-    r = subprocess.run([PCOCC, "batch", "-m", str(MEM_MB), "--wait", f"tiny:{n}"], env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"pcocc batch failed: {r.stderr}")
-    subprocess.run([PCOCC, "cancel", "-j", r.stdout.strip()], env=env, check=True, capture_output=True)
+    try:
+        r = subprocess.run([PCOCC, "batch", "-m", str(MEM_MB), "--wait", f"tiny:{n}"], env=env, capture_output=True, text=True)
+        elapsed = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise SystemExit(f"pcocc batch failed: {r.stderr}")
+    finally:  # also when interrupted: leave no cluster behind
+        subprocess.run([PCOCC, "cancel"], env=env, capture_output=True)
     return elapsed
 
 
@@ -96,7 +98,7 @@ def main():
 
     with tempfile.TemporaryDirectory(prefix="pcocc-bench-") as work:
         env, rev, kernel, initrd, append = setup(work)
-        accel = accel_mod.choose(os.path.expanduser("~/.cache/pcocc"), kernel=kernel)
+        accel = accel_mod.choose(tempfile.gettempdir(), kernel=kernel)
         rows, raw_all, ours_all = [], {}, {}
         for n in SIZES:
             raw, ours = [], []

@@ -9,6 +9,7 @@ import os
 import shlex
 import shutil
 import signal
+import tempfile
 import threading
 import time
 
@@ -132,6 +133,11 @@ def _quietly(fn, *args, **kwargs):
 
 def _wait_agent(agent, vm, stop):
     deadline = time.monotonic() + AGENT_TIMEOUT
+    # qemu tells when the guest opens the agent's port: talk to the agent from then on
+    # (a request sent before is lost), with polling only as a fallback.
+    while not stop.is_set() and vm.proc.poll() is None and time.monotonic() < deadline:
+        if vm.monitor.wait_event("VSERPORT_CHANGE", lambda d: d.get("id") == "qga0port" and d.get("open"), min(deadline, time.monotonic() + 1)):
+            break
     while not stop.is_set() and vm.proc.poll() is None:
         try:
             agent.connect(min(deadline, time.monotonic() + 1.0))
@@ -153,7 +159,8 @@ def _vm_config(ctx, info, spec, rank, rundir):
     image = settings["image"]
     rev = ctx.images().find(expand(image)) if image else None
     kernel = settings.get("kernel") or (rev.boot_files()[0] if rev and rev.boot_files() else None)
-    chosen = accel.choose(ctx.env.cache_dir, settings["qemu-bin"], kernel=kernel, forced=ctx.env.environ.get("PCOCC_ACCEL"))
+    # the answer holds for this host until it reboots: keep it where every user's run can find it
+    chosen = accel.choose(tempfile.gettempdir(), settings["qemu-bin"], kernel=kernel, forced=ctx.env.environ.get("PCOCC_ACCEL"))
     if chosen == "tcg" and not ctx.env.environ.get("PCOCC_ACCEL"):
         log.info("vm%d: KVM is not usable here: using TCG (software emulation, slower)", rank)
     topo = topology.plan(spec["cores"], spec["memory_mb"])

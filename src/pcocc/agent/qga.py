@@ -95,7 +95,7 @@ class GuestAgent:
         if deadline is None:
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         with self._lock:
-            wait = 0.5
+            wait = 0.1  # short first: a sync sent before the guest opened its port is lost
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -114,7 +114,7 @@ class GuestAgent:
                 except (_ConnectionLost, OSError):
                     self._drop()
                     time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-                wait = min(wait * 2, 2.0)
+                wait = min(wait * 1.5, 0.5)
 
     def close(self):
         with self._lock:

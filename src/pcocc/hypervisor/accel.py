@@ -83,7 +83,7 @@ def choose(cache_dir, qemu_bin="qemu-system-x86_64", kernel=None, forced=None):
     """'kvm' or 'tcg'. forced (e.g. from PCOCC_ACCEL) skips the probe."""
     if forced in ("kvm", "tcg"):
         return forced
-    cache = os.path.join(cache_dir, "accel.json")
+    cache = os.path.join(cache_dir, f"pcocc-accel-{os.getuid()}.json")
     boot = _boot_id()
     try:
         with open(cache) as f:

@@ -49,6 +49,20 @@ class Monitor:
             except (OSError, EOFError) as exc:
                 raise MonitorError(f"qemu monitor lost: {exc}") from None
 
+    def wait_event(self, name, match, deadline):
+        """Wait for event `name` whose data satisfies match(data); False at the deadline."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with self._lock:
+                try:
+                    event = self._qmp.pull_event(wait=min(remaining, 0.5))
+                except (OSError, EOFError, Exception):  # qemu gone: let the caller see it
+                    return False
+            if event and event.get("event") == name and match(event.get("data", {})):
+                return True
+
     def hmp(self, command):
         return self.cmd("human-monitor-command", **{"command-line": command})
 

@@ -43,7 +43,7 @@ def command_line(vm):
     argv += ["-serial", "chardev:console"]
     argv += ["-device", "virtio-serial-pci,id=vser0"]
     argv += ["-chardev", f"socket,id=qga0,path={vm.path('qga.sock')},server=on,wait=off"]
-    argv += ["-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"]
+    argv += ["-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0,id=qga0port"]
     argv += _disks(vm)
     if vm.seed:
         argv += ["-drive", f"file={vm.seed},if=none,id=seed,format=raw,readonly=on", "-device", "virtio-blk-pci,drive=seed"]
