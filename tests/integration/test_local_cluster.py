@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import LocalSite
+from local_site import LocalSite
 from pcocc.errors import ExitStatus
 
 pytestmark = pytest.mark.integration

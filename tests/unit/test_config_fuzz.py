@@ -8,7 +8,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import FIXTURES, Cli
+from cli_helpers import FIXTURES, Cli
 from pcocc.errors import ExitStatus
 
 SOURCES = sorted(p.relative_to(FIXTURES / "upstream") for p in (FIXTURES / "upstream").rglob("*.yaml"))

@@ -6,7 +6,7 @@ config error caught by the loader.
 
 from pcocc.errors import NotAvailableError
 
-_BACKENDS = {"local": ("pcocc.batch.local", "LocalBackend")}
+_BACKENDS = {"local": ("pcocc.batch.local", "LocalBackend"), "slurm": ("pcocc.batch.slurm", "SlurmBackend")}
 
 
 def get_backend(ctx):

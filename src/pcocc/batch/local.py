@@ -15,7 +15,8 @@ import sys
 import time
 
 from pcocc import state
-from pcocc.errors import NotFoundError, PcoccError, ResourceError, TimeoutExpired
+from pcocc.batch.base import Backend
+from pcocc.errors import NotFoundError, ResourceError, TimeoutExpired
 
 log = logging.getLogger("pcocc.local")
 
@@ -42,11 +43,10 @@ def host_capacity():
     return cores, int(total_kb / 1024 * 0.9)
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     def __init__(self, ctx):
-        self.ctx = ctx
-        self.user = ctx.env.user
-        self.overcommit = int(ctx.config.batch.settings.get("cpu-overcommit") or 2)
+        super().__init__(ctx)
+        self.overcommit = ctx.config.batch.settings["cpu-overcommit"]
 
     # -- resources
     def _reserve(self, jobid, n_vms, cpus_per_vm, mem_per_vm):
@@ -118,33 +118,16 @@ class LocalBackend:
         rundir = os.path.join(run_root(self.ctx.env), f"job_{jobid}")
         try:
             os.makedirs(rundir, mode=0o700)
-            info = {
-                "jobid": jobid, "name": opts["name"], "owner": self.user, "backend": "local", "host": self.ctx.hostname,
-                "definition": opts["definition"], "rundir": rundir, "created": time.time(), "state": "submitted",
-                "user_data": opts.get("user_data"), "script": opts.get("script"), "cwd": opts.get("cwd"),
-                "vms": [
-                    {"rank": v.rank, "template": v.template, "settings": resolved[v.template].values, "cores": cores[v.rank], "memory_mb": mem}
-                    for v in vms
-                ],
-            }
-            self._write_credentials(jobid)
+            info = self.cluster_info(jobid, vms, resolved, opts, backend="local", host=self.ctx.hostname, rundir=rundir)
+            for vm in info["vms"]:
+                vm.update(cores=cores[vm["rank"]], memory_mb=mem)
+            self.write_credentials(jobid, [self.ctx.control_host])
             store.put(state.cluster_prefix(self.user, jobid) + "info", info)
             self._start_supervisor(jobid)
         except BaseException:
             self._cleanup(jobid, rundir)
             raise
         return jobid
-
-    def _write_credentials(self, jobid):
-        from pcocc.agent import pki
-
-        ca_cert, ca_key = pki.make_ca(f"pcocc cluster {jobid}")
-        server_cert, server_key = pki.issue(ca_cert, ca_key, f"pcocc-{jobid}", server=True, ips=[self.ctx.control_host])
-        client_cert, client_key = pki.issue(ca_cert, ca_key, self.user)
-        text = lambda b: b.decode() if isinstance(b, bytes) else b  # noqa: E731
-        prefix = state.cluster_prefix(self.user, jobid)
-        self.ctx.store.put(prefix + "ca", {"cert": text(ca_cert), "key": text(ca_key), "server_cert": text(server_cert), "server_key": text(server_key)})
-        self.ctx.store.put(prefix + "client", {"ca": text(ca_cert), "cert": text(client_cert), "key": text(client_key)})
 
     def _start_supervisor(self, jobid):
         self.ctx.close_store()
@@ -171,15 +154,6 @@ class LocalBackend:
         self._release(jobid)
         shutil.rmtree(rundir, ignore_errors=True)
 
-    def job(self, jobid):
-        prefix = state.cluster_prefix(self.user, jobid)
-        items = self.ctx.store.range(prefix)
-        info = items.get(prefix + "info")
-        if info is None:
-            raise NotFoundError(f"no virtual cluster with job id {jobid}", "See 'pcocc ps'.")
-        vms = {v["rank"]: v for k, v in items.items() if k.startswith(prefix + "vms/")}
-        return info, [vms.get(i, {"rank": i, "name": f"vm{i}", "state": "pending"}) for i in range(len(info["vms"]))]
-
     def jobs(self):
         prefix = state.clusters_prefix(self.user)
         out = []
@@ -195,51 +169,8 @@ class LocalBackend:
                     out.append((info, vms))
         return sorted(out, key=lambda j: j[0]["jobid"])
 
-    def find(self, jobid=None, name=None):
-        """The job id a command acts on: -j, -J, $PCOCC_JOB_ID, or the only running cluster."""
-        if jobid is not None:
-            self.job(jobid)
-            return jobid
-        jobs = self.jobs()
-        if name is not None:
-            ids = [i["jobid"] for i, _ in jobs if i["name"] == name]
-            if not ids:
-                raise NotFoundError(f"no virtual cluster named '{name}'", "See 'pcocc ps'.")
-            if len(ids) > 1:
-                raise PcoccError(f"several clusters are named '{name}' (jobs {', '.join(map(str, ids))}): use -j")
-            return ids[0]
-        env_id = self.ctx.env.environ.get("PCOCC_JOB_ID")
-        if env_id:
-            return self.find(int(env_id))
-        if len(jobs) == 1:
-            return jobs[0][0]["jobid"]
-        if not jobs:
-            raise NotFoundError("you have no running virtual cluster", "Start one with 'pcocc batch' or 'pcocc alloc'.")
-        raise PcoccError(f"you have {len(jobs)} virtual clusters: choose one with -j JOBID or -J NAME")
-
-    def wait_ready(self, jobid, progress=None, timeout=None):
-        """Wait until every VM is running; raise with the first VM's failure."""
-        prefix = state.cluster_prefix(self.user, jobid)
-        deadline = time.monotonic() + (timeout or 3600)
-        last = None
-        while True:
-            info, vms = self.job(jobid)
-            states = [v["state"] for v in vms]
-            failed = [v for v in vms if v["state"] == "failed"]
-            if failed:
-                raise PcoccError(f"{failed[0]['name']} failed: {failed[0].get('error', 'unknown reason')}")
-            if info["state"] in ("ending", "ended") or not pid_alive(info.get("supervisor")):
-                raise PcoccError(f"cluster {jobid} ended before all its VMs ran")
-            running = states.count("running")
-            if progress and running != last:
-                progress(running, len(vms))
-                last = running
-            if running == len(vms):
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutExpired(f"cluster {jobid}: {running} of {len(vms)} VMs running after {timeout} s")
-            self.ctx.store.wait(prefix, lambda items: True, 0.5)  # returns at once; the poll below is cheap
-            time.sleep(0.05)
+    def job_alive(self, info):
+        return pid_alive(info.get("supervisor"))
 
     def cancel(self, jobid, wait=True):
         info, _ = self.job(jobid)
@@ -255,9 +186,6 @@ class LocalBackend:
             raise TimeoutExpired(f"cluster {jobid} did not stop in {CANCEL_TIMEOUT} s")
         if self.ctx.store.get(state.cluster_prefix(self.user, jobid) + "info") is not None:
             self._cleanup(jobid, info["rundir"])  # the supervisor died before cleaning
-
-    def credentials(self, jobid):
-        return self.ctx.store.get(state.cluster_prefix(self.user, jobid) + "client")
 
 
 def run_root(env):
@@ -368,16 +296,8 @@ def _maybe_run_script(ctx, backend, jobid, info):
         return 1
     if not all(v["state"] == "running" for v in vms):
         return None
-    from pcocc.agent.endpoint import ControlClient, decode_bytes, encode_bytes
-
-    creds = backend.credentials(jobid)
-    out_path = os.path.join(info.get("cwd") or os.getcwd(), f"pcocc_{jobid}.out")
-    with open(info["script"], "rb") as f:
-        script = f.read()
-    with ControlClient(tuple(vms[0]["control"]), ca_pem=creds["ca"], cert_pem=creds["cert"], key_pem=creds["key"], timeout=None) as client:
-        client.call("writefile", path="/tmp/pcocc-batch-script", data_b64=encode_bytes(script), mode=0o755)
-        result = client.call("exec", argv=["/bin/sh", "/tmp/pcocc-batch-script"], timeout=10**7)
-    with open(out_path, "wb") as f:
-        f.write(decode_bytes(result["stdout_b64"]))
-        f.write(decode_bytes(result["stderr_b64"]))
-    return result["exit"]
+    code, out, err = backend.run_script_in_vm(jobid, info["script"])
+    with open(os.path.join(info.get("cwd") or os.getcwd(), f"pcocc_{jobid}.out"), "wb") as f:
+        f.write(out)
+        f.write(err)
+    return code

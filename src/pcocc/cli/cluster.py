@@ -9,38 +9,95 @@ import click
 
 from pcocc.cli.core import pass_app
 from pcocc.cli.render import dump_json, table
+from pcocc.errors import UsageError
 
 
-_LAUNCH_OPTIONS = [
-    click.option("-J", "--job-name", default="pcocc", show_default=True, help="Name of the cluster's job."),
-    click.option("-c", "--cpus-per-vm", type=click.IntRange(1), default=1, show_default=True, help="Cores (vCPUs) of each VM."),
-    click.option("-m", "--mem-per-core", type=click.IntRange(16), default=1000, show_default=True, help="Memory per core, in MiB."),
-    click.option("--user-data", type=click.Path(exists=True, dir_okay=False), help="cloud-init user-data file for every VM (overrides the templates')."),
+_COMMON = [
     click.option("-r", "--restart-ckpt", metavar="DIR", help="Restart from a checkpoint (not available yet)."),
+    click.option("--user-data", type=click.Path(exists=True, dir_okay=False), help="cloud-init user-data file for every VM (overrides the templates')."),
 ]
+_PASSTHROUGH = {"ignore_unknown_options": True}
+_ALLOC_HELP = """
+    DEFINITION is TEMPLATE[:COUNT][,TEMPLATE[:COUNT]...], e.g. tiny:3. Other
+    options go to the batch system: with SLURM, to {cmd} unchanged (e.g. -p
+    PARTITION, -t TIME, -c CPUS, --mem-per-cpu MB, -J NAME); on one host
+    (type: local), -c/--cpus-per-vm, -m/--mem-per-core (MiB) and -J/--job-name.
+"""
 
 
-def launch_options(f):
-    for opt in reversed(_LAUNCH_OPTIONS):
+def common_options(f):
+    for opt in reversed(_COMMON):
         f = opt(f)
     return f
 
 
-def _submit(app, definition, job_name, cpus_per_vm, mem_per_core, user_data, restart_ckpt, script=None):
-    from pcocc.cluster import parse_definition
+def _local_options(args):
+    """-c, -m and -J of the local backend (upstream's local options)."""
+
+    @click.command(add_help_option=False)
+    @click.option("-J", "--job-name", default="pcocc")
+    @click.option("-c", "--cpus-per-vm", type=click.IntRange(1), default=1)
+    @click.option("-m", "--mem-per-core", type=click.IntRange(16), default=1000)
+    def parse(**kw):
+        return kw
+
+    try:
+        return parse.main(list(args), standalone_mode=False)
+    except click.ClickException as exc:
+        raise UsageError(f"{exc.format_message()} (the local backend takes -c, -m and -J)") from None
+
+
+def _slurm_name(args):
+    for i, a in enumerate(args):
+        if a in ("-J", "--job-name") and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--job-name="):
+            return a.split("=", 1)[1]
+        if a.startswith("-J") and len(a) > 2:
+            return a[2:]
+    return None
+
+
+def _split(args):
+    if not args:
+        raise UsageError("missing the cluster DEFINITION (e.g. tiny:3)")
+    return list(args[:-1]), args[-1]
+
+
+def _check_restart(restart_ckpt):
     from pcocc.errors import NotAvailableError
 
     if restart_ckpt:
         raise NotAvailableError("restarting from a checkpoint is not available yet")
+
+
+def _submit_local(app, definition, batch_opts, user_data, script=None):
+    from pcocc.cluster import parse_definition
+
+    local = _local_options(batch_opts)
     tset = app.config.templates
     vms = parse_definition(definition, tset)
     resolved = {name: tset.resolve(name) for name in {v.template for v in vms}}
     backend = app.ctx.backend()
     opts = {
-        "name": job_name, "cpus": cpus_per_vm, "mem_per_core": mem_per_core, "definition": definition,
+        "name": local["job_name"], "cpus": local["cpus_per_vm"], "mem_per_core": local["mem_per_core"], "definition": definition,
         "user_data": os.path.abspath(user_data) if user_data else None, "script": script, "cwd": os.getcwd(),
     }
-    return backend, backend.submit(vms, resolved, opts)
+    return backend, backend.submit(vms, resolved, opts), local["job_name"]
+
+
+def _slurm_launch(app, command, definition, batch_opts, user_data, **launcher_opts):
+    """salloc/sbatch argv running the launcher for definition."""
+    from pcocc.batch.slurm import launcher_argv
+    from pcocc.cluster import parse_definition
+
+    vms = parse_definition(definition, app.config.templates)  # checks the definition before submitting
+    name = _slurm_name(batch_opts) or "pcocc"
+    backend = app.ctx.backend()
+    opts = {"name": name, "user_data": os.path.abspath(user_data) if user_data else None, **launcher_opts}
+    pcocc_bin = os.path.join(os.path.dirname(sys.executable), "pcocc")
+    base = backend.allocation_argv(command, len(vms), opts, batch_opts)
+    return base, launcher_argv(pcocc_bin, definition, opts)
 
 
 def _progress(app, jobid):
@@ -52,23 +109,25 @@ def _progress(app, jobid):
     return show
 
 
-@click.command(context_settings={"ignore_unknown_options": False})
-@launch_options
+@click.command(context_settings=_PASSTHROUGH, help="Run a virtual cluster and a shell in its allocation; the cluster ends with the shell.\n" + _ALLOC_HELP.format(cmd="salloc"))
+@common_options
 @click.option("-E", "--alloc-script", type=click.Path(exists=True, dir_okay=False), help="Run this script on the host instead of a shell; the cluster ends with it.")
-@click.argument("definition")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[BATCH_OPTIONS]... DEFINITION")
 @pass_app
-def alloc(app, definition, alloc_script, **opts):
-    """Run a virtual cluster and a shell in its allocation; the cluster ends with the shell.
-
-    DEFINITION is TEMPLATE[:COUNT][,TEMPLATE[:COUNT]...], e.g. tiny:3.
-    """
-    backend, jobid = _submit(app, definition, **opts)
+def alloc(app, restart_ckpt, user_data, alloc_script, args):
+    _check_restart(restart_ckpt)
+    batch_opts, definition = _split(args)
+    script = os.path.abspath(alloc_script) if alloc_script else None
+    if app.config.batch.type == "slurm":
+        base, launcher = _slurm_launch(app, "salloc", definition, batch_opts, user_data, host_script=script)
+        os.execvp("salloc", base + launcher + ([] if script else ["--interactive"]))
+    backend, jobid, name = _submit_local(app, definition, batch_opts, user_data)
     try:
         app.info(f"cluster {jobid} starting")
         backend.wait_ready(jobid, _progress(app, jobid))
-        env = dict(app.env.environ, PCOCC_JOB_ID=str(jobid), PCOCC_JOB_NAME=opts["job_name"], PCOCC_ALLOCATION="1")
-        argv = [os.path.abspath(alloc_script)] if alloc_script else [env.get("SHELL") or "/bin/sh"]
-        if not alloc_script:
+        env = dict(app.env.environ, PCOCC_JOB_ID=str(jobid), PCOCC_JOB_NAME=name, PCOCC_ALLOCATION="1")
+        argv = [script] if script else [env.get("SHELL") or "/bin/sh"]
+        if not script:
             app.info(f"cluster {jobid} ready: a shell in its allocation; exit it to end the cluster")
         code = subprocess.call(argv, env=env)
     finally:
@@ -78,20 +137,32 @@ def alloc(app, definition, alloc_script, **opts):
         sys.exit(code)
 
 
-@click.command()
-@launch_options
-@click.option("-b", "--batch-script", type=click.Path(exists=True, dir_okay=False), help="Run this script in vm0 once the cluster runs; the cluster ends with it (output in pcocc_JOBID.out).")
+@click.command(context_settings=_PASSTHROUGH, help="Submit a virtual cluster as a batch job and print its job id.\n" + _ALLOC_HELP.format(cmd="sbatch"))
+@common_options
+@click.option("-b", "--batch-script", type=click.Path(exists=True, dir_okay=False), help="Run this script in vm0 once the cluster runs; the cluster ends with it.")
+@click.option("-E", "--host-script", type=click.Path(exists=True, dir_okay=False), help="Run this script on the first host once the cluster runs (SLURM); the cluster ends with it.")
 @click.option("-w", "--wait", is_flag=True, help="Return only when every VM runs.")
-@click.argument("definition")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[BATCH_OPTIONS]... DEFINITION")
 @pass_app
-def batch(app, definition, batch_script, wait, **opts):
-    """Submit a virtual cluster as a batch job and print its job id.
+def batch(app, restart_ckpt, user_data, batch_script, host_script, wait, args):
+    _check_restart(restart_ckpt)
+    batch_opts, definition = _split(args)
+    script = os.path.abspath(batch_script) if batch_script else None
+    if app.config.batch.type == "slurm":
+        from pcocc.batch.slurm import quote
+        from pcocc.runner import run
 
-    DEFINITION is TEMPLATE[:COUNT][,TEMPLATE[:COUNT]...], e.g. tiny:3.
-    """
-    backend, jobid = _submit(app, definition, script=os.path.abspath(batch_script) if batch_script else None, **opts)
+        base, launcher = _slurm_launch(app, "sbatch", definition, batch_opts, user_data, script=script,
+                                       host_script=os.path.abspath(host_script) if host_script else None)
+        out = run(base[:1] + ["--parsable", "--signal=15", "-o", "pcocc_%j.out", "-e", "pcocc_%j.err"] + base[1:] + ["--wrap", quote(launcher)]).stdout
+        jobid = int(out.strip().split(";")[0])
+        backend = app.ctx.backend()
+    else:
+        if host_script:
+            raise UsageError("-E/--host-script needs the SLURM backend (on one host, use 'pcocc alloc -E')")
+        backend, jobid, _ = _submit_local(app, definition, batch_opts, user_data, script=script)
     if wait:
-        backend.wait_ready(jobid, _progress(app, jobid))
+        backend.wait_ready(jobid, _progress(app, jobid), timeout=3600)
     app.out(str(jobid))
 
 

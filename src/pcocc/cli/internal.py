@@ -6,7 +6,6 @@ import sys
 import click
 
 from pcocc.cli.core import pass_app
-from pcocc.cli.pending import pending_command
 
 
 @click.group(hidden=True)
@@ -28,4 +27,62 @@ def run(app, jobid, rank):
     sys.exit(run_vm(app.ctx, int(jobid), int(rank)))
 
 
-internal.add_command(pending_command("setup", "Privileged node setup", "the SLURM backend"))
+@internal.group()
+def setup():
+    """Privileged node setup, run as root by the SPANK plugin."""
+
+
+@setup.command("create")
+@click.option("-j", "--jobid", type=int, required=True)
+@click.option("--uid", type=int, required=True, help="Uid of the job's owner.")
+@click.option("--tasks-on-node", type=int, default=1)
+@pass_app
+def setup_create(app, jobid, uid, tasks_on_node):
+    """Set this node up for a job."""
+    from pcocc import nodesetup
+
+    nodesetup.create(app.ctx, jobid, uid, tasks_on_node)
+
+
+@setup.command("delete")
+@click.option("-j", "--jobid", type=int, required=True)
+@click.option("--uid", type=int, required=True, help="Uid of the job's owner.")
+@pass_app
+def setup_delete(app, jobid, uid):
+    """Undo a job's setup on this node."""
+    from pcocc import nodesetup
+
+    nodesetup.delete(app.ctx, jobid, uid)
+
+
+@setup.command("init")
+@pass_app
+def setup_init(app):
+    """Prepare this node (at boot)."""
+    from pcocc import nodesetup
+
+    nodesetup.init(app.ctx)
+
+
+@setup.command("cleanup")
+@pass_app
+def setup_cleanup(app):
+    """Undo every job's setup on this node."""
+    from pcocc import nodesetup
+
+    nodesetup.cleanup(app.ctx)
+
+
+@internal.command("launcher")
+@click.option("--definition", required=True)
+@click.option("--name", default="pcocc")
+@click.option("--user-data")
+@click.option("--batch-script")
+@click.option("--host-script")
+@click.option("--interactive", is_flag=True)
+@pass_app
+def launcher(app, definition, name, user_data, batch_script, host_script, interactive):
+    """The body of a SLURM job running a virtual cluster."""
+    from pcocc.launcher import run_launcher
+
+    sys.exit(run_launcher(app.ctx, definition, name, user_data, batch_script, host_script, interactive, info_out=app.info))

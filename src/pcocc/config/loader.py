@@ -33,6 +33,8 @@ BATCH_SCHEMA = Struct(
                     # Ours: where cluster state lives. Default: etcd when servers are listed, else SQLite.
                     "store": F(Enum("etcd", "sqlite")),
                     "store-path": F(Str(), default="%{homedir}/.pcocc/state.db"),
+                    # Ours, local backend: how many vCPUs may share one host core.
+                    "cpu-overcommit": F(Int(min=1, max=64), default=2),
                 }
             ),
             default=None,

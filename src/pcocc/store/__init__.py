@@ -86,11 +86,19 @@ def decode(text):
     return None if text is None else json.loads(text)
 
 
-def open_store(config):
-    """The store the configuration names."""
+def open_store(config, env=None):
+    """The store the configuration names; env (the caller's user and home) picks etcd credentials."""
     kind = config.batch.store
     if kind == "sqlite":
         from pcocc.store.sqlite import SqliteStore
 
         return SqliteStore(config.batch.settings["store-path"])
-    raise StoreError(f"the '{kind}' store is not available yet (use store: sqlite with the local backend)")
+    if kind == "etcd":
+        from pcocc.store.etcd import open_etcd
+
+        if env is None:
+            from pcocc.env import Environment
+
+            env = Environment()
+        return open_etcd(config.batch.settings, env)
+    raise StoreError(f"unknown store '{kind}' (known: etcd, sqlite)")

@@ -1,0 +1,279 @@
+/*
+ * pcocc SPANK plugin: `--vm` for srun/salloc/sbatch; for an srun step with
+ * --vm, runs `pcocc internal setup create` as root on each node of the step
+ * before its tasks start, and `pcocc internal setup delete` when the step ends.
+ *
+ * plugstack.conf:
+ *   required /path/spank_pcocc.so pcocc=/usr/bin/pcocc [timeout=SECONDS]
+ *
+ * Build: gcc -shared -fPIC -o spank_pcocc.so spank_pcocc.c (Debian: libslurm-dev)
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <slurm/slurm.h>
+#include <slurm/spank.h>
+
+SPANK_PLUGIN(pcocc, 1);
+
+#define MSG_MAX 2048
+
+static int vm_flag;             /* --vm was given (set by the option callback) */
+static int setup_started;       /* setup create ran here: delete must run at exit */
+static char pcocc_bin[PATH_MAX] = "pcocc";
+static int timeout_s = 300;
+
+static int opt_vm(int val, const char *optarg, int remote)
+{
+	vm_flag = 1;
+	return 0;
+}
+
+struct spank_option spank_options[] = {
+	{ "vm", NULL, "Run the step's tasks as pcocc VMs (sets up the nodes for them)",
+	  0, 0, (spank_opt_cb_f) opt_vm },
+	SPANK_OPTIONS_TABLE_END
+};
+
+static int parse_args(int ac, char **av)
+{
+	for (int i = 0; i < ac; i++) {
+		if (!strncmp(av[i], "pcocc=", 6)) {
+			snprintf(pcocc_bin, sizeof pcocc_bin, "%s", av[i] + 6);
+		} else if (!strncmp(av[i], "timeout=", 8)) {
+			timeout_s = atoi(av[i] + 8);
+			if (timeout_s <= 0) {
+				slurm_error("pcocc: bad plugin argument %s (want a number of seconds)", av[i]);
+				return -1;
+			}
+		} else {
+			slurm_error("pcocc: unknown plugin argument %s (known: pcocc=PATH timeout=SECONDS)", av[i]);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+static double now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* In the child: a clean process for pcocc, not slurmstepd's signal state or fds. */
+static void exec_child(int out, char *const argv[], uint32_t job, uint32_t step, uint32_t uid)
+{
+	sigset_t none;
+	char buf[32];
+	int devnull = open("/dev/null", O_RDONLY);
+
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+	for (int s = 1; s < NSIG; s++)
+		signal(s, SIG_DFL);
+	if (devnull >= 0)
+		dup2(devnull, 0);
+	dup2(out, 1);
+	dup2(out, 2);
+	closefrom(3);
+	setsid();  /* so that a timeout can kill the whole tree */
+	snprintf(buf, sizeof buf, "%u", job);
+	setenv("SLURM_JOB_ID", buf, 1);
+	snprintf(buf, sizeof buf, "%u", step);
+	setenv("SLURM_STEP_ID", buf, 1);
+	snprintf(buf, sizeof buf, "%u", uid);
+	setenv("SLURM_JOB_UID", buf, 1);
+	execvp(argv[0], argv);
+	fprintf(stderr, "cannot run %s: %s\n", argv[0], strerror(errno));
+	_exit(127);
+}
+
+/* Drop trailing blank space and join lines with " / " so the message fits in one log line. */
+static void one_line(char *msg)
+{
+	size_t n = strlen(msg);
+	while (n && (msg[n - 1] == '\n' || msg[n - 1] == ' ' || msg[n - 1] == '\r'))
+		msg[--n] = '\0';
+	for (char *p = msg; *p; p++)
+		if (*p == '\n')
+			*p = ';';
+}
+
+/*
+ * Run argv, collecting its output (the tail, if long) in msg.
+ * Returns its exit status, or -1 if it could not run or ran out of time.
+ */
+static int run(char *const argv[], uint32_t job, uint32_t step, uint32_t uid, char *msg, size_t msglen)
+{
+	int fds[2], status = 0;
+	size_t len = 0;
+	double deadline = now() + timeout_s;
+	pid_t pid;
+
+	msg[0] = '\0';
+	if (pipe2(fds, O_CLOEXEC) < 0) {
+		snprintf(msg, msglen, "pipe: %s", strerror(errno));
+		return -1;
+	}
+	pid = fork();
+	if (pid < 0) {
+		snprintf(msg, msglen, "fork: %s", strerror(errno));
+		close(fds[0]);
+		close(fds[1]);
+		return -1;
+	}
+	if (pid == 0)
+		exec_child(fds[1], argv, job, step, uid);
+	close(fds[1]);
+	for (;;) {
+		struct pollfd pfd = { .fd = fds[0], .events = POLLIN };
+		int left = (int) ((deadline - now()) * 1000);
+		char chunk[512];
+		ssize_t n;
+
+		if (left <= 0) {
+			kill(-pid, SIGKILL);
+			kill(pid, SIGKILL);
+			waitpid(pid, &status, 0);
+			close(fds[0]);
+			snprintf(msg, msglen, "timed out after %d s", timeout_s);
+			return -1;
+		}
+		if (poll(&pfd, 1, left) < 0) {
+			if (errno == EINTR)
+				continue;
+			break;
+		}
+		if (!pfd.revents)
+			continue;
+		n = read(fds[0], chunk, sizeof chunk);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		/* keep the tail: the last lines say why it failed */
+		if (len + n >= msglen) {
+			size_t drop = len + n - (msglen - 1);
+			if (drop > len)
+				drop = len;
+			memmove(msg, msg + drop, len - drop);
+			len -= drop;
+			if ((size_t) n > msglen - 1 - len)
+				n = msglen - 1 - len;
+		}
+		memcpy(msg + len, chunk, n);
+		len += n;
+		msg[len] = '\0';
+	}
+	close(fds[0]);
+	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+		;
+	one_line(msg);
+	if (WIFEXITED(status))
+		return WEXITSTATUS(status);
+	snprintf(msg + strlen(msg), msglen - strlen(msg), "%skilled by signal %d",
+		 msg[0] ? "; " : "", WTERMSIG(status));
+	return -1;
+}
+
+/* The ids of this step; non-zero if this is not a step we set up for. */
+static int step_ids(spank_t sp, uint32_t *job, uint32_t *step, uint32_t *uid, uint32_t *tasks)
+{
+	uid_t u;
+
+	if (spank_get_item(sp, S_JOB_ID, job) != ESPANK_SUCCESS
+	    || spank_get_item(sp, S_JOB_STEPID, step) != ESPANK_SUCCESS
+	    || spank_get_item(sp, S_JOB_UID, &u) != ESPANK_SUCCESS
+	    || spank_get_item(sp, S_JOB_LOCAL_TASK_COUNT, tasks) != ESPANK_SUCCESS) {
+		slurm_error("pcocc: cannot read the step's job id, step id, uid or task count");
+		return -1;
+	}
+	*uid = u;
+	return 0;
+}
+
+static int vm_requested(spank_t sp)
+{
+	return vm_flag || spank_option_getopt(sp, &spank_options[0], NULL) == ESPANK_SUCCESS;
+}
+
+int slurm_spank_init(spank_t sp, int ac, char **av)
+{
+	if (parse_args(ac, av) < 0)
+		return -1;
+	/* salloc/sbatch do not load the static option table: register --vm by hand */
+	if (spank_context() == S_CTX_ALLOCATOR
+	    && spank_option_register(sp, &spank_options[0]) != ESPANK_SUCCESS) {
+		slurm_error("pcocc: cannot register the --vm option");
+		return -1;
+	}
+	return 0;
+}
+
+/* slurmstepd, as root, once per step and node, before any task starts. */
+int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
+{
+	uint32_t job, step, uid, tasks;
+	char sjob[16], suid[16], stasks[16], msg[MSG_MAX];
+	int rc;
+
+	if (spank_context() != S_CTX_REMOTE || !vm_requested(sp))
+		return 0;
+	if (step_ids(sp, &job, &step, &uid, &tasks) < 0)
+		return -1;
+	/* only srun steps: the batch script and extern steps host no VM */
+	if (step == SLURM_BATCH_SCRIPT || step == SLURM_EXTERN_CONT || step == SLURM_INTERACTIVE_STEP)
+		return 0;
+	snprintf(sjob, sizeof sjob, "%u", job);
+	snprintf(suid, sizeof suid, "%u", uid);
+	snprintf(stasks, sizeof stasks, "%u", tasks);
+	char *argv[] = { pcocc_bin, "internal", "setup", "create", "--jobid", sjob,
+			 "--uid", suid, "--tasks-on-node", stasks, NULL };
+
+	slurm_info("pcocc: job %u step %u: %s internal setup create --jobid %s --uid %s --tasks-on-node %s",
+		   job, step, pcocc_bin, sjob, suid, stasks);
+	setup_started = 1;  /* even a failed create may have left something to delete */
+	rc = run(argv, job, step, uid, msg, sizeof msg);
+	if (rc != 0) {
+		slurm_error("pcocc: node setup failed for job %u (status %d): %s", job, rc,
+			    msg[0] ? msg : "no message");
+		return -1;
+	}
+	return 0;
+}
+
+/* slurmstepd, as root, when the step ends (also after a failed create). */
+int slurm_spank_exit(spank_t sp, int ac, char **av)
+{
+	uint32_t job, step, uid, tasks;
+	char sjob[16], msg[MSG_MAX];
+	int rc;
+
+	if (spank_context() != S_CTX_REMOTE || !setup_started)
+		return 0;
+	setup_started = 0;
+	if (step_ids(sp, &job, &step, &uid, &tasks) < 0)
+		return 0;
+	snprintf(sjob, sizeof sjob, "%u", job);
+	char *argv[] = { pcocc_bin, "internal", "setup", "delete", "--jobid", sjob, NULL };
+
+	slurm_info("pcocc: job %u step %u: %s internal setup delete --jobid %s", job, step, pcocc_bin, sjob);
+	rc = run(argv, job, step, uid, msg, sizeof msg);
+	if (rc != 0)
+		slurm_error("pcocc: node cleanup failed for job %u (status %d): %s", job, rc,
+			    msg[0] ? msg : "no message");
+	return 0;  /* the step is over either way; the error is in the log */
+}

@@ -1,0 +1,102 @@
+"""The SLURM backend: a virtual cluster is an ordinary SLURM job.
+
+`pcocc alloc|batch` run salloc/sbatch with one task per VM and, as the job's
+command, `pcocc internal launcher`. The launcher (inside the allocation) records
+the cluster in the store, starts `srun --vm pcocc internal run` (the SPANK
+plugin sets up each node as root before the tasks start), waits for every VM,
+then runs the user's shell or script and ends the cluster after it.
+"""
+
+import os
+import shlex
+import subprocess
+
+from pcocc import state
+from pcocc.batch.base import Backend
+from pcocc.errors import CommandError, NotFoundError
+from pcocc.runner import run
+
+
+class SlurmBackend(Backend):
+    def squeue(self, jobid=None, user=None):
+        """{jobid: {name, state, nodes, partition, time}} of running or pending jobs."""
+        argv = ["squeue", "-h", "-o", "%i|%j|%u|%T|%N|%P|%M|%l"]
+        argv += ["-j", str(jobid)] if jobid else ["-u", user or self.user]
+        try:
+            out = run(argv).stdout
+        except CommandError as exc:
+            if jobid and "Invalid job id" in exc.stderr:
+                return {}
+            raise
+        jobs = {}
+        for line in out.splitlines():
+            jid, name, user, st, nodes, part, elapsed, limit = line.split("|")
+            jobs[int(jid)] = {"name": name, "user": user, "state": st, "nodes": nodes, "partition": part, "time": elapsed, "timelimit": limit}
+        return jobs
+
+    def job_alive(self, info):
+        job = self.squeue(info["jobid"]).get(info["jobid"])
+        return job is not None and job["state"] in ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING")
+
+    def jobs(self):
+        running = self.squeue()
+        out = []
+        for jobid in sorted(running):
+            try:
+                info, vms = self.job(jobid)
+            except NotFoundError:
+                continue  # not a pcocc job, or its launcher has not written it yet
+            info = {**info, "slurm": running[jobid]}
+            out.append((info, vms))
+        return out
+
+    def reclaim(self):
+        """Delete the store records of this user's clusters whose job is gone (crashed launchers)."""
+        prefix = state.clusters_prefix(self.user)
+        running = self.squeue()
+        for key in self.ctx.store.range(prefix):
+            jobid = int(key[len(prefix):].split("/")[0])
+            if jobid not in running:
+                self.ctx.store.delete_prefix(state.cluster_prefix(self.user, jobid))
+
+    def cancel(self, jobid, wait=True):
+        run(["scancel", str(jobid)])
+        if wait:
+            import time
+
+            deadline = time.monotonic() + 120
+            while self.squeue(jobid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+
+    def allocation_argv(self, command, n_vms, opts, passthrough):
+        """salloc/sbatch arguments: admin's batch-args, the user's options, one task per VM."""
+        settings = self.ctx.config.batch.settings
+        argv = [command, "-J", opts["name"], *settings["batch-args"], *passthrough, "-n", str(n_vms)]
+        if opts.get("cpus"):
+            argv += ["-c", str(opts["cpus"])]
+        if opts.get("licenses"):
+            argv += ["-L", ",".join(opts["licenses"])]
+        return argv
+
+
+def launcher_argv(pcocc_bin, definition, opts):
+    argv = [pcocc_bin, "internal", "launcher", "--definition", definition, "--name", opts["name"]]
+    if opts.get("user_data"):
+        argv += ["--user-data", opts["user_data"]]
+    if opts.get("script"):
+        argv += ["--batch-script", opts["script"]]
+    if opts.get("host_script"):
+        argv += ["--host-script", opts["host_script"]]
+    return argv
+
+
+def quote(argv):
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def srun_vms(pcocc_bin, n_vms):
+    """The step that runs the VMs: one task per VM, the SPANK plugin's --vm, no I/O forwarding."""
+    argv = ["srun", "--vm", "-n", str(n_vms), "--kill-on-bad-exit=0", "--input=none", "--output=none", pcocc_bin, "internal", "run"]
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=False)
+
+

@@ -1,0 +1,48 @@
+"""Install the Debian packages the test cluster needs, without starting their services."""
+
+import os
+import subprocess
+from pathlib import Path
+
+from pcocc.errors import CommandError
+from pcocc.runner import run
+
+PACKAGES = [
+    "slurmctld", "slurmd", "slurm-client", "munge", "libslurm-dev", "gcc", "libc6-dev",
+    "etcd-server", "etcd-client", "iproute2", "util-linux", "passwd",
+]
+OVS_PACKAGES = ["openvswitch-switch", "ethtool"]
+POLICY = Path("/usr/sbin/policy-rc.d")
+
+
+def installed(pkg):
+    # dpkg -s also succeeds for removed packages that left config files behind
+    proc = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Status}", pkg], capture_output=True, text=True)
+    return proc.returncode == 0 and proc.stdout.strip() == "installed"
+
+
+def missing(ovs=True):
+    return [p for p in PACKAGES + (OVS_PACKAGES if ovs else []) if not installed(p)]
+
+
+def ensure(ovs=True, log=print):
+    """apt-get install what is missing; returns the list installed."""
+    need = missing(ovs)
+    if not need:
+        return []
+    log(f"installing {' '.join(need)}")
+    ours = not os.path.lexists(POLICY)
+    if ours:  # keeps maintainer scripts from starting the daemons
+        POLICY.write_text("#!/bin/sh\nexit 101\n")
+        POLICY.chmod(0o755)
+    try:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        run(["apt-get", "update", "-q"], env=env, timeout=600)
+        run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *need], env=env, timeout=1800)
+    finally:
+        if ours:
+            POLICY.unlink(missing_ok=True)
+    still = missing(ovs)
+    if still:
+        raise CommandError(["apt-get", "install", *still], 0, "still not installed: " + " ".join(still))
+    return need
