@@ -163,13 +163,20 @@ def _vm_config(ctx, info, spec, rank, rundir):
     chosen = accel.choose(tempfile.gettempdir(), settings["qemu-bin"], kernel=kernel, forced=ctx.env.environ.get("PCOCC_ACCEL"))
     if chosen == "tcg" and not ctx.env.environ.get("PCOCC_ACCEL"):
         log.info("vm%d: KVM is not usable here: using TCG (software emulation, slower)", rank)
-    topo = topology.plan(spec["cores"], spec["memory_mb"])
+    cores, memory_mb = spec.get("cores"), spec.get("memory_mb")
+    if cores is None:  # a SLURM task: the slice SLURM gave it
+        cores, memory_mb = topology.task_slice(ctx.env.environ)
+    if settings["full-node"]:
+        cores = sorted(os.sched_getaffinity(0))
+    topo = topology.plan(cores, memory_mb)
     user_data = _user_data(settings, info, expand)
     keys = seed.user_ssh_keys(ctx.env.home, [os.path.join(ctx.env.user_conf_dir, "ssh")])
     meta, user = seed.render(f"vm{rank}", settings.get("instance-id") or f"pcocc-{info['jobid']}-vm{rank}", user_data, keys)
     mounts = []
     for tag, m in settings["mount-points"].items():
         path = expand(m["path"])
+        if m["type"] == "virtio-fs":
+            raise PcoccError(f"mount point '{tag}': virtio-fs needs virtiofsd, which this host does not have; use type virtio-9p")
         if not os.path.isdir(path):
             raise PcoccError(f"mount point '{tag}': no such directory: {path}")
         mounts.append((tag, path, m["readonly"]))

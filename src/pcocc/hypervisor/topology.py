@@ -51,6 +51,24 @@ class Topology:
         return len(self.cores)
 
 
+def task_slice(environ):
+    """(cores, memory MiB) of the SLURM task we run in: its CPU affinity and its memory share."""
+    cores = sorted(os.sched_getaffinity(0))
+    cpus = int(environ.get("SLURM_CPUS_PER_TASK") or 1)
+    if len(cores) > cpus:  # no task binding (TaskPlugin=task/none): take our share in task order
+        local_id = int(environ.get("SLURM_LOCALID") or 0)
+        start = (local_id * cpus) % len(cores)
+        cores = (cores[start:] + cores[:start])[:cpus]
+    if environ.get("SLURM_MEM_PER_CPU"):
+        memory = int(environ["SLURM_MEM_PER_CPU"]) * cpus
+    elif environ.get("SLURM_MEM_PER_NODE"):
+        tasks = int((environ.get("SLURM_TASKS_PER_NODE") or "1").split("(")[0].split(",")[0] or 1)
+        memory = int(environ["SLURM_MEM_PER_NODE"]) // max(tasks, 1)
+    else:
+        memory = 1024 * cpus
+    return cores, memory
+
+
 def plan(cores, memory_mb, sysfs="/sys"):
     """Topology for a VM given its cores: one guest NUMA node per host node spanned."""
     cores = tuple(cores)

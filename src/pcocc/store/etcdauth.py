@@ -1,0 +1,208 @@
+"""Per-user isolation in etcd (settings.etcd-auth-type: password).
+
+Who may touch what:
+  root            etcd's `root` role: everything. Only root's processes (node
+                  setup, the SPANK plugin) hold its password, in a root-only
+                  file (ROOT_PASSWORD_FILE, mode 0400).
+  unix user U     etcd user U with role `pcocc-user-U`:
+                    read-write  /pcocc/users/U/   (U's clusters, VMs, CAs, ...)
+                    read        /pcocc/hosts/     (node facts that root writes and
+                                                   commands show: setup state,
+                                                   reservations; no secrets)
+                  and nothing else: not /pcocc/users/V/ (V's CA keys live there),
+                  not /pcocc/users/U2/ (prefixes end with "/").
+
+U's password is random and lives in ~U/.pcocc/.etcd-password (mode 0400,
+upstream pcocc's place). Whoever needs it first creates it: U's first pcocc
+command, or root's ensure_user() on U's first job, which reads or creates it
+*as U* (a forked child with U's ids), so root never follows U's symlinks.
+ensure_user() then makes etcd's record match the file.
+
+A user with no etcd record yet gets a clear PermissionDenied from the store.
+"""
+
+import os
+import secrets
+
+from pcocc import state
+from pcocc.errors import PcoccError, PermissionDenied
+from pcocc.store.etcd import EtcdError
+
+PASSWORD_FILE = ".etcd-password"  # in ~/.pcocc
+ROOT_PASSWORD_FILE = "etcd-password"  # in the system config dir (/etc/pcocc)
+ROLE_PREFIX = "pcocc-user-"
+USER_READ_PREFIXES = ("/pcocc/hosts/",)
+
+_EXISTS = "already exists"
+
+
+def user_password_path(home):
+    return os.path.join(home, ".pcocc", PASSWORD_FILE)
+
+
+def root_password_path(env):
+    return os.path.join(env.system_conf_dir, ROOT_PASSWORD_FILE)
+
+
+def read_or_create_password(path):
+    """The password in path; a new random one (mode 0400) when the file is absent."""
+    try:
+        return _read(path)
+    except FileNotFoundError:
+        pass
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    password = secrets.token_urlsafe(24)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+        try:
+            os.link(tmp, path)  # never replaces: two first uses agree on one password
+        except FileExistsError:
+            return _read(path)
+    finally:
+        os.unlink(tmp)
+    return password
+
+
+def _read(path):
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd) as f:
+        password = f.read().strip()
+    if not password:
+        raise PermissionDenied(f"{path} is empty", hint="delete it: a new password is made on next use")
+    return password
+
+
+def credentials(env):
+    """(etcd user, password) for the calling process: root's, or the user's own."""
+    try:
+        if env.uid == 0:
+            return "root", _read(root_password_path(env))
+        return env.user, read_or_create_password(user_password_path(env.home))
+    except FileNotFoundError as exc:
+        raise PermissionDenied(f"no etcd password for root: {exc.filename} is missing", hint="run the node setup (pcocc internal setup init) once") from None
+    except OSError as exc:
+        raise PermissionDenied(f"cannot read or create the etcd password {exc.filename}: {exc.strerror}") from None
+
+
+# -- as root
+
+
+def enable_auth(store, root_password):
+    """Create etcd's root user with root_password, then turn authentication on. Idempotent.
+
+    store: an EtcdStore with no credentials (auth still off) or root's (auth on).
+    """
+    client = store.client
+    try:
+        _add_user(client, "root", root_password)
+    except PermissionDenied:
+        if client.user:
+            raise
+        client.set_credentials("root", root_password)  # auth already on: do the rest as root
+        _add_user(client, "root", root_password)
+    client.call("auth/user/grant", {"user": "root", "role": "root"}, "granting the root role")
+    client.call("auth/enable", {}, "enabling authentication")
+    client.set_credentials("root", root_password)
+
+
+def ensure_user(store, user, password=None):
+    """Give unix user `user` an etcd user and role limited to its prefixes. Idempotent; as root.
+
+    password: the user's, or None to read (or create) ~user/.pcocc/.etcd-password as that user.
+    """
+    if not user or "/" in user:
+        raise PcoccError(f"invalid user name for etcd: {user!r}")
+    if password is None:
+        password = user_password_as(user)
+    client = store.client
+    role = ROLE_PREFIX + user
+    _ignore_exists(client, "auth/role/add", {"name": role}, f"creating role {role}")
+    grants = [("READWRITE", state.user_prefix(user))] + [("READ", p) for p in USER_READ_PREFIXES]
+    for perm, prefix in grants:
+        body = {"name": role, "perm": {"permType": perm, **_perm_range(prefix)}}
+        client.call("auth/role/grant", body, f"granting {prefix} to role {role}")
+    _add_user(client, user, password)
+    client.call("auth/user/grant", {"user": user, "role": role}, f"granting role {role} to {user}")
+
+
+def remove_user(store, user):
+    """Delete the etcd user and role of `user` (the keys stay). Idempotent; as root."""
+    for path, body in (("auth/user/delete", {"name": user}), ("auth/role/delete", {"role": ROLE_PREFIX + user})):
+        try:
+            store.client.call(path, body, f"deleting {user}'s etcd access")
+        except EtcdError as exc:
+            if "not found" not in exc.message:
+                raise
+
+
+def _add_user(client, user, password):
+    """Create the user, or set its password if it differs (a change logs its sessions out)."""
+    if _ignore_exists(client, "auth/user/add", {"name": user, "password": password}, f"creating etcd user {user}"):
+        return
+    from pcocc.store.etcd import EtcdClient
+
+    probe = EtcdClient([client.url], ca_cert=client.ca_cert)
+    try:
+        probe.call("auth/authenticate", {"name": user, "password": password}, "checking a password")
+        return  # auth on and the password matches
+    except (EtcdError, PermissionDenied):
+        pass  # wrong password, or auth still off (then changing is harmless)
+    finally:
+        probe.close()
+    client.call("auth/user/changepw", {"name": user, "password": password}, f"setting the password of {user}")
+
+
+def _ignore_exists(client, path, body, what):
+    """True when created, False when it already existed."""
+    try:
+        client.call(path, body, what)
+        return True
+    except EtcdError as exc:
+        if _EXISTS in exc.message:
+            return False
+        raise
+
+
+def _perm_range(prefix):
+    from pcocc.store.etcd import _b64, prefix_end
+
+    return {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix.encode()))}
+
+
+def user_password_as(user):
+    """Read or create ~user/.pcocc/.etcd-password with the user's ids (root calls this)."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise PcoccError(f"no unix user {user!r}") from None
+    path = user_password_path(entry.pw_dir)
+    if entry.pw_uid == os.getuid():
+        return read_or_create_password(path)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop to the user for good, do one thing, exit
+        status = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+            os.umask(0o077)
+            reply, status = "ok " + read_or_create_password(path), 0
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            reply = f"error {getattr(exc, 'strerror', None) or exc}"
+        finally:
+            os.write(w, reply.encode())
+            os._exit(status)
+    os.close(w)
+    with os.fdopen(r) as f:
+        reply = f.read()
+    os.waitpid(pid, 0)
+    if not reply.startswith("ok "):
+        raise PermissionDenied(f"cannot read or create {path} as {user}: {reply.removeprefix('error ')}")
+    return reply[3:]
