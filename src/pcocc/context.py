@@ -13,8 +13,7 @@ class Context:
         self._config = config
         self._store = None
         self.hostname = socket.gethostname().split(".")[0]
-        # The control endpoints listen here; on one host, loopback is enough.
-        self.control_host = env.environ.get("PCOCC_CONTROL_HOST", "127.0.0.1")
+        self._control_host = env.environ.get("PCOCC_CONTROL_HOST")
 
     @property
     def config(self):
@@ -23,6 +22,22 @@ class Context:
 
             self._config = load_config(self.env)
         return self._config
+
+    @property
+    def control_host(self):
+        """The address VM control endpoints listen on: loopback on one host; with a
+        shared store, this node's address on the network that reaches the store."""
+        if self._control_host is None:
+            self._control_host = "127.0.0.1"
+            settings = self.config.batch.settings
+            if self.config.batch.store == "etcd" and settings["etcd-servers"]:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    try:
+                        s.connect((settings["etcd-servers"][0], settings["etcd-client-port"]))  # no packet is sent
+                        self._control_host = s.getsockname()[0]
+                    except OSError:
+                        pass
+        return self._control_host
 
     @property
     def store(self):

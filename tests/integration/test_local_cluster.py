@@ -107,6 +107,23 @@ def test_console_log_and_monitor(cluster):
     assert r.returncode == 0 and "running" in r.stdout
 
 
+def test_dump_and_reset(cluster):
+    dump = cluster.root / "vm0.core"
+    r = cluster.pcocc("dump", "vm0", dump)
+    assert r.returncode == 0, r.stderr
+    assert dump.read_bytes()[:4] == b"\x7fELF" and dump.stat().st_size > 200 * 2**20
+    dump.unlink()
+    assert cluster.pcocc("exec", "-w", "vm1", "touch /run/before-reset").returncode == 0  # /run is a tmpfs
+    r = cluster.pcocc("reset", "vm1")
+    assert r.returncode == 0, r.stderr
+
+    def rebooted():  # the guest reboots, and its agent comes back
+        r = cluster.pcocc("exec", "-t", "5", "-w", "vm1", "test ! -e /run/before-reset && echo rebooted")
+        return r.returncode == 0 and "rebooted" in r.stdout
+
+    wait_for(rebooted, timeout=120, what="vm1 to reboot")
+
+
 def test_control_endpoint_refuses_other_users(cluster):
     from pcocc.agent import pki
     from pcocc.agent.endpoint import AgentError, ControlClient

@@ -39,6 +39,8 @@ write_files:
     permissions: '0640'
     content: |
       key: value
+mounts:
+  - [hostshare, /mnt/host, 9p, "trans=virtio,version=9p2000.L"]
 """
 
 
@@ -55,50 +57,62 @@ class TinyVM:
         self.image = image
         self.kernel = kernel
         self.dir = Path(tempfile.mkdtemp(prefix="pcocc-tiny-"))  # short: unix socket paths
-        self.console = self.dir / "console.log"
         self.qga_sock = self.dir / "qga.sock"
+        self.boots = 0
+        self.console = None
         self.proc = None
         self.agent = None
-        self.started = None
         self.agent_after = None
         self.ready_after = None
 
-    def start(self):
-        overlay, seed = self.dir / "overlay.qcow2", self.dir / "seed"
+    def _prepare(self):
+        overlay, seed, share = self.dir / "overlay.qcow2", self.dir / "seed", self.dir / "share"
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", self.image.disk, "-F", "qcow2", overlay])
         seed.mkdir()
         (seed / "meta-data").write_text(f"instance-id: iid-{os.getpid()}-{time.time_ns()}\nlocal-hostname: not-this-one\n")
         (seed / "user-data").write_text(USER_DATA)
         run(["genisoimage", "-quiet", "-o", self.dir / "seed.iso", "-V", "cidata", "-J", "-r", seed])
+        share.mkdir()
+        (share / "hello.txt").write_text("from the host\n")
+
+    def start(self):
+        """Boot (again, on the same overlay and seed, after a power off); wait for the agent and READY."""
+        if self.boots == 0:
+            self._prepare()
+        self.boots += 1
+        self.console = self.dir / f"console{self.boots}.log"
         argv = [
             QEMU, "-accel", "tcg", "-M", "pc", "-m", "256", "-smp", "1", "-nodefaults", "-display", "none", "-no-reboot",
             "-kernel", self.kernel, "-initrd", self.image.initrd, "-append", f"{self.image.append} pcocc.netwait=1",
-            "-drive", f"file={overlay},if=virtio,format=qcow2,cache=unsafe",
+            "-drive", f"file={self.dir / 'overlay.qcow2'},if=virtio,format=qcow2,cache=unsafe",
             "-drive", f"file={self.dir / 'seed.iso'},if=virtio,format=raw,readonly=on",
             "-chardev", f"socket,id=qga0,path={self.qga_sock},server=on,wait=off",
             "-device", "virtio-serial-pci", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
             "-device", "virtio-rng-pci",
+            "-virtfs", f"local,path={self.dir / 'share'},mount_tag=hostshare,security_model=none,id=share0",
             # a NIC whose packets go nowhere: DHCP must not hold the boot
             "-netdev", f"socket,id=n0,udp=127.0.0.1:{_free_udp_port()},localaddr=127.0.0.1:{_free_udp_port()}",
             "-device", "virtio-net-pci,netdev=n0",
             "-serial", f"file:{self.console}",
         ]  # fmt: skip
-        self.started = time.monotonic()
+        if self.agent:
+            self.agent.close()
+        started = time.monotonic()
         self.proc = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.agent = GuestAgent(self.qga_sock, timeout=30)
-        deadline = self.started + BOOT_TIMEOUT
+        deadline = started + BOOT_TIMEOUT
         self.agent.connect(deadline)
-        self.agent_after = time.monotonic() - self.started
+        self.agent_after = time.monotonic() - started
         while "PCOCC-READY" not in self.console_text():
             assert self.proc.poll() is None, f"qemu exited ({self.proc.returncode}): {self.proc.stdout.read().decode()}"
             assert time.monotonic() < deadline, f"no PCOCC-READY in {BOOT_TIMEOUT} s; console:\n{self.console_text()}"
             time.sleep(0.05)
-        self.ready_after = time.monotonic() - self.started
+        self.ready_after = time.monotonic() - started
         return self
 
     def console_text(self):
         try:
-            return self.console.read_text(errors="replace")
+            return self.console.read_text(errors="replace") if self.console else ""
         except FileNotFoundError:
             return ""
 
@@ -110,6 +124,7 @@ class TinyVM:
         if self.proc:
             self.proc.wait(30)
             self.proc.stdout.close()
+            self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -129,6 +144,7 @@ def vm(tiny_image):
 
 def test_boot_prints_ready_with_the_seed_hostname(vm, capsys):
     assert f"PCOCC-READY {HOSTNAME}" in vm.console_text()
+    assert "user-data:" not in vm.console_text()  # no parse warnings
     kind = "uncompressed PVH vmlinux" if vm.kernel == vm.image.vmlinux else "bzImage"
     _report(capsys, f"TCG boot ({kind}): guest agent answered {vm.agent_after:.2f} s after qemu started, PCOCC-READY after {vm.ready_after:.2f} s")
 
@@ -154,6 +170,10 @@ def test_write_files_and_ssh_keys_applied(vm):
     assert vm.agent.read_file("/etc/pcocc-test.conf") == b"key: value\n"
     assert vm.agent.exec(["stat", "-c", "%a", "/etc/pcocc-test.conf"])[1].strip() == b"640"
     assert SSH_KEY in vm.agent.read_file("/root/.ssh/authorized_keys").decode().splitlines()
+
+
+def test_mounts_mounted_the_9p_share(vm):
+    assert vm.agent.read_file("/mnt/host/hello.txt") == b"from the host\n"
 
 
 def test_services_run(vm):
@@ -184,10 +204,16 @@ def test_fsfreeze_then_thaw(vm):
     assert vm.agent.exec(["sh", "-c", "echo after > /root/after-thaw && sync"])[0] == 0
 
 
-def test_guest_shutdown_powers_off(vm):
-    vm.agent.shutdown()
+def test_guest_shutdown_powers_off_and_a_second_boot_keeps_the_instance(vm):
+    vm.agent.write_file("/root/before-poweroff", b"kept\n")
+    vm.agent.shutdown()  # qemu-ga runs /sbin/shutdown, which sends SIGTERM to pcocc-init
     assert vm.proc.wait(60) == 0
     assert "pcocc-init: poweroff" in vm.console_text()
+    vm.start()  # same overlay, same seed: the same instance
+    assert f"PCOCC-READY {HOSTNAME}" in vm.console_text()
+    assert vm.agent.exec(["hostname"])[1].strip() == HOSTNAME.encode()
+    assert vm.agent.read_file("/root/before-poweroff") == b"kept\n"
+    assert vm.agent.read_file(MARKER).decode() == "runcmd ran as root\nlist form\n"  # not run again
 
 
 def test_bzimage_kernel_boots(tiny_image, capsys):

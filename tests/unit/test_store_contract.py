@@ -1,18 +1,51 @@
-"""Store contract: the semantics every backend keeps (SQLite here; etcd joins later)."""
+"""Store contract: the semantics every backend keeps, on SQLite and on a real etcd."""
 
 import threading
 import time
 
 import pytest
+from etcd_fixture import etcd_server  # noqa: F401 - a fixture
 
 from pcocc.store.sqlite import SqliteStore
 
 
-@pytest.fixture(params=["sqlite"])
-def store(request, tmp_path):
-    s = SqliteStore(str(tmp_path / "state.db"))
-    yield s
-    s.close()
+@pytest.fixture(params=["sqlite", "etcd"])
+def connect(request, tmp_path):
+    """A function that opens one more connection to one fresh, empty store of the backend."""
+    opened = []
+    if request.param == "sqlite":
+
+        def opener():
+            opened.append(SqliteStore(str(tmp_path / "state.db")))
+            return opened[-1]
+
+    else:
+        from pcocc.store.etcd import EtcdStore
+
+        url = request.getfixturevalue("etcd_server").url
+
+        def opener():
+            opened.append(EtcdStore([url]))
+            return opened[-1]
+
+        opener().delete_prefix("")  # the server is shared by the session's tests
+    yield opener
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(connect):
+    return connect()
+
+
+def wait_for(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def test_put_get_range_delete(store):
@@ -27,6 +60,22 @@ def test_put_get_range_delete(store):
     assert store.range("/p/") == {} and store.get("/q/1") == "other"
 
 
+def test_range_is_sorted_and_exact_on_prefix(store):
+    for key in ("/u/b/2", "/u/b/1", "/u/b0", "/u/bb", "/u/a", "/u/b/é"):
+        store.put(key, key)
+    assert list(store.range("/u/b/")) == ["/u/b/1", "/u/b/2", "/u/b/é"]
+    assert store.delete_prefix("/u/b/") == 3
+    assert sorted(store.range("/u/")) == ["/u/a", "/u/b0", "/u/bb"]
+
+
+def test_values_round_trip_as_json(store):
+    value = {"s": "é\n\"", "n": None, "f": 1.5, "l": [True, False], "big": 2**60}
+    store.put("/v", value)
+    assert store.get("/v") == value
+    store.put("/v", None)  # JSON null is a value, not an absence
+    assert store.range("/v") == {"/v": None}
+
+
 def test_create_and_replace_are_compare_and_swap(store):
     assert store.create("/k", 1)
     assert not store.create("/k", 2)
@@ -34,23 +83,40 @@ def test_create_and_replace_are_compare_and_swap(store):
     assert not store.replace("/k", 5, 6)
     assert store.replace("/k", 1, 2) and store.get("/k") == 2
     assert store.replace("/k", 2, None) and store.get("/k") is None
+    assert not store.replace("/k", 2, 3)
     assert store.replace("/k", None, 7) and store.get("/k") == 7
+    assert not store.replace("/k", None, 8)
+    assert store.replace("/k", 7, {"a": [1]}) and store.replace("/k", {"a": [1]}, "s")
+
+
+def test_revision_grows_with_changes(store):
+    first = store.revision()
+    store.put("/r", 1)
+    second = store.revision()
+    assert second > first
+    store.get("/r")
+    assert store.revision() == second
 
 
 def test_ttl_expires(store):
-    store.put("/lease", "x", ttl=0.2)
+    # etcd counts leases in whole seconds and reaps them up to ~0.5 s late: ttl=1, bounded poll
+    started = time.monotonic()
+    store.put("/lease", "x", ttl=1)
+    assert store.create("/lease-c", "c", ttl=1)
+    store.put("/kept", "k", ttl=1)
+    store.put("/kept", "k")  # a put without ttl makes the key permanent
     assert store.get("/lease") == "x"
-    time.sleep(0.3)
-    assert store.get("/lease") is None and store.range("/") == {}
+    assert wait_for(lambda: store.get("/lease") is None and store.get("/lease-c") is None, 5)
+    assert time.monotonic() - started >= 0.9  # never before its ttl
+    assert store.range("/") == {"/kept": "k"}
     assert store.create("/lease", "y")
 
 
-def test_update_is_atomic_under_contention(store, tmp_path):
+def test_update_is_atomic_under_contention(store, connect):
     def worker():
-        s = SqliteStore(str(tmp_path / "state.db"))
+        s = connect()  # one connection per thread, as separate processes would have
         for _ in range(50):
             s.update("/counter", lambda v: (v or 0) + 1)
-        s.close()
 
     threads = [threading.Thread(target=worker) for _ in range(4)]
     for t in threads:
@@ -60,21 +126,27 @@ def test_update_is_atomic_under_contention(store, tmp_path):
     assert store.get("/counter") == 200
 
 
-def test_wait_sees_changes_from_another_connection(store, tmp_path):
+def test_wait_sees_changes_from_another_connection(store, connect):
+    other = connect()
+
     def later():
         time.sleep(0.2)
-        s = SqliteStore(str(tmp_path / "state.db"))
-        s.put("/w/ready", True)
-        s.close()
+        other.put("/w/other", 1)  # wakes the waiter, predicate still false
+        time.sleep(0.1)
+        other.put("/w/ready", True)
 
     threading.Thread(target=later).start()
     got = store.wait("/w/", lambda items: "/w/ready" in items, timeout=5)
-    assert got == {"/w/ready": True}
+    assert got == {"/w/other": 1, "/w/ready": True}
+    assert store.wait("/w/", lambda items: True, timeout=0) == got  # true at once
+    started = time.monotonic()
     assert store.wait("/never/", lambda items: bool(items), timeout=0.2) is None
+    assert time.monotonic() - started < 2
 
 
-def test_state_file_is_private(store, tmp_path):
+def test_state_file_is_private(tmp_path):
     import os
     import stat
 
+    SqliteStore(str(tmp_path / "state.db")).close()
     assert stat.S_IMODE(os.stat(tmp_path / "state.db").st_mode) & 0o077 == 0

@@ -259,13 +259,19 @@ def _package_version(package):
 
 
 def _kernel_package(meta, log):
-    """The versioned kernel package meta depends on, and its candidate version."""
+    """The versioned kernel package meta depends on, and its version.
+
+    Debian's meta package pins it ("Depends: linux-image-6.1.0-56-amd64 (= 6.1.192-2)"):
+    one apt-cache call, about a second where apt keeps no binary cache (Docker images).
+    """
     for attempt in (1, 2):
-        deps = run(["apt-cache", "depends", meta], check=False).stdout
-        m = re.search(r"^\s*Depends:\s*(linux-image-\d\S*)", deps, re.M)
+        show = run(["apt-cache", "show", "--no-all-versions", meta], check=False).stdout
+        m = re.search(r"^Depends:.*?\b(linux-image-\d\S*)(?:\s*\(=\s*([^)\s]+)\))?", show, re.M)
+        if m and m.group(2):
+            return m.group(1), m.group(2)
         if m:
-            show = run(["apt-cache", "show", "--no-all-versions", m.group(1)], check=False).stdout
-            v = re.search(r"^Version:\s*(\S+)", show, re.M)
+            pkg = run(["apt-cache", "show", "--no-all-versions", m.group(1)], check=False).stdout
+            v = re.search(r"^Version:\s*(\S+)", pkg, re.M)
             if v:
                 return m.group(1), v.group(1)
         if attempt == 1:

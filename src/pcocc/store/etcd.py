@@ -180,6 +180,8 @@ class EtcdClient:
             fresh = self._conn is None
             if fresh:
                 self._conn = self._open(self.timeout)
+                if self.user and self._token is None and path != "auth/authenticate":
+                    self._authenticate()  # another member: tokens are per member
             try:
                 self._conn.request("POST", f"/v3/{path}", data, self._headers())
                 resp = self._conn.getresponse()

@@ -86,3 +86,11 @@ def process_start_time(pid):
             return int(f.read().rsplit(")", 1)[1].split()[19])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def tail(path, lines=3):
+    """The last lines of a log, on one line, for an error message."""
+    try:
+        return " / ".join(open(path, errors="replace").read().strip().splitlines()[-lines:]) or "(empty log)"
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,297 @@
+"""TestCluster: bring the real multi-node stack up and down, and run commands on its nodes."""
+
+import contextlib
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pcocc.errors import NotFoundError, PermissionDenied
+from pcocc.testcluster import etcd, munge, net, ovs, pkgs, proc, slurm, spank, users
+from pcocc.testcluster.net import ClashError, Layout
+from pcocc.testcluster.state import State
+
+DEFAULT_BASE = "/tmp/pcocc-testcluster"
+
+
+def default_pcocc():
+    """The pcocc beside this interpreter (a venv), else the one on PATH."""
+    beside = Path(sys.executable).parent / "pcocc"
+    return str(beside if beside.exists() else shutil.which("pcocc") or "/usr/bin/pcocc")
+
+
+class TestCluster:
+    """munge, etcd, slurmctld and N slurmd nodes in network namespaces, with OVS per node.
+
+    Everything lives under `base` and is recorded in base/state.json before it
+    is made, so down() removes exactly that, also after a failed up() or a crash.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, base=DEFAULT_BASE, nodes=2, ovs=True, pcocc=None, install=True, log=None):
+        self.base = Path(base).resolve()
+        saved = State.load(self.base)
+        if saved.exists():  # an existing cluster's shape wins over the arguments
+            nodes, ovs = saved.get("nodes", nodes), saved.get("ovs", ovs)
+        self.layout = Layout(self.base, int(nodes))
+        self.ovs = ovs
+        self.pcocc = str(pcocc or default_pcocc())
+        self.install = install
+        self.log = log or (lambda message: None)
+        self.timings = {}
+        self._children = []  # Popen objects of the daemons we started, to reap them
+        self._t0 = None
+
+    # ---------------------------------------------------------------- facts
+
+    @property
+    def id(self):
+        return self.layout.id
+
+    @property
+    def node_names(self):
+        return self.layout.node_names
+
+    @property
+    def etcd_endpoint(self):
+        return f"http://{self.layout.host_ip}:{self.layout.etcd_port}"
+
+    @property
+    def slurm_conf(self):
+        return str(slurm.conf_path(self.base))
+
+    @property
+    def env(self):
+        """What a client of the cluster needs in its environment."""
+        return {
+            "SLURM_CONF": self.slurm_conf,
+            "ETCDCTL_API": "3",
+            "ETCDCTL_ENDPOINTS": self.etcd_endpoint,
+            "PCOCC_TESTCLUSTER": str(self.base),
+        }
+
+    def netns(self, node):
+        return self.layout.netns(node)
+
+    def node_ip(self, node):
+        return self.layout.node_ip(node)
+
+    def ovs_rundir(self, node):
+        return str(ovs.rundir(self.base, node))
+
+    @property
+    def pcocc_link(self):
+        """The `pcocc` the SPANK plugin runs: a symlink, so tests can swap it without restarting slurmd."""
+        return self.base / "bin" / "pcocc"
+
+    # ---------------------------------------------------------------- up
+
+    def up(self):
+        if os.geteuid() != 0:
+            raise PermissionDenied("the test cluster needs root (namespaces, bridges, daemons)")
+        if State(self.base).exists():
+            raise ClashError(f"a test cluster is already recorded in {self.base}",
+                             hint=f"run `pcocc-testcluster down --base {self.base}` first")
+        self._t0 = time.monotonic()
+        if self.install:
+            pkgs.ensure(self.ovs, log=self.log)
+            self._lap("packages")
+        net.check_clashes(self.layout)
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.base.chmod(0o755)  # the test user reaches the munge socket, slurm.conf and the plugin
+        state = State(self.base)
+        state.set(id=self.id, base=str(self.base), nodes=self.layout.nodes, ovs=self.ovs,
+                  owner_pid=os.getpid(), ready=False)
+        self._up(state)
+        state.set(ready=True)
+        self._lap("ready", total=True)
+        return self
+
+    def _up(self, state):
+        L, base = self.layout, self.base
+        self.pcocc_link.parent.mkdir(exist_ok=True)
+        self.use_pcocc(self.pcocc)
+        munged = self._keep(munge.start(state, base))
+        net.create(state, L, self.ovs)
+        self._lap("network")
+        etcd_proc = self._keep(etcd.start(state, base, L))
+        switches = {}
+        if self.ovs:
+            dbs = {n: self._keep(ovs.start_db(state, base, L, n)) for n in L.node_names}
+            switches = {n: self._keep(ovs.start_switch(state, base, L, n, dbs[n])) for n in L.node_names}
+        plugin = self._build_plugin()
+        slurm.write_config(base, L, plugin, self.pcocc_link)
+        munge.wait(base, munged)
+        self._lap("munge")
+        ctld = self._keep(slurm.start_controller(state, base, L))
+        # slurmd registers once at start: if slurmctld is not listening yet, the node waits for its next ping
+        slurm.wait_controller(base, L, ctld)
+        slurmds = {f"slurmd:{n}": self._keep(slurm.start_node(state, base, L, n)) for n in L.node_names}
+        etcd.wait(base, L, etcd_proc)
+        self._lap("etcd")
+        for n, switch in switches.items():
+            ovs.wait(base, L, n, switch)
+        if switches:
+            self._lap("ovs")
+        slurm.wait_idle(base, L, {"slurmctld": ctld, **slurmds})
+        self._lap("slurm")
+
+    def _build_plugin(self):
+        try:
+            plugin = spank.build(self.base / "spank")
+        except NotFoundError as e:  # an installed pcocc without its source: a cluster without --vm
+            self.log(f"warning: SPANK plugin not built: {e.message}")
+            return None
+        self._lap("spank")
+        return plugin
+
+    def _keep(self, child):
+        self._children.append(child)
+        return child
+
+    def _lap(self, what, total=False):
+        elapsed = time.monotonic() - self._t0
+        self.timings[what] = round(elapsed, 3)
+        self.log(f"[{elapsed:6.2f}s] {what}")
+
+    # ---------------------------------------------------------------- down
+
+    def down(self):
+        """Stop and delete everything recorded; idempotent. Returns False if nothing was recorded."""
+        state = State.load(self.base)
+        if not state.exists():
+            self._reap()
+            return False
+        self._t0 = time.monotonic()
+        recorded = {p["name"]: p for p in state["processes"]}
+        if _pid(recorded.get("slurmctld"), self.base):
+            slurm.cancel_all(self.base)  # lets the plugin's `setup delete` run
+        slurm_pids = [_pid(p, self.base) for name, p in recorded.items() if name.startswith("slurm")]
+        proc.stop(slurm_pids)
+        # slurmstepd, job tasks, VMs: whatever still lives in our namespaces
+        for ns in state["netns"]:
+            proc.stop(net.netns_pids(ns))
+        proc.stop([_pid(p, self.base) for p in state["processes"]])
+        self._lap("processes")
+        net.destroy(state)
+        self._lap("network")
+        for name in state["users"]:
+            users.remove(name)
+        self._reap()
+        shutil.rmtree(self.base, ignore_errors=True)
+        self._lap("down", total=True)
+        return True
+
+    def _reap(self):
+        for child in self._children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        self._children = []
+
+    def leftovers(self):
+        """What of a recorded cluster still exists (empty after down())."""
+        state = State.load(self.base)
+        if not state.exists():
+            return []
+        alive = [f"process {p['name']} ({p['pid']})" for p in state["processes"] if _pid(p, self.base)]
+        return alive + net.leftovers(state) + [f"user {u}" for u in state["users"] if users.exists(u)]
+
+    # ---------------------------------------------------------------- use
+
+    def add_user(self, name=None):
+        """Create an unprivileged user (removed by down()); returns its pwd entry."""
+        state = State.load(self.base)
+        name = name or f"pcocc{self.id}"
+        home = self.base / "home" / name
+        home.parent.mkdir(mode=0o755, exist_ok=True)
+        return users.add(state, name, home)
+
+    def use_pcocc(self, path):
+        """Point the plugin's `pcocc` at path (takes effect for the next step)."""
+        tmp = self.pcocc_link.with_name(".pcocc.tmp")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(path)
+        os.replace(tmp, self.pcocc_link)
+
+    @contextlib.contextmanager
+    def pcocc_replaced(self, path):
+        """Run the plugin's steps with another `pcocc` (e.g. a fake) inside the block."""
+        previous = os.readlink(self.pcocc_link)
+        self.use_pcocc(path)
+        try:
+            yield
+        finally:
+            self.use_pcocc(previous)
+
+    def run(self, argv, *, user=None, env=None, check=False, timeout=120, input=None, cwd=None):
+        """Run argv on the host with the cluster's environment, as root or as user."""
+        return self._run([], argv, user, env, check, timeout, input, cwd)
+
+    def onnode(self, node, argv, *, user=None, env=None, check=False, timeout=120, input=None, cwd=None):
+        """Run argv in node's network and UTS namespaces (its OVS_RUNDIR set), as root or as user."""
+        if node not in self.node_names:
+            raise NotFoundError(f"no node {node} in this test cluster (nodes: {', '.join(self.node_names)})")
+        enter = ["nsenter", f"--net=/run/netns/{self.netns(node)}"]
+        slurmd = _pid(_entry(State.load(self.base), f"slurmd:{node}"), self.base)
+        if slurmd:  # the node's hostname lives in slurmd's UTS namespace
+            enter.append(f"--uts=/proc/{slurmd}/ns/uts")
+        extra = {"OVS_RUNDIR": self.ovs_rundir(node), **(env or {})}
+        return self._run([*enter, "--"], argv, user, extra, check, timeout, input, cwd)
+
+    def _run(self, prefix, argv, user, env, check, timeout, input, cwd):
+        if user:  # runuser comes after nsenter: entering namespaces needs root
+            prefix = [*prefix, "runuser", "-u", user, "--"]
+            cwd = cwd or pwd.getpwnam(user).pw_dir
+        return subprocess.run([*prefix, *map(str, argv)], env={**os.environ, **self.env, **(env or {})},
+                              capture_output=True, text=True, timeout=timeout, input=input, cwd=cwd, check=check)
+
+    def status(self):
+        state = State.load(self.base)
+        if not state.exists():
+            return {"base": str(self.base), "id": self.id, "up": False}
+        return {
+            "base": str(self.base),
+            "id": self.id,
+            "up": bool(state.get("ready")),
+            "nodes": slurm.node_states(self.base, timeout=3) if _pid(_entry(state, "slurmctld"), self.base) else {},
+            "processes": {p["name"]: {"pid": p["pid"], "alive": bool(_pid(p, self.base))} for p in state["processes"]},
+            "netns": state["netns"],
+            "links": state["links"],
+            "users": state["users"],
+            "env": self.env,
+        }
+
+    def __enter__(self):
+        return self.up()
+
+    def __exit__(self, *exc):
+        self.down()
+
+
+def _entry(state, name):
+    return next((p for p in state["processes"] if p["name"] == name), None)
+
+
+def _pid(entry, base):
+    """The live pid of a recorded process, or None; never a reused pid that is not ours."""
+    if not entry:
+        return None
+    pid = entry.get("pid")
+    if pid:
+        if proc.alive(pid) and proc.process_start_time(pid) == entry.get("start"):
+            return pid
+        return None
+    # crashed between start and record: trust the pidfile only if the process names our base dir
+    pid = proc.read_pidfile(entry["pidfile"]) if entry.get("pidfile") else None
+    if pid and proc.alive(pid):
+        try:
+            if str(base).encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                return pid
+        except OSError:
+            pass
+    return None

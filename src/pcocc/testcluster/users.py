@@ -1,0 +1,29 @@
+"""Unprivileged test users: jobs must be submitted by someone other than root."""
+
+import pwd
+import subprocess
+
+from pcocc.runner import run
+from pcocc.testcluster.net import ClashError
+
+
+def exists(name):
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def add(state, name, home):
+    if exists(name):  # never record (and later delete) a user we did not make
+        raise ClashError(f"user {name} already exists", hint="remove it, or pick another test user name")
+    state.add("users", name)
+    run(["useradd", "--create-home", "--home-dir", home, "--shell", "/bin/sh", "--user-group", name])
+    return pwd.getpwnam(name)
+
+
+def remove(name):
+    if exists(name):
+        # also removes the home and the user's group; exit 12 (home already gone) is fine
+        subprocess.run(["userdel", "--remove", "--force", name], capture_output=True)
