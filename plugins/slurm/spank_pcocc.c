@@ -32,6 +32,7 @@ SPANK_PLUGIN(pcocc, 1);
 
 static int vm_flag;             /* --vm was given (set by the option callback) */
 static int setup_started;       /* setup create ran here: delete must run at exit */
+static char setup_error[MSG_MAX]; /* why setup create failed, for the tasks' stderr */
 static char pcocc_bin[PATH_MAX] = "pcocc";
 static int timeout_s = 300;
 
@@ -101,15 +102,24 @@ static void exec_child(int out, char *const argv[], uint32_t job, uint32_t step,
 	_exit(127);
 }
 
-/* Drop trailing blank space and join lines with " / " so the message fits in one log line. */
-static void one_line(char *msg)
+/* Drop trailing blank space and join lines with "; ": one log line, one stderr line. */
+static void one_line(char *msg, size_t msglen)
 {
-	size_t n = strlen(msg);
+	char out[MSG_MAX] = "";
+	size_t n = strlen(msg), len = 0;
+
 	while (n && (msg[n - 1] == '\n' || msg[n - 1] == ' ' || msg[n - 1] == '\r'))
 		msg[--n] = '\0';
-	for (char *p = msg; *p; p++)
-		if (*p == '\n')
-			*p = ';';
+	for (char *p = msg; *p && len + 3 < sizeof out; p++) {
+		if (*p == '\n') {
+			out[len++] = ';';
+			out[len++] = ' ';
+		} else {
+			out[len++] = *p;
+		}
+	}
+	out[len] = '\0';
+	snprintf(msg, msglen, "%s", out);
 }
 
 /*
@@ -181,7 +191,7 @@ static int run(char *const argv[], uint32_t job, uint32_t step, uint32_t uid, ch
 	close(fds[0]);
 	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
 		;
-	one_line(msg);
+	one_line(msg, msglen);
 	if (WIFEXITED(status))
 		return WEXITSTATUS(status);
 	snprintf(msg + strlen(msg), msglen - strlen(msg), "%skilled by signal %d",
@@ -248,11 +258,31 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 	setup_started = 1;  /* even a failed create may have left something to delete */
 	rc = run(argv, job, step, uid, msg, sizeof msg);
 	if (rc != 0) {
-		slurm_error("pcocc: node setup failed for job %u (status %d): %s", job, rc,
-			    msg[0] ? msg : "no message");
-		return -1;
+		snprintf(setup_error, sizeof setup_error, "%s", msg[0] ? msg : "no message");
+		slurm_error("pcocc: node setup failed for job %u (status %d): %s", job, rc, setup_error);
 	}
+	/*
+	 * Failing here would make srun print only "Plugin initialization failed",
+	 * exit 0, and skip slurm_spank_exit (so no cleanup): fail the tasks instead.
+	 */
 	return 0;
+}
+
+/* In each task's process, as root, with its stderr going to srun. */
+int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
+{
+	char host[256] = "";
+	int task = 0;
+
+	if (!setup_error[0])
+		return 0;
+	/* one message per node is enough; every task still fails */
+	if (spank_get_item(sp, S_TASK_ID, &task) != ESPANK_SUCCESS || task == 0) {
+		gethostname(host, sizeof host);
+		fprintf(stderr, "pcocc: node setup failed on %s: %s\n", host, setup_error);
+		fflush(stderr);
+	}
+	return -1;
 }
 
 /* slurmstepd, as root, when the step ends (also after a failed create). */

@@ -44,7 +44,7 @@ class Context:
         if self._store is None:
             from pcocc.store import open_store
 
-            self._store = open_store(self.config)
+            self._store = open_store(self.config, self.env)
         return self._store
 
     def close_store(self):

@@ -231,8 +231,11 @@ def test_https_with_a_private_ca(tmp_path):
         assert store.wait("/tls", bool, timeout=1) == {"/tls": {"ok": True}}
         other_ca, _ = pki.make_ca("another CA")
         (tmp_path / "other.pem").write_bytes(other_ca)
-        with pytest.raises(StoreError, match="certificate verify failed|unable to get local issuer"):
+        with pytest.raises(StoreError, match="TLS certificate verify failed: unable to get local issuer"):
             EtcdStore([server.url], ca_cert=str(tmp_path / "other.pem")).get("/tls")
+        with pytest.raises(StoreError, match="closed the connection") as plain:
+            EtcdStore([server.url.replace("https:", "http:")]).get("/tls")
+        assert "etcd-protocol: https" in plain.value.hint
         with pytest.raises(StoreError, match="cannot load the etcd CA certificate"):
             EtcdStore([server.url], ca_cert=str(tmp_path / "missing.pem")).get("/tls")
     finally:

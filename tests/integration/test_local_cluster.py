@@ -4,6 +4,7 @@ and the mutual-TLS control endpoint."""
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -61,6 +62,8 @@ tiny:
   user-data: {site.home}/ud.yaml
 """)
     site.write("ud.yaml", "#cloud-config\nmounts:\n  - [share, /mnt/share, 9p, 'trans=virtio,version=9p2000.L,ro']\n")
+    (site.home / ".ssh").mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(site.home / ".ssh/id_ed25519")], check=True)
     r = site.pcocc("batch", "-m", "256", "-J", "three", "--wait", "tiny:3")
     assert r.returncode == 0, r.stderr
     site.jobid = int(r.stdout.strip())
@@ -92,6 +95,12 @@ def test_exec_gathers_output_and_exit_codes(cluster):
     assert r.returncode == 0 and r.stdout.strip() == "nobody"
     r = cluster.pcocc("exec", "-w", "vm7", "true")
     assert r.returncode == ExitStatus.USAGE and "no VM vm7" in r.stderr
+
+
+def test_seed_gives_hostname_and_the_users_ssh_key(cluster):
+    key = (cluster.home / ".ssh/id_ed25519.pub").read_text().strip()
+    r = cluster.pcocc("exec", "-w", "vm2", "cat /root/.ssh/authorized_keys")
+    assert r.returncode == 0 and key in r.stdout
 
 
 def test_9p_mount_is_visible_in_the_guest(cluster):

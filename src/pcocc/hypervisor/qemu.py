@@ -41,6 +41,7 @@ def command_line(vm):
     argv += ["-qmp", f"unix:{vm.path('qmp.sock')},server=on,wait=off"]
     argv += ["-chardev", f"socket,id=console,path={vm.path('console.sock')},server=on,wait=off,logfile={vm.path('console.log')},logappend=on"]
     argv += ["-serial", "chardev:console"]
+    argv += ["-device", "virtio-rng-pci"]  # guest entropy at boot: without it, ssh key generation stalls
     argv += ["-device", "virtio-serial-pci,id=vser0"]
     argv += ["-chardev", f"socket,id=qga0,path={vm.path('qga.sock')},server=on,wait=off"]
     argv += ["-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0,id=qga0port"]

@@ -29,12 +29,12 @@ def render(vm_name, instance_id, user_data=None, ssh_keys=(), domain=None):
     if ssh_keys:
         meta["public-keys"] = list(ssh_keys)
     if user_data is None:
-        user = "#cloud-config\n" + yaml.safe_dump({"hostname": vm_name}, sort_keys=False)
+        user = "#cloud-config\n" + yaml.safe_dump({"hostname": vm_name}, sort_keys=False, width=1 << 20)
     elif isinstance(user_data, dict):
-        user = "#cloud-config\n" + yaml.safe_dump(user_data, sort_keys=False)
+        user = "#cloud-config\n" + yaml.safe_dump(user_data, sort_keys=False, width=1 << 20)
     else:
         user = user_data
-    return yaml.safe_dump(meta, sort_keys=False), user
+    return yaml.safe_dump(meta, sort_keys=False, width=1 << 20), user
 
 
 def write_iso(path, meta_data, user_data, workdir):

@@ -13,7 +13,6 @@ int64 fields come back as strings; false, zero and empty fields are omitted.
 import base64
 import json
 import math
-import random
 import threading
 import time
 
@@ -86,6 +85,8 @@ class EtcdClient:
     def __init__(self, urls, *, ca_cert=None, user=None, password=None, timeout=TIMEOUT):
         if not urls:
             raise StoreError("no etcd server configured", hint="list them in batch.yaml settings.etcd-servers")
+        import random
+
         self.urls = list(urls)
         random.shuffle(self.urls)
         self.ca_cert = ca_cert
@@ -138,12 +139,11 @@ class EtcdClient:
                 raise StoreError(f"cannot load the etcd CA certificate {self.ca_cert}: {_reason(exc)}", hint="check settings.etcd-ca-cert in batch.yaml") from None
         return self._ssl
 
-    def _open(self, timeout, start=None):
+    def _open(self, timeout):
         """A new connection to the current endpoint, or the next ones in turn."""
         failures = []
-        first = self._current if start is None else start
         for i in range(len(self.urls)):
-            index = (first + i) % len(self.urls)
+            index = (self._current + i) % len(self.urls)
             try:
                 conn = self._connect(self.urls[index], timeout)
             except OSError as exc:
@@ -190,7 +190,8 @@ class EtcdClient:
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 self.close()
                 if fresh or attempt:  # a kept-alive connection may have been closed while idle: retry once
-                    raise StoreError(f"etcd at {self.url} closed the connection: {_reason(exc)}") from None
+                    hint = "if etcd serves https, set settings.etcd-protocol: https" if self.url.startswith("http:") else None
+                    raise StoreError(f"etcd at {self.url} closed the connection: {_reason(exc)}", hint=hint) from None
             except TimeoutError:
                 self.close()
                 raise StoreError(f"etcd at {self.url} did not answer within {self.timeout:g} s") from None
@@ -245,10 +246,13 @@ class EtcdClient:
     def watch(self, prefix, start_revision, deadline):
         """Yield each batch of events on prefix from start_revision, until deadline (then return)."""
         with self._lock:
+            before = self._current
+            conn = self._open(max(0.1, deadline - time.monotonic()))
+            if self._current != before:
+                self.close()  # the main connection follows to the member that answered
             if self.user and self._token is None:
                 self._authenticate()
             headers = self._headers()
-            conn = self._open(max(0.1, deadline - time.monotonic()))
         body = {"create_request": {**_range_of(prefix), "start_revision": str(start_revision)}}
         try:
             conn.request("POST", "/v3/watch", json.dumps(body).encode(), headers)
@@ -288,8 +292,17 @@ def _reason(exc):
     """'connection refused' rather than '[Errno 111] Connection refused'."""
     if isinstance(exc, TimeoutError):
         return "timed out"
-    text = getattr(exc, "verify_message", None) or getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+    if getattr(exc, "verify_message", None):
+        return f"TLS certificate verify failed: {exc.verify_message}"
+    text = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
     return str(text)[:1].lower() + str(text)[1:]
+
+
+def _value(kv):
+    try:
+        return decode(_unb64(kv.get("value", "")))
+    except ValueError:  # written by another tool
+        raise StoreError(f"etcd key {_unb64(kv['key'])} does not hold JSON") from None
 
 
 class EtcdStore(Store):
@@ -301,13 +314,13 @@ class EtcdStore(Store):
 
     def _range(self, prefix):
         answer = self._call("kv/range", _range_of(prefix), f"reading {prefix}")
-        items = {_unb64(kv["key"]): decode(_unb64(kv.get("value", ""))) for kv in answer.get("kvs", [])}
+        items = {_unb64(kv["key"]): _value(kv) for kv in answer.get("kvs", [])}
         return items, int(answer["header"]["revision"])
 
     def get(self, key):
         answer = self._call("kv/range", {"key": _b64(key)}, f"reading {key}")
         kvs = answer.get("kvs")
-        return decode(_unb64(kvs[0].get("value", ""))) if kvs else None
+        return _value(kvs[0]) if kvs else None
 
     def range(self, prefix):
         return self._range(prefix)[0]
@@ -348,7 +361,7 @@ class EtcdStore(Store):
         if old is None:
             return self._txn(key, {"target": "CREATE", "result": "EQUAL", "create_revision": "0"}, op)[0]
         done, current = self._txn(key, {"target": "VALUE", "result": "EQUAL", "value": _b64(encode(old))}, op)
-        if done or current is None or decode(_unb64(current.get("value", ""))) != old:
+        if done or current is None or _value(current) != old:
             return done
         # Equal as JSON but not as bytes (1 vs 1.0, written by another tool): pin the revision we compared.
         return self._txn(key, {"target": "MOD", "result": "EQUAL", "mod_revision": current["mod_revision"]}, op)[0]

@@ -22,7 +22,6 @@ A user with no etcd record yet gets a clear PermissionDenied from the store.
 """
 
 import os
-import secrets
 
 from pcocc import state
 from pcocc.errors import PcoccError, PermissionDenied
@@ -44,14 +43,20 @@ def root_password_path(env):
     return os.path.join(env.system_conf_dir, ROOT_PASSWORD_FILE)
 
 
-def read_or_create_password(path):
-    """The password in path; a new random one (mode 0400) when the file is absent."""
+def new_password():
+    import secrets
+
+    return secrets.token_urlsafe(24)
+
+
+def read_or_create_password(path, candidate=None):
+    """The password in path; candidate (or a new random one) stored with mode 0400 when the file is absent."""
     try:
         return _read(path)
     except FileNotFoundError:
         pass
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    password = secrets.token_urlsafe(24)
+    password = candidate or new_password()
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
     try:
@@ -183,6 +188,7 @@ def user_password_as(user):
     path = user_password_path(entry.pw_dir)
     if entry.pw_uid == os.getuid():
         return read_or_create_password(path)
+    candidate = new_password()  # here: once it is the user, the child may not read the stdlib to import
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: drop to the user for good, do one thing, exit
@@ -193,7 +199,7 @@ def user_password_as(user):
             os.setgid(entry.pw_gid)
             os.setuid(entry.pw_uid)
             os.umask(0o077)
-            reply, status = "ok " + read_or_create_password(path), 0
+            reply, status = "ok " + read_or_create_password(path, candidate), 0
         except BaseException as exc:  # noqa: BLE001 - reported to the parent
             reply = f"error {getattr(exc, 'strerror', None) or exc}"
         finally:

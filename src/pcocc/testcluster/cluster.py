@@ -1,5 +1,6 @@
 """TestCluster: bring the real multi-node stack up and down, and run commands on its nodes."""
 
+import concurrent.futures
 import contextlib
 import os
 import pwd
@@ -112,6 +113,11 @@ class TestCluster:
         return self
 
     def _up(self, state):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            plugin = pool.submit(self._build_plugin)  # gcc takes ~0.5 s: overlap it with the daemons
+            self._start(state, plugin)
+
+    def _start(self, state, plugin):
         L, base = self.layout, self.base
         self.pcocc_link.parent.mkdir(exist_ok=True)
         self.use_pcocc(self.pcocc)
@@ -123,8 +129,7 @@ class TestCluster:
         if self.ovs:
             dbs = {n: self._keep(ovs.start_db(state, base, L, n)) for n in L.node_names}
             switches = {n: self._keep(ovs.start_switch(state, base, L, n, dbs[n])) for n in L.node_names}
-        plugin = self._build_plugin()
-        slurm.write_config(base, L, plugin, self.pcocc_link)
+        slurm.write_config(base, L, plugin.result(), self.pcocc_link)
         munge.wait(base, munged)
         self._lap("munge")
         ctld = self._keep(slurm.start_controller(state, base, L))
@@ -170,12 +175,13 @@ class TestCluster:
         recorded = {p["name"]: p for p in state["processes"]}
         if _pid(recorded.get("slurmctld"), self.base):
             slurm.cancel_all(self.base)  # lets the plugin's `setup delete` run
-        slurm_pids = [_pid(p, self.base) for name, p in recorded.items() if name.startswith("slurm")]
-        proc.stop(slurm_pids)
+        leaders = {name: _pid(p, self.base) for name, p in recorded.items()}
+        # children that outlive their daemon (slurmctld's slurmscriptd) share its session
+        members = proc.session_members(leaders.values())
+        proc.stop([pid for name, pid in leaders.items() if name.startswith("slurm")])
         # slurmstepd, job tasks, VMs: whatever still lives in our namespaces
-        for ns in state["netns"]:
-            proc.stop(net.netns_pids(ns))
-        proc.stop([_pid(p, self.base) for p in state["processes"]])
+        proc.stop([pid for ns in state["netns"] for pid in net.netns_pids(ns)])
+        proc.stop(list(leaders.values()) + members)
         self._lap("processes")
         net.destroy(state)
         self._lap("network")

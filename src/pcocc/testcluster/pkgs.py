@@ -15,14 +15,18 @@ OVS_PACKAGES = ["openvswitch-switch", "ethtool"]
 POLICY = Path("/usr/sbin/policy-rc.d")
 
 
-def installed(pkg):
+def installed(pkgs):
+    """The subset of pkgs that is installed (one dpkg-query for all)."""
     # dpkg -s also succeeds for removed packages that left config files behind
-    proc = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Status}", pkg], capture_output=True, text=True)
-    return proc.returncode == 0 and proc.stdout.strip() == "installed"
+    proc = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\n", *pkgs],
+                          capture_output=True, text=True)
+    return {line.split()[0].split(":")[0] for line in proc.stdout.splitlines() if line.endswith(" installed")}
 
 
 def missing(ovs=True):
-    return [p for p in PACKAGES + (OVS_PACKAGES if ovs else []) if not installed(p)]
+    wanted = PACKAGES + (OVS_PACKAGES if ovs else [])
+    have = installed(wanted)
+    return [p for p in wanted if p not in have]
 
 
 def ensure(ovs=True, log=print):

@@ -79,6 +79,21 @@ def read_pidfile(path):
         return None
 
 
+def session_members(leaders):
+    """Pids whose session is led by one of leaders (spawn() starts each daemon in its own session)."""
+    leaders = {p for p in leaders if p}
+    members = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) not in leaders:
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[3]) in leaders:
+                        members.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return members
+
+
 def process_start_time(pid):
     """Clock ticks since boot when pid started: tells a recorded pid from a reused one."""
     try:
