@@ -1,7 +1,14 @@
 /*
- * pcocc SPANK plugin: `--vm` for srun/salloc/sbatch; for an srun step with
- * --vm, runs `pcocc internal setup create` as root on each node of the step
- * before its tasks start, and `pcocc internal setup delete` when the step ends.
+ * pcocc SPANK plugin: the --vm option of srun, salloc and sbatch.
+ *
+ * For an srun step with --vm, in slurmstepd as root, on each node of the step:
+ *   - before the tasks start (init_post_opt, once per node and step):
+ *       pcocc internal setup create --jobid J --uid U --tasks-on-node T
+ *     If it fails, every task fails and srun prints the command's message.
+ *   - after the last local task has exited (or at slurmstepd's end if none ran):
+ *       pcocc internal setup delete --jobid J --uid U
+ * The command's environment is slurmd's (OVS_RUNDIR, ...) plus SLURM_JOB_ID,
+ * SLURM_STEP_ID and SLURM_JOB_UID. Batch and extern steps are left alone.
  *
  * plugstack.conf:
  *   required /path/spank_pcocc.so pcocc=/usr/bin/pcocc [timeout=SECONDS]
@@ -33,6 +40,7 @@ SPANK_PLUGIN(pcocc, 1);
 static int vm_flag;             /* --vm was given (set by the option callback) */
 static int setup_started;       /* setup create ran here: delete must run at exit */
 static char setup_error[MSG_MAX]; /* why setup create failed, for the tasks' stderr */
+static uint32_t tasks_exited;   /* local tasks whose exit slurmstepd has collected */
 static char pcocc_bin[PATH_MAX] = "pcocc";
 static int timeout_s = 300;
 
@@ -74,11 +82,46 @@ static double now(void)
 	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-/* In the child: a clean process for pcocc, not slurmstepd's signal state or fds. */
-static void exec_child(int out, char *const argv[], uint32_t job, uint32_t step, uint32_t uid)
+/* slurmstepd's environment plus the step's ids; built before fork (no malloc in the child). */
+static char **step_env(uint32_t job, uint32_t step, uint32_t uid)
 {
+	extern char **environ;
+	size_t n = 0, k = 0;
+	char **env;
+
+	while (environ[n])
+		n++;
+	env = calloc(n + 4, sizeof *env);
+	if (!env)
+		return NULL;
+	for (size_t i = 0; i < n; i++)
+		if (strncmp(environ[i], "SLURM_JOB_ID=", 13) && strncmp(environ[i], "SLURM_STEP_ID=", 14)
+		    && strncmp(environ[i], "SLURM_JOB_UID=", 14))
+			env[k++] = environ[i];
+	if (asprintf(&env[k++], "SLURM_JOB_ID=%u", job) < 0 || asprintf(&env[k++], "SLURM_STEP_ID=%u", step) < 0
+	    || asprintf(&env[k++], "SLURM_JOB_UID=%u", uid) < 0) {
+		free(env);  /* a few bytes may leak on this unlikely path */
+		return NULL;
+	}
+	return env;
+}
+
+static void free_env(char **env)
+{
+	size_t n = 0;
+
+	while (env[n])
+		n++;
+	for (size_t i = n - 3; i < n; i++)  /* the three we made */
+		free(env[i]);
+	free(env);
+}
+
+/* In the child: a clean process for pcocc, not slurmstepd's signal state or fds. */
+static void exec_child(int out, char *const argv[], char **env)
+{
+	static const char failed[] = "cannot execute ", hint[] = " (see pcocc=PATH in plugstack.conf)\n";
 	sigset_t none;
-	char buf[32];
 	int devnull = open("/dev/null", O_RDONLY);
 
 	sigemptyset(&none);
@@ -91,14 +134,11 @@ static void exec_child(int out, char *const argv[], uint32_t job, uint32_t step,
 	dup2(out, 2);
 	closefrom(3);
 	setsid();  /* so that a timeout can kill the whole tree */
-	snprintf(buf, sizeof buf, "%u", job);
-	setenv("SLURM_JOB_ID", buf, 1);
-	snprintf(buf, sizeof buf, "%u", step);
-	setenv("SLURM_STEP_ID", buf, 1);
-	snprintf(buf, sizeof buf, "%u", uid);
-	setenv("SLURM_JOB_UID", buf, 1);
-	execvp(argv[0], argv);
-	fprintf(stderr, "cannot run %s: %s\n", argv[0], strerror(errno));
+	execvpe(argv[0], argv, env);
+	/* write(2) only: the parent may have had other threads, so no stdio here */
+	if (write(2, failed, sizeof failed - 1) < 0 || write(2, argv[0], strlen(argv[0])) < 0
+	    || write(2, hint, sizeof hint - 1) < 0)
+		_exit(126);
 	_exit(127);
 }
 
@@ -130,12 +170,18 @@ static int run(char *const argv[], uint32_t job, uint32_t step, uint32_t uid, ch
 {
 	int fds[2], status = 0;
 	size_t len = 0;
+	char **env;
 	double deadline = now() + timeout_s;
 	pid_t pid;
 
 	msg[0] = '\0';
+	if (!(env = step_env(job, step, uid))) {
+		snprintf(msg, msglen, "out of memory");
+		return -1;
+	}
 	if (pipe2(fds, O_CLOEXEC) < 0) {
 		snprintf(msg, msglen, "pipe: %s", strerror(errno));
+		free_env(env);
 		return -1;
 	}
 	pid = fork();
@@ -143,11 +189,13 @@ static int run(char *const argv[], uint32_t job, uint32_t step, uint32_t uid, ch
 		snprintf(msg, msglen, "fork: %s", strerror(errno));
 		close(fds[0]);
 		close(fds[1]);
+		free_env(env);
 		return -1;
 	}
 	if (pid == 0)
-		exec_child(fds[1], argv, job, step, uid);
+		exec_child(fds[1], argv, env);
 	close(fds[1]);
+	free_env(env);
 	for (;;) {
 		struct pollfd pfd = { .fd = fds[0], .events = POLLIN };
 		int left = (int) ((deadline - now()) * 1000);
@@ -199,7 +247,7 @@ static int run(char *const argv[], uint32_t job, uint32_t step, uint32_t uid, ch
 	return -1;
 }
 
-/* The ids of this step; non-zero if this is not a step we set up for. */
+/* The ids of this step and its number of tasks on this node; -1 (logged) if unreadable. */
 static int step_ids(spank_t sp, uint32_t *job, uint32_t *step, uint32_t *uid, uint32_t *tasks)
 {
 	uid_t u;
@@ -285,25 +333,46 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 	return -1;
 }
 
-/* slurmstepd, as root, when the step ends (also after a failed create). */
-int slurm_spank_exit(spank_t sp, int ac, char **av)
+static void setup_delete(spank_t sp)
 {
 	uint32_t job, step, uid, tasks;
-	char sjob[16], msg[MSG_MAX];
+	char sjob[16], suid[16], msg[MSG_MAX];
 	int rc;
 
-	if (spank_context() != S_CTX_REMOTE || !setup_started)
-		return 0;
 	setup_started = 0;
 	if (step_ids(sp, &job, &step, &uid, &tasks) < 0)
-		return 0;
+		return;
 	snprintf(sjob, sizeof sjob, "%u", job);
-	char *argv[] = { pcocc_bin, "internal", "setup", "delete", "--jobid", sjob, NULL };
+	snprintf(suid, sizeof suid, "%u", uid);
+	char *argv[] = { pcocc_bin, "internal", "setup", "delete", "--jobid", sjob, "--uid", suid, NULL };
 
-	slurm_info("pcocc: job %u step %u: %s internal setup delete --jobid %s", job, step, pcocc_bin, sjob);
+	slurm_info("pcocc: job %u step %u: %s internal setup delete --jobid %s --uid %s", job, step, pcocc_bin, sjob, suid);
 	rc = run(argv, job, step, uid, msg, sizeof msg);
 	if (rc != 0)
 		slurm_error("pcocc: node cleanup failed for job %u (status %d): %s", job, rc,
 			    msg[0] ? msg : "no message");
-	return 0;  /* the step is over either way; the error is in the log */
+}
+
+/*
+ * slurmstepd, as root, as each task's exit is collected. Clean up after the
+ * last one, before slurmstepd reports it to srun: once srun is done, the end
+ * of the job signals every process under slurmstepd, our cleanup included.
+ */
+int slurm_spank_task_exit(spank_t sp, int ac, char **av)
+{
+	uint32_t tasks = 0;
+
+	if (spank_context() != S_CTX_REMOTE || !setup_started)
+		return 0;
+	if (spank_get_item(sp, S_JOB_LOCAL_TASK_COUNT, &tasks) == ESPANK_SUCCESS && ++tasks_exited >= tasks)
+		setup_delete(sp);
+	return 0;
+}
+
+/* slurmstepd, as root, at its end: cleans up if no task exit did (tasks never started). */
+int slurm_spank_exit(spank_t sp, int ac, char **av)
+{
+	if (spank_context() == S_CTX_REMOTE && setup_started)
+		setup_delete(sp);
+	return 0;
 }

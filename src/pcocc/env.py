@@ -45,5 +45,10 @@ class Environment:
         base = self.environ.get("XDG_CACHE_HOME") or os.path.join(self.home, ".cache")
         return self.environ.get("PCOCC_CACHE_DIR", os.path.join(base, "pcocc"))
 
+    @property
+    def run_dir(self):
+        """Runtime files of this user's VMs (sockets, overlays): short paths, as unix sockets need."""
+        return self.environ.get("PCOCC_RUN_DIR") or f"/tmp/pcocc-{self.uid}"
+
     def stderr_is_tty(self):
         return hasattr(self.stderr, "isatty") and self.stderr.isatty()

@@ -49,7 +49,7 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
         def progress(running, total):
             info_out(f"cluster {jobid}: {running}/{total} VMs running ({time.monotonic() - start:.1f} s)")
 
-        backend.wait_ready(jobid, progress, alive=lambda info: srun.poll() is None and not stopping)
+        backend.wait_ready(jobid, progress, alive=lambda jobid: srun.poll() is None and not stopping)
         ctx.store.update(prefix + "info", lambda i: {**i, "state": "running"})
         status = 0
         if host_script or interactive:

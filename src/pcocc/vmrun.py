@@ -4,6 +4,7 @@ The VM publishes its state in the store as it goes: starting -> qemu-start ->
 running (its guest agent answered), then stopped or failed (with the reason).
 """
 
+import contextlib
 import logging
 import os
 import shlex
@@ -70,8 +71,10 @@ def run_vm(ctx, jobid, rank):
         raise NotFoundError(f"no cluster {jobid} in the store")
     key = state.vm_key(user, jobid, rank)
     spec = info["vms"][rank]
-    rundir = os.path.join(info["rundir"], f"vm{rank}")
+    jobdir = info.get("rundir") or os.path.join(ctx.env.run_dir, f"job_{jobid}")  # SLURM: this node's
+    rundir = os.path.join(jobdir, f"vm{rank}")
     os.makedirs(rundir, mode=0o700, exist_ok=True)
+    os.chmod(ctx.env.run_dir, 0o700)
     vm = server = agent = None
     stop = threading.Event()
     outcome = {"state": "stopped"}
@@ -86,7 +89,7 @@ def run_vm(ctx, jobid, rank):
     signal.signal(signal.SIGINT, on_signal)
     try:
         publish("starting")
-        vm = vmlib.VM(_vm_config(ctx, info, spec, rank, rundir))
+        vm = vmlib.VM(_vm_config(ctx, info, spec, rank, rundir, jobdir))
         if stop.is_set():
             return 0
         vm.start(pin=spec["settings"]["bind-vcpus"])
@@ -121,6 +124,9 @@ def run_vm(ctx, jobid, rank):
         if agent is not None:
             _quietly(agent.close)
         shutil.rmtree(rundir, ignore_errors=True)
+        if not info.get("rundir"):  # SLURM: the last VM of the job on this node removes the job's dir
+            with contextlib.suppress(OSError):
+                os.rmdir(jobdir)
         _quietly(publish, outcome["state"], **({"error": outcome["error"]} if "error" in outcome else {}))
 
 
@@ -148,10 +154,10 @@ def _wait_agent(agent, vm, stop):
                 raise PcoccError(f"the guest agent of {vm.config.name} did not answer in {AGENT_TIMEOUT} s (see its console log)") from None
 
 
-def _vm_config(ctx, info, spec, rank, rundir):
+def _vm_config(ctx, info, spec, rank, rundir, jobdir):
     """Everything qemu needs for this VM: image overlay, seed, mounts, drives, topology."""
     settings = spec["settings"]
-    values = {"homedir": ctx.env.home, "user": ctx.env.user, "clusterdir": info["rundir"], "vm_rank": rank, "jobid": info["jobid"]}
+    values = {"homedir": ctx.env.home, "user": ctx.env.user, "clusterdir": jobdir, "vm_rank": rank, "jobid": info["jobid"]}
 
     def expand(text):
         return os.path.expanduser(pathtpl.expand(text, values, ctx.env.environ))

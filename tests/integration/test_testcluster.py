@@ -88,8 +88,10 @@ def test_every_node_is_idle(testcluster):
 
 def test_srun_as_unprivileged_user_runs_on_every_node(testcluster, slurm_user):
     n = len(testcluster.node_names)
-    r = testcluster.run(["srun", f"-N{n}", "sh", "-c", "echo $(hostname) $(id -un)"], user=slurm_user, check=True)
-    assert sorted(r.stdout.splitlines()) == [f"{node} {slurm_user}" for node in testcluster.node_names]
+    r = testcluster.run(["srun", f"-N{n}", "hostname"], user=slurm_user, check=True)
+    assert sorted(r.stdout.split()) == testcluster.node_names
+    r = testcluster.run(["srun", f"-N{n}", "id", "-un"], user=slurm_user, check=True)
+    assert r.stdout.split() == [slurm_user] * n
 
 
 def test_sbatch(testcluster, slurm_user):
@@ -97,7 +99,8 @@ def test_sbatch(testcluster, slurm_user):
     r = testcluster.run(["sbatch", "--parsable", "-N2", "-o", out, "--wrap", "srun hostname"], user=slurm_user, check=True)
     job = r.stdout.strip().split(";")[0]
     wait_for(lambda: job_done(testcluster, job), what=f"batch job {job}")
-    assert sorted(Path(str(out).replace("%j", job)).read_text().split()) == ["node1", "node2"]
+    hosts = Path(str(out).replace("%j", job)).read_text().split()
+    assert len(set(hosts)) == 2 and set(hosts) <= set(testcluster.node_names)
 
 
 def test_vm_option_is_known_to_salloc_and_sbatch(testcluster, slurm_user):
@@ -118,22 +121,43 @@ def test_vm_option_is_known_to_salloc_and_sbatch(testcluster, slurm_user):
 def test_vm_step_runs_setup_create_then_delete_once_per_node_as_root(testcluster, slurm_user, fake_pcocc):
     uid = str(testcluster.run(["id", "-u"], user=slurm_user).stdout.strip())
     # 2 tasks per node: setup still runs once per node
-    r = testcluster.run(["srun", "--vm", "-N2", "-n4", "sh", "-c", "echo $SLURM_JOB_ID"], user=slurm_user)
+    r = testcluster.run(["srun", "--vm", "-N2", "--ntasks-per-node=2", "sh", "-c", "echo $SLURM_JOB_ID"], user=slurm_user)
     assert r.returncode == 0, r.stderr
     job = r.stdout.split()[0]
-    wait_for(lambda: len(fake_pcocc(job)) >= 4, what="setup create and delete on both nodes")
+    # delete ran before the tasks' exits reached srun
     time.sleep(0.3)  # and nothing more comes
     calls = fake_pcocc(job)
     assert len(calls) == 4, calls
-    for node in ("node1", "node2"):
+    hosts = sorted({c["host"] for c in calls})
+    assert len(hosts) == 2
+    for node in hosts:
         mine = [c for c in calls if c["host"] == node]
         assert [c["args"] for c in mine] == [
             ["internal", "setup", "create", "--jobid", job, "--uid", uid, "--tasks-on-node", "2"],
-            ["internal", "setup", "delete", "--jobid", job],
+            ["internal", "setup", "delete", "--jobid", job, "--uid", uid],
         ]
         assert all(c["uid"] == 0 for c in mine)  # root, in slurmstepd
         assert all(c["env"]["OVS_RUNDIR"] == testcluster.ovs_rundir(node) for c in mine)
         assert all(c["env"]["SLURM_JOB_UID"] == uid for c in mine)
+
+
+def test_scancel_runs_setup_delete(testcluster, slurm_user, fake_pcocc):
+    srun = subprocess.Popen(["runuser", "-u", slurm_user, "--", "srun", "--vm", "-N2", "-J", "cancelme", "sleep", "300"],
+                            env={**os.environ, **testcluster.env}, cwd="/", stderr=subprocess.PIPE, text=True)
+    try:
+        job = wait_for(lambda: testcluster.run(["squeue", "-h", "-n", "cancelme", "-t", "R", "-o", "%i"]).stdout.strip(),
+                       what="the job to run")
+        wait_for(lambda: len(fake_pcocc(job)) == 2, what="setup create on both nodes")
+        testcluster.run(["scancel", job], check=True)
+        srun.wait(timeout=30)
+    finally:
+        if srun.poll() is None:
+            srun.kill()
+        srun.wait()
+    wait_for(lambda: len(fake_pcocc(job)) == 4, what="setup delete on both nodes")
+    a, b = sorted({c["host"] for c in fake_pcocc(job)})
+    assert sorted((c["host"], c["args"][2]) for c in fake_pcocc(job)) == [
+        (a, "create"), (a, "delete"), (b, "create"), (b, "delete")]
 
 
 def test_step_without_vm_runs_no_setup(testcluster, slurm_user, fake_pcocc):
@@ -147,19 +171,21 @@ def test_failing_setup_fails_the_step_with_its_message(testcluster, slurm_user, 
     r = testcluster.run(["srun", "--vm", "-N2", "-n2", "sh", "-c", "echo ran; echo $SLURM_JOB_ID >&2"], user=slurm_user)
     assert r.returncode != 0
     assert "ran" not in r.stdout  # no task ran
-    for node in ("node1", "node2"):
+    hosts = sorted({c["host"] for c in fake_pcocc()})
+    assert len(hosts) == 2
+    for node in hosts:
         assert f"pcocc: node setup failed on {node}: starting the node's network; no free VXLAN id for this job (fake)" in r.stderr
     # delete still runs, to undo whatever the failed create made
     deletes = lambda: [c["host"] for c in fake_pcocc() if c["args"][2] == "delete"]  # noqa: E731
     wait_for(lambda: len(deletes()) >= 2, what="setup delete after a failure")
-    assert sorted(deletes()) == ["node1", "node2"]
+    assert sorted(deletes()) == hosts
 
 
 def test_etcd_answers_from_a_node_at_the_bridge_address(testcluster):
     assert testcluster.etcd_endpoint.startswith(f"http://{Layout(testcluster.base, 1).host_ip}:")
     key, value = f"/pcocc-test/{os.getpid()}", "from-node2"
     assert testcluster.env["ETCDCTL_ENDPOINTS"] == testcluster.etcd_endpoint
-    r = testcluster.onnode("node2", ["etcdctl", "put", key, value])
+    r = testcluster.onnode(testcluster.node_names[-1], ["etcdctl", "put", key, value])
     assert r.returncode == 0, r.stderr
     r = testcluster.run(["etcdctl", "get", "--print-value-only", key], check=True)
     assert r.stdout.strip() == value
@@ -180,10 +206,11 @@ def test_ovs_answers_in_each_node_namespace(testcluster):
 
 
 def test_onnode_runs_in_the_node_namespaces(testcluster, slurm_user):
-    r = testcluster.onnode("node2", ["sh", "-c", "hostname; id -un; ip -br -4 addr show eth0"], user=slurm_user)
+    node = testcluster.node_names[-1]
+    r = testcluster.onnode(node, ["sh", "-c", "hostname; id -un; ip -br -4 addr show eth0"], user=slurm_user)
     host, user, addr = r.stdout.splitlines()
-    assert (host, user) == ("node2", slurm_user)
-    assert testcluster.node_ip("node2") in addr
+    assert (host, user) == (node, slurm_user)
+    assert testcluster.node_ip(node) in addr
 
 
 # ---------------------------------------------------------------- up and down, beside the session cluster
@@ -248,7 +275,7 @@ def test_up_refuses_a_clash(testcluster, other_base):
     with pytest.raises(ClashError, match="already recorded"):
         TestCluster(testcluster.base, install=False).up()
     bridge = Layout(other_base.resolve(), 2).bridge
-    subprocess.run(["ip", "link", "add", bridge, "type", "dummy"], check=True)
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
     try:
         with pytest.raises(ClashError, match=f"network interface {bridge} exists"):
             TestCluster(other_base, install=False).up()

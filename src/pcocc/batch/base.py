@@ -19,8 +19,8 @@ class Backend:
     def cancel(self, jobid, wait=True):
         raise NotImplementedError
 
-    def job_alive(self, info):
-        """Whether the job behind info still runs (its supervisor, or its SLURM job)."""
+    def job_alive(self, jobid):
+        """Whether the job still runs (its supervisor, or its SLURM job)."""
         raise NotImplementedError
 
     # -- shared
@@ -85,29 +85,37 @@ class Backend:
 
     def wait_ready(self, jobid, progress=None, timeout=None, alive=None):
         """Wait until every VM runs; raise with the first node's or VM's failure."""
+        alive = alive or self.job_alive
         deadline = time.monotonic() + (timeout or 3600)
-        last = None
+        last, seen = None, False
         while True:
-            info, vms = self.job(jobid)
-            failed_nodes = [(n, s) for n, s in info["nodes"].items() if s.get("state") == "failed"]
-            if failed_nodes:
-                node, st = failed_nodes[0]
-                raise PcoccError(f"node setup failed on {node}: {st.get('error', 'unknown reason')}")
-            failed = [v for v in vms if v["state"] == "failed"]
-            if failed:
-                raise PcoccError(f"{failed[0]['name']} failed: {failed[0].get('error', 'unknown reason')}")
-            if info["state"] in ("ending", "ended") or not (alive or self.job_alive)(info):
-                raise PcoccError(f"cluster {jobid} ended before all its VMs ran")
-            running = sum(v["state"] == "running" for v in vms)
-            if progress and running != last:
-                progress(running, len(vms))
-                last = running
-            if running == len(vms):
-                return
+            try:
+                info, vms = self.job(jobid)
+                seen = True
+            except NotFoundError:  # not recorded yet (a pending job), or already gone
+                if not alive(jobid):
+                    raise PcoccError(f"cluster {jobid} ended before all its VMs ran" if seen else f"cluster {jobid} ended before it started") from None
+                info, vms = None, []
+            if info is not None:
+                failed_nodes = [(n, s) for n, s in info["nodes"].items() if s.get("state") == "failed"]
+                if failed_nodes:
+                    node, st = failed_nodes[0]
+                    raise PcoccError(f"node setup failed on {node}: {st.get('error', 'unknown reason')}")
+                failed = [v for v in vms if v["state"] == "failed"]
+                if failed:
+                    raise PcoccError(f"{failed[0]['name']} failed: {failed[0].get('error', 'unknown reason')}")
+                if info["state"] in ("ending", "ended") or not alive(jobid):
+                    raise PcoccError(f"cluster {jobid} ended before all its VMs ran")
+                running = sum(v["state"] == "running" for v in vms)
+                if progress and running != last:
+                    progress(running, len(vms))
+                    last = running
+                if running == len(vms):
+                    return
             if time.monotonic() > deadline:
-                raise TimeoutExpired(f"cluster {jobid}: {running} of {len(vms)} VMs running after {timeout} s")
+                raise TimeoutExpired(f"cluster {jobid}: not every VM runs after {timeout} s")
             self.ctx.store.wait(state.cluster_prefix(self.user, jobid), lambda items: True, 0.5)
-            time.sleep(0.05)
+            time.sleep(0.1)
 
     def run_script_in_vm(self, jobid, script_path, rank=0):
         """Copy a script into a VM, run it there; (exit status, stdout bytes, stderr bytes)."""

@@ -169,8 +169,9 @@ class LocalBackend(Backend):
                     out.append((info, vms))
         return sorted(out, key=lambda j: j[0]["jobid"])
 
-    def job_alive(self, info):
-        return pid_alive(info.get("supervisor"))
+    def job_alive(self, jobid):
+        info = self.ctx.store.get(state.cluster_prefix(self.user, jobid) + "info")
+        return info is not None and pid_alive(info.get("supervisor"))
 
     def cancel(self, jobid, wait=True):
         info, _ = self.job(jobid)
@@ -189,10 +190,8 @@ class LocalBackend(Backend):
 
 
 def run_root(env):
-    """Short paths for unix sockets: /tmp/pcocc-<uid> (or $PCOCC_RUN_DIR)."""
-    root = env.environ.get("PCOCC_RUN_DIR") or f"/tmp/pcocc-{env.uid}"
-    os.makedirs(root, mode=0o700, exist_ok=True)
-    return root
+    os.makedirs(env.run_dir, mode=0o700, exist_ok=True)
+    return env.run_dir
 
 
 def _supervise(ctx, jobid):

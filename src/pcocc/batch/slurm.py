@@ -34,8 +34,8 @@ class SlurmBackend(Backend):
             jobs[int(jid)] = {"name": name, "user": user, "state": st, "nodes": nodes, "partition": part, "time": elapsed, "timelimit": limit}
         return jobs
 
-    def job_alive(self, info):
-        job = self.squeue(info["jobid"]).get(info["jobid"])
+    def job_alive(self, jobid):
+        job = self.squeue(jobid).get(jobid)
         return job is not None and job["state"] in ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING")
 
     def jobs(self):

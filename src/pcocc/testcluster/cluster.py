@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from pcocc.errors import NotFoundError, PermissionDenied
-from pcocc.testcluster import etcd, munge, net, ovs, pkgs, proc, slurm, spank, users
+from pcocc.errors import NotFoundError, PermissionDenied, UsageError
+from pcocc.testcluster import etcd, munge, net, ovs, pcoccconf, pkgs, proc, slurm, spank, users
 from pcocc.testcluster.net import ClashError, Layout
 from pcocc.testcluster.state import State
 
@@ -73,6 +73,7 @@ class TestCluster:
             "ETCDCTL_API": "3",
             "ETCDCTL_ENDPOINTS": self.etcd_endpoint,
             "PCOCC_TESTCLUSTER": str(self.base),
+            "PCOCC_SYSTEM_CONF_DIR": str(pcoccconf.conf_dir(self.base)),
         }
 
     def netns(self, node):
@@ -92,6 +93,10 @@ class TestCluster:
     # ---------------------------------------------------------------- up
 
     def up(self):
+        """Install what is missing, start everything, wait until every node is idle; returns self.
+
+        On failure, what was started stays recorded: call down() (the CLI does).
+        """
         if os.geteuid() != 0:
             raise PermissionDenied("the test cluster needs root (namespaces, bridges, daemons)")
         if State(self.base).exists():
@@ -101,6 +106,7 @@ class TestCluster:
         if self.install:
             pkgs.ensure(self.ovs, log=self.log)
             self._lap("packages")
+        _check_reachable(self.base)
         net.check_clashes(self.layout)
         self.base.mkdir(parents=True, exist_ok=True)
         self.base.chmod(0o755)  # the test user reaches the munge socket, slurm.conf and the plugin
@@ -109,7 +115,7 @@ class TestCluster:
                   owner_pid=os.getpid(), ready=False)
         self._up(state)
         state.set(ready=True)
-        self._lap("ready", total=True)
+        self._lap("ready")
         return self
 
     def _up(self, state):
@@ -129,6 +135,7 @@ class TestCluster:
         if self.ovs:
             dbs = {n: self._keep(ovs.start_db(state, base, L, n)) for n in L.node_names}
             switches = {n: self._keep(ovs.start_switch(state, base, L, n, dbs[n])) for n in L.node_names}
+        pcoccconf.write(base, L)
         slurm.write_config(base, L, plugin.result(), self.pcocc_link)
         munge.wait(base, munged)
         self._lap("munge")
@@ -158,7 +165,7 @@ class TestCluster:
         self._children.append(child)
         return child
 
-    def _lap(self, what, total=False):
+    def _lap(self, what):
         elapsed = time.monotonic() - self._t0
         self.timings[what] = round(elapsed, 3)
         self.log(f"[{elapsed:6.2f}s] {what}")
@@ -182,14 +189,14 @@ class TestCluster:
         # slurmstepd, job tasks, VMs: whatever still lives in our namespaces
         proc.stop([pid for ns in state["netns"] for pid in net.netns_pids(ns)])
         proc.stop(list(leaders.values()) + members)
-        self._lap("processes")
+        self._lap("down: processes stopped")
         net.destroy(state)
-        self._lap("network")
+        self._lap("down: network removed")
         for name in state["users"]:
             users.remove(name)
         self._reap()
         shutil.rmtree(self.base, ignore_errors=True)
-        self._lap("down", total=True)
+        self._lap("down")
         return True
 
     def _reap(self):
@@ -277,6 +284,14 @@ class TestCluster:
 
     def __exit__(self, *exc):
         self.down()
+
+
+def _check_reachable(base):
+    """The test user must reach the munge socket and slurm.conf under base."""
+    for parent in base.parents:
+        if parent.exists() and not parent.stat().st_mode & 0o001:
+            raise UsageError(f"{parent} is not searchable by other users (mode {parent.stat().st_mode & 0o777:o}), "
+                             f"so jobs could not reach {base}", hint="choose a --base under /tmp")
 
 
 def _entry(state, name):

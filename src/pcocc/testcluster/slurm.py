@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from pcocc.errors import TimeoutExpired
-from pcocc.testcluster import munge, ovs, proc
+from pcocc.testcluster import munge, ovs, pcoccconf, proc
 
 CONFIG = """\
 ClusterName=tc{id}
@@ -31,6 +31,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=250
 SchedulerType=sched/backfill
+# start batch jobs at the next scheduler pass (~1 s), not up to 3 s later
+SchedulerParameters=batch_sched_delay=0
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
@@ -81,9 +83,11 @@ def daemon_env(base, layout, node=None):
         "ETCDCTL_API": "3",
         "ETCDCTL_ENDPOINTS": f"http://{layout.host_ip}:{layout.etcd_port}",
         "PCOCC_TESTCLUSTER": str(base),
+        "PCOCC_SYSTEM_CONF_DIR": str(pcoccconf.conf_dir(base)),
     }
     if node:
         env["OVS_RUNDIR"] = str(ovs.rundir(base, node))
+        env["PCOCC_NODE_STATE_DIR"] = str(pcoccconf.node_state_dir(base, node))
     return env
 
 

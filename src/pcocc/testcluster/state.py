@@ -17,7 +17,7 @@ class State:
     def __init__(self, base):
         self.base = Path(base)
         self.path = self.base / STATE_FILE
-        self.data = {"processes": [], "netns": [], "links": [], "users": [], "cgroups": [], "dirs": []}
+        self.data = {"processes": [], "netns": [], "links": [], "users": []}
 
     @classmethod
     def load(cls, base):

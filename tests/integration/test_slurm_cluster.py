@@ -1,0 +1,138 @@
+"""Virtual clusters as SLURM jobs on the real test cluster (slurmctld, slurmd per node
+namespace, munge, etcd, the SPANK plugin), submitted by an unprivileged user."""
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_fixture import slurm_user, testcluster  # noqa: F401 (fixtures)
+
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("slurm")]
+
+PCOCC = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "pcocc")
+
+
+class SlurmSite:
+    def __init__(self, tc, user, home):
+        self.tc, self.user, self.home = tc, user, home
+        self.pw = pwd.getpwnam(user)
+
+    def pcocc(self, *argv, timeout=600):
+        env = {"HOME": str(self.home), "USER": self.user, "PATH": f"{Path(PCOCC).parent}:/usr/bin:/bin:/usr/sbin:/sbin"}
+        return self.tc.run([PCOCC, *map(str, argv)], user=self.user, env=env, timeout=timeout, cwd=self.home)
+
+    def store(self):
+        from pcocc.config.loader import load_config
+        from pcocc.env import Environment
+        from pcocc.store import open_store
+
+        env = Environment(environ={**os.environ, **self.tc.env}, user="root", home="/root")
+        return open_store(load_config(env), env)
+
+    def keys(self, prefix):
+        s = self.store()
+        try:
+            return s.range(prefix)
+        finally:
+            s.close()
+
+    def squeue(self):
+        r = self.tc.run(["squeue", "-h", "-o", "%i %u %T %j"])
+        return [line.split() for line in r.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def site(testcluster, slurm_user, tiny_image):
+    from pcocc.config.models import Repo
+    from pcocc.images.store import ImageStore
+
+    pw = pwd.getpwnam(slurm_user)
+    home = Path(pw.pw_dir)
+    (home / ".pcocc").mkdir(exist_ok=True)
+    (home / ".pcocc/repos.yaml").write_text(f"repos:\n  - name: user\n    path: {home}/repo\n")
+    (home / ".pcocc/templates.yaml").write_text("tiny:\n  image: user:tiny\n  description: tiny test VM\n")
+    store = ImageStore([Repo("user", str(home / "repo"), "user")], slurm_user)
+    boot = {"kernel": str(tiny_image.vmlinux or tiny_image.kernel), "initrd": str(tiny_image.initrd), "append": tiny_image.append}
+    store.import_(str(tiny_image.disk), "tiny", "qcow2", boot=boot)
+    subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", str(home)], check=True)
+    s = SlurmSite(testcluster, slurm_user, home)
+    yield s
+    for jobid, *_ in s.squeue():
+        testcluster.run(["scancel", jobid])
+
+
+def wait_for(predicate, timeout=120, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def qemu_processes(uid):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+            if b"qemu-system" in cmd and os.stat(f"/proc/{pid}").st_uid == uid:
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_four_vms_on_two_nodes_as_a_slurm_job(site):
+    r = site.pcocc("batch", "-J", "vc4", "-N", "2", "--ntasks-per-node=2", "--mem-per-cpu=256", "--wait", "tiny:4")
+    assert r.returncode == 0, r.stderr
+    jobid = int(r.stdout.strip())
+    assert [str(jobid), site.user, "RUNNING", "vc4"] in site.squeue()
+    # the VMs run as the user, two on each node
+    vms = {k: v for k, v in site.keys(f"/pcocc/users/{site.user}/clusters/{jobid}/vms/").items()}
+    assert len(vms) == 4 and {v["state"] for v in vms.values()} == {"running"}
+    assert sorted(v["host"] for v in vms.values()) == ["node1", "node1", "node2", "node2"]
+    for v in vms.values():
+        assert os.stat(f"/proc/{v['qemu_pid']}").st_uid == site.pw.pw_uid
+    nodes = site.keys(f"/pcocc/users/{site.user}/clusters/{jobid}/nodes/")
+    assert {k.rsplit("/", 1)[1]: v["state"] for k, v in nodes.items()} == {"node1": "complete", "node2": "complete"}
+    # ps and exec reach every VM across nodes
+    r = site.pcocc("ps", "--json")
+    assert r.returncode == 0, r.stderr
+    (job,) = json.loads(r.stdout)
+    assert job["jobid"] == jobid and job["vm_states"] == {f"vm{i}": "running" for i in range(4)}
+    r = site.pcocc("exec", "hostname")
+    assert r.returncode == 0, r.stderr
+    for i in range(4):
+        assert f"\nvm{i}\n" in r.stdout
+    # scancel ends everything, everywhere
+    site.tc.run(["scancel", str(jobid)], user=site.user, check=True)
+    wait_for(lambda: not site.squeue(), what="the job to end")
+    wait_for(lambda: not qemu_processes(site.pw.pw_uid), timeout=30, what="qemu to stop")
+    assert site.keys(f"/pcocc/users/{site.user}/clusters/") == {}
+    assert not os.path.exists(f"/tmp/pcocc-{site.pw.pw_uid}/job_{jobid}")
+    for node in site.tc.node_names:
+        state_dir = Path(site.tc.base) / "nodes" / node / "pcocc"
+        assert [p.name for p in state_dir.iterdir() if p.name != "setup.lock"] == []
+
+
+def test_failed_node_setup_is_reported_and_the_job_ends(site):
+    lock = Path(site.tc.base) / "nodes" / "node2" / "pcocc" / "setup.lock"
+    lock.unlink(missing_ok=True)
+    lock.mkdir()  # a broken node: its setup lock cannot be opened
+    try:
+        r = site.pcocc("batch", "-N", "2", "--ntasks-per-node=1", "--mem-per-cpu=256", "--wait", "tiny:2")
+    finally:
+        lock.rmdir()
+    assert r.returncode != 0
+    assert "node setup failed on node2" in r.stderr and "setup.lock" in r.stderr, r.stderr
+    wait_for(lambda: not site.squeue(), what="the job to end")
+    wait_for(lambda: not qemu_processes(site.pw.pw_uid), timeout=30, what="qemu to stop")
+    assert site.keys(f"/pcocc/users/{site.user}/clusters/") == {}
