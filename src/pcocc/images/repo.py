@@ -24,14 +24,14 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 
-from pcocc.errors import NotFoundError, PcoccError, PermissionDenied
+from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, UsageError
 from pcocc.images import qcow2
 
 FORMAT_VERSION = 1
 
 
-class ImageExists(PcoccError):
-    pass
+class ImageExists(UsageError):
+    """The destination image exists already (a usage error: choose another name)."""
 
 
 def sha256_file(path):
@@ -106,9 +106,10 @@ class Repository:
         try:
             for d in ("blobs", "meta", "tmp"):
                 os.makedirs(self._p(d), exist_ok=True)
-            with open(self._p(".pcocc-repo.tmp"), "w") as f:
+            tmp = self._p(f".pcocc-repo.{os.getpid()}")  # several processes may create it at once
+            with open(tmp, "w") as f:
                 json.dump({"version": FORMAT_VERSION}, f)
-            os.replace(self._p(".pcocc-repo.tmp"), self._p(".pcocc-repo"))
+            os.replace(tmp, self._p(".pcocc-repo"))
         except PermissionError:
             raise PermissionDenied(f"cannot create repository '{self.name}' in {self.path}: permission denied") from None
 

@@ -5,7 +5,7 @@ import re
 
 from pcocc.errors import NotFoundError, UsageError
 from pcocc.images import qcow2, qemuimg, uri
-from pcocc.images.repo import Repository, copy_blob
+from pcocc.images.repo import ImageExists, Repository, copy_blob
 
 
 class ImageStore:
@@ -58,7 +58,7 @@ class ImageStore:
         fmt = qemuimg.check_format(fmt) if fmt else qemuimg.detect_format(src)
         repo, name = self.target(dest)
         if repo.revisions(name):
-            raise UsageError(f"image '{repo.name}:{name}' already exists", "Delete it first, or choose another name.")
+            raise ImageExists(f"image '{repo.name}:{name}' already exists", "Delete it first, or choose another name.")
         with repo.writing():
             tmp = repo.tmp_path("import")
             try:
@@ -104,7 +104,7 @@ class ImageStore:
         rev = self.find(src)
         repo, name = self.target(dest)
         if repo.revisions(name):
-            raise UsageError(f"image '{repo.name}:{name}' already exists", "Delete it first, or choose another name.")
+            raise ImageExists(f"image '{repo.name}:{name}' already exists", "Delete it first, or choose another name.")
         boot_shas = [v for k, v in rev.boot.items() if k in ("kernel", "initrd") and v]
         with repo.writing():
             shas = list(rev.layers) + boot_shas
