@@ -15,7 +15,7 @@ import time
 from pcocc import state
 from pcocc.batch.slurm import SlurmBackend, srun_vms
 from pcocc.cluster import parse_definition
-from pcocc.errors import PcoccError
+from pcocc.errors import PcoccError, PermissionDenied
 
 log = logging.getLogger("pcocc.launcher")
 
@@ -41,10 +41,13 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        backend.write_credentials(jobid, [])
-        ctx.store.put(prefix + "info", backend.cluster_info(jobid, vms, resolved, opts, backend="slurm", rundir=None, launcher_host=ctx.hostname))
+        # The VMs' step first: its node setup (root) gives a first-time user an etcd account,
+        # and the VMs wait for the cluster's record, written as soon as we may.
         srun = srun_vms(pcocc_bin, len(vms))
         start = time.monotonic()
+        _wait_for_store_access(ctx, prefix, lambda: srun.poll() is None and not stopping)
+        backend.write_credentials(jobid, [])
+        ctx.store.put(prefix + "info", backend.cluster_info(jobid, vms, resolved, opts, backend="slurm", rundir=None, launcher_host=ctx.hostname))
 
         def progress(running, total):
             info_out(f"cluster {jobid}: {running}/{total} VMs running ({time.monotonic() - start:.1f} s)")
@@ -77,3 +80,16 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
                 srun.wait()
         ctx.store.delete_prefix(prefix)
 
+
+
+def _wait_for_store_access(ctx, prefix, alive, timeout=300):
+    """Return once the store lets us in (a first job's account is made by its node setup)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ctx.store.get(prefix + "info")
+            return
+        except PermissionDenied:
+            if not alive() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

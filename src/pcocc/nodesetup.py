@@ -50,6 +50,10 @@ def create(ctx, jobid, uid, tasks):
     """Set this node up for the job; publish complete, or failed with the reason."""
     user = _user(uid)
     key = _node_key(ctx, user, jobid)
+    if ctx.config.batch.settings["etcd-auth-type"] == "password" and ctx.config.batch.store == "etcd":
+        from pcocc.store.etcdauth import ensure_user
+
+        ensure_user(ctx.store, user)  # the user's first job: its etcd account and role
     ctx.store.put(key, {"state": "network-config", "tasks": tasks})
     try:
         with node_lock(ctx.env):

@@ -23,6 +23,7 @@ from pcocc.hypervisor import accel, seed, topology, vm as vmlib
 log = logging.getLogger("pcocc.run")
 
 AGENT_TIMEOUT = 300  # a TCG boot of a large image can be slow
+INFO_TIMEOUT = 120
 
 
 class ControlHandler:
@@ -66,9 +67,11 @@ def run_vm(ctx, jobid, rank):
     """Run VM `rank` of job `jobid` until it stops or we are told to stop; return an exit status."""
     user = ctx.env.user
     store = ctx.store
-    info = store.get(state.cluster_prefix(user, jobid) + "info")
-    if info is None:
+    # Under SLURM the launcher writes the record while this task starts: wait for it.
+    info = store.wait(state.cluster_prefix(user, jobid) + "info", lambda items: bool(items), INFO_TIMEOUT)
+    if not info:
         raise NotFoundError(f"no cluster {jobid} in the store")
+    info = next(iter(info.values()))
     key = state.vm_key(user, jobid, rank)
     spec = info["vms"][rank]
     jobdir = info.get("rundir") or os.path.join(ctx.env.run_dir, f"job_{jobid}")  # SLURM: this node's
@@ -92,7 +95,7 @@ def run_vm(ctx, jobid, rank):
         vm = vmlib.VM(_vm_config(ctx, info, spec, rank, rundir, jobdir))
         if stop.is_set():
             return 0
-        vm.start(pin=spec["settings"]["bind-vcpus"])
+        vm.start(pin=spec["settings"]["bind-vcpus"] and spec.get("pin", True))
         publish("qemu-start", qemu_pid=vm.proc.pid)
         agent = GuestAgent(vm.qga_path, timeout=30)
         ca = store.get(state.cluster_prefix(user, jobid) + "ca")

@@ -112,6 +112,31 @@ def test_four_vms_on_two_nodes_as_a_slurm_job(site):
     assert r.returncode == 0, r.stderr
     for i in range(4):
         assert f"\nvm{i}\n" in r.stdout
+    # another user, with an etcd account of their own, can neither read this cluster's
+    # records (its CA key, its owner's credential) nor reach its VMs without them
+    from pcocc.errors import PermissionDenied
+    from pcocc.store.etcd import EtcdStore
+    from pcocc.store.etcdauth import ensure_user, user_password_path
+
+    other = site.tc.add_user(f"pcoccb{site.tc.id}")
+    admin = site.store()
+    ensure_user(admin, other.pw_name)
+    admin.close()
+    password = Path(user_password_path(other.pw_dir)).read_text().strip()
+    as_other = EtcdStore([site.tc.etcd_endpoint], user=other.pw_name, password=password)
+    try:
+        for key in ("client", "ca", "info"):
+            with pytest.raises(PermissionDenied):
+                as_other.get(f"/pcocc/users/{site.user}/clusters/{jobid}/{key}")
+        with pytest.raises(PermissionDenied):
+            as_other.put(f"/pcocc/users/{site.user}/clusters/{jobid}/info", {})
+        as_other.put(f"/pcocc/users/{other.pw_name}/mine", 1)  # their own prefix is theirs
+        assert as_other.get(f"/pcocc/users/{other.pw_name}/mine") == 1
+        as_other.delete(f"/pcocc/users/{other.pw_name}/mine")
+    finally:
+        as_other.close()
+    r = site.tc.run([PCOCC, "exec", "-j", jobid, "hostname"], user=other.pw_name, env={"HOME": other.pw_dir, "USER": other.pw_name})
+    assert r.returncode != 0 and "no virtual cluster with job id" in r.stderr
     # scancel ends everything, everywhere
     site.tc.run(["scancel", str(jobid)], user=site.user, check=True)
     wait_for(lambda: not site.squeue(), what="the job to end")

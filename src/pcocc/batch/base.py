@@ -3,7 +3,7 @@
 import time
 
 from pcocc import state
-from pcocc.errors import NotFoundError, PcoccError, TimeoutExpired
+from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, TimeoutExpired
 
 
 class Backend:
@@ -92,7 +92,7 @@ class Backend:
             try:
                 info, vms = self.job(jobid)
                 seen = True
-            except NotFoundError:  # not recorded yet (a pending job), or already gone
+            except (NotFoundError, PermissionDenied):  # not recorded yet, no account yet (a first job), or gone
                 if not alive(jobid):
                     raise PcoccError(f"cluster {jobid} ended before all its VMs ran" if seen else f"cluster {jobid} ended before it started") from None
                 info, vms = None, []
@@ -114,7 +114,10 @@ class Backend:
                     return
             if time.monotonic() > deadline:
                 raise TimeoutExpired(f"cluster {jobid}: not every VM runs after {timeout} s")
-            self.ctx.store.wait(state.cluster_prefix(self.user, jobid), lambda items: True, 0.5)
+            try:
+                self.ctx.store.wait(state.cluster_prefix(self.user, jobid), lambda items: True, 0.5)
+            except PermissionDenied:  # no account yet: its node setup makes it
+                time.sleep(0.5)
             time.sleep(0.1)
 
     def run_script_in_vm(self, jobid, script_path, rank=0):

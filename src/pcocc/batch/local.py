@@ -83,11 +83,13 @@ class LocalBackend(Backend):
                     use[c] += 1
                 alloc.append(mine)
             placed["cores"] = alloc
+            # Pinning helps only on cores of one's own: when this job shares any, let the host balance.
+            placed["exclusive"] = all(use[c] == 1 for vm_cores in alloc for c in vm_cores)
             live[str(jobid)] = {"pid": os.getpid(), "cores": alloc, "memory_mb": n_vms * mem_per_vm}
             return live
 
         self.ctx.store.update(key, take)
-        return placed["cores"]
+        return placed["cores"], placed["exclusive"]
 
     def _release(self, jobid):
         key = state.reservations_prefix(self.ctx.hostname) + "all"
@@ -114,13 +116,13 @@ class LocalBackend(Backend):
         store = self.ctx.store
         jobid = store.update(state.user_prefix(self.user) + "next-jobid", lambda v: (v or 0) + 1)
         cpus, mem = opts["cpus"], opts["mem_per_core"] * opts["cpus"]
-        cores = self._reserve(jobid, len(vms), cpus, mem)
+        cores, exclusive = self._reserve(jobid, len(vms), cpus, mem)
         rundir = os.path.join(run_root(self.ctx.env), f"job_{jobid}")
         try:
             os.makedirs(rundir, mode=0o700)
             info = self.cluster_info(jobid, vms, resolved, opts, backend="local", host=self.ctx.hostname, rundir=rundir)
             for vm in info["vms"]:
-                vm.update(cores=cores[vm["rank"]], memory_mb=mem)
+                vm.update(cores=cores[vm["rank"]], memory_mb=mem, pin=exclusive)
             self.write_credentials(jobid, [self.ctx.control_host])
             store.put(state.cluster_prefix(self.user, jobid) + "info", info)
             self._start_supervisor(jobid)

@@ -144,6 +144,7 @@ class TestCluster:
         slurm.wait_controller(base, L, ctld)
         slurmds = {f"slurmd:{n}": self._keep(slurm.start_node(state, base, L, n)) for n in L.node_names}
         etcd.wait(base, L, etcd_proc)
+        pcoccconf.enable_etcd_auth(base, L)
         self._lap("etcd")
         for n, switch in switches.items():
             ovs.wait(base, L, n, switch)

@@ -1,5 +1,7 @@
-"""The pcocc configuration of a test cluster: SLURM backend, state in the cluster's etcd."""
+"""The pcocc configuration of a test cluster: SLURM backend, state in the cluster's etcd
+with authentication on (a role per user, as in production)."""
 
+import os
 from pathlib import Path
 
 
@@ -20,9 +22,26 @@ def write(base, layout):
         f"  etcd-servers: ['{layout.host_ip}']\n"
         f"  etcd-client-port: {layout.etcd_port}\n"
         "  etcd-protocol: http\n"
-        "  etcd-auth-type: none\n"
+        "  etcd-auth-type: password\n"
     )
     for p in (d.parent, d, *(d / name for name in ("batch.yaml",))):
         p.chmod(0o755 if p.is_dir() else 0o644)
     for node in layout.node_names:
         node_state_dir(base, node).mkdir(parents=True, exist_ok=True)
+
+
+def enable_etcd_auth(base, layout):
+    """Turn etcd's authentication on, with root's password in the config dir (root only)."""
+    from pcocc.store.etcd import EtcdStore
+    from pcocc.store.etcdauth import enable_auth, new_password
+
+    path = conf_dir(base) / "etcd-password"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    password = new_password()
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+    store = EtcdStore([f"http://{layout.host_ip}:{layout.etcd_port}"])
+    try:
+        enable_auth(store, password)
+    finally:
+        store.close()
