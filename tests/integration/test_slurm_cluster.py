@@ -161,3 +161,26 @@ def test_failed_node_setup_is_reported_and_the_job_ends(site):
     wait_for(lambda: not site.squeue(), what="the job to end")
     wait_for(lambda: not qemu_processes(site.pw.pw_uid), timeout=30, what="qemu to stop")
     assert site.keys(f"/pcocc/users/{site.user}/clusters/") == {}
+
+
+def test_alloc_host_script_and_batch_script(site):
+    script = site.home / "host.sh"
+    script.write_text("#!/bin/sh\necho \"in job $PCOCC_JOB_ID on $(hostname)\"\npcocc exec -w vm1 hostname\n")
+    script.chmod(0o755)
+    subprocess.run(["chown", site.user, str(script)], check=True)
+    r = site.pcocc("alloc", "-N", "1", "--mem-per-cpu=256", "-E", script, "tiny:2")
+    assert r.returncode == 0, r.stderr
+    assert "in job " in r.stdout and "vm1" in r.stdout
+    wait_for(lambda: not site.squeue(), what="the allocation to end")
+
+    script = site.home / "job.sh"
+    script.write_text("#!/bin/sh\necho \"batch script on $(hostname)\"\n")
+    subprocess.run(["chown", site.user, str(script)], check=True)
+    r = site.pcocc("batch", "-N", "1", "--mem-per-cpu=256", "-b", script, "tiny:1")
+    assert r.returncode == 0, r.stderr
+    jobid = int(r.stdout.strip())
+    wait_for(lambda: not site.squeue(), what="the batch job to end")
+    out = (site.home / f"pcocc_{jobid}.out").read_text()
+    assert "batch script on vm0" in out, out
+    assert not qemu_processes(site.pw.pw_uid)
+    assert site.keys(f"/pcocc/users/{site.user}/clusters/") == {}
