@@ -4,39 +4,9 @@ import threading
 import time
 
 import pytest
-from etcd_fixture import etcd_server  # noqa: F401 - a fixture
+from store_fixtures import connect, etcd_server, store  # noqa: F401 - fixtures
 
 from pcocc.store.sqlite import SqliteStore
-
-
-@pytest.fixture(params=["sqlite", "etcd"])
-def connect(request, tmp_path):
-    """A function that opens one more connection to one fresh, empty store of the backend."""
-    opened = []
-    if request.param == "sqlite":
-
-        def opener():
-            opened.append(SqliteStore(str(tmp_path / "state.db")))
-            return opened[-1]
-
-    else:
-        from pcocc.store.etcd import EtcdStore
-
-        url = request.getfixturevalue("etcd_server").url
-
-        def opener():
-            opened.append(EtcdStore([url]))
-            return opened[-1]
-
-        opener().delete_prefix("")  # the server is shared by the session's tests
-    yield opener
-    for s in opened:
-        s.close()
-
-
-@pytest.fixture
-def store(connect):
-    return connect()
 
 
 def wait_for(condition, timeout):

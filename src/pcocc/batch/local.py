@@ -156,7 +156,7 @@ class LocalBackend(Backend):
         self._release(jobid)
         shutil.rmtree(rundir, ignore_errors=True)
 
-    def jobs(self):
+    def jobs(self, user=None):
         prefix = state.clusters_prefix(self.user)
         out = []
         for key in self.ctx.store.range(prefix):

@@ -38,26 +38,32 @@ class SlurmBackend(Backend):
         job = self.squeue(jobid).get(jobid)
         return job is not None and job["state"] in ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING")
 
-    def jobs(self):
-        running = self.squeue()
+    def jobs(self, user=None):
+        """[(info, vms)] of a user's running pcocc jobs: squeue's view, with the store's for our own."""
+        user = user or self.user
+        running = self.squeue(user=user)
+        if user == self.user:
+            self.reclaim(running)
         out = []
         for jobid in sorted(running):
+            if user != self.user:  # another user's records are not ours to read
+                job = running[jobid]
+                out.append(({"jobid": jobid, "name": job["name"], "owner": user, "definition": "?", "state": job["state"].lower(),
+                             "created": None, "vms": [], "nodes": {}, "slurm": job}, []))
+                continue
             try:
                 info, vms = self.job(jobid)
             except NotFoundError:
                 continue  # not a pcocc job, or its launcher has not written it yet
-            info = {**info, "slurm": running[jobid]}
-            out.append((info, vms))
+            out.append(({**info, "slurm": running[jobid]}, vms))
         return out
 
-    def reclaim(self):
-        """Delete the store records of this user's clusters whose job is gone (crashed launchers)."""
+    def reclaim(self, running):
+        """Delete the store records of our clusters whose job is gone (a launcher that was killed)."""
         prefix = state.clusters_prefix(self.user)
-        running = self.squeue()
-        for key in self.ctx.store.range(prefix):
-            jobid = int(key[len(prefix):].split("/")[0])
-            if jobid not in running:
-                self.ctx.store.delete_prefix(state.cluster_prefix(self.user, jobid))
+        gone = {int(k[len(prefix):].split("/")[0]) for k in self.ctx.store.range(prefix)} - set(running)
+        for jobid in gone:
+            self.ctx.store.delete_prefix(state.cluster_prefix(self.user, jobid))
 
     def cancel(self, jobid, wait=True):
         run(["scancel", str(jobid)])

@@ -167,11 +167,15 @@ def batch(app, restart_ckpt, user_data, batch_script, host_script, wait, args):
 
 
 @click.command()
+@click.option("-u", "--user", help="Another user's clusters (what the batch system shows of them).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @pass_app
-def ps(app, as_json):
+def ps(app, user, as_json):
     """List your running virtual clusters."""
-    jobs = app.ctx.backend().jobs()
+    backend = app.ctx.backend()
+    if user and user != app.env.user and app.config.batch.type != "slurm":
+        raise UsageError("-u needs the SLURM backend: on one host, each user sees only their own clusters")
+    jobs = backend.jobs(user) if user else backend.jobs()
     rows = []
     for info, vms in jobs:
         states = {}
@@ -182,7 +186,7 @@ def ps(app, as_json):
             "definition": info["definition"], "vms": len(vms), "state": info["state"],
             "vm_states": {v["name"]: v["state"] for v in vms},
             "errors": {v["name"]: v["error"] for v in vms if v.get("error")},
-            "duration": int(time.time() - info["created"]),
+            "duration": int(time.time() - info["created"]) if info.get("created") else None,
         })
     if as_json:
         return dump_json(app, rows)
@@ -204,6 +208,8 @@ def _vm_summary(states):
 
 
 def _duration(seconds):
+    if seconds is None:
+        return "-"
     h, rem = divmod(seconds, 3600)
     return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
 
