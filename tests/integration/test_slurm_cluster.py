@@ -135,8 +135,12 @@ def test_four_vms_on_two_nodes_as_a_slurm_job(site):
         as_other.delete(f"/pcocc/users/{other.pw_name}/mine")
     finally:
         as_other.close()
-    r = site.tc.run([PCOCC, "exec", "-j", jobid, "hostname"], user=other.pw_name, env={"HOME": other.pw_dir, "USER": other.pw_name})
+    other_env = {"HOME": other.pw_dir, "USER": other.pw_name}
+    r = site.tc.run([PCOCC, "exec", "-j", jobid, "hostname"], user=other.pw_name, env=other_env)
     assert r.returncode != 0 and "no virtual cluster with job id" in r.stderr
+    r = site.tc.run([PCOCC, "ps", "-u", site.user, "--json"], user=other.pw_name, env=other_env)
+    assert r.returncode == 0, r.stderr
+    assert [(j["jobid"], j["name"], j["state"]) for j in json.loads(r.stdout)] == [(jobid, "vc4", "running")]
     # scancel ends everything, everywhere
     site.tc.run(["scancel", str(jobid)], user=site.user, check=True)
     wait_for(lambda: not site.squeue(), what="the job to end")

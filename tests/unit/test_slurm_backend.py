@@ -1,0 +1,33 @@
+"""The SLURM backend's logic that needs no SLURM: argument building, reclaiming records."""
+
+from types import SimpleNamespace
+
+from pcocc import state
+from pcocc.batch.slurm import SlurmBackend, launcher_argv
+from pcocc.store.sqlite import SqliteStore
+
+
+def backend(tmp_path, batch_args=()):
+    settings = {"batch-args": list(batch_args)}
+    ctx = SimpleNamespace(env=SimpleNamespace(user="alice"), store=SqliteStore(str(tmp_path / "s.db")),
+                          config=SimpleNamespace(batch=SimpleNamespace(settings=settings)))
+    return SlurmBackend(ctx)
+
+
+def test_records_of_dead_jobs_are_reclaimed(tmp_path):
+    b = backend(tmp_path)
+    for jobid in (5, 6):
+        b.ctx.store.put(state.cluster_prefix("alice", jobid) + "info", {"jobid": jobid})
+        b.ctx.store.put(state.cluster_prefix("alice", jobid) + "vms/0", {"state": "running"})
+    b.ctx.store.put(state.cluster_prefix("bob", 5) + "info", {"jobid": 5})
+    b.reclaim({6: {"state": "RUNNING"}})
+    assert sorted(b.ctx.store.range("/pcocc/users/")) == [
+        state.cluster_prefix("alice", 6) + "info", state.cluster_prefix("alice", 6) + "vms/0", state.cluster_prefix("bob", 5) + "info"]
+
+
+def test_allocation_arguments(tmp_path):
+    b = backend(tmp_path, batch_args=["--exclusive"])
+    argv = b.allocation_argv("sbatch", 4, {"name": "vc", "licenses": ["pkey"]}, ["-p", "debug", "--mem-per-cpu=256"])
+    assert argv == ["sbatch", "-J", "vc", "--exclusive", "-p", "debug", "--mem-per-cpu=256", "-n", "4", "-L", "pkey"]
+    argv = launcher_argv("/usr/bin/pcocc", "tiny:4", {"name": "vc", "script": "/s.sh", "user_data": "/u.yaml"})
+    assert argv == ["/usr/bin/pcocc", "internal", "launcher", "--definition", "tiny:4", "--name", "vc", "--user-data", "/u.yaml", "--batch-script", "/s.sh"]
