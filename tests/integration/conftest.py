@@ -5,6 +5,7 @@ import time
 import pytest
 
 from local_site import image_cache_dir
+from slurm_fixture import slurm_user, testcluster  # noqa: F401 - one session-wide cluster for every module
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """The real multi-node test cluster as a session fixture (pcocc.testcluster).
 
-In a test module:
+tests/integration/conftest.py imports the fixtures once (imported into each
+module, each module would get its own "session" cluster). In a test module:
 
-    from slurm_fixture import slurm_user, testcluster  # noqa: F401
     pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("slurm")]
 
     def test_x(testcluster, slurm_user):

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from slurm_fixture import slurm_user, testcluster  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("slurm")]
 

@@ -11,7 +11,7 @@ import pytest
 
 from pcocc.testcluster import TestCluster, slurm
 from pcocc.testcluster.net import ClashError, Layout
-from slurm_fixture import leftovers, slurm_user, snapshot, testcluster  # noqa: F401
+from slurm_fixture import leftovers, snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("slurm")]
 

@@ -74,6 +74,7 @@ class TestCluster:
             "ETCDCTL_ENDPOINTS": self.etcd_endpoint,
             "PCOCC_TESTCLUSTER": str(self.base),
             "PCOCC_SYSTEM_CONF_DIR": str(pcoccconf.conf_dir(self.base)),
+            **pcoccconf.etcdctl_credentials(self.base),
         }
 
     def netns(self, node):

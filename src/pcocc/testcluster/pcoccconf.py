@@ -45,3 +45,11 @@ def enable_etcd_auth(base, layout):
         enable_auth(store, password)
     finally:
         store.close()
+
+
+def etcdctl_credentials(base):
+    """ETCDCTL_USER for root, once authentication is on (etcdctl reads it from the environment)."""
+    try:
+        return {"ETCDCTL_USER": "root:" + (conf_dir(base) / "etcd-password").read_text().strip()}
+    except OSError:
+        return {}
