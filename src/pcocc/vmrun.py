@@ -177,7 +177,7 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
         cores, memory_mb = topology.task_slice(ctx.env.environ)
     if settings["full-node"]:
         cores = sorted(os.sched_getaffinity(0))
-    topo = topology.plan(cores, memory_mb)
+    topo = topology.plan(cores, memory_mb, emulator_cores=settings["emulator-cores"])
     user_data = _user_data(settings, info, expand)
     keys = seed.user_ssh_keys(ctx.env.home, [os.path.join(ctx.env.user_conf_dir, "ssh")])
     meta, user = seed.render(f"vm{rank}", settings.get("instance-id") or f"pcocc-{info['jobid']}-vm{rank}", user_data, keys)

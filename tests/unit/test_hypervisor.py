@@ -114,3 +114,14 @@ def test_pinning_sets_each_vcpu_thread(monkeypatch):
 def test_scsi_disks(tmp_path, model):
     argv = command_line(cfg(tmp_path, **{"disk-model": model}))
     assert "virtio-scsi-pci,id=scsi0" in argv and "scsi-hd,drive=disk0,bus=scsi0.0,bootindex=1" in argv
+
+
+def test_emulator_cores_are_kept_for_qemu_threads(monkeypatch, tmp_path):
+    topo = topology.plan([4, 5, 6, 7], 512, sysfs=str(tmp_path), emulator_cores=1)
+    assert topo.cores == (4, 5, 6) and topo.emulator_cores == (7,) and topo.vcpus == 3
+    assert topology.plan([4], 512, sysfs=str(tmp_path), emulator_cores=2).cores == (4,)  # at least one vCPU
+    calls = {}
+    monkeypatch.setattr(os, "listdir", lambda path: ["900", "901", "902"])
+    monkeypatch.setattr(os, "sched_setaffinity", lambda tid, cpus: calls.__setitem__(tid, cpus))
+    topology.pin_vcpus({0: 901, 1: 902}, topo, qemu_pid=900)
+    assert calls == {900: {7}, 901: {4}, 902: {5}}

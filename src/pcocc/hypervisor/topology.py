@@ -45,6 +45,7 @@ class Topology:
     cores: tuple  # host CPU ids, in vCPU order
     memory_mb: int
     numa: tuple  # ((node id, (vcpu indexes...)), ...) in guest node order
+    emulator_cores: tuple = ()  # host CPUs kept for qemu's own threads (template emulator-cores)
 
     @property
     def vcpus(self):
@@ -69,16 +70,22 @@ def task_slice(environ):
     return cores, memory
 
 
-def plan(cores, memory_mb, sysfs="/sys"):
-    """Topology for a VM given its cores: one guest NUMA node per host node spanned."""
+def plan(cores, memory_mb, sysfs="/sys", emulator_cores=0):
+    """Topology for a VM given its cores: one guest NUMA node per host node spanned.
+
+    emulator_cores of them (at most all but one) are kept for qemu's own threads.
+    """
     cores = tuple(cores)
+    keep = max(0, min(emulator_cores, len(cores) - 1))
+    emulator = cores[len(cores) - keep:] if keep else ()
+    cores = cores[: len(cores) - keep]
     host = host_numa_nodes(sysfs)
     by_node = {}
     for i, cpu in enumerate(cores):
         node = next((n for n, cpus in host.items() if cpu in cpus), 0)
         by_node.setdefault(node, []).append(i)
     numa = tuple((node, tuple(v)) for node, v in sorted(by_node.items()))
-    return Topology(cores, memory_mb, numa)
+    return Topology(cores, memory_mb, numa, emulator)
 
 
 def numa_args(topo):
@@ -98,7 +105,11 @@ def numa_args(topo):
     return args
 
 
-def pin_vcpus(thread_ids, topo):
-    """Pin each vCPU thread to its host core (thread_ids: vCPU index -> host thread id)."""
+def pin_vcpus(thread_ids, topo, qemu_pid=None):
+    """Pin each vCPU thread to its host core (thread_ids: vCPU index -> host thread id), and
+    qemu's other threads to the emulator cores when the template keeps some."""
+    if topo.emulator_cores and qemu_pid:
+        for tid in os.listdir(f"/proc/{qemu_pid}/task"):
+            os.sched_setaffinity(int(tid), set(topo.emulator_cores))  # threads made later inherit it
     for index, tid in thread_ids.items():
         os.sched_setaffinity(tid, {topo.cores[index % topo.vcpus]})

@@ -52,7 +52,7 @@ class VM:
             raise PcoccError(f"{self.config.name}: {exc}: {self.qemu_error()}") from None
         if pin:
             try:
-                topology.pin_vcpus(self.monitor.vcpu_threads(), self.config.topology)
+                topology.pin_vcpus(self.monitor.vcpu_threads(), self.config.topology, self.proc.pid)
             except OSError as exc:  # cores outside our own affinity: keep running unpinned
                 log.warning("%s: vCPU pinning failed: %s", self.config.name, exc)
         self.monitor.cmd("cont")
