@@ -26,3 +26,11 @@ def site(tmp_path, tiny_image):
     s = LocalSite(tmp_path, tiny_image)
     yield s
     s.cleanup()
+
+
+@pytest.fixture(scope="session")
+def debian_image():
+    """The BuiltImage of the debian recipe (systemd, real cloud-init): about 2 minutes to build, then cached."""
+    from pcocc.images.build import build_image
+
+    return build_image("debian", None, image_cache_dir(), log=lambda line: print(line, flush=True))

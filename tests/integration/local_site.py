@@ -18,7 +18,7 @@ PCOCC = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "pcocc"
 class LocalSite:
     """A user's world for the local backend: home, config, image repository, and `pcocc` run as a command."""
 
-    def __init__(self, root, image):
+    def __init__(self, root, image, name="tiny"):
         import shutil
         import subprocess
 
@@ -42,7 +42,7 @@ class LocalSite:
 
         store = ImageStore([Repo("user", str(self.repo), "user")], self.environ["USER"])
         boot = {"kernel": str(image.vmlinux or image.kernel), "initrd": str(image.initrd), "append": image.append}
-        store.import_(str(image.disk), "tiny", "qcow2", boot=boot)
+        store.import_(str(image.disk), name, "qcow2", boot=boot)
         self._shutil, self._subprocess = shutil, subprocess
 
     def write(self, rel, text):
