@@ -27,8 +27,8 @@ class Environment:
 
     def __post_init__(self):
         entry = _user_entry() if self.uid == os.getuid() else None
-        if not self.user:
-            self.user = self.environ.get("USER") or (entry.pw_name if entry else str(self.uid))
+        if not self.user:  # who we are, from the passwd entry: $USER may be stale (sudo -E, ...)
+            self.user = entry.pw_name if entry else self.environ.get("USER") or str(self.uid)
         if not self.home:
             self.home = self.environ.get("HOME") or (entry.pw_dir if entry else "/")
 

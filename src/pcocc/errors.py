@@ -8,7 +8,7 @@ import enum
 
 
 class ExitStatus(enum.IntEnum):
-    """Exit statuses of the pcocc command (documented in docs/exit-codes.md)."""
+    """Exit statuses of the pcocc command (documented in `pcocc help exit-codes`)."""
 
     OK = 0
     ERROR = 1  # generic failure of the requested operation

@@ -14,11 +14,16 @@ _CACHE_MODES = ("writeback", "none", "unsafe", "writethrough", "directsync")
 
 
 def _drive(value):
-    """A persistent drive, as a path or {path: {options}}, in one form."""
+    """A persistent drive, as a path or {path: {options}}, in one form.
+
+    Its format is never probed from its content (a guest could write a qcow2 header
+    into a raw drive and make qemu open a host file): raw, unless named *.qcow2 or given.
+    """
     if isinstance(value, str):
-        return {"path": value, "cache": "writeback", "mmp": True, "backup": None}
+        value = {value: {"cache": "writeback", "mmp": True, "backup": None, "format": None}}
     ((path, opts),) = value.items()
-    return {"path": path, **opts}
+    fmt = opts.get("format") or ("qcow2" if path.endswith(".qcow2") else "raw")
+    return {"path": path, **opts, "format": fmt}
 
 
 _DRIVE_OPTS = Struct(
@@ -26,6 +31,7 @@ _DRIVE_OPTS = Struct(
         "cache": F(Enum(*_CACHE_MODES), default="writeback"),
         "mmp": F(ByKind({bool: Bool(), str: Enum("cluster", "yes", "no")}, "true, false or 'cluster'"), default=True),
         "backup": F(Str()),
+        "format": F(Enum("raw", "qcow2")),  # ours: default raw, or qcow2 for *.qcow2
     }
 )
 

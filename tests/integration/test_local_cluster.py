@@ -90,7 +90,7 @@ def test_exec_gathers_output_and_exit_codes(cluster):
     assert r.returncode == 3
     assert "vm[1-2] (2) exit 3" in r.stdout
     r = cluster.pcocc("exec", "-w", "vm0", "cat /nonexistent")
-    assert r.returncode == 1 and "No such file" in r.stdout
+    assert r.returncode == 1 and "No such file" in r.stderr  # one VM: its stderr is ours
     r = cluster.pcocc("exec", "-w", "vm2", "-u", "nobody", "id -un")
     assert r.returncode == 0 and r.stdout.strip() == "nobody"
     r = cluster.pcocc("exec", "-w", "vm7", "true")
@@ -112,7 +112,7 @@ def test_9p_mount_is_visible_in_the_guest(cluster):
 def test_console_log_and_monitor(cluster):
     r = cluster.pcocc("console", "-l", "vm0")
     assert r.returncode == 0 and "PCOCC-READY vm0" in r.stdout
-    r = cluster.pcocc("monitor-cmd", "vm0", "info", "status")
+    r = cluster.pcocc("monitor-cmd", "-w", "vm0", "info", "status")
     assert r.returncode == 0 and "running" in r.stdout
 
 

@@ -55,7 +55,7 @@ def test_template_show_defaults_with_all(cli):
     s = {x["key"]: x for x in r.json["settings"]}
     assert s["machine-type"] == {"key": "machine-type", "value": "pc", "from": "default", "inherited": False}
     assert s["mount-points"]["value"]["scratch"] == {"path": "/scratch/%{user}", "readonly": False, "type": "virtio-9p"}
-    assert s["persistent-drives"]["value"][1] == {"path": "%{homedir}/vms/shared.raw", "mmp": "cluster", "cache": "none", "backup": None}
+    assert s["persistent-drives"]["value"][1] == {"path": "%{homedir}/vms/shared.raw", "mmp": "cluster", "cache": "none", "backup": None, "format": "raw"}
 
 
 def test_unknown_template(cli):

@@ -125,3 +125,18 @@ def test_emulator_cores_are_kept_for_qemu_threads(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "sched_setaffinity", lambda tid, cpus: calls.__setitem__(tid, cpus))
     topology.pin_vcpus({0: 901, 1: 902}, topo, qemu_pid=900)
     assert calls == {900: {7}, 901: {4}, 902: {5}}
+
+
+def test_tasks_per_node_layouts():
+    assert topology.expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert topology.expand_tasks_per_node("4") == [4]
+    _, mem = topology.task_slice({"SLURM_MEM_PER_NODE": "3000", "SLURM_STEP_TASKS_PER_NODE": "1,3", "SLURM_NODEID": "1"})
+    assert mem == 1000
+
+
+def test_persistent_drive_format_is_never_probed():
+    from pcocc.templates import _drive
+
+    assert _drive("/d/data.raw")["format"] == "raw"
+    assert _drive("/d/data.qcow2")["format"] == "qcow2"
+    assert _drive({"/d/data.img": {"cache": "none", "mmp": True, "backup": None, "format": "qcow2"}})["format"] == "qcow2"

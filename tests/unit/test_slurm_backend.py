@@ -28,6 +28,6 @@ def test_records_of_dead_jobs_are_reclaimed(tmp_path):
 def test_allocation_arguments(tmp_path):
     b = backend(tmp_path, batch_args=["--exclusive"])
     argv = b.allocation_argv("sbatch", 4, {"name": "vc", "licenses": ["pkey"]}, ["-p", "debug", "--mem-per-cpu=256"])
-    assert argv == ["sbatch", "-J", "vc", "--exclusive", "-p", "debug", "--mem-per-cpu=256", "-n", "4", "-L", "pkey"]
+    assert argv == ["sbatch", "-J", "vc", "--comment=pcocc", "--exclusive", "-p", "debug", "--mem-per-cpu=256", "-n", "4", "-L", "pkey"]
     argv = launcher_argv("/usr/bin/pcocc", "tiny:4", {"name": "vc", "script": "/s.sh", "user_data": "/u.yaml"})
     assert argv == ["/usr/bin/pcocc", "internal", "launcher", "--definition", "tiny:4", "--name", "vc", "--user-data", "/u.yaml", "--batch-script", "/s.sh"]

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-VALIDITY_DAYS = 30
+VALIDITY_DAYS = 366  # longer than any job's time limit: a cluster's certificates must not expire while it runs
 CLOCK_SKEW = datetime.timedelta(minutes=5)  # nodes' clocks are not exactly in step
 
 

@@ -32,6 +32,7 @@ from pcocc.errors import ExitStatus, PcoccError, TimeoutExpired
 
 DELIMITER = b"\xff"
 CHUNK = 512 * 1024  # bytes per guest-file-write / guest-file-read
+MAX_REPLY = 64 * 1024 * 1024  # bytes of one reply line from the guest
 
 
 class AgentError(PcoccError):
@@ -186,6 +187,8 @@ class GuestAgent:
             if not data:
                 raise _ConnectionLost("the guest agent socket was closed")
             self._buf += data
+            if len(self._buf) > MAX_REPLY:  # the guest is not to be trusted with our memory
+                raise _ConnectionLost(f"the guest agent sent more than {MAX_REPLY} bytes without a line end")
 
     # ---- commands -----------------------------------------------------------------
 
@@ -260,11 +263,13 @@ class GuestAgent:
                 raise AgentTimeout(f"guest agent: {' '.join(argv)[:100]} still running after {timeout:g} s: killed")
             time.sleep(min(delay, remaining))
             delay = min(delay * 1.5, 0.5)
-        code = status.get("exitcode")
-        if code is None:
-            code = -int(status.get("signal", 0)) or -1
-        out = base64.b64decode(status.get("out-data", ""))
-        err = base64.b64decode(status.get("err-data", ""))
+        try:  # what the guest says is checked like any outside input
+            code = status.get("exitcode")
+            code = int(code) if code is not None else (-int(status.get("signal", 0)) or -1)
+            out = base64.b64decode(status.get("out-data", ""), validate=True)
+            err = base64.b64decode(status.get("err-data", ""), validate=True)
+        except (TypeError, ValueError) as exc:
+            raise AgentError(f"guest agent: a malformed reply to {' '.join(argv)[:100]}: {exc}") from None
         return code, out, err
 
     def _kill(self, pid):

@@ -5,6 +5,9 @@ import time
 from pcocc import state
 from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, TimeoutExpired
 
+POLL = 0.2  # seconds between two looks at the store while waiting
+ALIVE_CHECK = 5.0  # seconds between two questions to the batch system
+
 
 class Backend:
     def __init__(self, ctx):
@@ -43,7 +46,8 @@ class Backend:
         client_cert, client_key = pki.issue(ca_cert, ca_key, self.user)
         text = lambda b: b.decode() if isinstance(b, bytes) else b  # noqa: E731
         prefix = state.cluster_prefix(self.user, jobid)
-        self.ctx.store.put(prefix + "ca", {"cert": text(ca_cert), "key": text(ca_key), "server_cert": text(server_cert), "server_key": text(server_key)})
+        # The CA key is not kept: nothing needs to issue certificates for this cluster again.
+        self.ctx.store.put(prefix + "ca", {"cert": text(ca_cert), "server_cert": text(server_cert), "server_key": text(server_key)})
         self.ctx.store.put(prefix + "client", {"ca": text(ca_cert), "cert": text(client_cert), "key": text(client_key)})
 
     def credentials(self, jobid):
@@ -74,20 +78,31 @@ class Backend:
             if len(ids) > 1:
                 raise PcoccError(f"several clusters are named '{name}' (jobs {', '.join(map(str, ids))}): use -j")
             return ids[0]
-        env_id = self.ctx.env.environ.get("PCOCC_JOB_ID") or self.ctx.env.environ.get("SLURM_JOB_ID")
+        env_id = self.ctx.env.environ.get("PCOCC_JOB_ID")
         if env_id:
             return self.find(int(env_id))
+        slurm_id = self.ctx.env.environ.get("SLURM_JOB_ID")  # inside an allocation: if it is a cluster
+        if slurm_id and any(i["jobid"] == int(slurm_id) for i, _ in jobs):
+            return int(slurm_id)
         if len(jobs) == 1:
             return jobs[0][0]["jobid"]
         if not jobs:
             raise NotFoundError("you have no running virtual cluster", "Start one with 'pcocc batch' or 'pcocc alloc'.")
         raise PcoccError(f"you have {len(jobs)} virtual clusters: choose one with -j JOBID or -J NAME")
 
-    def wait_ready(self, jobid, progress=None, timeout=None, alive=None):
+    def wait_ready(self, jobid, progress=None, timeout=3600, alive=None):
         """Wait until every VM runs; raise with the first node's or VM's failure."""
         alive = alive or self.job_alive
-        deadline = time.monotonic() + (timeout or 3600)
-        last, seen = None, False
+        deadline = time.monotonic() + timeout
+        last, seen, checked_alive = None, False, 0.0
+
+        def still_alive():  # asking the batch system is not free: at most every few seconds
+            nonlocal checked_alive
+            if time.monotonic() - checked_alive < ALIVE_CHECK:
+                return True
+            checked_alive = time.monotonic()
+            return alive(jobid)
+
         while True:
             try:
                 info, vms = self.job(jobid)
@@ -100,11 +115,12 @@ class Backend:
                 failed_nodes = [(n, s) for n, s in info["nodes"].items() if s.get("state") == "failed"]
                 if failed_nodes:
                     node, st = failed_nodes[0]
-                    raise PcoccError(f"node setup failed on {node}: {st.get('error', 'unknown reason')}")
-                failed = [v for v in vms if v["state"] == "failed"]
-                if failed:
-                    raise PcoccError(f"{failed[0]['name']} failed: {failed[0].get('error', 'unknown reason')}")
-                if info["state"] in ("ending", "ended") or not alive(jobid):
+                    raise PcoccError(f"cluster {jobid}: node setup failed on {node}: {st.get('error', 'unknown reason')}")
+                ended = [v for v in vms if v["state"] in ("failed", "stopped")]
+                if ended:
+                    v = ended[0]
+                    raise PcoccError(f"cluster {jobid}: {v['name']} {v['state']}: {v.get('error', 'before it ran')}")
+                if info["state"] in ("ending", "ended") or not still_alive():
                     raise PcoccError(f"cluster {jobid} ended before all its VMs ran")
                 running = sum(v["state"] == "running" for v in vms)
                 if progress and running != last:
@@ -113,12 +129,8 @@ class Backend:
                 if running == len(vms):
                     return
             if time.monotonic() > deadline:
-                raise TimeoutExpired(f"cluster {jobid}: not every VM runs after {timeout} s")
-            try:
-                self.ctx.store.wait(state.cluster_prefix(self.user, jobid), lambda items: True, 0.5)
-            except PermissionDenied:  # no account yet: its node setup makes it
-                time.sleep(0.5)
-            time.sleep(0.1)
+                raise TimeoutExpired(f"cluster {jobid}: not every VM runs after {timeout} s (it goes on: see 'pcocc ps')")
+            time.sleep(POLL)
 
     def run_script_in_vm(self, jobid, script_path, rank=0):
         """Copy a script into a VM, run it there; (exit status, stdout bytes, stderr bytes)."""
@@ -129,6 +141,7 @@ class Backend:
         with open(script_path, "rb") as f:
             data = f.read()
         with ControlClient(tuple(vms[rank]["control"]), ca_pem=creds["ca"], cert_pem=creds["cert"], key_pem=creds["key"], timeout=None) as client:
-            client.call("writefile", path="/tmp/pcocc-batch-script", data_b64=encode_bytes(data), mode=0o755)
-            result = client.call("exec", argv=["/bin/sh", "/tmp/pcocc-batch-script"], timeout=10**7)
+            path = f"/tmp/pcocc-batch-{jobid}"
+            client.call("writefile", path=path, data_b64=encode_bytes(data), mode=0o755)
+            result = client.call("exec", argv=["/bin/sh", "-c", f'"$0"; status=$?; rm -f "$0"; exit $status', path], timeout=None)
         return result["exit"], decode_bytes(result["stdout_b64"]), decode_bytes(result["stderr_b64"])

@@ -16,7 +16,7 @@ import time
 
 from pcocc import state
 from pcocc.batch.base import Backend
-from pcocc.errors import NotFoundError, ResourceError, TimeoutExpired
+from pcocc.errors import NotFoundError, PcoccError, ResourceError, TimeoutExpired
 
 log = logging.getLogger("pcocc.local")
 
@@ -24,15 +24,28 @@ SUPERVISOR_START_TIMEOUT = 30
 CANCEL_TIMEOUT = 60
 
 
-def pid_alive(pid):
-    """True for a running process (a zombie counts as dead)."""
+def _stat_fields(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def process_start(pid):
+    """When pid started (clock ticks since boot): with the pid, names one process for good."""
+    try:
+        return int(_stat_fields(pid)[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def pid_alive(pid, start=None):
+    """True for a running process (a zombie counts as dead); with start, only that very process."""
     if not pid:
         return False
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        fields = _stat_fields(pid)
     except (OSError, IndexError):
         return False
+    return fields[0] != "Z" and (start is None or int(fields[19]) == start)
 
 
 def host_capacity():
@@ -116,10 +129,13 @@ class LocalBackend(Backend):
         store = self.ctx.store
         jobid = store.update(state.user_prefix(self.user) + "next-jobid", lambda v: (v or 0) + 1)
         cpus, mem = opts["cpus"], opts["mem_per_core"] * opts["cpus"]
-        cores, exclusive = self._reserve(jobid, len(vms), cpus, mem)
         rundir = os.path.join(run_root(self.ctx.env), f"job_{jobid}")
         try:
-            os.makedirs(rundir, mode=0o700)
+            os.mkdir(rundir, 0o700)
+        except FileExistsError:
+            raise PcoccError(f"{rundir} exists already: another pcocc configuration uses this run directory? Set PCOCC_RUN_DIR") from None
+        try:
+            cores, exclusive = self._reserve(jobid, len(vms), cpus, mem)
             info = self.cluster_info(jobid, vms, resolved, opts, backend="local", host=self.ctx.hostname, rundir=rundir)
             for vm in info["vms"]:
                 vm.update(cores=cores[vm["rank"]], memory_mb=mem, pin=exclusive)
@@ -154,7 +170,15 @@ class LocalBackend(Backend):
 
         self.ctx.store.delete_prefix(state.cluster_prefix(self.user, jobid))
         self._release(jobid)
-        shutil.rmtree(rundir, ignore_errors=True)
+        if rundir:
+            shutil.rmtree(rundir, ignore_errors=True)
+
+    def _supervisor_alive(self, info):
+        return pid_alive(info.get("supervisor"), info.get("supervisor_start"))
+
+    def _here(self, info, what):
+        if info.get("host") not in (None, self.ctx.hostname):
+            raise PcoccError(f"cluster {info['jobid']} runs on {info['host']}: {what} it there")
 
     def jobs(self, user=None):
         prefix = state.clusters_prefix(self.user)
@@ -164,7 +188,7 @@ class LocalBackend(Backend):
                 jobid = int(key[len(prefix):].split("/")[0])
                 with contextlib.suppress(NotFoundError):
                     info, vms = self.job(jobid)
-                    if info.get("supervisor") and not pid_alive(info["supervisor"]) and info["state"] != "ending":
+                    if info.get("host") == self.ctx.hostname and info.get("supervisor") and not self._supervisor_alive(info) and info["state"] != "ending":
                         # The supervisor died without cleaning (SIGKILL, reboot): reclaim now.
                         self._cleanup(jobid, info["rundir"])
                         continue
@@ -173,107 +197,158 @@ class LocalBackend(Backend):
 
     def job_alive(self, jobid):
         info = self.ctx.store.get(state.cluster_prefix(self.user, jobid) + "info")
-        return info is not None and pid_alive(info.get("supervisor"))
+        return info is not None and (info.get("host") != self.ctx.hostname or self._supervisor_alive(info))
 
     def cancel(self, jobid, wait=True):
         info, _ = self.job(jobid)
-        pid = info.get("supervisor")
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGTERM)
+        self._here(info, "cancel")
+        if self._supervisor_alive(info):
+            os.kill(info["supervisor"], signal.SIGTERM)
         if not wait:
             return
         deadline = time.monotonic() + CANCEL_TIMEOUT
-        while pid_alive(pid) and time.monotonic() < deadline:
+        while self._supervisor_alive(info) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if pid_alive(pid):
+        if self._supervisor_alive(info):
             raise TimeoutExpired(f"cluster {jobid} did not stop in {CANCEL_TIMEOUT} s")
         if self.ctx.store.get(state.cluster_prefix(self.user, jobid) + "info") is not None:
             self._cleanup(jobid, info["rundir"])  # the supervisor died before cleaning
 
 
 def run_root(env):
-    os.makedirs(env.run_dir, mode=0o700, exist_ok=True)
-    return env.run_dir
+    from pcocc.fsutil import private_dir
+
+    return private_dir(env.run_dir)
 
 
 def _supervise(ctx, jobid):
     """The supervisor process of a local cluster (runs detached; exits when the cluster ends)."""
-    from pcocc.vmrun import run_vm
-
-    status = 1
+    status, children, prefix = 1, {}, state.cluster_prefix(ctx.env.user, jobid)
     try:
-        store = ctx.reopen_store()
-        backend = LocalBackend(ctx)
-        prefix = state.cluster_prefix(ctx.env.user, jobid)
-        info = store.get(prefix + "info")
-        logf = os.open(os.path.join(info["rundir"], "supervisor.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(logf, 1)
-        os.dup2(logf, 2)
-        sys.stdout = os.fdopen(1, "w", buffering=1)
-        sys.stderr = os.fdopen(2, "w", buffering=1)
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+        info = ctx.reopen_store().get(prefix + "info")
+        _detach_stdio(os.path.join(info["rundir"], "supervisor.log"))
         stopping = []
         signal.signal(signal.SIGTERM, lambda s, f: stopping.append(s))
         signal.signal(signal.SIGINT, lambda s, f: stopping.append(s))
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        backend = LocalBackend(ctx)
         backend._adopt(jobid, os.getpid())
-        children = {}
         ctx.close_store()
-        for vm in info["vms"]:
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    code = run_vm(ctx, jobid, vm["rank"])
-                except BaseException as exc:  # noqa: BLE001 - the VM process must never raise past here
-                    log.error("vm%d: %s", vm["rank"], getattr(exc, "message", exc))
-                finally:
-                    os._exit(code)
-            children[pid] = vm["rank"]
-        store = ctx.store
-        store.put(prefix + "info", {**info, "supervisor": os.getpid(), "state": "running"})
-        script_done = None
-        while children:
-            if stopping:
-                break
-            with contextlib.suppress(ChildProcessError):
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-                if pid:
-                    children.pop(pid, None)
-                    continue
-            if info.get("script") and script_done is None:
-                script_done = _maybe_run_script(ctx, backend, jobid, info)
-                if script_done is not None:
-                    break
+        children = {_fork_vm(ctx, jobid, vm["rank"]): vm["rank"] for vm in info["vms"]}
+        ctx.store.put(prefix + "info", {**info, "supervisor": os.getpid(), "supervisor_start": process_start(os.getpid()), "state": "running"})
+        script = _ScriptRunner(backend, jobid, info) if info.get("script") else None
+        while children and not stopping and not (script and script.done):
+            _reap(children)
+            if script:
+                script.poll()
             time.sleep(0.1)
-        store.put(prefix + "info", {**store.get(prefix + "info"), "state": "ending"})
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 45
-        while children and time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-                if pid:
-                    children.pop(pid, None)
-                    continue
-            time.sleep(0.05)
-        for pid in children:  # VM processes that did not stop: kill them and their qemu
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        _kill_leftover_qemu(store, prefix)
-        status = 0 if script_done in (None, 0) else 1
-    except BaseException as exc:  # noqa: BLE001
+        status = 0 if script is None or script.status == 0 else 1
+    except BaseException as exc:  # noqa: BLE001 - whatever happened, the cluster is cleaned below
         log.error("supervisor of cluster %s: %s", jobid, getattr(exc, "message", exc))
     finally:
         try:
-            info = ctx.store.get(state.cluster_prefix(ctx.env.user, jobid) + "info")
-            LocalBackend(ctx)._cleanup(jobid, info["rundir"] if info else os.path.join(run_root(ctx.env), f"job_{jobid}"))
+            _stop_vms(ctx, prefix, children)
+            info = ctx.store.get(prefix + "info")
+            LocalBackend(ctx)._cleanup(jobid, info["rundir"] if info else None)
+        except BaseException as exc:  # noqa: BLE001
+            log.error("cleanup of cluster %s: %s", jobid, getattr(exc, "message", exc))
         finally:
             os._exit(status)
+
+
+def _detach_stdio(logfile):
+    logf = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(logf, 1)
+    os.dup2(logf, 2)
+    sys.stdout = os.fdopen(1, "w", buffering=1)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+
+
+def _fork_vm(ctx, jobid, rank):
+    """A child process running one VM (the same code as `pcocc internal run`)."""
+    from pcocc.vmrun import run_vm
+
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            code = run_vm(ctx, jobid, rank)
+        except BaseException as exc:  # noqa: BLE001 - the VM process must never raise past here
+            log.error("vm%d: %s", rank, getattr(exc, "message", exc))
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _reap(children):
+    while children:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            children.clear()
+            return
+        if not pid:
+            return
+        children.pop(pid, None)
+
+
+def _stop_vms(ctx, prefix, children):
+    """SIGTERM the VM processes, wait for them, then SIGKILL what is left, qemu included."""
+    with contextlib.suppress(Exception):
+        ctx.store.update(prefix + "info", lambda i: i and {**i, "state": "ending"})
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 45
+    while children and time.monotonic() < deadline:
+        _reap(children)
+        time.sleep(0.05)
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _kill_leftover_qemu(ctx.store, prefix)
+
+
+class _ScriptRunner:
+    """The batch script, run in vm0 once every VM runs, in a thread: cancel must not wait for it."""
+
+    def __init__(self, backend, jobid, info):
+        self.backend, self.jobid, self.info = backend, jobid, info
+        self.thread, self.status = None, None
+
+    @property
+    def done(self):
+        return self.status is not None
+
+    def poll(self):
+        if self.thread is not None:
+            return
+        _, vms = self.backend.job(self.jobid)
+        if any(v["state"] in ("failed", "stopped") for v in vms):
+            self.status = 1
+        elif all(v["state"] == "running" for v in vms):
+            import threading
+
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
+
+    def _run(self):
+        from pcocc.context import Context
+
+        try:
+            backend = LocalBackend(Context(self.backend.ctx.env, self.backend.ctx.config))  # its own store connection
+            code, out, err = backend.run_script_in_vm(self.jobid, self.info["script"])
+            with open(os.path.join(self.info.get("cwd") or os.getcwd(), f"pcocc_{self.jobid}.out"), "wb") as f:
+                f.write(out)
+                f.write(err)
+            self.status = code
+        except BaseException as exc:  # noqa: BLE001
+            log.error("batch script: %s", getattr(exc, "message", exc))
+            self.status = 1
 
 
 def _kill_leftover_qemu(store, prefix):
@@ -288,17 +363,3 @@ def _kill_leftover_qemu(store, prefix):
             if is_qemu:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(qpid, signal.SIGKILL)
-
-
-def _maybe_run_script(ctx, backend, jobid, info):
-    """Once every VM runs, run the batch script in vm0; its exit status, or None while waiting."""
-    _, vms = backend.job(jobid)
-    if any(v["state"] == "failed" for v in vms):
-        return 1
-    if not all(v["state"] == "running" for v in vms):
-        return None
-    code, out, err = backend.run_script_in_vm(jobid, info["script"])
-    with open(os.path.join(info.get("cwd") or os.getcwd(), f"pcocc_{jobid}.out"), "wb") as f:
-        f.write(out)
-        f.write(err)
-    return code

@@ -17,10 +17,14 @@ from pcocc.errors import CommandError, NotFoundError
 from pcocc.runner import run
 
 
+JOB_COMMENT = "pcocc"  # marks virtual clusters among a user's jobs
+
+
 class SlurmBackend(Backend):
     def squeue(self, jobid=None, user=None):
         """{jobid: {name, state, nodes, partition, time}} of running or pending jobs."""
-        argv = ["squeue", "-h", "-o", "%i|%j|%u|%T|%N|%P|%M|%l"]
+        # -a: hidden partitions too (their jobs are alive); the name last: it may hold a '|'
+        argv = ["squeue", "-a", "-h", "-o", "%i|%u|%T|%N|%P|%M|%l|%k|%j"]
         argv += ["-j", str(jobid)] if jobid else ["-u", user or self.user]
         try:
             out = run(argv).stdout
@@ -30,8 +34,9 @@ class SlurmBackend(Backend):
             raise
         jobs = {}
         for line in out.splitlines():
-            jid, name, user, st, nodes, part, elapsed, limit = line.split("|")
-            jobs[int(jid)] = {"name": name, "user": user, "state": st, "nodes": nodes, "partition": part, "time": elapsed, "timelimit": limit}
+            jid, user, st, nodes, part, elapsed, limit, comment, name = line.split("|", 8)
+            jobs[int(jid)] = {"name": name, "user": user, "state": st, "nodes": nodes, "partition": part,
+                              "time": elapsed, "timelimit": limit, "pcocc": comment == JOB_COMMENT}
         return jobs
 
     def job_alive(self, jobid):
@@ -48,6 +53,8 @@ class SlurmBackend(Backend):
         for jobid in sorted(running):
             if user != self.user:  # another user's records are not ours to read
                 job = running[jobid]
+                if not job["pcocc"]:
+                    continue
                 out.append(({"jobid": jobid, "name": job["name"], "owner": user, "definition": "?", "state": job["state"].lower(),
                              "created": None, "vms": [], "nodes": {}, "slurm": job}, []))
                 continue
@@ -77,7 +84,7 @@ class SlurmBackend(Backend):
     def allocation_argv(self, command, n_vms, opts, passthrough):
         """salloc/sbatch arguments: admin's batch-args, the user's options, one task per VM."""
         settings = self.ctx.config.batch.settings
-        argv = [command, "-J", opts["name"], *settings["batch-args"], *passthrough, "-n", str(n_vms)]
+        argv = [command, "-J", opts["name"], f"--comment={JOB_COMMENT}", *settings["batch-args"], *passthrough, "-n", str(n_vms)]
         if opts.get("cpus"):
             argv += ["-c", str(opts["cpus"])]
         if opts.get("licenses"):

@@ -36,26 +36,31 @@ class Targets:
         self.ranks = parse_vmset(vmset, len(self.vms))
         self.creds = backend.credentials(self.jobid)
 
-    def addresses(self):
-        out = []
-        for r in self.ranks:
-            vm = self.vms[r]
-            if vm.get("state") != "running" or not vm.get("control"):
-                raise PcoccError(f"{vm['name']} is not running (state: {vm.get('state')}{', ' + vm['error'] if vm.get('error') else ''})")
-            out.append((vm["name"], tuple(vm["control"])))
-        return out
+    def _not_running(self, vm):
+        return f"{vm['name']} is not running (state: {vm.get('state')}{', ' + vm['error'] if vm.get('error') else ''})"
 
     def call_all(self, op, args, timeout=None):
+        """{vm name: (ok, result or error message)}, for every target VM (not running: an error)."""
         from pcocc.agent.endpoint import call_many
 
+        targets, down = [], {}
+        for r in self.ranks:
+            vm = self.vms[r]
+            if vm.get("state") == "running" and vm.get("control"):
+                targets.append((vm["name"], tuple(vm["control"])))
+            else:
+                down[vm["name"]] = (False, self._not_running(vm))
         kw = {"timeout": timeout} if timeout else {}
-        return call_many(self.addresses(), op, args, ca_pem=self.creds["ca"], cert_pem=self.creds["cert"], key_pem=self.creds["key"], **kw)
+        results = call_many(targets, op, args, ca_pem=self.creds["ca"], cert_pem=self.creds["cert"], key_pem=self.creds["key"], **kw) if targets else {}
+        return {self.vms[r]["name"]: ({**results, **down})[self.vms[r]["name"]] for r in self.ranks}
 
     def call_one(self, op, **args):
         from pcocc.agent.endpoint import ControlClient
 
-        ((_, address),) = self.addresses()[:1]
-        with ControlClient(address, ca_pem=self.creds["ca"], cert_pem=self.creds["cert"], key_pem=self.creds["key"], timeout=None) as c:
+        vm = self.vms[self.ranks[0]]
+        if vm.get("state") != "running" or not vm.get("control"):
+            raise PcoccError(self._not_running(vm))
+        with ControlClient(tuple(vm["control"]), ca_pem=self.creds["ca"], cert_pem=self.creds["cert"], key_pem=self.creds["key"], timeout=None) as c:
             return c.call(op, **args)
 
 
@@ -67,7 +72,7 @@ def _fold(names):
     return f"vm{ranks[0]}" if len(ranks) == 1 else f"vm[{format_cpulist(ranks)}]"
 
 
-@click.command("exec", context_settings={"ignore_unknown_options": True})
+@click.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @job_options
 @click.option("-w", "--vms", "vmset", default="all", show_default=True, help="VMs to run on: vm0, vm[0-3,5] or all.")
 @click.option("-i", "--index", type=int, help="Run on this VM only (upstream's option; same as -w vmN).")
@@ -101,6 +106,18 @@ def exec_(app, jobid, jobname, vmset, index, user, script, timeout, cmd):
     if timeout:
         args["timeout"] = timeout
     results = targets.call_all("exec", args, timeout=(timeout + 10) if timeout else 10**7)
+    many = len(results) > 1
+    if not many:  # one VM: its stdout and stderr as they are, its status as ours
+        ((name, (ok, res)),) = results.items()
+        if not ok:
+            raise PcoccError(f"{name}: {res}")
+        app.env.stdout.write(decode_bytes(res["stdout_b64"]).decode(errors="replace"))
+        app.env.stderr.write(decode_bytes(res["stderr_b64"]).decode(errors="replace"))
+        app.env.stdout.flush()
+        code = res["exit"]
+        if code:
+            raise click.exceptions.Exit(min(code if code > 0 else 128 - code, 255))
+        return
     groups, worst = {}, 0
     for name, (ok, res) in results.items():
         if ok:
@@ -111,17 +128,13 @@ def exec_(app, jobid, jobname, vmset, index, user, script, timeout, cmd):
         worst = max(worst, code if code >= 0 else 128 - code)
         key = (text, code)
         groups.setdefault(key, []).append(name)
-    many = len(results) > 1
     for (text, code), names in groups.items():
-        if many:
-            label = f"{_fold(names)} ({len(names)})" + (f" exit {code}" if code else "")
-            app.out("-" * 15 + "\n" + label + "\n" + "-" * 15)
-        elif code:
-            app.info(f"{names[0]}: exit status {code}")
+        label = f"{_fold(names)} ({len(names)})" + (f" exit {code}" if code else "")
+        app.out("-" * 15 + "\n" + label + "\n" + "-" * 15)
         app.env.stdout.write(text if text.endswith("\n") or not text else text + "\n")
     app.env.stdout.flush()
     if worst:
-        sys.exit(min(worst, 255))
+        raise click.exceptions.Exit(min(worst, 255))
 
 
 @click.command()
@@ -133,6 +146,8 @@ def console(app, jobid, jobname, show_log, vm):
     """Attach to the serial console of VM (default vm0); Ctrl-] detaches."""
     targets = Targets(app, jobid, jobname, vm)
     info = targets.vms[targets.ranks[0]]
+    if info.get("host") and info["host"] != app.ctx.hostname:
+        raise PcoccError(f"{info['name']} runs on {info['host']}: run 'pcocc console' there (ssh {info['host']})")
     rundir = info.get("rundir") or os.path.join(targets.info["rundir"], info["name"])
     if show_log:
         try:
@@ -154,7 +169,7 @@ def _attach(path, app):
     try:
         sock.connect(path)
     except OSError as exc:
-        raise PcoccError(f"cannot attach to the console: {exc.strerror} (is another console attached?)") from None
+        raise PcoccError(f"cannot attach to the console {path}: {exc.strerror} (is the VM running?)") from None
     app.info("attached to the console; Ctrl-] detaches")
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd) if os.isatty(fd) else None
@@ -189,13 +204,13 @@ def reset(app, jobid, jobname, vms):
     _report(app, Targets(app, jobid, jobname, vms).call_all("reset", {}), "reset")
 
 
-@click.command("monitor-cmd")
+@click.command("monitor-cmd", context_settings={"allow_interspersed_args": False})
 @job_options
-@click.argument("vms", default="vm0")
+@click.option("-w", "--vms", default="vm0", show_default=True, help="VMs: vm0, vm[0-3,5] or all.")
 @click.argument("command", nargs=-1, required=True)
 @pass_app
 def monitor_cmd(app, jobid, jobname, vms, command):
-    """Send COMMAND to the qemu monitor of VMS (e.g. 'info registers')."""
+    """Send COMMAND to the qemu monitor of VMs (e.g. 'info registers')."""
     results = Targets(app, jobid, jobname, vms).call_all("monitor_cmd", {"command": " ".join(command)})
     failed = False
     for name, (ok, res) in results.items():
@@ -207,7 +222,7 @@ def monitor_cmd(app, jobid, jobname, vms, command):
             failed = True
             app.env.stderr.write(f"pcocc: error: {name}: {res}\n")
     if failed:
-        sys.exit(1)
+        raise click.exceptions.Exit(1)
 
 
 @click.command()
@@ -216,7 +231,7 @@ def monitor_cmd(app, jobid, jobname, vms, command):
 @click.argument("dumpfile", type=click.Path(dir_okay=False))
 @pass_app
 def dump(app, jobid, jobname, vm, dumpfile):
-    """Dump the memory of VM to DUMPFILE (ELF, for crash or gdb)."""
+    """Dump the memory of VM to DUMPFILE (ELF, for crash or gdb), written on the VM's host."""
     path = os.path.abspath(dumpfile)
     if os.path.exists(path):
         raise PcoccError(f"{path} already exists")
@@ -233,4 +248,4 @@ def _report(app, results, what):
     if ok:
         app.info(f"{what}: {_fold(ok)}")
     if failed:
-        sys.exit(1)
+        raise click.exceptions.Exit(1)

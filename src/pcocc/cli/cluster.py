@@ -1,5 +1,6 @@
 """pcocc alloc, batch, ps, cancel: start, list and stop virtual clusters."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import click
 
 from pcocc.cli.core import pass_app
 from pcocc.cli.render import dump_json, table
-from pcocc.errors import UsageError
+from pcocc.errors import NotFoundError, UsageError
 
 
 _COMMON = [
@@ -132,16 +133,17 @@ def alloc(app, restart_ckpt, user_data, alloc_script, args):
         code = subprocess.call(argv, env=env)
     finally:
         app.info(f"cluster {jobid}: stopping")
-        backend.cancel(jobid)
+        with contextlib.suppress(NotFoundError):  # it may have ended already: keep the first error
+            backend.cancel(jobid)
     if code:
-        sys.exit(code)
+        raise click.exceptions.Exit(code)
 
 
 @click.command(context_settings=_PASSTHROUGH, help="Submit a virtual cluster as a batch job and print its job id.\n" + _ALLOC_HELP.format(cmd="sbatch"))
 @common_options
 @click.option("-b", "--batch-script", type=click.Path(exists=True, dir_okay=False), help="Run this script in vm0 once the cluster runs; the cluster ends with it.")
 @click.option("-E", "--host-script", type=click.Path(exists=True, dir_okay=False), help="Run this script on the first host once the cluster runs (SLURM); the cluster ends with it.")
-@click.option("-w", "--wait", is_flag=True, help="Return only when every VM runs.")
+@click.option("--wait", is_flag=True, help="Return only when every VM runs (the job id is printed first).")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[BATCH_OPTIONS]... DEFINITION")
 @pass_app
 def batch(app, restart_ckpt, user_data, batch_script, host_script, wait, args):
@@ -161,9 +163,10 @@ def batch(app, restart_ckpt, user_data, batch_script, host_script, wait, args):
         if host_script:
             raise UsageError("-E/--host-script needs the SLURM backend (on one host, use 'pcocc alloc -E')")
         backend, jobid, _ = _submit_local(app, definition, batch_opts, user_data, script=script)
+    app.out(str(jobid))
+    app.env.stdout.flush()
     if wait:
         backend.wait_ready(jobid, _progress(app, jobid), timeout=3600)
-    app.out(str(jobid))
 
 
 @click.command()
@@ -178,9 +181,6 @@ def ps(app, user, as_json):
     jobs = backend.jobs(user) if user else backend.jobs()
     rows = []
     for info, vms in jobs:
-        states = {}
-        for v in vms:
-            states[v["state"]] = states.get(v["state"], 0) + 1
         rows.append({
             "jobid": info["jobid"], "name": info["name"], "user": info["owner"], "host": info.get("host"),
             "definition": info["definition"], "vms": len(vms), "state": info["state"],

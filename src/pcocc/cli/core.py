@@ -131,10 +131,9 @@ def run(argv=None, env=None):
     try:
         # click prints help and version to sys.stdout: send it where env says.
         with contextlib.redirect_stdout(env.stdout):
-            program.main(argv, prog_name="pcocc", standalone_mode=False, obj=app)
-        return ExitStatus.OK
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
+            rv = program.main(argv, prog_name="pcocc", standalone_mode=False, obj=app)
+        # non-standalone click returns what a command raised as click.exceptions.Exit(code)
+        return rv if isinstance(rv, int) else ExitStatus.OK
     except click.ClickException as exc:  # usage errors: exit 2 with a hint
         if exc.ctx is not None and isinstance(exc, click.UsageError):
             env.stderr.write(f"pcocc: error: {exc.format_message()}\n")

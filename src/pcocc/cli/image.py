@@ -11,9 +11,7 @@ from pcocc.errors import PcoccError
 
 
 def _store(app):
-    from pcocc.images.store import ImageStore
-
-    return ImageStore(app.config.repos, app.env.user)
+    return app.ctx.images()
 
 
 def _size(n):

@@ -86,11 +86,13 @@ def choose(cache_dir, qemu_bin="qemu-system-x86_64", kernel=None, forced=None):
     cache = os.path.join(cache_dir, f"pcocc-accel-{os.getuid()}.json")
     boot = _boot_id()
     try:
-        with open(cache) as f:
+        fd = os.open(cache, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd) as f:
+            mine = os.fstat(f.fileno()).st_uid == os.getuid()  # in /tmp, only trust our own file
             cached = json.load(f)
-        if cached.get("boot_id") == boot and cached.get("qemu") == qemu_bin:
+        if mine and cached.get("boot_id") == boot and cached.get("qemu") == qemu_bin and cached.get("accel") in ("kvm", "tcg"):
             return cached["accel"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, AttributeError):
         pass
     accel = "kvm" if probe_kvm(qemu_bin, kernel or host_kernel()) else "tcg"
     try:

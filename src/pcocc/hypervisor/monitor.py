@@ -1,5 +1,6 @@
 """QMP, through qemu.qmp's synchronous client, shared safely between threads."""
 
+import asyncio
 import os
 import threading
 import time
@@ -58,7 +59,9 @@ class Monitor:
             with self._lock:
                 try:
                     event = self._qmp.pull_event(wait=min(remaining, 0.5))
-                except (OSError, EOFError, Exception):  # qemu gone: let the caller see it
+                except asyncio.TimeoutError:  # nothing yet: look again (the lock is let go meanwhile)
+                    continue
+                except Exception:  # noqa: BLE001 - qemu gone: the caller sees it
                     return False
             if event and event.get("event") == name and match(event.get("data", {})):
                 return True

@@ -52,6 +52,15 @@ class Topology:
         return len(self.cores)
 
 
+def expand_tasks_per_node(text):
+    """SLURM's '2(x3),1' -> [2, 2, 2, 1] (tasks on each node of the step)."""
+    out = []
+    for part in text.split(","):
+        count, _, times = part.partition("(x")
+        out += [int(count)] * int(times.rstrip(")") or 1)
+    return out
+
+
 def task_slice(environ):
     """(cores, memory MiB) of the SLURM task we run in: its CPU affinity and its memory share."""
     cores = sorted(os.sched_getaffinity(0))
@@ -63,8 +72,10 @@ def task_slice(environ):
     if environ.get("SLURM_MEM_PER_CPU"):
         memory = int(environ["SLURM_MEM_PER_CPU"]) * cpus
     elif environ.get("SLURM_MEM_PER_NODE"):
-        tasks = int((environ.get("SLURM_TASKS_PER_NODE") or "1").split("(")[0].split(",")[0] or 1)
-        memory = int(environ["SLURM_MEM_PER_NODE"]) // max(tasks, 1)
+        layout = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or "1"
+        tasks = expand_tasks_per_node(layout)
+        node = int(environ.get("SLURM_NODEID") or 0)
+        memory = int(environ["SLURM_MEM_PER_NODE"]) // max(tasks[node] if node < len(tasks) else 1, 1)
     else:
         memory = 1024 * cpus
     return cores, memory

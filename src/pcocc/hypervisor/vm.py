@@ -17,11 +17,6 @@ START_TIMEOUT = 60
 STOP_TIMEOUT = 30
 
 
-def _drive_format(path):
-    with open(path, "rb") as f:
-        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
-
-
 class VM:
     """A running VM: qemu, its monitor, its guest agent channel."""
 
@@ -114,5 +109,5 @@ def drive_list(drives, expand):
         path = expand(d["path"])
         if not os.path.exists(path):
             raise PcoccError(f"persistent drive not found: {path}")
-        out.append((path, d["cache"], _drive_format(path)))
+        out.append((path, d["cache"], d["format"]))
     return out

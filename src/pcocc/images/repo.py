@@ -116,7 +116,14 @@ class Repository:
     @contextlib.contextmanager
     def _flock(self, which, exclusive):
         self.ensure()
-        fd = os.open(self._p(f".lock-{which}"), os.O_RDWR | os.O_CREAT, 0o644)
+        path = self._p(f".lock-{which}")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:  # a repository we may only read: flock works on a read-only fd too
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                raise PermissionDenied(f"repository '{self.name}' ({self.path}) is read-only for you") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield
@@ -185,14 +192,6 @@ class Repository:
             os.chmod(tmpfile, 0o444)
             os.rename(tmpfile, dest)
         return sha
-
-    def new_layer(self, parent_sha, size=None):
-        """A tmp path holding an empty qcow2 layer over the blob parent_sha."""
-        from pcocc.images import qemuimg
-
-        path = self.tmp_path("layer")
-        qemuimg.create_layer(path, f"../blobs/{parent_sha}", size)
-        return path
 
     def commit(self, name, layers, size, owner, new_image=False, description="", boot=None):
         """Publish a new revision of name (revision 0 of a new image when new_image)."""

@@ -106,13 +106,13 @@ class ImageStore:
         if repo.revisions(name):
             raise ImageExists(f"image '{repo.name}:{name}' already exists", "Delete it first, or choose another name.")
         boot_shas = [v for k, v in rev.boot.items() if k in ("kernel", "initrd") and v]
-        with repo.writing():
+        with repo.writing():  # held until the commit: gc must not take the new blobs before
             shas = list(rev.layers) + boot_shas
             for i, sha in enumerate(shas):
                 copy_blob(rev.repo, repo, sha)
                 if progress:
                     progress(100.0 * (i + 1) / len(shas))
-        return repo.commit(name, rev.layers, rev.size, self.owner, new_image=True, description=rev.description, boot=rev.boot)
+            return repo.commit(name, rev.layers, rev.size, self.owner, new_image=True, description=rev.description, boot=rev.boot)
 
     def delete(self, text):
         u = uri.parse(text)
@@ -130,7 +130,7 @@ class ImageStore:
     def add_layer(self, rev, fill, size=None):
         """A new revision of rev's image with one more layer written by fill(tmp_path)."""
         repo = rev.repo
-        with repo.writing():
+        with repo.writing():  # held until the commit: gc must not take the new blob before
             tmp = repo.tmp_path("layer")
             try:
                 fill(tmp)
@@ -138,7 +138,7 @@ class ImageStore:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        return repo.commit(rev.name, rev.layers + (sha,), size or rev.size, self.owner, boot=rev.boot, description=rev.description)
+            return repo.commit(rev.name, rev.layers + (sha,), size or rev.size, self.owner, boot=rev.boot, description=rev.description)
 
 
 def _format_from_extension(path):

@@ -5,6 +5,7 @@ Values are JSON text. A key with a ttl carries an expiry time and is invisible
 `Store.wait` polls cheaply.
 """
 
+import functools
 import os
 import sqlite3
 import time
@@ -18,6 +19,19 @@ INSERT OR IGNORE INTO meta VALUES ('revision', 0);
 """
 
 
+def _guarded(method):
+    """SQLite's errors (locked, read-only, I/O) as one-line store errors naming the file."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: {exc}") from None
+
+    return wrapper
+
+
 class SqliteStore(Store):
     def __init__(self, path):
         self.path = path
@@ -29,9 +43,12 @@ class SqliteStore(Store):
             raise StoreError(f"cannot open the state store {path}: {exc}") from None
         finally:
             os.umask(old_umask)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")  # a node-local file system: WAL does not work over NFS
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {path}: {exc}") from None
 
     def _tx(self):
         return _Tx(self.db)
@@ -49,9 +66,11 @@ class SqliteStore(Store):
         if self.db.execute("DELETE FROM kv WHERE expires IS NOT NULL AND expires <= ?", (time.time(),)).rowcount:
             self._bump()
 
+    @_guarded
     def get(self, key):
         return decode(self._live(key))
 
+    @_guarded
     def range(self, prefix):
         now = time.time()
         rows = self.db.execute(
@@ -60,6 +79,7 @@ class SqliteStore(Store):
         )
         return {k: decode(v) for k, v in rows}
 
+    @_guarded
     def put(self, key, value, ttl=None):
         with self._tx():
             self._write(key, value, ttl)
@@ -69,6 +89,7 @@ class SqliteStore(Store):
         self.db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?, ?)", (key, encode(value), expires))
         self._bump()
 
+    @_guarded
     def delete(self, key):
         with self._tx():
             gone = self.db.execute("DELETE FROM kv WHERE key=?", (key,)).rowcount > 0
@@ -76,6 +97,7 @@ class SqliteStore(Store):
                 self._bump()
             return gone
 
+    @_guarded
     def delete_prefix(self, prefix):
         with self._tx():
             n = self.db.execute("DELETE FROM kv WHERE key >= ? AND key < ?", (prefix, prefix + "\uffff")).rowcount
@@ -83,6 +105,7 @@ class SqliteStore(Store):
                 self._bump()
             return n
 
+    @_guarded
     def create(self, key, value, ttl=None):
         with self._tx():
             self._purge()
@@ -91,6 +114,7 @@ class SqliteStore(Store):
             self._write(key, value, ttl)
             return True
 
+    @_guarded
     def replace(self, key, old, new):
         with self._tx():
             self._purge()
@@ -104,6 +128,7 @@ class SqliteStore(Store):
                 self._write(key, new, None)
             return True
 
+    @_guarded
     def revision(self):
         return self.db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
 
