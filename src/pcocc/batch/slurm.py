@@ -8,8 +8,11 @@ then runs the user's shell or script and ends the cluster after it.
 """
 
 import os
+import os
 import shlex
+import shutil
 import subprocess
+import sys
 
 from pcocc import state
 from pcocc.batch.base import Backend
@@ -90,6 +93,26 @@ class SlurmBackend(Backend):
         if opts.get("licenses"):
             argv += ["-L", ",".join(opts["licenses"])]
         return argv
+
+
+    def submit_batch(self, n_vms, definition, opts, passthrough):
+        """sbatch a job whose script is the launcher; its job id."""
+        base = self.allocation_argv("sbatch", n_vms, opts, passthrough)
+        argv = base[:1] + ["--parsable", "--signal=15", "-o", "pcocc_%j.out", "-e", "pcocc_%j.err"] + base[1:]
+        out = run(argv + ["--wrap", quote(launcher_argv(_pcocc_bin(), definition, opts))]).stdout
+        return int(out.strip().split(";")[0])
+
+    def interactive_allocation(self, n_vms, definition, opts, passthrough):
+        """The salloc command line that runs the launcher (then the user's shell or script)."""
+        if shutil.which("salloc") is None:
+            raise NotFoundError("salloc not found: is SLURM's client installed on this host?")
+        extra = [] if opts.get("host_script") else ["--interactive"]
+        return self.allocation_argv("salloc", n_vms, opts, passthrough) + launcher_argv(_pcocc_bin(), definition, opts) + extra
+
+
+def _pcocc_bin():
+    """The pcocc beside this interpreter: what jobs run must be this very installation."""
+    return os.path.join(os.path.dirname(sys.executable), "pcocc")
 
 
 def launcher_argv(pcocc_bin, definition, opts):

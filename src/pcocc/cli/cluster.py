@@ -87,18 +87,13 @@ def _submit_local(app, definition, batch_opts, user_data, script=None):
     return backend, backend.submit(vms, resolved, opts), local["job_name"]
 
 
-def _slurm_launch(app, command, definition, batch_opts, user_data, **launcher_opts):
-    """salloc/sbatch argv running the launcher for definition."""
-    from pcocc.batch.slurm import launcher_argv
+def _slurm_opts(app, definition, batch_opts, user_data, **launcher_opts):
+    """(number of VMs, launcher options) for a SLURM submission; checks the definition first."""
     from pcocc.cluster import parse_definition
 
-    vms = parse_definition(definition, app.config.templates)  # checks the definition before submitting
+    vms = parse_definition(definition, app.config.templates)
     name = _slurm_name(batch_opts) or "pcocc"
-    backend = app.ctx.backend()
-    opts = {"name": name, "user_data": os.path.abspath(user_data) if user_data else None, **launcher_opts}
-    pcocc_bin = os.path.join(os.path.dirname(sys.executable), "pcocc")
-    base = backend.allocation_argv(command, len(vms), opts, batch_opts)
-    return base, launcher_argv(pcocc_bin, definition, opts)
+    return len(vms), {"name": name, "user_data": os.path.abspath(user_data) if user_data else None, **launcher_opts}
 
 
 def _progress(app, jobid):
@@ -120,8 +115,9 @@ def alloc(app, restart_ckpt, user_data, alloc_script, args):
     batch_opts, definition = _split(args)
     script = os.path.abspath(alloc_script) if alloc_script else None
     if app.config.batch.type == "slurm":
-        base, launcher = _slurm_launch(app, "salloc", definition, batch_opts, user_data, host_script=script)
-        os.execvp("salloc", base + launcher + ([] if script else ["--interactive"]))
+        n_vms, opts = _slurm_opts(app, definition, batch_opts, user_data, host_script=script)
+        argv = app.ctx.backend().interactive_allocation(n_vms, definition, opts, batch_opts)
+        os.execvp(argv[0], argv)
     backend, jobid, name = _submit_local(app, definition, batch_opts, user_data)
     try:
         app.info(f"cluster {jobid} starting")
@@ -151,14 +147,10 @@ def batch(app, restart_ckpt, user_data, batch_script, host_script, wait, args):
     batch_opts, definition = _split(args)
     script = os.path.abspath(batch_script) if batch_script else None
     if app.config.batch.type == "slurm":
-        from pcocc.batch.slurm import quote
-        from pcocc.runner import run
-
-        base, launcher = _slurm_launch(app, "sbatch", definition, batch_opts, user_data, script=script,
-                                       host_script=os.path.abspath(host_script) if host_script else None)
-        out = run(base[:1] + ["--parsable", "--signal=15", "-o", "pcocc_%j.out", "-e", "pcocc_%j.err"] + base[1:] + ["--wrap", quote(launcher)]).stdout
-        jobid = int(out.strip().split(";")[0])
+        n_vms, opts = _slurm_opts(app, definition, batch_opts, user_data, script=script,
+                                  host_script=os.path.abspath(host_script) if host_script else None)
         backend = app.ctx.backend()
+        jobid = backend.submit_batch(n_vms, definition, opts, batch_opts)
     else:
         if host_script:
             raise UsageError("-E/--host-script needs the SLURM backend (on one host, use 'pcocc alloc -E')")
