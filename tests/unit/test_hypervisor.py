@@ -140,3 +140,10 @@ def test_persistent_drive_format_is_never_probed():
     assert _drive("/d/data.raw")["format"] == "raw"
     assert _drive("/d/data.qcow2")["format"] == "qcow2"
     assert _drive({"/d/data.img": {"cache": "none", "mmp": True, "backup": None, "format": "qcow2"}})["format"] == "qcow2"
+
+
+def test_commas_in_paths_cannot_add_qemu_options(tmp_path):
+    c = cfg(tmp_path)
+    c.mounts = [("data", "/data,readonly=off,x=y", False)]
+    argv = command_line(c)
+    assert "local,id=fs_data,path=/data,,readonly=off,,x=y,security_model=none" in argv

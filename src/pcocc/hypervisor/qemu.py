@@ -27,6 +27,11 @@ class VMConfig:
         return os.path.join(self.rundir, name)
 
 
+def _q(value):
+    """A value inside a qemu option list: a comma is written twice (else it would start an option)."""
+    return str(value).replace(",", ",,")
+
+
 def command_line(vm):
     s = vm.settings
     topo = vm.topology
@@ -38,23 +43,23 @@ def command_line(vm):
     argv += ["-smp", f"{topo.vcpus},sockets=1,cores={topo.vcpus},threads=1", "-m", f"{topo.memory_mb}M"]
     argv += numa_args(topo)
     # Control: QMP, serial console (qemu keeps the log), guest agent channel.
-    argv += ["-qmp", f"unix:{vm.path('qmp.sock')},server=on,wait=off"]
-    argv += ["-chardev", f"socket,id=console,path={vm.path('console.sock')},server=on,wait=off,logfile={vm.path('console.log')},logappend=on"]
+    argv += ["-qmp", f"unix:{_q(vm.path('qmp.sock'))},server=on,wait=off"]
+    argv += ["-chardev", f"socket,id=console,path={_q(vm.path('console.sock'))},server=on,wait=off,logfile={_q(vm.path('console.log'))},logappend=on"]
     argv += ["-serial", "chardev:console"]
     argv += ["-device", "virtio-rng-pci"]  # guest entropy at boot: without it, ssh key generation stalls
     argv += ["-device", "virtio-serial-pci,id=vser0"]
-    argv += ["-chardev", f"socket,id=qga0,path={vm.path('qga.sock')},server=on,wait=off"]
+    argv += ["-chardev", f"socket,id=qga0,path={_q(vm.path('qga.sock'))},server=on,wait=off"]
     argv += ["-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0,id=qga0port"]
     argv += _disks(vm)
     if vm.seed:
-        argv += ["-drive", f"file={vm.seed},if=none,id=seed,format=raw,readonly=on", "-device", "virtio-blk-pci,drive=seed"]
+        argv += ["-drive", f"file={_q(vm.seed)},if=none,id=seed,format=raw,readonly=on", "-device", "virtio-blk-pci,drive=seed"]
     for tag, path, readonly in vm.mounts:
-        argv += ["-fsdev", f"local,id=fs_{tag},path={path},security_model=none{',readonly=on' if readonly else ''}"]
+        argv += ["-fsdev", f"local,id=fs_{tag},path={_q(path)},security_model=none{',readonly=on' if readonly else ''}"]
         argv += ["-device", f"virtio-9p-pci,fsdev=fs_{tag},mount_tag={tag}"]
     for nic in vm.nics:
         argv += nic
     if s.get("remote-display") == "spice":
-        argv += ["-vga", "qxl", "-spice", f"unix=on,addr={vm.path('spice.sock')},disable-ticketing=on"]
+        argv += ["-vga", "qxl", "-spice", f"unix=on,addr={_q(vm.path('spice.sock'))},disable-ticketing=on"]
     custom = list(s.get("custom-args") or [])
     kernel = s.get("kernel")
     if kernel:  # the template's kernel wins over the image's own
@@ -81,7 +86,7 @@ def _disks(vm):
         args += ["-device", "virtio-scsi-pci,id=scsi0"]
     disks = ([(vm.disk, s["disk-cache"], "qcow2")] if vm.disk else []) + list(vm.drives)
     for i, (path, cache, fmt) in enumerate(disks):
-        args += ["-drive", f"file={path},if=none,id=disk{i},cache={cache},format={fmt}"]
+        args += ["-drive", f"file={_q(path)},if=none,id=disk{i},cache={cache},format={fmt}"]
         bus = ",bus=scsi0.0" if model == "virtio-scsi" else ""
         boot = ",bootindex=1" if i == 0 else ""
         args += ["-device", f"{_DISK_DEVICES[model]},drive=disk{i}{bus}{boot}"]
