@@ -143,5 +143,5 @@ class Backend:
         with ControlClient(tuple(vms[rank]["control"]), ca_pem=creds["ca"], cert_pem=creds["cert"], key_pem=creds["key"], timeout=None) as client:
             path = f"/tmp/pcocc-batch-{jobid}"
             client.call("writefile", path=path, data_b64=encode_bytes(data), mode=0o755)
-            result = client.call("exec", argv=["/bin/sh", "-c", f'"$0"; status=$?; rm -f "$0"; exit $status', path], timeout=None)
+            result = client.call("exec", argv=["/bin/sh", "-c", f'"$0"; status=$?; rm -f "$0"; exit $status', path], timeout=10**9)
         return result["exit"], decode_bytes(result["stdout_b64"]), decode_bytes(result["stderr_b64"])
