@@ -26,6 +26,10 @@ class Backend:
         """Whether the job still runs (its supervisor, or its SLURM job)."""
         raise NotImplementedError
 
+    def where_to_look(self, jobid):
+        """A hint naming the logs of a job that failed to start, or None."""
+        return None
+
     # -- shared
     def cluster_info(self, jobid, vms, resolved, opts, **extra):
         """The cluster's record in the store: definition, owner, VMs with their settings."""
@@ -109,7 +113,8 @@ class Backend:
                 seen = True
             except (NotFoundError, PermissionDenied):  # not recorded yet, no account yet (a first job), or gone
                 if not alive(jobid):
-                    raise PcoccError(f"cluster {jobid} ended before all its VMs ran" if seen else f"cluster {jobid} ended before it started") from None
+                    what = "ended before all its VMs ran" if seen else "ended before it started"
+                    raise PcoccError(f"cluster {jobid} {what}", self.where_to_look(jobid)) from None
                 info, vms = None, []
             if info is not None:
                 failed_nodes = [(n, s) for n, s in info["nodes"].items() if s.get("state") == "failed"]

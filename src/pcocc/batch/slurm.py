@@ -46,6 +46,9 @@ class SlurmBackend(Backend):
         job = self.squeue(jobid).get(jobid)
         return job is not None and job["state"] in ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING")
 
+    def where_to_look(self, jobid):
+        return f"See pcocc_{jobid}.out and pcocc_{jobid}.err where you submitted it."
+
     def jobs(self, user=None):
         """[(info, vms)] of a user's running pcocc jobs: squeue's view, with the store's for our own."""
         user = user or self.user
