@@ -4,7 +4,10 @@
  * For an srun step with --vm, in slurmstepd as root, on each node of the step:
  *   - before the tasks start (init_post_opt, once per node and step):
  *       pcocc internal setup create --jobid J --uid U --tasks-on-node T
- *     If it fails, every task fails and srun prints the command's message.
+ *     with SLURM_STEP_NODELIST (the step's nodes) and PCOCC_LOCAL_RANKS (the
+ *     global ids of this node's tasks, i.e. its VM ranks, comma-separated) in
+ *     its environment. If it fails, every task fails and srun prints the
+ *     command's message.
  *   - after the last local task has exited (or at slurmstepd's end if none ran):
  *       pcocc internal setup delete --jobid J --uid U
  * The command's environment is slurmd's (OVS_RUNDIR, ...) plus SLURM_JOB_ID,
@@ -82,37 +85,52 @@ static double now(void)
 	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-/* slurmstepd's environment plus the step's ids; built before fork (no malloc in the child). */
-static char **step_env(uint32_t job, uint32_t step, uint32_t uid)
+/*
+ * slurmstepd's environment plus the step's ids and the caller's extra "K=V"
+ * strings (not copied); built before fork (no malloc in the child).
+ */
+static char **step_env(uint32_t job, uint32_t step, uint32_t uid, char **extra)
 {
 	extern char **environ;
-	size_t n = 0, k = 0;
+	static const char *const ours[] = { "SLURM_JOB_ID=", "SLURM_STEP_ID=", "SLURM_JOB_UID=",
+					    "SLURM_STEP_NODELIST=", "PCOCC_LOCAL_RANKS=", NULL };
+	size_t n = 0, nextra = 0, k = 0;
 	char **env;
 
 	while (environ[n])
 		n++;
-	env = calloc(n + 4, sizeof *env);
+	while (extra && extra[nextra])
+		nextra++;
+	env = calloc(n + 3 + nextra + 1, sizeof *env);
 	if (!env)
 		return NULL;
-	for (size_t i = 0; i < n; i++)
-		if (strncmp(environ[i], "SLURM_JOB_ID=", 13) && strncmp(environ[i], "SLURM_STEP_ID=", 14)
-		    && strncmp(environ[i], "SLURM_JOB_UID=", 14))
+	for (size_t i = 0; i < n; i++) {
+		int keep = 1;
+		for (const char *const *o = ours; *o; o++)
+			if (!strncmp(environ[i], *o, strlen(*o)))
+				keep = 0;
+		if (keep)
 			env[k++] = environ[i];
+	}
 	if (asprintf(&env[k++], "SLURM_JOB_ID=%u", job) < 0 || asprintf(&env[k++], "SLURM_STEP_ID=%u", step) < 0
 	    || asprintf(&env[k++], "SLURM_JOB_UID=%u", uid) < 0) {
 		free(env);  /* a few bytes may leak on this unlikely path */
 		return NULL;
 	}
+	for (size_t i = 0; i < nextra; i++)
+		env[k++] = extra[i];
 	return env;
 }
 
-static void free_env(char **env)
+static void free_env(char **env, char **extra)
 {
-	size_t n = 0;
+	size_t n = 0, nextra = 0;
 
 	while (env[n])
 		n++;
-	for (size_t i = n - 3; i < n; i++)  /* the three we made */
+	while (extra && extra[nextra])
+		nextra++;
+	for (size_t i = n - nextra - 3; i < n - nextra; i++)  /* the three we made */
 		free(env[i]);
 	free(env);
 }
@@ -166,7 +184,7 @@ static void one_line(char *msg, size_t msglen)
  * Run argv, collecting its output (the tail, if long) in msg.
  * Returns its exit status, or -1 if it could not run or ran out of time.
  */
-static int run(char *const argv[], uint32_t job, uint32_t step, uint32_t uid, char *msg, size_t msglen)
+static int run(char *const argv[], uint32_t job, uint32_t step, uint32_t uid, char **extra, char *msg, size_t msglen)
 {
 	int fds[2], status = 0;
 	size_t len = 0;
@@ -175,13 +193,13 @@ static int run(char *const argv[], uint32_t job, uint32_t step, uint32_t uid, ch
 	pid_t pid;
 
 	msg[0] = '\0';
-	if (!(env = step_env(job, step, uid))) {
+	if (!(env = step_env(job, step, uid, extra))) {
 		snprintf(msg, msglen, "out of memory");
 		return -1;
 	}
 	if (pipe2(fds, O_CLOEXEC) < 0) {
 		snprintf(msg, msglen, "pipe: %s", strerror(errno));
-		free_env(env);
+		free_env(env, extra);
 		return -1;
 	}
 	pid = fork();
@@ -189,13 +207,13 @@ static int run(char *const argv[], uint32_t job, uint32_t step, uint32_t uid, ch
 		snprintf(msg, msglen, "fork: %s", strerror(errno));
 		close(fds[0]);
 		close(fds[1]);
-		free_env(env);
+		free_env(env, extra);
 		return -1;
 	}
 	if (pid == 0)
 		exec_child(fds[1], argv, env);
 	close(fds[1]);
-	free_env(env);
+	free_env(env, extra);
 	for (;;) {
 		struct pollfd pfd = { .fd = fds[0], .events = POLLIN };
 		int left = (int) ((deadline - now()) * 1000);
@@ -300,11 +318,27 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 	snprintf(stasks, sizeof stasks, "%u", tasks);
 	char *argv[] = { pcocc_bin, "internal", "setup", "create", "--jobid", sjob,
 			 "--uid", suid, "--tasks-on-node", stasks, NULL };
+	/* what node setup cannot ask slurmctld cheaply: the step's nodes, the ranks of our tasks */
+	static char nodelist[4096 + 32], ranks[MSG_MAX * 4];
+	char *extra[3] = { NULL, NULL, NULL }, **more = extra;
+	size_t len = snprintf(ranks, sizeof ranks, "PCOCC_LOCAL_RANKS=");
+
+	strcpy(nodelist, "SLURM_STEP_NODELIST=");
+	if (spank_getenv(sp, "SLURM_STEP_NODELIST", nodelist + strlen(nodelist), sizeof nodelist - strlen(nodelist)) == ESPANK_SUCCESS)
+		*more++ = nodelist;
+	for (uint32_t i = 0; i < tasks; i++) {
+		uint32_t gid;
+		if (spank_get_item(sp, S_JOB_LOCAL_TO_GLOBAL_ID, i, &gid) != ESPANK_SUCCESS || len + 12 >= sizeof ranks)
+			break;
+		len += snprintf(ranks + len, sizeof ranks - len, "%s%u", i ? "," : "", gid);
+		if (i + 1 == tasks)
+			*more++ = ranks;
+	}
 
 	slurm_info("pcocc: job %u step %u: %s internal setup create --jobid %s --uid %s --tasks-on-node %s",
 		   job, step, pcocc_bin, sjob, suid, stasks);
 	setup_started = 1;  /* even a failed create may have left something to delete */
-	rc = run(argv, job, step, uid, msg, sizeof msg);
+	rc = run(argv, job, step, uid, extra, msg, sizeof msg);
 	if (rc != 0) {
 		snprintf(setup_error, sizeof setup_error, "%s", msg[0] ? msg : "no message");
 		slurm_error("pcocc: node setup failed for job %u (status %d): %s", job, rc, setup_error);
@@ -347,7 +381,7 @@ static void setup_delete(spank_t sp)
 	char *argv[] = { pcocc_bin, "internal", "setup", "delete", "--jobid", sjob, "--uid", suid, NULL };
 
 	slurm_info("pcocc: job %u step %u: %s internal setup delete --jobid %s --uid %s", job, step, pcocc_bin, sjob, suid);
-	rc = run(argv, job, step, uid, msg, sizeof msg);
+	rc = run(argv, job, step, uid, NULL, msg, sizeof msg);
 	if (rc != 0)
 		slurm_error("pcocc: node cleanup failed for job %u (status %d): %s", job, rc,
 			    msg[0] ? msg : "no message");

@@ -3,8 +3,16 @@
 Run as root by the SPANK plugin (create when a job's first --vm step starts on
 the node, delete when it ends), under a node-wide lock. The node publishes its
 state in the store (network-config -> complete, or failed with the reason)
-where the launcher waits for it. Networks (their host objects and the undo
-log that removes them) plug in here.
+where the launcher waits for it.
+
+Every host object is recorded in the job's undo log (networks/undo.py) before
+it is made: delete replays the job's log, cleanup every job's, and create
+first replays the logs of jobs SLURM no longer runs (a setup that was killed),
+so nothing of theirs is in the way of the next job.
+
+Which VMs a node hosts comes from the SPANK plugin: PCOCC_LOCAL_RANKS (the
+global task ids of the step's tasks on this node, which are the VM ranks)
+and SLURM_STEP_NODELIST (the step's nodes, for the tunnels between them).
 """
 
 import contextlib
@@ -12,9 +20,13 @@ import fcntl
 import logging
 import os
 import pwd
+import time
 
 from pcocc import state
-from pcocc.errors import PcoccError, UsageError
+from pcocc.errors import CommandError, PcoccError, UsageError
+from pcocc.networks import jobnet
+from pcocc.networks.undo import UndoLog
+from pcocc.runner import run
 
 log = logging.getLogger("pcocc.setup")
 
@@ -46,29 +58,59 @@ def _node_key(ctx, user, jobid):
     return state.cluster_prefix(user, jobid) + f"nodes/{ctx.hostname}"
 
 
-def create(ctx, jobid, uid, tasks):
-    """Set this node up for the job; publish complete, or failed with the reason."""
+def create(ctx, jobid, uid, tasks, ranks=None, step_nodes=None):
+    """Set this node up for the job; publish complete, or failed with the reason.
+
+    ranks: the VM ranks of this node; step_nodes: the step's nodes (default: this one).
+    """
     user = _user(uid)
     key = _node_key(ctx, user, jobid)
     if ctx.config.batch.settings["etcd-auth-type"] == "password" and ctx.config.batch.store == "etcd":
         from pcocc.store.etcdauth import ensure_user
 
         ensure_user(ctx.store, user)  # the user's first job: its etcd account and role
-    ctx.store.put(key, {"state": "network-config", "tasks": tasks})
+    record = {"state": "network-config", "tasks": tasks}
+    ctx.store.put(key, record)
+    started = time.monotonic()
     try:
+        node_plan = _plan(ctx, jobid, user, ranks)
+        record.update(node_plan.record())
+        ctx.store.put(key, record)
+        nodes = step_nodes or [ctx.hostname]
+        peers = {}
+        if node_plan.endpoint:
+            peers = jobnet.wait_peers(ctx.store, _nodes_key(user, jobid), nodes, ctx.hostname, job_alive, jobid)
+        waited = time.monotonic()
         with node_lock(ctx.env):
-            pass  # the job's networks are created here, each recorded in the undo log first
+            _reclaim_dead(ctx, jobid)
+            common = dict(jobid=jobid, uid=uid, host=ctx.hostname, nodes=nodes, environ=ctx.env.environ, store=ctx.store,
+                          undo=undo_log(ctx.env), owner_alive=_owner_alive(), nodes_key=_nodes_key(user, jobid))
+            record["objects"] = jobnet.setup_node(node_plan, peers, common)
+        # seconds waiting for the cluster's record and the other nodes, then making things
+        record["timings"] = {"wait": round(waited - started, 3), "create": round(time.monotonic() - waited, 3)}
     except (PcoccError, OSError) as exc:
         reason = getattr(exc, "message", None) or f"{exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}".rstrip(": ")
-        ctx.store.put(key, {"state": "failed", "error": reason, "tasks": tasks})
+        ctx.store.put(key, {**record, "state": "failed", "error": reason})
         raise PcoccError(f"node setup failed on {ctx.hostname}: {reason}") from None
-    ctx.store.put(key, {"state": "complete", "tasks": tasks})
+    ctx.store.put(key, {**record, "state": "complete"})
+
+
+def _plan(ctx, jobid, user, ranks):
+    if not ctx.config.networks:  # no network anywhere: no need for the cluster's record
+        return jobnet.NodePlan()
+    info = jobnet.wait_info(ctx.store, user, jobid, job_alive)
+    if ranks is None:
+        if any(jobnet.vm_networks(ctx.config, vm["settings"]) for vm in info["vms"]):
+            raise PcoccError("the VM ranks of this node are unknown (PCOCC_LOCAL_RANKS, set by the SPANK plugin)")
+        ranks = []
+    return jobnet.plan(ctx.config, info, ranks, ctx.env.environ, ctx.hostname)
 
 
 def delete(ctx, jobid, uid):
     """Undo what create did for the job on this node (idempotent)."""
     user = _user(uid)
     with node_lock(ctx.env):
+        undo_log(ctx.env).replay(jobid, jobnet.undo_actions(ctx.env.environ, ctx.store))
         ctx.store.delete(_node_key(ctx, user, jobid))
 
 
@@ -80,4 +122,64 @@ def init(ctx):
 def cleanup(ctx):
     """Undo every job's setup on this node (after a crash or for maintenance)."""
     with node_lock(ctx.env):
-        pass  # nothing is recorded on the node yet: networks bring the undo log
+        log_ = undo_log(ctx.env)
+        actions = jobnet.undo_actions(ctx.env.environ, ctx.store)
+        errors = []
+        for job in log_.jobs():
+            try:
+                log_.replay(job, actions)
+            except PcoccError as exc:
+                errors.append(exc.message)
+        if errors:
+            raise PcoccError("; ".join(errors))
+
+
+def undo_log(env):
+    return UndoLog(node_state_dir(env))
+
+
+def _nodes_key(user, jobid):
+    return state.cluster_prefix(user, jobid) + "nodes/"
+
+
+def _reclaim_dead(ctx, jobid):
+    """Replay the logs of jobs that no longer run here (a setup killed before its delete)."""
+    log_ = undo_log(ctx.env)
+    for job in log_.jobs():
+        if job != jobid and not job_alive(job):
+            log.info("job %s is gone: undoing what its setup left on this node", job)
+            try:
+                log_.replay(job, jobnet.undo_actions(ctx.env.environ, ctx.store))
+            except PcoccError as exc:  # its leftovers stay recorded; they only matter if in the way
+                log.warning("%s", exc.message)
+
+
+# SLURM job states after which nothing of the job runs any more
+_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+          "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT"}
+
+
+def job_alive(jobid):
+    """Whether SLURM still knows the job as pending, running or ending; True when it cannot tell."""
+    try:
+        # -a: jobs of hidden partitions too (for squeue they are not there otherwise)
+        out = run(["squeue", "-a", "-h", "-j", str(jobid), "-o", "%T"], timeout=30).stdout.split()
+    except CommandError as exc:
+        return "Invalid job id" not in exc.stderr
+    return bool(out) and out[0] not in _ENDED
+
+
+def _owner_alive():
+    """For the id pools: whether the job of an owner "JOBID:..." runs (one squeue, on first use)."""
+    live = []
+
+    def alive(owner):
+        if not live:
+            try:
+                out = run(["squeue", "-a", "-h", "-o", "%i %T"], timeout=30).stdout
+                live.append({f[0] for f in map(str.split, out.splitlines()) if len(f) == 2 and f[1] not in _ENDED})
+            except CommandError:
+                live.append(None)  # cannot tell: reclaim nothing
+        return live[0] is None or str(owner).split(":")[0] in live[0]
+
+    return alive

@@ -19,6 +19,7 @@ from pcocc.agent.endpoint import ControlServer, decode_bytes, encode_bytes
 from pcocc.agent.qga import GuestAgent
 from pcocc.errors import NotFoundError, PcoccError
 from pcocc.hypervisor import accel, seed, topology, vm as vmlib
+from pcocc.networks import jobnet
 
 log = logging.getLogger("pcocc.run")
 
@@ -37,10 +38,10 @@ class ControlHandler:
         self.agent.ping()
         return {"pong": True}
 
-    def op_exec(self, argv, user=None, input_b64=None, timeout=3600):
+    def op_exec(self, argv, user=None, input_b64=None, timeout=None):
         if user and user != "root":
             argv = ["su", "-s", "/bin/sh", user, "-c", shlex.join(argv)]
-        code, out, err = self.agent.exec(argv, input=decode_bytes(input_b64) if input_b64 else None, timeout=timeout)
+        code, out, err = self.agent.exec(argv, input=decode_bytes(input_b64) if input_b64 else None, timeout=timeout or 10**9)
         return {"exit": code, "stdout_b64": encode_bytes(out), "stderr_b64": encode_bytes(err)}
 
     def op_writefile(self, path, data_b64, mode=None):
@@ -191,9 +192,18 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
         mounts.append((tag, path, m["readonly"]))
     cfg_args = dict(
         name=f"vm{rank}", rundir=rundir, settings=settings, accel=chosen, topology=topo, mounts=mounts,
-        drives=vmlib.drive_list(settings["persistent-drives"], expand),
+        drives=vmlib.drive_list(settings["persistent-drives"], expand), nics=_nics(ctx, info, settings, rank),
     )
     return vmlib.prepare(cfg_args, rev, os.path.join(rundir, "disk.qcow2"), (meta, user), rundir)
+
+
+def _nics(ctx, info, settings, rank):
+    """The NICs of the VM's resource set, in order; their host side was made by node setup."""
+    nets = jobnet.vm_networks(ctx.config, settings)
+    if nets and info.get("backend") == "local":
+        raise PcoccError(f"resource set '{settings['resource-set']}' has networks ({', '.join(n.name for n in nets)}), "
+                         "which the local backend does not set up yet: use a resource set without networks")
+    return jobnet.nic_args(ctx.config, settings, info["jobid"], rank)
 
 
 def _user_data(settings, info, expand):

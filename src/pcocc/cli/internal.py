@@ -36,12 +36,23 @@ def setup():
 @click.option("-j", "--jobid", type=int, required=True)
 @click.option("--uid", type=int, required=True, help="Uid of the job's owner.")
 @click.option("--tasks-on-node", type=int, default=1)
+@click.option("--ranks", default=lambda: os.environ.get("PCOCC_LOCAL_RANKS"),
+              help="VM ranks on this node, comma-separated (default: $PCOCC_LOCAL_RANKS, set by the SPANK plugin).")
+@click.option("--nodes", "step_nodes", default=lambda: os.environ.get("SLURM_STEP_NODELIST"),
+              help="The step's nodes, in SLURM's syntax (default: $SLURM_STEP_NODELIST).")
 @pass_app
-def setup_create(app, jobid, uid, tasks_on_node):
+def setup_create(app, jobid, uid, tasks_on_node, ranks, step_nodes):
     """Set this node up for a job."""
     from pcocc import nodesetup
+    from pcocc.errors import UsageError
+    from pcocc.networks.jobnet import expand_nodes
 
-    nodesetup.create(app.ctx, jobid, uid, tasks_on_node)
+    try:
+        rank_list = [int(r) for r in ranks.split(",") if r.strip()] if ranks is not None else None
+    except ValueError:
+        raise UsageError(f"--ranks: expected comma-separated numbers, got {ranks!r}") from None
+    nodes = expand_nodes(step_nodes, app.ctx.env.environ) if step_nodes else None
+    nodesetup.create(app.ctx, jobid, uid, tasks_on_node, rank_list, nodes)
 
 
 @setup.command("delete")

@@ -1,7 +1,8 @@
 """Private Ethernet between the VMs of a cluster (Open vSwitch + VXLAN), L2 or L3."""
 
 from pcocc.config.schema import Bool, Enum, F, Int, Str, Struct
-from pcocc.networks import NetworkType, register
+from pcocc.errors import NotAvailableError, PcoccError
+from pcocc.networks import NetworkType, names, register
 
 _CIDR = Str(r"\d{1,3}(\.\d{1,3}){3}/\d{1,2}", "an IPv4 network like 10.200.0.0/16")
 
@@ -36,4 +37,82 @@ SETTINGS = Struct(
     }
 )
 
-register(NetworkType("ethernet", ("eth",), SETTINGS, "private Ethernet over Open vSwitch and VXLAN"))
+VNI_POOL = ("vxlan", 1000, 16_000_000)  # cluster-wide VXLAN ids; below 1000 left to the site
+
+
+def bridge_name(settings, jobid):
+    return names.dev_name(settings["dev-prefix"], "b", jobid)
+
+
+def tap_name(settings, jobid, rank):
+    """The tap of VM `rank` (node setup makes it, the VM's qemu opens it)."""
+    return names.dev_name(settings["dev-prefix"], "t", jobid, rank)
+
+
+def tunnel_port_name(settings, jobid, peer_index):
+    return names.dev_name(settings["dev-prefix"], "x", jobid, peer_index)
+
+
+def vm_mac(settings, rank):
+    try:
+        return names.mac_address(settings["mac-prefix"], rank, settings["mac-start-offset"])
+    except ValueError as exc:
+        raise PcoccError(str(exc)) from None
+
+
+class EthernetDriver:
+    """L2: one OVS bridge per job and node, a tap per local VM, a VXLAN tunnel to each
+    other node of the job with the job's VNI. NORMAL switching is enough: each job has
+    its own bridge and VNI, so jobs cannot see each other."""
+
+    needs_peers = True
+
+    def __init__(self, network):
+        self.network = network
+        self.settings = network.settings
+
+    def check(self):
+        layer = self.settings["network-layer"]
+        if layer != "L2":
+            raise NotAvailableError(f"network '{self.network.name}': network-layer {layer} is not available yet (use L2)")
+
+    def node_setup(self, job):
+        from pcocc.allocator import Pool
+        from pcocc.networks.hostnet import Ip, Ovs
+
+        self.check()
+        s, jobid = self.settings, job.jobid
+        ovs, ip = Ovs(job.environ), Ip(job.environ)
+        owner = f"{jobid}:{self.network.name}"
+        job.undo.record(jobid, "pool", pool=VNI_POOL[0], owner=owner, nodes=job.nodes_key, host=job.host)
+        (vni,) = Pool(job.store, *VNI_POOL).allocate(owner, alive=job.owner_alive)
+        bridge = bridge_name(s, jobid)
+        job.undo.record(jobid, "ovs-bridge", bridge=bridge)
+        ovs.add_bridge(bridge, s["datapath-type"])
+        for rank in job.ranks:
+            tap = tap_name(s, jobid, rank)
+            job.undo.record(jobid, "tap", name=tap)
+            ip.add_tap(tap, job.uid, s["mtu"])
+            job.undo.record(jobid, "ovs-port", bridge=bridge, port=tap)  # undone first: OVS lets go of the tap
+            ovs.add_port(bridge, tap)
+        for index, host in enumerate(job.nodes):
+            if host in job.peers:
+                port = tunnel_port_name(s, jobid, index)
+                job.undo.record(jobid, "ovs-port", bridge=bridge, port=port)
+                ovs.add_vxlan_port(bridge, port, job.peers[host], vni)
+        return {"bridge": bridge, "vni": vni}
+
+    def nic_args(self, jobid, rank, index, nic_model):
+        self.check()
+        s = self.settings
+        model = "virtio-net-pci" if nic_model == "virtio-net" else nic_model
+        netdev = f"tap,id=net{index},ifname={tap_name(s, jobid, rank)},script=no,downscript=no"
+        if s["datapath-type"] == "netdev":
+            netdev += ",vnet_hdr=off"  # the userspace datapath forwards partial checksums unfixed: TCP would fail
+        device = f"{model},netdev=net{index},mac={vm_mac(s, rank)}"
+        if s["mtu"] != 1500 and model.startswith("virtio-net"):
+            device += f",host_mtu={s['mtu']}"  # the guest learns the MTU from the device
+        return ["-netdev", netdev, "-device", device]
+
+
+register(NetworkType("ethernet", ("eth",), SETTINGS, "private Ethernet over Open vSwitch and VXLAN", EthernetDriver))

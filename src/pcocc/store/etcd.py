@@ -170,6 +170,9 @@ class EtcdClient:
                     if attempt == 0 and exc.code == _UNAUTHENTICATED and self.user:
                         self._token = None  # expired, or minted by another member
                         continue
+                    if attempt == 0 and "revision of auth store is old" in exc.message and self.user:
+                        self._token = None  # minted before an account or role changed (another node's setup)
+                        continue
                     raise self._explain(exc, what) from None
 
     def _request(self, path, body):

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from pcocc.errors import NotFoundError, PermissionDenied, UsageError
-from pcocc.testcluster import etcd, munge, net, ovs, pcoccconf, pkgs, proc, slurm, spank, users
+from pcocc.testcluster import etcd, munge, net, ovs, pcoccconf, pkgs, proc, slurm, spank, tun, users
 from pcocc.testcluster.net import ClashError, Layout
 from pcocc.testcluster.state import State
 
@@ -86,6 +86,9 @@ class TestCluster:
     def ovs_rundir(self, node):
         return str(ovs.rundir(self.base, node))
 
+    def node_state_dir(self, node):
+        return str(pcoccconf.node_state_dir(self.base, node))
+
     @property
     def pcocc_link(self):
         """The `pcocc` the SPANK plugin runs: a symlink, so tests can swap it without restarting slurmd."""
@@ -108,7 +111,7 @@ class TestCluster:
             pkgs.ensure(self.ovs, log=self.log)
             self._lap("packages")
         _check_reachable(self.base)
-        net.check_clashes(self.layout)
+        net.check_clashes(self.layout, self.ovs)
         self.base.mkdir(parents=True, exist_ok=True)
         self.base.chmod(0o755)  # the test user reaches the munge socket, slurm.conf and the plugin
         state = State(self.base)
@@ -130,6 +133,8 @@ class TestCluster:
         self.use_pcocc(self.pcocc)
         munged = self._keep(munge.start(state, base))
         net.create(state, L, self.ovs)
+        if self.ovs:
+            tun.open_up(state, self.id)  # the users' qemu attach to their taps
         self._lap("network")
         etcd_proc = self._keep(etcd.start(state, base, L))
         switches = {}
@@ -143,12 +148,13 @@ class TestCluster:
         ctld = self._keep(slurm.start_controller(state, base, L))
         # slurmd registers once at start: if slurmctld is not listening yet, the node waits for its next ping
         slurm.wait_controller(base, L, ctld)
-        slurmds = {f"slurmd:{n}": self._keep(slurm.start_node(state, base, L, n)) for n in L.node_names}
+        slurmds = {f"slurmd:{n}": self._keep(slurm.start_node(state, base, L, n, self.ovs)) for n in L.node_names}
         etcd.wait(base, L, etcd_proc)
         pcoccconf.enable_etcd_auth(base, L)
         self._lap("etcd")
         for n, switch in switches.items():
             ovs.wait(base, L, n, switch)
+            ovs.add_tunnel_bridge(base, L, n)
         if switches:
             self._lap("ovs")
         slurm.wait_idle(base, L, {"slurmctld": ctld, **slurmds})
@@ -193,6 +199,7 @@ class TestCluster:
         proc.stop(list(leaders.values()) + members)
         self._lap("down: processes stopped")
         net.destroy(state)
+        tun.restore(state, self.id)
         self._lap("down: network removed")
         for name in state["users"]:
             users.remove(name)
@@ -248,15 +255,23 @@ class TestCluster:
         return self._run([], argv, user, env, check, timeout, input, cwd)
 
     def onnode(self, node, argv, *, user=None, env=None, check=False, timeout=120, input=None, cwd=None):
-        """Run argv in node's network and UTS namespaces (its OVS_RUNDIR set), as root or as user."""
+        """Run argv in node's network and UTS namespaces (with slurmd's node variables: OVS_RUNDIR...), as root or as user."""
+        extra = {**self.node_env(node), **(env or {})}
+        return self._run(self.enter_argv(node), argv, user, extra, check, timeout, input, cwd)
+
+    def enter_argv(self, node):
+        """The command prefix that enters node's network and UTS namespaces (for a Popen of one's own)."""
         if node not in self.node_names:
             raise NotFoundError(f"no node {node} in this test cluster (nodes: {', '.join(self.node_names)})")
         enter = ["nsenter", f"--net=/run/netns/{self.netns(node)}"]
         slurmd = _pid(_entry(State.load(self.base), f"slurmd:{node}"), self.base)
         if slurmd:  # the node's hostname lives in slurmd's UTS namespace
             enter.append(f"--uts=/proc/{slurmd}/ns/uts")
-        extra = {"OVS_RUNDIR": self.ovs_rundir(node), **(env or {})}
-        return self._run([*enter, "--"], argv, user, extra, check, timeout, input, cwd)
+        return [*enter, "--"]
+
+    def node_env(self, node):
+        """The variables slurmd (so node setup) has on node: OVS_RUNDIR, PCOCC_NODE_STATE_DIR..."""
+        return slurm.node_env(self.base, self.layout, node, self.ovs)
 
     def _run(self, prefix, argv, user, env, check, timeout, input, cwd):
         if user:  # runuser comes after nsenter: entering namespaces needs root

@@ -86,6 +86,26 @@ class Layout:
     def node_ip(self, node):
         return str(self.subnet.network_address + 10 + int(node[4:]))
 
+    # The VXLAN underlay of the nodes' OVS (--ovs): a second bridge and veth per node.
+    # OVS's userspace datapath needs the tunnel endpoint IP on an OVS bridge that owns
+    # the underlay port; moving eth0 (slurmd's) into OVS would put slurmd behind it.
+
+    @property
+    def tunnel_bridge(self):
+        return f"pcu{self.id}"
+
+    @property
+    def tunnel_subnet(self):
+        # only seen inside the node namespaces, beside eth0's subnet: it just must differ from it
+        d = self._digest
+        return ipaddress.ip_network(f"10.{200 + d[3] % 50}.{(d[4] + 128) % 256}.0/24")
+
+    def tunnel_veth(self, node):
+        return f"pcw{self.id}{node[4:]}"
+
+    def tunnel_ip(self, node):
+        return str(self.tunnel_subnet.network_address + 10 + int(node[4:]))
+
 
 def link_exists(name):
     return Path("/sys/class/net", name).exists()
@@ -117,16 +137,16 @@ def _used_networks():
     return nets
 
 
-def check_clashes(layout):
+def check_clashes(layout, ovs=False):
     """Raise ClashError naming whatever already exists (another harness, or a leftover)."""
     problems = []
-    if link_exists(layout.bridge):
-        problems.append(f"network interface {layout.bridge} exists")
+    links = [layout.bridge, *map(layout.veth, layout.node_names)]
+    if ovs:
+        links += [layout.tunnel_bridge, *map(layout.tunnel_veth, layout.node_names)]
+    problems += [f"network interface {link} exists" for link in links if link_exists(link)]
     for node in layout.node_names:
         if netns_exists(layout.netns(node)):
             problems.append(f"network namespace {layout.netns(node)} exists")
-        if link_exists(layout.veth(node)):
-            problems.append(f"network interface {layout.veth(node)} exists")
     for net in _used_networks():
         if net.overlaps(layout.subnet):
             problems.append(f"subnet {layout.subnet} overlaps {net}, already in use on this host")
@@ -171,6 +191,25 @@ def create(state, layout, ovs):
             # a veth in OVS breaks unless the senders compute them
             run(["ethtool", "-K", veth, "tx", "off"], capture=True)
             run(["nsenter", f"--net={NETNS_DIR / ns}", "ethtool", "-K", "eth0", "tx", "off"])
+    if ovs:
+        _create_tunnel_underlay(state, layout)
+
+
+TUNNEL_MTU = 9000  # room for VXLAN's 50 bytes around the VMs' 1500-byte frames
+TUNNEL_DEV = "tun0"  # in each node; ovs.py puts it in the node's br-phy
+
+
+def _create_tunnel_underlay(state, layout):
+    state.add("links", layout.tunnel_bridge)
+    _ip_batch([f"link add {layout.tunnel_bridge} mtu {TUNNEL_MTU} type bridge", f"link set {layout.tunnel_bridge} up"])
+    for node in layout.node_names:
+        veth = layout.tunnel_veth(node)
+        state.add("links", veth)
+        _ip_batch([
+            f"link add {veth} mtu {TUNNEL_MTU} type veth peer name {TUNNEL_DEV} netns {layout.netns(node)}",
+            f"link set {veth} master {layout.tunnel_bridge} up",
+        ])
+        _ip_batch([f"link set {TUNNEL_DEV} mtu {TUNNEL_MTU} up"], netns=layout.netns(node))
 
 
 def _ip_batch(lines, netns=None):

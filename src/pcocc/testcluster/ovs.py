@@ -70,3 +70,21 @@ def _wait_path(path, process, log, timeout=10):
         if process.poll() is not None or time.monotonic() > deadline:
             raise TimeoutExpired(f"{path} did not appear: {proc.tail(log)}")
         time.sleep(0.005)
+
+
+def add_tunnel_bridge(base, layout, node, timeout=20):
+    """br-phy owning the node's tunnel underlay port, with the node's tunnel IP on it.
+
+    The userspace datapath only tunnels (native tunnelling) from an IP that sits on the
+    OVS bridge owning the underlay port. It goes with the OVS instance at `down`.
+    """
+    from pcocc.testcluster.net import TUNNEL_DEV
+
+    d = rundir(base, node)
+    run(["ovs-vsctl", f"--db=unix:{d / 'db.sock'}", f"--timeout={timeout}", "add-br", "br-phy",
+         "--", "set", "bridge", "br-phy", "datapath_type=netdev", "--", "add-port", "br-phy", TUNNEL_DEV],
+        timeout=timeout + 5)
+    ns = layout.netns(node)
+    run(["ip", "-n", ns, "-batch", "-"], input=(
+        f"addr add {layout.tunnel_ip(node)}/{layout.tunnel_subnet.prefixlen} dev br-phy\n"
+        "link set br-phy up\n"))

@@ -24,7 +24,26 @@ def write(base, layout):
         "  etcd-protocol: http\n"
         "  etcd-auth-type: password\n"
     )
-    for p in (d.parent, d, *(d / name for name in ("batch.yaml",))):
+    # a private L2 network for the VMs of a job; templates opt in with `resource-set: l2net`,
+    # the default set has no network (OVS's userspace datapath: no kernel module here)
+    (d / "networks.yaml").write_text(
+        "priv:\n"
+        "  type: ethernet\n"
+        "  settings:\n"
+        "    dev-prefix: pn\n"
+        "    network-layer: L2\n"
+        "    datapath-type: netdev\n"
+        "    mac-prefix: '52:54:00:77'\n"
+    )
+    (d / "resources.yaml").write_text(
+        "default:\n"
+        "  default: true\n"
+        "  networks: []\n"
+        "l2net:\n"
+        "  description: a private L2 network between the job's VMs\n"
+        "  networks: [priv]\n"
+    )
+    for p in (d.parent, d, *(d / name for name in ("batch.yaml", "networks.yaml", "resources.yaml"))):
         p.chmod(0o755 if p.is_dir() else 0o644)
     for node in layout.node_names:
         node_state_dir(base, node).mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ def write_config(base, layout, plugin=None, pcocc=None):
     (s / "plugstack.conf").write_text(plugstack)
 
 
-def daemon_env(base, layout, node=None):
+def daemon_env(base, layout, node=None, ovs_on=False):
     """The environment of the daemons, hence of the SPANK plugin's `pcocc` command."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
@@ -86,8 +86,16 @@ def daemon_env(base, layout, node=None):
         "PCOCC_SYSTEM_CONF_DIR": str(pcoccconf.conf_dir(base)),
     }
     if node:
-        env["OVS_RUNDIR"] = str(ovs.rundir(base, node))
-        env["PCOCC_NODE_STATE_DIR"] = str(pcoccconf.node_state_dir(base, node))
+        env.update(node_env(base, layout, node, ovs_on))
+    return env
+
+
+def node_env(base, layout, node, ovs_on=False):
+    """What differs from node to node: its OVS, its pcocc state dir, its VXLAN endpoint."""
+    env = {"OVS_RUNDIR": str(ovs.rundir(base, node)), "PCOCC_NODE_STATE_DIR": str(pcoccconf.node_state_dir(base, node))}
+    if ovs_on:
+        # a harness detail: tunnels leave from the separate underlay (net.py), not from NodeAddr
+        env["PCOCC_TUNNEL_IP"] = layout.tunnel_ip(node)
     return env
 
 
@@ -111,14 +119,14 @@ def wait_controller(base, layout, process, timeout=20):
         time.sleep(0.01)
 
 
-def start_node(state, base, layout, node):
+def start_node(state, base, layout, node, ovs_on=False):
     # nsenter, not `ip netns exec`: that remounts /sys, hiding /sys/fs/cgroup, and slurmd dies;
     # unshare --uts gives the node its own hostname
     argv = ["nsenter", f"--net=/run/netns/{layout.netns(node)}", "unshare", "--uts",
             "sh", "-c", 'hostname "$0" && exec slurmd -D -f "$1" -N "$0"', node, str(conf_path(base))]
     return proc.spawn(
         state, f"slurmd:{node}", argv, sdir(base) / "log" / f"slurmd-{node}.out",
-        pidfile=sdir(base) / "run" / f"slurmd-{node}.pid", env=daemon_env(base, layout, node),
+        pidfile=sdir(base) / "run" / f"slurmd-{node}.pid", env=daemon_env(base, layout, node, ovs_on),
     )
 
 

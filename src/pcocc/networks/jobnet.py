@@ -1,0 +1,168 @@
+"""A job's networks: which ones a node and a VM use, and the node's part in making them.
+
+A VM is on the networks of its template's resource set, in that order (its
+NICs' order). Node setup learns which VMs it hosts from SLURM (their ranks)
+and what they are from the cluster's record, which the launcher writes while
+the step starts: it waits for it. Nodes with a tunnelled network then publish
+their tunnel endpoint in their node record and wait for the other nodes' ones.
+"""
+
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+
+from pcocc import networks, state
+from pcocc.errors import PcoccError, TimeoutExpired
+from pcocc.runner import run
+
+log = logging.getLogger("pcocc.setup")
+
+WAIT_TIMEOUT = 120  # for the cluster's record, then for the other nodes (the plugin allows 300 s in all)
+TUNNEL_IP_ENV = "PCOCC_TUNNEL_IP"  # this node's tunnel endpoint, when it is not its SLURM NodeAddr
+
+
+@dataclass
+class NodeJob:
+    """What a driver's node_setup needs to know about the job on this node, for one network."""
+
+    jobid: int
+    uid: int
+    host: str
+    ranks: list  # the VM ranks on this node that use the network
+    nodes: list  # every node of the step, in SLURM's order (a tunnel port is named by its index)
+    peers: dict  # {host: tunnel endpoint} of the other nodes on the network
+    environ: dict  # of the host tools (OVS_RUNDIR)
+    store: object
+    undo: object  # pcocc.networks.undo.UndoLog
+    owner_alive: object  # f(pool owner "JOBID:NAME") -> whether its job still runs
+    nodes_key: str  # store prefix of the job's node records
+
+
+@dataclass
+class NodePlan:
+    networks: dict = field(default_factory=dict)  # name -> (Network, driver, [local ranks]), first use first
+    endpoint: str = None
+
+    def record(self):
+        """What this node publishes for its peers."""
+        return {"networks": list(self.networks), "endpoint": self.endpoint}
+
+
+def vm_networks(config, settings):
+    """The Networks of a VM with these template settings, in NIC order."""
+    name = settings.get("resource-set")
+    if not name:
+        return []
+    rset = config.resources.get(name)
+    if rset is None:
+        raise PcoccError(f"resource set '{name}' is not in resources.yaml (any more)")
+    return [config.networks[n] for n in rset.networks]
+
+
+def wait_info(store, user, jobid, alive, timeout=WAIT_TIMEOUT):
+    """The cluster's record, once the launcher has written it."""
+    key = state.cluster_prefix(user, jobid) + "info"
+    deadline = time.monotonic() + timeout
+    while True:
+        info = store.wait(key, bool, min(2.0, max(0.0, deadline - time.monotonic())))
+        if info:
+            return next(iter(info.values()))
+        if not alive(jobid):
+            raise PcoccError(f"job {jobid} ended before its cluster was recorded")
+        if time.monotonic() >= deadline:
+            raise TimeoutExpired(f"no cluster record for job {jobid} after {timeout} s (was it started by pcocc?)")
+
+
+def plan(config, info, ranks, environ, host):
+    """This node's networks: the ones its VMs (ranks) use, each checked on this node."""
+    out = NodePlan()
+    for rank in ranks:
+        if rank >= len(info["vms"]):
+            raise PcoccError(f"VM rank {rank} is not in the cluster's record ({len(info['vms'])} VMs)")
+        for net in vm_networks(config, info["vms"][rank]["settings"]):
+            if net.name not in out.networks:
+                driver = networks.driver(net)
+                driver.check()
+                out.networks[net.name] = (net, driver, [])
+            out.networks[net.name][2].append(rank)
+    if any(d.needs_peers for _, d, _ in out.networks.values()):
+        out.endpoint = tunnel_endpoint(environ, host)
+    return out
+
+
+def tunnel_endpoint(environ, host):
+    """This node's VXLAN endpoint: $PCOCC_TUNNEL_IP, else its SLURM NodeAddr (resolved)."""
+    if environ.get(TUNNEL_IP_ENV):
+        return environ[TUNNEL_IP_ENV]
+    out = run(["scontrol", "show", "node", host, "-o"], env=environ).stdout
+    addr = next((f.split("=", 1)[1] for f in out.split() if f.startswith("NodeAddr=")), host)
+    try:
+        return socket.gethostbyname(addr)
+    except OSError:
+        raise PcoccError(f"cannot resolve the address {addr} of node {host}") from None
+
+
+def expand_nodes(nodelist, environ=None):
+    """SLURM's node list syntax (node[1-3],gpu1) as a list of names, in SLURM's order."""
+    if "[" not in nodelist:
+        return [n for n in nodelist.split(",") if n]
+    return run(["scontrol", "show", "hostnames", nodelist], env=environ).stdout.split()
+
+
+def wait_peers(store, nodes_key, nodes, host, alive, jobid, timeout=WAIT_TIMEOUT):
+    """{host: record} of the other nodes, once each has published its networks."""
+    others = [n for n in nodes if n != host]
+    deadline = time.monotonic() + timeout
+
+    def ready(items):
+        records = {k.rsplit("/", 1)[1]: v for k, v in items.items()}
+        return all("networks" in records.get(n, {}) or records.get(n, {}).get("state") == "failed" for n in others)
+
+    while True:
+        items = store.wait(nodes_key, ready, min(2.0, max(0.0, deadline - time.monotonic())))
+        if items is not None:
+            records = {k.rsplit("/", 1)[1]: v for k, v in items.items()}
+            failed = [n for n in others if records[n].get("state") == "failed"]
+            if failed:
+                raise PcoccError(f"node {failed[0]} failed: {records[failed[0]].get('error', 'unknown reason')}")
+            return {n: records[n] for n in others}
+        if not alive(jobid):
+            raise PcoccError(f"job {jobid} ended while its nodes were being set up")
+        if time.monotonic() >= deadline:
+            missing = [n for n in others if n not in {k.rsplit("/", 1)[1] for k in store.range(nodes_key)}]
+            raise TimeoutExpired(f"nodes {', '.join(missing) or '?'} did not publish their network setup in {timeout} s")
+
+
+def setup_node(node_plan, peer_records, common):
+    """Create this node's part of each network; common holds the NodeJob fields they share."""
+    done = {}
+    for name, (net, driver, ranks) in node_plan.networks.items():
+        peers = {h: r["endpoint"] for h, r in peer_records.items() if name in r.get("networks", ())}
+        done[name] = driver.node_setup(NodeJob(ranks=ranks, peers=peers, **common))
+    return done
+
+
+def nic_args(config, settings, jobid, rank):
+    """[qemu arguments of one NIC] for each network of the VM, in order."""
+    return [networks.driver(net).nic_args(jobid, rank, i, settings["nic-model"])
+            for i, net in enumerate(vm_networks(config, settings))]
+
+
+def undo_actions(environ, store):
+    """{kind: undo} of every kind of object a node setup records."""
+    from pcocc.networks import hostnet
+
+    return {**hostnet.undo_actions(environ), "pool": lambda **args: release_pool(store, **args)}
+
+
+def release_pool(store, pool, owner, nodes, host):
+    """Give the job's id back once no other node of the job holds it (the last one out does).
+
+    If two nodes leave at once, neither may: the pool reclaims ids of dead jobs anyway.
+    """
+    from pcocc.allocator import Pool
+
+    others = [k for k in store.range(nodes) if k.rsplit("/", 1)[1] != host]
+    if not others:
+        Pool(store, pool, 0, 0).release(owner)

@@ -1,0 +1,227 @@
+"""Private networks without a real host: names, MACs, the undo log, NIC arguments, node setup with fake drivers."""
+
+import json
+
+import pytest
+
+from pcocc.config.models import Network
+from pcocc.errors import NotAvailableError, PcoccError
+from pcocc.networks import ethernet, hostnet, names
+from pcocc.networks.ethernet import SETTINGS as ETH_SETTINGS
+from pcocc.networks.undo import UndoError, UndoLog
+
+
+def eth(**settings):
+    from pcocc.config.schema import At, Problems
+
+    checked = ETH_SETTINGS.check({"dev-prefix": "pn", "network-layer": "L2", **settings}, At("networks.yaml", 1, "priv.settings", Problems()))
+    return Network("priv", "ethernet", checked)
+
+
+# ---------------------------------------------------------------- names and MACs
+
+def test_device_names_are_short_readable_and_the_same_on_both_sides():
+    s = eth().settings
+    assert ethernet.bridge_name(s, 12) == "pnb12"
+    assert ethernet.tap_name(s, 12, 3) == "pnt12_3"
+    assert ethernet.tunnel_port_name(s, 12, 1) == "pnx12_1"
+    long = eth(**{"dev-prefix": "abcdefgh"}).settings
+    taps = {ethernet.tap_name(long, 4294967295, rank) for rank in range(1000)}
+    assert len(taps) == 1000  # still one per VM
+    assert all(len(t) <= names.IFNAMSIZ and t.startswith("abcdefght") for t in taps)
+    assert ethernet.tap_name(long, 4294967295, 7) == ethernet.tap_name(long, 4294967295, 7)
+
+
+def test_mac_addresses_follow_upstream():
+    assert names.mac_address("52:54:00", 3) == "52:54:00:00:00:03"
+    assert names.mac_address("52:54:00:77", 300, 1) == "52:54:00:77:01:2d"
+    with pytest.raises(ValueError, match="does not fit"):
+        names.mac_address("52:54:00:77", 65536)
+    s = eth(**{"mac-prefix": "02:00", "mac-start-offset": 16}).settings
+    assert ethernet.vm_mac(s, 0) == "02:00:00:00:00:10"
+
+
+# ---------------------------------------------------------------- the undo log
+
+def test_undo_log_replays_in_reverse_then_drops_the_record(tmp_path):
+    log = UndoLog(str(tmp_path))
+    log.record(7, "a", name="first")
+    log.record(7, "b", name="second")
+    log.record(8, "a", name="other job")
+    assert log.jobs() == [7, 8]
+    assert json.loads((tmp_path / "undo-7.json").read_text())["entries"] == [
+        {"kind": "a", "args": {"name": "first"}}, {"kind": "b", "args": {"name": "second"}}]
+    done = []
+    actions = {"a": lambda name: done.append(name), "b": lambda name: done.append(name)}
+    log.replay(7, actions)
+    assert done == ["second", "first"]
+    assert log.jobs() == [8] and sorted(p.name for p in tmp_path.iterdir()) == ["undo-8.json"]  # no temporary file left
+    log.replay(7, actions)  # nothing recorded: nothing to do
+    assert done == ["second", "first"]
+
+
+def test_undo_keeps_what_it_could_not_remove(tmp_path):
+    log = UndoLog(str(tmp_path))
+    for name in ("x", "y", "z"):
+        log.record(3, "thing", name=name)
+    log.record(3, "mystery")
+
+    def undo(name):
+        if name == "y":
+            raise PcoccError("device busy")
+
+    with pytest.raises(UndoError, match=r"2 object\(s\) not removed: thing name=y: device busy; mystery : no undo action"):
+        log.replay(3, {"thing": undo})
+    assert [e["args"].get("name") for e in log.entries(3)] == ["y", None]
+    log.replay(3, {"thing": lambda name: None, "mystery": lambda: None})  # a later replay finishes the job
+    assert log.jobs() == []
+
+
+# ---------------------------------------------------------------- the VM side
+
+def test_nic_arguments():
+    netdev = ethernet.EthernetDriver(eth(**{"datapath-type": "netdev"}))
+    assert netdev.nic_args(12, 3, 0, "virtio-net") == [
+        "-netdev", "tap,id=net0,ifname=pnt12_3,script=no,downscript=no,vnet_hdr=off",
+        "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:00:00:03"]
+    kernel = ethernet.EthernetDriver(eth(mtu=9000))
+    args = kernel.nic_args(12, 3, 1, "virtio-net")
+    assert "vnet_hdr" not in args[1] and args[3].endswith(",host_mtu=9000") and "id=net1" in args[1]
+    assert kernel.nic_args(12, 3, 0, "e1000")[3].startswith("e1000,netdev=net0,")
+
+
+def test_unsupported_networks_fail_clearly():
+    with pytest.raises(NotAvailableError, match="network-layer L3 is not available yet"):
+        ethernet.EthernetDriver(eth(**{"network-layer": "L3"})).check()
+    from pcocc import networks
+
+    with pytest.raises(NotAvailableError, match="networks of type bridged are not available yet"):
+        networks.driver(Network("lan", "bridged", {}))
+
+
+# ---------------------------------------------------------------- node setup with fake host drivers
+
+class FakeHost:
+    """Ovs and Ip in memory; each creation checks that the undo log named the object first."""
+
+    def __init__(self, log_dir):
+        self.log_dir = log_dir
+        self.objects = set()
+        self.tunnels = {}  # port -> (remote ip, VNI)
+
+    def recorded(self):
+        return [e["args"] for p in self.log_dir.glob("undo-*.json") for e in json.loads(p.read_text())["entries"]]
+
+    def make(self, obj, args):
+        assert args in self.recorded(), f"{obj} made before it was recorded"
+        self.objects.add(obj)
+
+    def classes(self):
+        host = self
+
+        class Ovs:
+            def __init__(self, environ=None):
+                pass
+
+            def add_bridge(self, bridge, datapath_type="system"):
+                host.make(("bridge", bridge), {"bridge": bridge})
+
+            def del_bridge(self, bridge):
+                host.objects = {o for o in host.objects if o[1] != bridge and o[:2] != ("port", bridge)}
+
+            def add_port(self, bridge, port):
+                host.make(("port", bridge, port), {"bridge": bridge, "port": port})
+
+            def add_vxlan_port(self, bridge, port, remote_ip, key):
+                host.make(("port", bridge, port), {"bridge": bridge, "port": port})
+                host.tunnels[port] = (remote_ip, key)
+
+            def del_port(self, bridge, port):
+                host.objects.discard(("port", bridge, port))
+
+        class Ip:
+            def __init__(self, environ=None):
+                pass
+
+            def add_tap(self, name, uid, mtu):
+                host.make(("tap", name), {"name": name})
+
+            def del_link(self, name):
+                host.objects.discard(("tap", name))
+
+        return Ovs, Ip
+
+
+@pytest.fixture
+def node(tmp_path, monkeypatch):
+    from pcocc import nodesetup
+    from pcocc.context import Context
+    from pcocc.env import Environment
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "networks.yaml").write_text("priv:\n  type: ethernet\n  settings: {dev-prefix: pn, network-layer: L2}\n")
+    (etc / "resources.yaml").write_text("default:\n  default: true\nl2net:\n  networks: [priv]\n")
+    state = tmp_path / "state"
+    environ = {"PCOCC_SYSTEM_CONF_DIR": str(etc), "PCOCC_NODE_STATE_DIR": str(state), "PCOCC_TUNNEL_IP": "192.0.2.1"}
+    ctx = Context(Environment(environ=environ, user="root", home=str(tmp_path)))
+    host = FakeHost(state)
+    monkeypatch.setattr(hostnet, "Ovs", host.classes()[0])
+    monkeypatch.setattr(hostnet, "Ip", host.classes()[1])
+    dead = set()
+    monkeypatch.setattr(nodesetup, "job_alive", lambda jobid: int(jobid) not in dead)
+    monkeypatch.setattr(nodesetup, "_owner_alive", lambda: (lambda owner: int(owner.split(":")[0]) not in dead))
+    yield ctx, host, dead, state
+    ctx.close_store()
+
+
+def put_cluster(ctx, jobid, rsets, peers=()):
+    from pcocc import state
+
+    ctx.store.put(state.cluster_prefix("root", jobid) + "info", {"jobid": jobid, "vms": [{"rank": i, "settings": {"resource-set": r}} for i, r in enumerate(rsets)]})
+    for host, ip in peers:
+        ctx.store.put(state.cluster_prefix("root", jobid) + f"nodes/{host}", {"state": "network-config", "networks": ["priv"], "endpoint": ip})
+
+
+def test_node_setup_records_then_creates_and_delete_undoes_it(node):
+    from pcocc import nodesetup
+
+    ctx, host, dead, state_dir = node
+    put_cluster(ctx, 5, ["l2net", "default", "l2net"], peers=[("far", "192.0.2.2")])
+    nodesetup.create(ctx, 5, 0, 2, ranks=[0, 1], step_nodes=[ctx.hostname, "far"])
+    assert host.objects == {("bridge", "pnb5"), ("tap", "pnt5_0"), ("port", "pnb5", "pnt5_0"), ("port", "pnb5", "pnx5_1")}  # vm1 has no network
+    assert host.tunnels == {"pnx5_1": ("192.0.2.2", 1000)}
+    record = ctx.store.get(f"/pcocc/users/root/clusters/5/nodes/{ctx.hostname}")
+    assert record["state"] == "complete" and record["endpoint"] == "192.0.2.1" and record["objects"] == {"priv": {"bridge": "pnb5", "vni": 1000}}
+    nodesetup.delete(ctx, 5, 0)
+    assert host.objects == set() and list(state_dir.glob("undo-*")) == []
+    assert ctx.store.get("/pcocc/global/pools/vxlan") == {"1000": "5:priv"}  # "far" still holds it
+    nodesetup.delete(ctx, 5, 0)  # twice is fine
+
+
+def test_a_dead_jobs_leftovers_are_undone_by_the_next_setup(node):
+    from pcocc import nodesetup
+    from pcocc.networks.undo import UndoLog
+
+    ctx, host, dead, state_dir = node
+    put_cluster(ctx, 6, ["l2net"])
+    nodesetup.create(ctx, 6, 0, 1, ranks=[0])
+    UndoLog(str(state_dir)).record(6, "tap", name="pnt6_9")  # as if killed right after recording
+    dead.add(6)
+    put_cluster(ctx, 7, ["l2net"])
+    nodesetup.create(ctx, 7, 0, 1, ranks=[0])
+    assert {o for o in host.objects if "6" in o[1]} == set()
+    assert [p.name for p in state_dir.glob("undo-*")] == ["undo-7.json"]
+    assert ctx.store.get("/pcocc/global/pools/vxlan") == {"1000": "7:priv"}  # the dead job's VNI, reclaimed
+
+
+def test_node_setup_fails_clearly_for_an_unavailable_layer(node, tmp_path):
+    from pcocc import nodesetup
+
+    ctx, host, dead, state_dir = node
+    (tmp_path / "etc" / "networks.yaml").write_text("priv:\n  type: ethernet\n  settings: {dev-prefix: pn}\n")  # L3, upstream's default
+    put_cluster(ctx, 8, ["l2net"])
+    with pytest.raises(PcoccError, match="node setup failed on .*: network 'priv': network-layer L3 is not available yet"):
+        nodesetup.create(ctx, 8, 0, 1, ranks=[0])
+    assert ctx.store.get(f"/pcocc/users/root/clusters/8/nodes/{ctx.hostname}")["state"] == "failed"
+    assert host.objects == set()
