@@ -97,6 +97,8 @@ def testcluster():
     _sweep_stale()
     nodes = int(os.environ.get("PCOCC_TEST_NODES", "2"))
     tc = TestCluster(f"{BASE_PREFIX}{os.getpid()}", nodes=nodes, log=lambda line: print(line, flush=True))
+    if (tc.base / "state.json").exists():  # a second instance of this fixture: never take down the first's
+        pytest.fail(f"a test cluster already runs in {tc.base}: import the fixture from conftest.py only")
     snap = None
     try:
         tc.up()
