@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import pytest
+from waiting import wait_for
 
 from local_site import LocalSite
 from pcocc.errors import ExitStatus
@@ -20,14 +21,6 @@ def ps(site):
     return json.loads(r.stdout)
 
 
-def wait_for(predicate, timeout=60, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def our_qemu_pids(site):

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("slurm")]
@@ -66,14 +67,6 @@ def site(testcluster, slurm_user, tiny_image):
         testcluster.run(["scancel", jobid])
 
 
-def wait_for(predicate, timeout=120, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def qemu_processes(uid):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from test_slurm_cluster import PCOCC, SlurmSite, wait_for
+from test_slurm_cluster import PCOCC, SlurmSite
+from waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("slurm")]
 

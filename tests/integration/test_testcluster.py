@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 from pcocc.testcluster import TestCluster, slurm
 from pcocc.testcluster.net import ClashError, Layout
@@ -33,14 +34,6 @@ if sys.argv[1:4] == ["internal", "setup", "create"] and os.path.exists(os.path.j
 """
 
 
-def wait_for(predicate, timeout=30, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
