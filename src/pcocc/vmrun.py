@@ -118,6 +118,10 @@ def run_vm(ctx, jobid, rank):
         outcome = {"state": "failed", "error": exc.message}
         log.error("vm%d: %s", rank, exc.message)
         return 1
+    except Exception as exc:  # a bug, or an OS error we did not foresee: the VM failed, say why
+        outcome = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        log.exception("vm%d", rank)
+        return 1
     finally:
         # Each step on its own: a failure in one must not skip the others.
         if server is not None:
@@ -168,6 +172,9 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
 
     image = settings["image"]
     rev = ctx.images().find(expand(image)) if image else None
+    for key in ("kernel", "initrd"):  # paths like any other: ~ and path templates
+        if settings.get(key):
+            settings = {**settings, key: expand(settings[key])}
     kernel = settings.get("kernel") or (rev.boot_files()[0] if rev and rev.boot_files() else None)
     # the answer holds for this host until it reboots: keep it where every user's run can find it
     chosen = accel.choose(tempfile.gettempdir(), settings["qemu-bin"], kernel=kernel, forced=ctx.env.environ.get("PCOCC_ACCEL"))
