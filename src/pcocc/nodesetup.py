@@ -115,8 +115,24 @@ def delete(ctx, jobid, uid):
 
 
 def init(ctx):
+    """Prepare this node; with etcd password authentication, turn it on (once, idempotent).
+
+    Root's etcd password is <system conf dir>/etcd-password (0400), made here if absent;
+    the same file must then be copied to every node.
+    """
     with node_lock(ctx.env):
         os.makedirs(node_state_dir(ctx.env), mode=0o755, exist_ok=True)
+    settings = ctx.config.batch.settings
+    if ctx.config.batch.store == "etcd" and settings["etcd-auth-type"] == "password":
+        from pcocc.store import etcd, etcdauth
+
+        password = etcdauth.read_or_create_password(etcdauth.root_password_path(ctx.env))
+        ca = settings.get("etcd-ca-cert") if settings.get("etcd-protocol") == "https" else None
+        store = etcd.EtcdStore(etcd.endpoint_urls(settings), ca_cert=ca)  # no credentials: auth may be off yet
+        try:
+            etcdauth.enable_auth(store, password)
+        finally:
+            store.close()
 
 
 def cleanup(ctx):
