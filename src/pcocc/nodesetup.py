@@ -110,8 +110,10 @@ def delete(ctx, jobid, uid):
     """Undo what create did for the job on this node (idempotent)."""
     user = _user(uid)
     with node_lock(ctx.env):
-        undo_log(ctx.env).replay(jobid, jobnet.undo_actions(ctx.env.environ, ctx.store))
+        # Our node record goes first: a node that gives back a shared id checks that no other
+        # node of the job still has one, so the last node out always sees none.
         ctx.store.delete(_node_key(ctx, user, jobid))
+        undo_log(ctx.env).replay(jobid, jobnet.undo_actions(ctx.env.environ, ctx.store))
 
 
 def init(ctx):

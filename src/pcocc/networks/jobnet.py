@@ -159,7 +159,8 @@ def undo_actions(environ, store):
 def release_pool(store, pool, owner, nodes, host):
     """Give the job's id back once no other node of the job holds it (the last one out does).
 
-    If two nodes leave at once, neither may: the pool reclaims ids of dead jobs anyway.
+    Each node deletes its own record before this check (nodesetup.delete), so of nodes
+    leaving at once at least the last sees no other: the id is always given back.
     """
     from pcocc.allocator import Pool
 
