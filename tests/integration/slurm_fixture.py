@@ -15,6 +15,7 @@ starts one cluster. PCOCC_TEST_NODES sets the node count (default 2).
 import glob
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,16 +100,20 @@ def testcluster():
     tc = TestCluster(f"{BASE_PREFIX}{os.getpid()}", nodes=nodes, log=lambda line: print(line, flush=True))
     if (tc.base / "state.json").exists():  # a second instance of this fixture: never take down the first's
         pytest.fail(f"a test cluster already runs in {tc.base}: import the fixture from conftest.py only")
-    snap = None
+    snap, user_files = None, []
     try:
         tc.up()
-        tc.user = tc.add_user().pw_name  # recorded: down() removes it
+        entry = tc.add_user()  # recorded: down() removes it
+        tc.user = entry.pw_name
+        user_files = [f"/tmp/pcocc-{entry.pw_uid}", f"/tmp/pcocc-accel-{entry.pw_uid}.json"]  # its VMs' run dir and cache
         snap = snapshot(tc)
         print(f"test cluster {tc.id} up in {tc.timings['ready']:.2f} s ({nodes} nodes, base {tc.base})")
         yield tc
     finally:
         snap = snap or (snapshot(tc) if (tc.base / "state.json").exists() else None)
         tc.down()
+        for path in user_files:
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else Path(path).unlink(missing_ok=True)
         print(f"test cluster {tc.id} down in {tc.timings.get('down', 0):.2f} s")
     remaining = leftovers(snap) if snap else []
     assert not remaining, f"test cluster left behind: {remaining}"
