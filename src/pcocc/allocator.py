@@ -5,9 +5,8 @@ retried on conflict, so that any number of nodes allocate at once without a
 lock. Entries of dead jobs (alive(owner) false) are reclaimed as we go.
 """
 
+from pcocc import state
 from pcocc.errors import ResourceError
-
-POOLS = "/pcocc/global/pools/"
 
 
 class Pool:
@@ -15,7 +14,7 @@ class Pool:
         self.store = store
         self.name = name
         self.first, self.last = first, last
-        self.key = POOLS + name
+        self.key = state.pool_key(name)
 
     def allocate(self, owner, count=1, alive=None):
         """count ids for owner (the ones it holds already count); ResourceError when the pool is full."""

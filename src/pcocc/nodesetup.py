@@ -55,7 +55,7 @@ def _user(uid):
 
 
 def _node_key(ctx, user, jobid):
-    return state.cluster_prefix(user, jobid) + f"nodes/{ctx.hostname}"
+    return state.node_key(user, jobid, ctx.hostname)
 
 
 def create(ctx, jobid, uid, tasks, ranks=None, step_nodes=None):
@@ -157,7 +157,7 @@ def undo_log(env):
 
 
 def _nodes_key(user, jobid):
-    return state.cluster_prefix(user, jobid) + "nodes/"
+    return state.nodes_prefix(user, jobid)
 
 
 def _reclaim_dead(ctx, jobid):

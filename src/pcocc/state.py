@@ -5,7 +5,9 @@
 /pcocc/users/<user>/clusters/<jobid>/ca        the cluster CA (cert and key)
 /pcocc/users/<user>/clusters/<jobid>/client    the owner's client credential
 /pcocc/users/<user>/clusters/<jobid>/vms/<n>   one VM: state, host, control address
-/pcocc/hosts/<host>/reservations/<jobid>       cores and memory a job holds on a host
+/pcocc/users/<user>/clusters/<jobid>/nodes/<host>  one node's setup: state, objects (written by root)
+/pcocc/hosts/<host>/reservations/all           cores and memory the local backend's jobs hold
+/pcocc/global/pools/<name>                     cluster-wide id pools (VXLAN ids, ...), root only
 """
 
 
@@ -25,5 +27,17 @@ def vm_key(user, jobid, rank):
     return f"{cluster_prefix(user, jobid)}vms/{rank}"
 
 
-def reservations_prefix(host):
-    return f"/pcocc/hosts/{host}/reservations/"
+def reservations_key(host):
+    return f"/pcocc/hosts/{host}/reservations/all"
+
+
+def nodes_prefix(user, jobid):
+    return f"{cluster_prefix(user, jobid)}nodes/"
+
+
+def node_key(user, jobid, host):
+    return f"{nodes_prefix(user, jobid)}{host}"
+
+
+def pool_key(name):
+    return f"/pcocc/global/pools/{name}"

@@ -65,7 +65,8 @@ class Backend:
         if info is None:
             raise NotFoundError(f"no virtual cluster with job id {jobid}", "See 'pcocc ps'.")
         vms = {v["rank"]: v for k, v in items.items() if k.startswith(prefix + "vms/")}
-        nodes = {k[len(prefix + "nodes/"):]: v for k, v in items.items() if k.startswith(prefix + "nodes/")}
+        nodes_prefix = state.nodes_prefix(self.user, jobid)
+        nodes = {k[len(nodes_prefix):]: v for k, v in items.items() if k.startswith(nodes_prefix)}
         info = {**info, "nodes": nodes}
         return info, [vms.get(i, {"rank": i, "name": f"vm{i}", "state": "pending"}) for i in range(len(info["vms"]))]
 

@@ -64,7 +64,7 @@ class LocalBackend(Backend):
     # -- resources
     def _reserve(self, jobid, n_vms, cpus_per_vm, mem_per_vm):
         cores, mem_cap = host_capacity()
-        key = state.reservations_prefix(self.ctx.hostname) + "all"
+        key = state.reservations_key(self.ctx.hostname)
         placed = {}
 
         def take(current):
@@ -105,11 +105,11 @@ class LocalBackend(Backend):
         return placed["cores"], placed["exclusive"]
 
     def _release(self, jobid):
-        key = state.reservations_prefix(self.ctx.hostname) + "all"
+        key = state.reservations_key(self.ctx.hostname)
         self.ctx.store.update(key, lambda cur: {j: r for j, r in (cur or {}).items() if j != str(jobid)} or None)
 
     def _adopt(self, jobid, pid):
-        key = state.reservations_prefix(self.ctx.hostname) + "all"
+        key = state.reservations_key(self.ctx.hostname)
 
         def change(cur):
             cur = dict(cur or {})
