@@ -8,6 +8,7 @@
 /pcocc/users/<user>/clusters/<jobid>/nodes/<host>  one node's setup: state, objects (written by root)
 /pcocc/hosts/<host>/reservations/all           cores and memory the local backend's jobs hold
 /pcocc/global/pools/<name>                     cluster-wide id pools (VXLAN ids, ...), root only
+/pcocc/global/opensm/pkeys/<0xPKEY>/<host>     one node's members of an InfiniBand partition (for pkeyd), root only
 """
 
 
@@ -41,3 +42,12 @@ def node_key(user, jobid, host):
 
 def pool_key(name):
     return f"/pcocc/global/pools/{name}"
+
+
+def pkey_members_prefix():
+    return "/pcocc/global/opensm/pkeys/"
+
+
+def pkey_member_key(pkey, host):
+    """pkey: its hex form, 0x2000."""
+    return f"{pkey_members_prefix()}{pkey}/{host}"

@@ -210,7 +210,10 @@ def _nics(ctx, info, settings, rank):
     if nets and info.get("backend") == "local":
         raise PcoccError(f"resource set '{settings['resource-set']}' has networks ({', '.join(n.name for n in nets)}), "
                          "which the local backend does not set up yet: use a resource set without networks")
-    return jobnet.nic_args(ctx.config, settings, info["jobid"], rank)
+    objects = None
+    if jobnet.needs_node_objects(ctx.config, settings):  # which VF or PCI device node setup gave this VM
+        objects = (ctx.store.get(state.node_key(ctx.env.user, info["jobid"], ctx.hostname)) or {}).get("objects")
+    return jobnet.nic_args(ctx.config, settings, info["jobid"], rank, objects)
 
 
 def _user_data(settings, info, expand):

@@ -100,7 +100,7 @@ class SlurmBackend(Backend):
 
     def submit_batch(self, n_vms, definition, opts, passthrough):
         """sbatch a job whose script is the launcher; its job id."""
-        base = self.allocation_argv("sbatch", n_vms, opts, passthrough)
+        base = self.allocation_argv("sbatch", n_vms, self.with_licenses(definition, opts), passthrough)
         argv = base[:1] + ["--parsable", "--signal=15", "-o", "pcocc_%j.out", "-e", "pcocc_%j.err"] + base[1:]
         out = run(argv + ["--wrap", quote(launcher_argv(_pcocc_bin(), definition, opts))]).stdout
         return int(out.strip().split(";")[0])
@@ -110,7 +110,18 @@ class SlurmBackend(Backend):
         if shutil.which("salloc") is None:
             raise NotFoundError("salloc not found: is SLURM's client installed on this host?")
         extra = [] if opts.get("host_script") else ["--interactive"]
-        return self.allocation_argv("salloc", n_vms, opts, passthrough) + launcher_argv(_pcocc_bin(), definition, opts) + extra
+        argv = self.allocation_argv("salloc", n_vms, self.with_licenses(definition, opts), passthrough)
+        return argv + launcher_argv(_pcocc_bin(), definition, opts) + extra
+
+    def with_licenses(self, definition, opts):
+        """opts plus the SLURM licenses the cluster's networks name (`license`: e.g. a PKey token)."""
+        from pcocc.cluster import parse_definition
+        from pcocc.networks.jobnet import licenses
+
+        config = self.ctx.config
+        templates = {vm.template for vm in parse_definition(definition, config.templates)}
+        needed = licenses(config, [config.templates.resolve(t).values for t in sorted(templates)])
+        return {**opts, "licenses": [*(opts.get("licenses") or []), *needed]} if needed else opts
 
 
 def _pcocc_bin():

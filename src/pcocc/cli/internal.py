@@ -84,6 +84,27 @@ def setup_cleanup(app):
     nodesetup.cleanup(app.ctx)
 
 
+@internal.command("pkeyd")
+@click.option("--once", is_flag=True, help="Write the partitions files once, signal OpenSM, and exit.")
+@pass_app
+def pkeyd(app, once):
+    """Keep OpenSM's partitions in step with the PKeys of virtual clusters.
+
+    Runs as root on the subnet manager's node (see contrib/systemd/pcocc-pkeyd.service):
+    writes each infiniband network's opensm-partition-cfg from its opensm-partition-tpl
+    and the PKeys in the store, then sends SIGHUP to opensm-daemon; again on each change.
+    """
+    import signal
+    import threading
+
+    from pcocc.networks import pkeyd as daemon
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    daemon.serve(app.ctx.store, app.config, app.env.environ, stop, once=once)
+
+
 @internal.command("launcher")
 @click.option("--definition", required=True)
 @click.option("--name", default="pcocc")

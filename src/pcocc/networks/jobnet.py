@@ -143,17 +143,47 @@ def setup_node(node_plan, peer_records, common):
     return done
 
 
-def nic_args(config, settings, jobid, rank):
-    """[qemu arguments of one NIC] for each network of the VM, in order."""
-    return [networks.driver(net).nic_args(jobid, rank, i, settings["nic-model"])
-            for i, net in enumerate(vm_networks(config, settings))]
+def nic_args(config, settings, jobid, rank, objects=None):
+    """[qemu arguments of one NIC] for each network of the VM, in order.
+
+    objects: what node setup published for each network on this node ({name: ...}, the
+    node record's "objects"), for drivers that need it (uses_node_objects: which VF a VM got).
+    """
+    out = []
+    for i, net in enumerate(vm_networks(config, settings)):
+        driver = networks.driver(net)
+        if getattr(driver, "uses_node_objects", False):
+            out.append(driver.nic_args(jobid, rank, i, settings["nic-model"], objects=(objects or {}).get(net.name)))
+        else:
+            out.append(driver.nic_args(jobid, rank, i, settings["nic-model"]))
+    return out
+
+
+def needs_node_objects(config, settings):
+    """Whether the VM's NICs need what node setup published (nic_args' objects)."""
+    return any(getattr(networks.lookup(n.type).driver, "uses_node_objects", False) for n in vm_networks(config, settings))
+
+
+def unmigratable_networks(config, settings):
+    """Names of the VM's networks that a checkpoint or migration cannot carry (a passed-through device)."""
+    return [n.name for n in vm_networks(config, settings) if not getattr(networks.lookup(n.type).driver, "migratable", True)]
+
+
+def licenses(config, settings_list):
+    """SLURM licenses ["name" or "name:count"] a cluster of VMs with these settings needs:
+    one per network with a `license` setting (a PKey is per cluster, not per VM)."""
+    from collections import Counter
+
+    nets = {n.name: n for s in settings_list for n in vm_networks(config, s)}
+    counts = Counter(n.settings["license"] for n in nets.values() if n.settings.get("license"))
+    return [lic if c == 1 else f"{lic}:{c}" for lic, c in sorted(counts.items())]
 
 
 def undo_actions(environ, store):
     """{kind: undo} of every kind of object a node setup records."""
-    from pcocc.networks import hostnet
+    from pcocc.networks import hostnet, vfio
 
-    return {**hostnet.undo_actions(environ), "pool": lambda **args: release_pool(store, **args)}
+    return {**hostnet.undo_actions(environ), "pool": lambda **args: release_pool(store, **args), **vfio.undo_actions(environ, store)}
 
 
 def release_pool(store, pool, owner, nodes, host):
