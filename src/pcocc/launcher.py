@@ -28,6 +28,17 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
     vms = parse_definition(definition, tset)
     resolved = {n: tset.resolve(n) for n in {v.template for v in vms}}
     opts = {"name": name, "definition": definition, "user_data": user_data, "script": batch_script, "cwd": os.getcwd()}
+    restart_dir = env.get("PCOCC_RESTART_CKPT")  # set by `pcocc alloc|batch -r DIR`, which checked it
+    if restart_dir:
+        from pcocc import checkpoint
+
+        try:
+            manifest = checkpoint.load(restart_dir)
+            checkpoint.check_restart(manifest, restart_dir, vms, resolved)
+        except PcoccError as exc:
+            info_out(f"pcocc: error: {exc.message}")
+            return 1
+        opts["restart"] = {"dir": restart_dir, "manifest": manifest}
     prefix = state.cluster_prefix(ctx.env.user, jobid)
     pcocc_bin = os.path.join(os.path.dirname(sys.executable), "pcocc")
     srun = None
@@ -57,6 +68,7 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
         status = 0
         if host_script or interactive:
             child_env = dict(env, PCOCC_JOB_ID=str(jobid), PCOCC_JOB_NAME=name, PCOCC_ALLOCATION="1")
+            child_env.pop("PCOCC_RESTART_CKPT", None)
             argv = [host_script] if host_script else [env.get("SHELL") or "/bin/sh"]
             status = subprocess.call(argv, env=child_env)
         elif batch_script:

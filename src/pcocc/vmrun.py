@@ -30,9 +30,14 @@ INFO_TIMEOUT = 120
 class ControlHandler:
     """What the control endpoint can do to this VM."""
 
-    def __init__(self, vm, agent):
+    def __init__(self, vm, agent, rev=None, images=None, drives=()):
         self.vm = vm
         self.agent = agent
+        self.rev = rev  # the image revision the VM's disk is based on
+        self.images = images  # a callable giving the ImageStore
+        self.drives = list(drives)  # the persistent drives [(path, cache, format)]
+        self._disk_lock = threading.Lock()  # one save or checkpoint at a time
+        self.checkpointed = False
 
     def op_ping(self):
         self.agent.ping()
@@ -62,6 +67,53 @@ class ControlHandler:
         path = os.path.abspath(path)
         self.vm.monitor.cmd("dump-guest-memory", paging=False, protocol=f"file:{path}")
         return {"path": path}
+
+    def _exclusive(self):
+        if not self._disk_lock.acquire(blocking=False):
+            raise PcoccError(f"{self.vm.config.name}: a save or checkpoint of this VM is already in progress")
+        return _Release(self._disk_lock)
+
+    def op_save(self, dest=None, full=False, safe=False):
+        from pcocc.saving import save_disk
+
+        with self._exclusive():
+            return save_disk(self.vm, self.agent, self.rev, self.images(), dest=dest, full=full, safe=safe)
+
+    def op_ckpt_pause(self):
+        from pcocc import checkpoint
+
+        with self._exclusive():
+            return checkpoint.pause(self.vm)
+
+    def op_ckpt_save(self, dir):
+        from pcocc import checkpoint
+
+        with self._exclusive():
+            return checkpoint.save_vm(self.vm, self.rev, self.drives, dir)
+
+    def op_ckpt_resume(self):
+        from pcocc import checkpoint
+
+        with self._exclusive():
+            return checkpoint.resume(self.vm)
+
+    def op_ckpt_quit(self):
+        from pcocc import checkpoint
+
+        with self._exclusive():
+            self.checkpointed = True
+            return checkpoint.quit_vm(self.vm, self.drives)
+
+
+class _Release:
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
 
 
 def run_vm(ctx, jobid, rank):
@@ -93,16 +145,20 @@ def run_vm(ctx, jobid, rank):
     signal.signal(signal.SIGINT, on_signal)
     try:
         publish("starting")
-        vm = vmlib.VM(_vm_config(ctx, info, spec, rank, rundir, jobdir))
+        cfg, rev = _vm_config(ctx, info, spec, rank, rundir, jobdir)
+        vm = vmlib.VM(cfg)
         if stop.is_set():
             return 0
+        if cfg.incoming:
+            publish("restoring")
         vm.start(pin=spec["settings"]["bind-vcpus"] and spec.get("pin", True))
         publish("qemu-start", qemu_pid=vm.proc.pid)
         agent = GuestAgent(vm.qga_path, timeout=30)
         ca = store.get(state.cluster_prefix(user, jobid) + "ca")
-        server = ControlServer(ControlHandler(vm, agent), ca_pem=ca["cert"], cert_pem=ca["server_cert"], key_pem=ca["server_key"],
+        handler = ControlHandler(vm, agent, rev, ctx.images, cfg.drives)
+        server = ControlServer(handler, ca_pem=ca["cert"], cert_pem=ca["server_cert"], key_pem=ca["server_key"],
                                owner=info["owner"], host=ctx.control_host).start()
-        _wait_agent(agent, vm, stop)
+        _wait_agent(agent, vm, stop, booting=not cfg.incoming)
         if not stop.is_set() and vm.proc.poll() is None:
             publish("running", qemu_pid=vm.proc.pid, control=list(server.address), rundir=rundir)
         while not stop.is_set() and vm.proc.poll() is None:
@@ -145,11 +201,12 @@ def _quietly(fn, *args, **kwargs):
         log.warning("cleanup: %s: %s: %s", getattr(fn, "__qualname__", fn), type(exc).__name__, exc)
 
 
-def _wait_agent(agent, vm, stop):
+def _wait_agent(agent, vm, stop, booting=True):
     deadline = time.monotonic() + AGENT_TIMEOUT
     # qemu tells when the guest opens the agent's port: talk to the agent from then on
-    # (a request sent before is lost), with polling only as a fallback.
-    while not stop.is_set() and vm.proc.poll() is None and time.monotonic() < deadline:
+    # (a request sent before is lost), with polling only as a fallback. A restored
+    # guest has its port open already.
+    while booting and not stop.is_set() and vm.proc.poll() is None and time.monotonic() < deadline:
         if vm.monitor.wait_event("VSERPORT_CHANGE", lambda d: d.get("id") == "qga0port" and d.get("open"), min(deadline, time.monotonic() + 1)):
             break
     while not stop.is_set() and vm.proc.poll() is None:
@@ -171,7 +228,13 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
         return os.path.expanduser(pathtpl.expand(text, values, ctx.env.environ))
 
     image = settings["image"]
-    rev = ctx.images().find(expand(image)) if image else None
+    restart = _restart_of(info, rank)
+    if restart:  # the very revision the checkpoint was taken on, whatever the latest is now
+        from pcocc import checkpoint
+
+        rev = checkpoint.restart_revision(ctx.images(), restart["vm"])
+    else:
+        rev = ctx.images().find(expand(image)) if image else None
     for key in ("kernel", "initrd"):  # paths like any other: ~ and path templates
         if settings.get(key):
             settings = {**settings, key: expand(settings[key])}
@@ -186,6 +249,10 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
     if settings["full-node"]:
         cores = sorted(os.sched_getaffinity(0))
     topo = topology.plan(cores, memory_mb, emulator_cores=settings["emulator-cores"])
+    if restart:
+        from pcocc import checkpoint
+
+        checkpoint.check_vm(restart["vm"], topo.vcpus, topo.memory_mb)
     user_data = _user_data(settings, info, expand)
     keys = seed.user_ssh_keys(ctx.env.home, [os.path.join(ctx.env.user_conf_dir, "ssh")])
     meta, user = seed.render(f"vm{rank}", settings.get("instance-id") or f"pcocc-{info['jobid']}-vm{rank}", user_data, keys)
@@ -201,15 +268,26 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
         name=f"vm{rank}", rundir=rundir, settings=settings, accel=chosen, topology=topo, mounts=mounts,
         drives=vmlib.drive_list(settings["persistent-drives"], expand), nics=_nics(ctx, info, settings, rank),
     )
-    return vmlib.prepare(cfg_args, rev, os.path.join(rundir, "disk.qcow2"), (meta, user), rundir)
+    disk_from = None
+    if restart:
+        from pcocc import checkpoint
+
+        checkpoint.check_drives(restart["vm"], cfg_args["drives"])
+        cfg_args["incoming"] = checkpoint.incoming_uri(restart["dir"], restart["vm"])
+        disk_from = checkpoint.disk_path(restart["dir"], restart["vm"])
+    return vmlib.prepare(cfg_args, rev, os.path.join(rundir, "disk.qcow2"), (meta, user), rundir, disk_from=disk_from), rev
+
+
+def _restart_of(info, rank):
+    """{dir, vm} when this VM restarts from a checkpoint, else None."""
+    restart = info.get("restart")
+    if not restart:
+        return None
+    return {"dir": restart["dir"], "vm": restart["manifest"]["vms"][rank]}
 
 
 def _nics(ctx, info, settings, rank):
     """The NICs of the VM's resource set, in order; their host side was made by node setup."""
-    nets = jobnet.vm_networks(ctx.config, settings)
-    if nets and info.get("backend") == "local":
-        raise PcoccError(f"resource set '{settings['resource-set']}' has networks ({', '.join(n.name for n in nets)}), "
-                         "which the local backend does not set up yet: use a resource set without networks")
     objects = None
     if jobnet.needs_node_objects(ctx.config, settings):  # which VF or PCI device node setup gave this VM
         objects = (ctx.store.get(state.node_key(ctx.env.user, info["jobid"], ctx.hostname)) or {}).get("objects")

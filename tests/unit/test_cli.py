@@ -40,7 +40,7 @@ def test_bad_option_is_a_usage_error(cli):
 
 
 def test_pending_commands_fail_clearly(cli):
-    r = cli("save", "-d", "foo", "vm0")
+    r = cli("display", "vm0")
     assert r.status == ExitStatus.NOT_AVAILABLE
     assert "not available yet" in r.stderr
     assert r.stdout == ""

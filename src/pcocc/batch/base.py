@@ -37,6 +37,7 @@ class Backend:
             "jobid": jobid, "name": opts["name"], "owner": self.user, "definition": opts["definition"],
             "created": time.time(), "state": "submitted", "user_data": opts.get("user_data"),
             "script": opts.get("script"), "cwd": opts.get("cwd"),
+            "restart": opts.get("restart"),  # {dir, manifest} of a checkpoint to restart from, read by every VM
             "vms": [{"rank": v.rank, "template": v.template, "settings": resolved[v.template].values} for v in vms],
             **extra,
         }

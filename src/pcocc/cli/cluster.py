@@ -14,7 +14,8 @@ from pcocc.errors import NotFoundError, UsageError
 
 
 _COMMON = [
-    click.option("-r", "--restart-ckpt", metavar="DIR", help="Restart from a checkpoint (not available yet)."),
+    click.option("-r", "--restart-ckpt", metavar="DIR", type=click.Path(file_okay=False),
+                 help="Restart the cluster checkpointed in DIR by 'pcocc ckpt' (same DEFINITION and resources)."),
     click.option("--user-data", type=click.Path(exists=True, dir_okay=False), help="cloud-init user-data file for every VM (overrides the templates')."),
 ]
 _PASSTHROUGH = {"ignore_unknown_options": True}
@@ -65,26 +66,48 @@ def _split(args):
     return list(args[:-1]), args[-1]
 
 
-def _check_restart(restart_ckpt):
-    from pcocc.errors import NotAvailableError
-
-    if restart_ckpt:
-        raise NotAvailableError("restarting from a checkpoint is not available yet")
+RESTART_ENV = "PCOCC_RESTART_CKPT"  # how -r reaches the SLURM launcher (sbatch/salloc export the environment)
 
 
-def _submit_local(app, definition, batch_opts, user_data, script=None):
+def _restart(app, restart_ckpt, definition, cpus=None, memory_mb=None):
+    """{dir, manifest} of the checkpoint to restart from, checked against the definition; or None."""
+    if not restart_ckpt:
+        return None
+    from pcocc import checkpoint
+    from pcocc.cluster import parse_definition
+
+    directory = os.path.abspath(restart_ckpt)
+    manifest = checkpoint.load(directory)
+    tset = app.config.templates
+    vms = parse_definition(definition, tset)
+    resolved = {name: tset.resolve(name) for name in {v.template for v in vms}}
+    checkpoint.check_restart(manifest, directory, vms, resolved, cpus, memory_mb)
+    return {"dir": directory, "manifest": manifest}
+
+
+def _submit_local(app, definition, batch_opts, user_data, script=None, restart_ckpt=None):
     from pcocc.cluster import parse_definition
 
     local = _local_options(batch_opts)
     tset = app.config.templates
     vms = parse_definition(definition, tset)
     resolved = {name: tset.resolve(name) for name in {v.template for v in vms}}
+    cpus, mem = local["cpus_per_vm"], local["mem_per_core"] * local["cpus_per_vm"]
+    restart = _restart(app, restart_ckpt, definition, cpus, mem)
     backend = app.ctx.backend()
     opts = {
-        "name": local["job_name"], "cpus": local["cpus_per_vm"], "mem_per_core": local["mem_per_core"], "definition": definition,
+        "name": local["job_name"], "cpus": cpus, "mem_per_core": local["mem_per_core"], "definition": definition,
         "user_data": os.path.abspath(user_data) if user_data else None, "script": script, "cwd": os.getcwd(),
+        "restart": restart,
     }
     return backend, backend.submit(vms, resolved, opts), local["job_name"]
+
+
+def _slurm_restart(app, restart_ckpt, definition):
+    """Check the checkpoint here, and hand its directory to the launcher through the environment."""
+    os.environ.pop(RESTART_ENV, None)
+    if _restart(app, restart_ckpt, definition):
+        os.environ[RESTART_ENV] = os.path.abspath(restart_ckpt)
 
 
 def _slurm_opts(app, definition, batch_opts, user_data, **launcher_opts):
@@ -111,14 +134,14 @@ def _progress(app, jobid):
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[BATCH_OPTIONS]... DEFINITION")
 @pass_app
 def alloc(app, restart_ckpt, user_data, alloc_script, args):
-    _check_restart(restart_ckpt)
     batch_opts, definition = _split(args)
     script = os.path.abspath(alloc_script) if alloc_script else None
     if app.config.batch.type == "slurm":
+        _slurm_restart(app, restart_ckpt, definition)
         n_vms, opts = _slurm_opts(app, definition, batch_opts, user_data, host_script=script)
         argv = app.ctx.backend().interactive_allocation(n_vms, definition, opts, batch_opts)
         os.execvp(argv[0], argv)
-    backend, jobid, name = _submit_local(app, definition, batch_opts, user_data)
+    backend, jobid, name = _submit_local(app, definition, batch_opts, user_data, restart_ckpt=restart_ckpt)
     try:
         app.info(f"cluster {jobid} starting")
         backend.wait_ready(jobid, _progress(app, jobid))
@@ -143,10 +166,10 @@ def alloc(app, restart_ckpt, user_data, alloc_script, args):
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[BATCH_OPTIONS]... DEFINITION")
 @pass_app
 def batch(app, restart_ckpt, user_data, batch_script, host_script, wait, args):
-    _check_restart(restart_ckpt)
     batch_opts, definition = _split(args)
     script = os.path.abspath(batch_script) if batch_script else None
     if app.config.batch.type == "slurm":
+        _slurm_restart(app, restart_ckpt, definition)
         n_vms, opts = _slurm_opts(app, definition, batch_opts, user_data, script=script,
                                   host_script=os.path.abspath(host_script) if host_script else None)
         backend = app.ctx.backend()
@@ -154,7 +177,7 @@ def batch(app, restart_ckpt, user_data, batch_script, host_script, wait, args):
     else:
         if host_script:
             raise UsageError("-E/--host-script needs the SLURM backend (on one host, use 'pcocc alloc -E')")
-        backend, jobid, _ = _submit_local(app, definition, batch_opts, user_data, script=script)
+        backend, jobid, _ = _submit_local(app, definition, batch_opts, user_data, script=script, restart_ckpt=restart_ckpt)
     app.out(str(jobid))
     app.env.stdout.flush()
     if wait:

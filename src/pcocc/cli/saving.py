@@ -1,4 +1,129 @@
-from pcocc.cli.pending import pending_command
+"""pcocc save, ckpt: a VM's disk as a new image revision; a whole cluster to a directory."""
 
-save = pending_command("save", "Save the disk of a VM as a new image revision", "save and checkpoint support")
-ckpt = pending_command("ckpt", "Checkpoint a virtual cluster to a directory", "save and checkpoint support")
+import contextlib
+import os
+import time
+
+import click
+
+from pcocc.cli.access import Targets, job_options
+from pcocc.cli.core import pass_app
+from pcocc.cli.render import dump_json
+from pcocc.errors import NotFoundError, PcoccError
+
+
+@click.command()
+@job_options
+@click.option("-d", "--dest", metavar="[REPO:]NAME", help="Save as a new image instead of a new revision of the VM's image.")
+@click.option("--full", is_flag=True, help="Write a standalone image (no backing layers); always so for -d in another repository.")
+@click.option("-s", "--safe", is_flag=True, help="Wait as long as it takes for the guest agent to freeze the file systems (and fail if it cannot).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was saved as JSON.")
+@click.argument("vm", default="vm0")
+@pass_app
+def save(app, jobid, jobname, dest, full, safe, as_json, vm):
+    """Save the disk of VM (default vm0) as a new revision of its image.
+
+    Only what the VM changed is written: a new layer on the revision the VM
+    started from, published as the image's next revision, which new VMs of
+    the image use. The guest's file systems are frozen through its agent
+    while the copy starts (a few milliseconds to seconds); without the agent,
+    the disk is saved anyway, with a warning. Persistent drives are used in
+    place and are not part of the image ('pcocc ckpt' copies them whole).
+    """
+    if dest is not None:  # checked here first, for a plain answer (the VM's side checks again)
+        from pcocc.images.repo import ImageExists
+
+        repo, image_name = app.ctx.images().target(dest)
+        if repo.revisions(image_name):
+            raise ImageExists(f"image '{repo.name}:{image_name}' already exists", "Delete it first, or choose another name.")
+    targets = Targets(app, jobid, jobname, vm)
+    if len(targets.ranks) != 1:
+        raise click.BadParameter("save one VM at a time", param_hint="'VM'")
+    name = targets.vms[targets.ranks[0]]["name"]
+    app.info(f"{name}: saving its disk{' (full image)' if full else ''}...")
+    res = targets.call_one("save", dest=dest, full=full, safe=safe)
+    for w in res.get("warnings", []):
+        app.warn(f"{name}: {w}")
+    if as_json:
+        return dump_json(app, res)
+    if res.get("frozen"):
+        app.info(f"{name}: file systems frozen for {res.get('frozen_seconds', 0):.2f} s")
+    app.info(f"{name}: disk saved as {res['uri']} ({_size(res['layer_bytes'])} written in {res['seconds']:.1f} s"
+             f"{', standalone' if res['full'] else ', on ' + res['base']})")
+    app.out(res["uri"])
+
+
+def _size(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+@click.command()
+@job_options
+@click.option("-F", "--force", is_flag=True, help="Replace DIR if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the checkpoint's manifest as JSON.")
+@click.argument("directory", metavar="DIR", type=click.Path(file_okay=False))
+@pass_app
+def ckpt(app, jobid, jobname, force, as_json, directory):
+    """Checkpoint a whole cluster into DIR (disks and memory), then stop it.
+
+    Every VM is paused, then writes its disk changes, a whole copy of its
+    persistent drives and its memory into DIR; the cluster stops once all
+    succeeded (if one fails, the cluster goes on as before and DIR is not
+    written). Restart it with 'pcocc alloc|batch -r DIR DEFINITION', with the
+    same definition and resources. VMs with 9p mount points or passthrough
+    devices (InfiniBand, PCI) cannot be checkpointed.
+
+    DIR must be reachable from every node the cluster runs on.
+    """
+    from pcocc import checkpoint
+
+    directory = os.path.abspath(directory)
+    if os.path.lexists(directory) and not force:
+        raise click.BadParameter(f"{directory} exists already (-F replaces it)", param_hint="'DIR'")
+    targets = Targets(app, jobid, jobname, "all")
+    checkpoint.check_cluster(app.config, targets.info)
+    down = [v["name"] for v in targets.vms if v.get("state") != "running"]
+    if down:
+        raise PcoccError(f"cannot checkpoint cluster {targets.jobid}: {', '.join(down)} not running")
+    started = time.monotonic()
+    staging = checkpoint.staging_dir(directory)
+    paused = False
+    try:
+        app.info(f"cluster {targets.jobid}: pausing {len(targets.vms)} VM(s)")
+        paused = True
+        _all_ok(targets.call_all("ckpt_pause", {}), "pause")
+        app.info(f"cluster {targets.jobid}: writing disks and memory to {directory}")
+        saved = _all_ok(targets.call_all("ckpt_save", {"dir": staging}, timeout=10**7), "checkpoint")
+        app.info(f"cluster {targets.jobid}: state written ({time.monotonic() - started:.1f} s): stopping the VMs")
+        paused = False  # from here on, the VMs stop: nothing to resume
+        stamps = _all_ok(targets.call_all("ckpt_quit", {}), "stop", "The VMs that stopped cannot go on; nothing was written.")
+        by_rank = {int(n[2:]): r for n, r in saved.items()}
+        manifest = checkpoint.write_manifest(staging, targets.info, by_rank, {int(n[2:]): r for n, r in stamps.items()})
+        checkpoint.publish(staging, directory, force)
+        staging = None
+    finally:
+        if paused:  # a failure before the VMs stopped: the cluster goes on as it was
+            for name, (ok, res) in targets.call_all("ckpt_resume", {}).items():
+                if not ok:
+                    app.warn(f"{name}: could not resume it: {res}")
+        if staging:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(NotFoundError):  # it ends by itself once its VMs stopped
+        app.ctx.backend().cancel(targets.jobid)
+    total = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
+    if as_json:
+        return dump_json(app, {**manifest, "directory": directory, "seconds": round(time.monotonic() - started, 3), "bytes": total})
+    app.info(f"cluster {targets.jobid} checkpointed to {directory} ({total / 2**20:.1f} MiB, {time.monotonic() - started:.1f} s) and stopped")
+    app.info(f"restart it with: pcocc alloc|batch -r {directory} {manifest['definition']}")
+
+
+def _all_ok(results, what, hint="The cluster goes on as it was; nothing was written."):
+    failed = [f"{n}: {r}" for n, (ok, r) in results.items() if not ok]
+    if failed:
+        raise PcoccError(f"checkpoint failed ({what}): {failed[0]}" + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""), hint)
+    return {n: r for n, (ok, r) in results.items()}

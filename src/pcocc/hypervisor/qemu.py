@@ -22,6 +22,7 @@ class VMConfig:
     mounts: list = field(default_factory=list)  # [(tag, host path, readonly)]
     drives: list = field(default_factory=list)  # [(path, cache, format)] persistent drives
     nics: list = field(default_factory=list)  # [list of qemu args per NIC]
+    incoming: str = None  # a migration URI to restore the VM's memory from (a checkpoint)
 
     def path(self, name):
         return os.path.join(self.rundir, name)
@@ -73,6 +74,8 @@ def command_line(vm):
             argv += ["-initrd", initrd]
         if "-append" not in custom:
             argv += ["-append", append]
+    if vm.incoming:
+        argv += ["-incoming", vm.incoming]
     return argv + custom
 
 

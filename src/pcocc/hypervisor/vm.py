@@ -15,6 +15,7 @@ log = logging.getLogger("pcocc.vm")
 
 START_TIMEOUT = 60
 STOP_TIMEOUT = 30
+RESTORE_TIMEOUT = 1800  # reading a large memory image back
 
 
 class VM:
@@ -30,8 +31,8 @@ class VM:
     def qga_path(self):
         return self.config.path("qga.sock")
 
-    def start(self, pin=True):
-        """Start qemu paused, connect QMP, pin vCPUs, then let it run."""
+    def start(self, pin=True, restore_timeout=RESTORE_TIMEOUT):
+        """Start qemu paused, connect QMP, pin vCPUs, restore its memory if it has some to, then let it run."""
         argv = qemu.command_line(self.config)
         log.debug("qemu: %s", " ".join(argv))
         errlog = open(self.config.path("qemu.err"), "wb")
@@ -50,6 +51,13 @@ class VM:
                 topology.pin_vcpus(self.monitor.vcpu_threads(), self.config.topology, self.proc.pid)
             except OSError as exc:  # cores outside our own affinity: keep running unpinned
                 log.warning("%s: vCPU pinning failed: %s", self.config.name, exc)
+        if self.config.incoming:
+            from pcocc.hypervisor.snapshot import wait_migration
+
+            try:
+                wait_migration(self.monitor, restore_timeout)
+            except PcoccError as exc:
+                raise PcoccError(f"{self.config.name}: {exc.message}: {self.qemu_error()}") from None
         self.monitor.cmd("cont")
 
     def qemu_error(self):
@@ -86,13 +94,17 @@ class VM:
         self.monitor.close()
 
 
-def prepare(config_kwargs, image_rev, overlay_path, seed_data, workdir):
-    """Build the VMConfig: overlay on the image, seed ISO, persistent drive formats."""
-    from pcocc.images.store import create_overlay
+def prepare(config_kwargs, image_rev, overlay_path, seed_data, workdir, disk_from=None):
+    """Build the VMConfig: overlay on the image, seed ISO, persistent drive formats.
+
+    disk_from: a checkpoint's disk delta to start from (copied, and put on the
+    image's top layer) instead of an empty overlay.
+    """
+    from pcocc.images.store import create_overlay, overlay_from
 
     cfg = qemu.VMConfig(**config_kwargs)
     if image_rev is not None:
-        cfg.disk = create_overlay(image_rev, overlay_path)
+        cfg.disk = overlay_from(image_rev, disk_from, overlay_path) if disk_from else create_overlay(image_rev, overlay_path)
         boot = image_rev.boot_files()
         if boot and not cfg.settings.get("kernel"):
             cfg.boot = boot

@@ -56,6 +56,16 @@ def create_layer(path, backing, size=None):
     run(argv)
 
 
+def create(path, size, fmt="qcow2"):
+    """A new empty standalone image of size bytes."""
+    run(["qemu-img", "create", "-q", "-f", fmt, path, str(size)])
+
+
+def rebase_unsafe(path, backing):
+    """Point a qcow2 layer at another backing file of the same content (its header only)."""
+    run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", backing, path])
+
+
 def parse_size(text):
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.I)
     if not m:

@@ -141,6 +141,46 @@ class ImageStore:
             return repo.commit(rev.name, rev.layers + (sha,), size or rev.size, self.owner, boot=rev.boot, description=rev.description)
 
 
+    def save_layer(self, rev, fill, dest=None, full=False, description=None):
+        """Publish the content of a VM disk based on rev as a new revision; return it.
+
+        fill(tmp_path, backing) writes the layer: backing is the name of its backing
+        file, relative to tmp_path's directory, or None for a standalone image
+        (full, or dest in another repository). Without dest: the next revision of
+        rev's image; with dest ([REPO:]NAME, which must not exist): its revision 0.
+        Nothing is published unless fill returned; its file is removed on any error.
+        """
+        if dest is not None:
+            repo, name = self.target(dest)
+            if repo.revisions(name):
+                raise ImageExists(f"image '{repo.name}:{name}' already exists", "Delete it first, or choose another name.")
+        else:
+            repo, name = rev.repo, rev.name
+        same_repo = os.path.realpath(repo.path) == os.path.realpath(rev.repo.path)
+        full = full or not same_repo  # a layer never points into another repository
+        repo.ensure()
+        if not repo.writable():
+            from pcocc.errors import PermissionDenied
+
+            raise PermissionDenied(f"repository '{repo.name}' ({repo.path}) is read-only for you",
+                                   "Save to an image of your own with -d [REPO:]NAME.")
+        with repo.writing():  # held until the commit: gc must not take the new blob before
+            tmp = repo.tmp_path("save")
+            try:
+                fill(tmp, None if full else f"../blobs/{rev.layers[-1]}")  # tmp/ and blobs/ are siblings
+                sha = repo.store_blob(tmp)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            if not same_repo:
+                for key in ("kernel", "initrd"):
+                    if rev.boot.get(key):
+                        copy_blob(rev.repo, repo, rev.boot[key])
+            layers = (sha,) if full else rev.layers + (sha,)
+            return repo.commit(name, layers, rev.size, self.owner, new_image=dest is not None,
+                               description=rev.description if description is None else description, boot=rev.boot)
+
+
 def _format_from_extension(path):
     ext = os.path.splitext(path)[1].lstrip(".").lower()
     return {"img": "raw", "vhd": "vpc"}.get(ext, ext) if ext else "qcow2"
@@ -152,3 +192,18 @@ def create_overlay(rev, path):
     return path
 
 
+
+
+def overlay_from(rev, delta, path):
+    """The disk of a restarted VM: a copy of a checkpoint's delta, put on the revision's top layer."""
+    import shutil
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        shutil.copyfile(delta, tmp)
+        qemuimg.rebase_unsafe(tmp, os.path.abspath(rev.top))
+        os.rename(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
