@@ -72,19 +72,21 @@ def create(ctx, jobid, uid, tasks, ranks=None, step_nodes=None):
     record = {"state": "network-config", "tasks": tasks}
     ctx.store.put(key, record)
     started = time.monotonic()
+    alive = liveness(ctx)
+    nodes = step_nodes or [ctx.hostname]
     try:
-        node_plan = _plan(ctx, jobid, user, ranks)
+        node_plan = _plan(ctx, jobid, user, ranks, alive, multi_node=len(nodes) > 1)
         record.update(node_plan.record())
         ctx.store.put(key, record)
-        nodes = step_nodes or [ctx.hostname]
         peers = {}
         if node_plan.endpoint:
-            peers = jobnet.wait_peers(ctx.store, _nodes_key(user, jobid), nodes, ctx.hostname, job_alive, jobid)
+            peers = jobnet.wait_peers(ctx.store, _nodes_key(user, jobid), nodes, ctx.hostname, alive, jobid)
         waited = time.monotonic()
         with node_lock(ctx.env):
-            _reclaim_dead(ctx, jobid)
+            _reclaim_dead(ctx, jobid, alive)
             common = dict(jobid=jobid, uid=uid, host=ctx.hostname, nodes=nodes, environ=ctx.env.environ, store=ctx.store,
-                          undo=undo_log(ctx.env), owner_alive=_owner_alive(), nodes_key=_nodes_key(user, jobid))
+                          undo=undo_log(ctx.env), owner_alive=_owner_alive(alive), nodes_key=_nodes_key(user, jobid),
+                          state_dir=node_state_dir(ctx.env), address=_address(ctx, node_plan))
             record["objects"] = jobnet.setup_node(node_plan, peers, common)
         # seconds waiting for the cluster's record and the other nodes, then making things
         record["timings"] = {"wait": round(waited - started, 3), "create": round(time.monotonic() - waited, 3)}
@@ -95,15 +97,39 @@ def create(ctx, jobid, uid, tasks, ranks=None, step_nodes=None):
     ctx.store.put(key, {**record, "state": "complete"})
 
 
-def _plan(ctx, jobid, user, ranks):
+def _plan(ctx, jobid, user, ranks, alive, multi_node):
     if not ctx.config.networks:  # no network anywhere: no need for the cluster's record
         return jobnet.NodePlan()
-    info = jobnet.wait_info(ctx.store, user, jobid, job_alive)
+    info = jobnet.wait_info(ctx.store, user, jobid, alive)
     if ranks is None:
         if any(jobnet.vm_networks(ctx.config, vm["settings"]) for vm in info["vms"]):
             raise PcoccError("the VM ranks of this node are unknown (PCOCC_LOCAL_RANKS, set by the SPANK plugin)")
         ranks = []
-    return jobnet.plan(ctx.config, info, ranks, ctx.env.environ, ctx.hostname)
+    return jobnet.plan(ctx.config, info, ranks, ctx.env.environ, ctx.hostname, multi_node)
+
+
+def _address(ctx, node_plan):
+    """Where this node's reverse NAT ports are reached: $PCOCC_HOST_ADDR, else SLURM's NodeAddr;
+    on one host, its address on its default route."""
+    environ = ctx.env.environ
+    if environ.get("PCOCC_HOST_ADDR"):
+        return environ["PCOCC_HOST_ADDR"]
+    if not node_plan.networks:
+        return None
+    if ctx.config.batch.type == "local":
+        return local_address()
+    return jobnet.node_address(environ, ctx.hostname)
+
+
+def local_address():
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only asks the routing table
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
 
 
 def delete(ctx, jobid, uid):
@@ -160,11 +186,11 @@ def _nodes_key(user, jobid):
     return state.nodes_prefix(user, jobid)
 
 
-def _reclaim_dead(ctx, jobid):
+def _reclaim_dead(ctx, jobid, alive):
     """Replay the logs of jobs that no longer run here (a setup killed before its delete)."""
     log_ = undo_log(ctx.env)
     for job in log_.jobs():
-        if job != jobid and not job_alive(job):
+        if job != jobid and not alive(job):
             log.info("job %s is gone: undoing what its setup left on this node", job)
             try:
                 log_.replay(job, jobnet.undo_actions(ctx.env.environ, ctx.store))
@@ -187,8 +213,19 @@ def job_alive(jobid):
     return bool(out) and out[0] not in _ENDED
 
 
-def _owner_alive():
-    """For the id pools: whether the job of an owner "JOBID:..." runs (one squeue, on first use)."""
+def liveness(ctx):
+    """f(jobid) -> whether the job still runs, for this node's backend."""
+    if ctx.config.batch.type == "local":
+        from pcocc.batch.local import LocalBackend
+
+        return LocalBackend(ctx).job_alive
+    return job_alive
+
+
+def _owner_alive(job_alive_):
+    """For the id pools: whether the job of an owner "JOBID:..." runs (with SLURM: one squeue, on first use)."""
+    if job_alive_ is not job_alive:
+        return lambda owner: job_alive_(int(str(owner).split(":")[0]))
     live = []
 
     def alive(owner):

@@ -16,7 +16,7 @@ import time
 
 from pcocc import state
 from pcocc.batch.base import Backend
-from pcocc.errors import NotFoundError, PcoccError, ResourceError, TimeoutExpired
+from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, ResourceError, TimeoutExpired
 
 log = logging.getLogger("pcocc.local")
 
@@ -137,6 +137,9 @@ class LocalBackend(Backend):
         try:
             cores, exclusive = self._reserve(jobid, len(vms), cpus, mem)
             info = self.cluster_info(jobid, vms, resolved, opts, backend="local", host=self.ctx.hostname, rundir=rundir)
+            if _networked(self.ctx, info) and os.geteuid() != 0:
+                raise PermissionDenied("on the local backend, only root can start VMs on networks (node setup makes "
+                                       "bridges, namespaces and NAT rules): use a resource set without networks")
             for vm in info["vms"]:
                 vm.update(cores=cores[vm["rank"]], memory_mb=mem, pin=exclusive)
             self.write_credentials(jobid, [self.ctx.control_host])
@@ -223,7 +226,7 @@ def run_root(env):
 
 def _supervise(ctx, jobid):
     """The supervisor process of a local cluster (runs detached; exits when the cluster ends)."""
-    status, children, prefix = 1, {}, state.cluster_prefix(ctx.env.user, jobid)
+    status, children, prefix, networked = 1, {}, state.cluster_prefix(ctx.env.user, jobid), []
     try:
         info = ctx.reopen_store().get(prefix + "info")
         _detach_stdio(os.path.join(info["rundir"], "supervisor.log"))
@@ -233,6 +236,11 @@ def _supervise(ctx, jobid):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         backend = LocalBackend(ctx)
         backend._adopt(jobid, os.getpid())
+        networked = _networked(ctx, info)
+        if networked:  # the node setup SLURM's plugin would run, as root (submit checked that we are)
+            from pcocc import nodesetup
+
+            nodesetup.create(ctx, jobid, os.getuid(), len(info["vms"]), networked, [ctx.hostname])
         ctx.close_store()
         children = {_fork_vm(ctx, jobid, vm["rank"]): vm["rank"] for vm in info["vms"]}
         ctx.store.put(prefix + "info", {**info, "supervisor": os.getpid(), "supervisor_start": process_start(os.getpid()), "state": "running"})
@@ -248,12 +256,23 @@ def _supervise(ctx, jobid):
     finally:
         try:
             _stop_vms(ctx, prefix, children)
+            if networked:
+                from pcocc import nodesetup
+
+                nodesetup.delete(ctx, jobid, os.getuid())
             info = ctx.store.get(prefix + "info")
             LocalBackend(ctx)._cleanup(jobid, info["rundir"] if info else None)
         except BaseException as exc:  # noqa: BLE001
             log.error("cleanup of cluster %s: %s", jobid, getattr(exc, "message", exc))
         finally:
             os._exit(status)
+
+
+def _networked(ctx, info):
+    """The ranks of the VMs that are on a network."""
+    from pcocc.networks import jobnet
+
+    return [vm["rank"] for vm in info["vms"] if jobnet.vm_networks(ctx.config, vm["settings"])]
 
 
 def _detach_stdio(logfile):

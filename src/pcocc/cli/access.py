@@ -1,7 +1,5 @@
-"""pcocc exec, console, reset, monitor-cmd, dump: reach the VMs of a cluster.
-
-ssh, scp, nc and display wait for the private networks.
-"""
+"""pcocc exec, console, reset, monitor-cmd, dump: reach the VMs of a cluster through
+their control endpoints (ssh, scp and nc, through the network, are in remote.py)."""
 
 import os
 import sys
@@ -12,10 +10,6 @@ from pcocc.cli.core import pass_app
 from pcocc.cli.pending import pending_command
 from pcocc.errors import NotFoundError, PcoccError
 
-_NET = "private virtual networks"
-ssh = pending_command("ssh", "Connect to a VM with ssh", _NET)
-scp = pending_command("scp", "Copy files to and from VMs with scp", _NET)
-nc = pending_command("nc", "Connect to a TCP port of a VM", _NET)
 display = pending_command("display", "Show the remote display of a VM", "remote display support")
 
 

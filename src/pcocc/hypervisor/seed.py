@@ -7,18 +7,26 @@ import yaml
 from pcocc.runner import run
 
 
+KEY_NAMES = ("id_ed25519", "id_ecdsa", "id_rsa")
+
+
+def user_key_files(home, extra_dirs=()):
+    """The user's public ssh key files (~/.ssh, then extra_dirs), to let them log into their VMs."""
+    return [p for d in (os.path.join(home, ".ssh"), *extra_dirs) for p in (os.path.join(d, n + ".pub") for n in KEY_NAMES)
+            if os.path.isfile(p)]
+
+
 def user_ssh_keys(home, extra_dirs=()):
-    """The user's public ssh keys, to let them log into their VMs."""
+    """The user's public ssh keys (each once)."""
     keys = []
-    for d in (os.path.join(home, ".ssh"), *extra_dirs):
-        for name in ("id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub"):
-            try:
-                with open(os.path.join(d, name)) as f:
-                    key = f.read().strip()
-            except OSError:
-                continue
-            if key and key not in keys:
-                keys.append(key)
+    for path in user_key_files(home, extra_dirs):
+        try:
+            with open(path) as f:
+                key = f.read().strip()
+        except OSError:
+            continue
+        if key and key not in keys:
+            keys.append(key)
     return keys
 
 

@@ -1,7 +1,7 @@
 """Private Ethernet between the VMs of a cluster (Open vSwitch + VXLAN), L2 or L3."""
 
 from pcocc.config.schema import Bool, Enum, F, Int, Str, Struct
-from pcocc.errors import NotAvailableError, PcoccError
+from pcocc.errors import PcoccError
 from pcocc.networks import NetworkType, names, register
 
 _CIDR = Str(r"\d{1,3}(\.\d{1,3}){3}/\d{1,2}", "an IPv4 network like 10.200.0.0/16")
@@ -61,9 +61,10 @@ def vm_mac(settings, rank):
 
 
 class EthernetDriver:
-    """L2: one OVS bridge per job and node, a tap per local VM, a VXLAN tunnel to each
+    """One OVS bridge per job and node, a tap per local VM, a VXLAN tunnel to each
     other node of the job with the job's VNI. NORMAL switching is enough: each job has
-    its own bridge and VNI, so jobs cannot see each other."""
+    its own bridge and VNI, so no frame of a job, ARP included, reaches another job.
+    L3 adds the job's gateway on each node (gateway.py)."""
 
     needs_peers = True
 
@@ -72,9 +73,10 @@ class EthernetDriver:
         self.settings = network.settings
 
     def check(self):
-        layer = self.settings["network-layer"]
-        if layer != "L2":
-            raise NotAvailableError(f"network '{self.network.name}': network-layer {layer} is not available yet (use L2)")
+        if self.settings["network-layer"] == "L3":
+            from pcocc.networks.gateway import Addressing
+
+            Addressing(self.settings, self.network.name)  # a clear error for networks too small
 
     def node_setup(self, job):
         from pcocc.allocator import Pool
@@ -100,7 +102,15 @@ class EthernetDriver:
                 port = tunnel_port_name(s, jobid, index)
                 job.undo.record(jobid, "ovs-port", bridge=bridge, port=port)
                 ovs.add_vxlan_port(bridge, port, job.peers[host], vni)
-        return {"bridge": bridge, "vni": vni}
+        made = {"bridge": bridge, "vni": vni}
+        if s["network-layer"] == "L3":
+            from pcocc.networks import gateway
+            from pcocc.networks.hostnet import Iptables
+
+            ns = gateway.netns_name(jobid, self.network.name, job.host)
+            made.update(gateway.setup(job, self.network, bridge, ovs, ip, Iptables(job.environ), Iptables(job.environ, ns),
+                                      job.state_dir, job.address, lambda rank: vm_mac(s, rank)))
+        return made
 
     def nic_args(self, jobid, rank, index, nic_model):
         self.check()

@@ -1,4 +1,4 @@
-"""Thin drivers of the host's network tools: ovs-vsctl and ip, through the one runner.
+"""Thin drivers of the host's network tools: ovs-vsctl, ip, iptables and dnsmasq, through the one runner.
 
 Each creating call has an idempotent undo, listed in undo_actions() under the
 kind the undo log records. The OVS commands reach the node's own Open vSwitch
@@ -26,9 +26,13 @@ class Ovs:
     def del_bridge(self, bridge):
         self.vsctl("--if-exists", "del-br", bridge)
 
-    def add_port(self, bridge, port):
-        """An existing network device (a tap) as a port of bridge."""
-        self.vsctl("add-port", bridge, port)
+    def add_port(self, bridge, port, protected=False):
+        """An existing network device (a tap, a veth) as a port of bridge.
+
+        NORMAL switching never forwards between two protected ports.
+        """
+        extra = ["--", "set", "port", port, "protected=true"] if protected else []
+        self.vsctl("add-port", bridge, port, *extra)
 
     def add_vxlan_port(self, bridge, port, remote_ip, key):
         # protected: NORMAL never floods from one tunnel to another (split horizon),
@@ -69,16 +73,123 @@ class Ip:
             if self.link_exists(name):
                 raise
 
+    def add_veth_into(self, name, peer, netns, mtu):
+        """A veth pair: name here, peer inside netns; both up with mtu."""
+        self._ip("link", "add", name, "mtu", str(mtu), "type", "veth", "peer", "name", peer, "mtu", str(mtu), "netns", netns)
+        self._ip("link", "set", "dev", name, "up")
+        self._ip("-n", netns, "link", "set", "dev", peer, "up")
+
+    def add_netns(self, name):
+        self._ip("netns", "add", name)
+        self._ip("-n", name, "link", "set", "dev", "lo", "up")
+
+    def del_netns(self, name):
+        """Its devices go with it (veth peers included); its processes do not."""
+        try:
+            self._ip("netns", "del", name)
+        except CommandError:
+            if name in self.netns_names():
+                raise
+
+    def netns_names(self):
+        return [line.split()[0] for line in self._ip("netns", "list").stdout.splitlines() if line.strip()]
+
+    def addr_add(self, dev, cidr, netns=None):
+        self._ip(*_in(netns), "addr", "add", cidr, "dev", dev)
+
+    def route_add(self, dest, dev, via=None, netns=None):
+        self._ip(*_in(netns), "route", "replace", dest, *(["via", via] if via else []), "dev", dev)
+
     def link_exists(self, name):
         # not /sys/class/net: a process entered into a netns with nsenter sees the host's sysfs
         return run(["ip", "link", "show", "dev", name], env=self.environ, check=False).returncode == 0
 
 
+def _in(netns):
+    return ["-n", netns] if netns else []
+
+
+def in_netns(netns, argv):
+    """argv run inside a named network namespace (nsenter: unlike `ip netns exec`, it keeps /sys)."""
+    return ["nsenter", f"--net=/run/netns/{netns}", *argv] if netns else list(argv)
+
+
+def sysctl(name, value, environ=None, netns=None):
+    run(in_netns(netns, ["sysctl", "-q", "-w", f"{name}={value}"]), env=environ)
+
+
+def tx_checksum_off(dev, environ=None, netns=None):
+    """The userspace datapath forwards a veth's partial checksums unfixed: make the kernel fill them."""
+    run(in_netns(netns, ["ethtool", "-K", dev, "tx", "off"]), env=environ)
+
+
+class Iptables:
+    """Rules in the node's tables, each tagged with its job so an admin can tell whose it is."""
+
+    def __init__(self, environ=None, netns=None):
+        self.environ, self.netns = environ, netns
+
+    def _run(self, *args, check=True):
+        # -w: wait for the xtables lock rather than fail when another job's setup holds it
+        return run(in_netns(self.netns, ["iptables", "-w", "30", *args]), env=self.environ, check=check)
+
+    def add(self, table, chain, rule, insert=False):
+        self._run("-t", table, "-I" if insert else "-A", chain, *rule)
+
+    def delete(self, table, chain, rule):
+        """Idempotent: a rule already gone is fine."""
+        if self._run("-t", table, "-C", chain, *rule, check=False).returncode == 0:
+            self._run("-t", table, "-D", chain, *rule)
+
+
+def stop_pidfile_process(pidfile, name):
+    """SIGTERM the process of pidfile if it still is `name`, wait for it; then remove the file."""
+    import os
+    import signal
+    import time
+
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().split()[0])
+        with open(f"/proc/{pid}/comm") as f:
+            alive = f.read().strip() == name
+    except (OSError, ValueError, IndexError):
+        alive = False
+    if alive:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if os.path.exists(f"/proc/{pid}"):
+                os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.unlink(pidfile)
+    except FileNotFoundError:
+        pass
+
+
+def _unlink(path):
+    import os
+
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def undo_actions(environ=None):
     """{kind: idempotent undo} of the objects these drivers make."""
-    ovs, ip = Ovs(environ), Ip(environ)
+    ovs, ip, iptables = Ovs(environ), Ip(environ), Iptables(environ)
     return {
         "ovs-bridge": lambda bridge: ovs.del_bridge(bridge),
         "ovs-port": lambda bridge, port: ovs.del_port(bridge, port),
         "tap": lambda name: ip.del_link(name),
+        "link": lambda name: ip.del_link(name),
+        "netns": lambda name: ip.del_netns(name),
+        "iptables": lambda table, chain, rule: iptables.delete(table, chain, rule),
+        "process": lambda pidfile, name: stop_pidfile_process(pidfile, name),
+        "file": _unlink,
     }

@@ -37,11 +37,15 @@ class NodeJob:
     undo: object  # pcocc.networks.undo.UndoLog
     owner_alive: object  # f(pool owner "JOBID:NAME") -> whether its job still runs
     nodes_key: str  # store prefix of the job's node records
+    members: list = ()  # every VM rank of the cluster on the network (DHCP and DNS know them all)
+    state_dir: str = None  # the node's state dir (files of the job's daemons)
+    address: str = None  # this node's address, where reverse NAT ports are reached
 
 
 @dataclass
 class NodePlan:
     networks: dict = field(default_factory=dict)  # name -> (Network, driver, [local ranks]), first use first
+    members: dict = field(default_factory=dict)  # name -> [every VM rank of the cluster on it]
     endpoint: str = None
 
     def record(self):
@@ -74,9 +78,12 @@ def wait_info(store, user, jobid, alive, timeout=WAIT_TIMEOUT):
             raise TimeoutExpired(f"no cluster record for job {jobid} after {timeout} s (was it started by pcocc?)")
 
 
-def plan(config, info, ranks, environ, host):
+def plan(config, info, ranks, environ, host, multi_node=True):
     """This node's networks: the ones its VMs (ranks) use, each checked on this node."""
     out = NodePlan()
+    for vm in info["vms"]:
+        for net in vm_networks(config, vm["settings"]):
+            out.members.setdefault(net.name, []).append(vm["rank"])
     for rank in ranks:
         if rank >= len(info["vms"]):
             raise PcoccError(f"VM rank {rank} is not in the cluster's record ({len(info['vms'])} VMs)")
@@ -86,7 +93,7 @@ def plan(config, info, ranks, environ, host):
                 driver.check()
                 out.networks[net.name] = (net, driver, [])
             out.networks[net.name][2].append(rank)
-    if any(d.needs_peers for _, d, _ in out.networks.values()):
+    if multi_node and any(d.needs_peers for _, d, _ in out.networks.values()):
         out.endpoint = tunnel_endpoint(environ, host)
     return out
 
@@ -95,6 +102,11 @@ def tunnel_endpoint(environ, host):
     """This node's VXLAN endpoint: $PCOCC_TUNNEL_IP, else its SLURM NodeAddr (resolved)."""
     if environ.get(TUNNEL_IP_ENV):
         return environ[TUNNEL_IP_ENV]
+    return node_address(environ, host)
+
+
+def node_address(environ, host):
+    """This node's address as SLURM knows it (NodeAddr, resolved)."""
     out = run(["scontrol", "show", "node", host, "-o"], env=environ).stdout
     addr = next((f.split("=", 1)[1] for f in out.split() if f.startswith("NodeAddr=")), host)
     try:
@@ -139,7 +151,7 @@ def setup_node(node_plan, peer_records, common):
     done = {}
     for name, (net, driver, ranks) in node_plan.networks.items():
         peers = {h: r["endpoint"] for h, r in peer_records.items() if name in r.get("networks", ())}
-        done[name] = driver.node_setup(NodeJob(ranks=ranks, peers=peers, **common))
+        done[name] = driver.node_setup(NodeJob(ranks=ranks, peers=peers, members=node_plan.members.get(name, ranks), **common))
     return done
 
 
@@ -181,9 +193,12 @@ def licenses(config, settings_list):
 
 def undo_actions(environ, store):
     """{kind: undo} of every kind of object a node setup records."""
+    from pcocc.allocator import Pool
     from pcocc.networks import hostnet, vfio
 
-    return {**hostnet.undo_actions(environ), "pool": lambda **args: release_pool(store, **args), **vfio.undo_actions(environ, store)}
+    return {**hostnet.undo_actions(environ), "pool": lambda **args: release_pool(store, **args),
+            "pool-own": lambda pool, owner: Pool(store, pool, 0, 0).release(owner),  # ids of one node's VMs
+            **vfio.undo_actions(environ, store)}
 
 
 def release_pool(store, pool, owner, nodes, host):

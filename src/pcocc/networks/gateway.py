@@ -1,0 +1,192 @@
+"""The L3 side of an `ethernet` network on one node: the job's gateway.
+
+Every node of a job runs its own copy of the gateway, in a network namespace
+of its own (one per job, network and node), plugged into the job's bridge as a
+*protected* port: NORMAL switching never forwards between protected ports, and
+the VXLAN tunnels are protected too, so each VM only ever talks to the gateway
+of its own node (same IP and MAC on every node, no flapping), while the VMs
+still see each other across nodes.
+
+    VM --tap-- [job bridge] --veth "gw"-- [gateway netns] --veth "up"-- node --> outside
+                  |  (VXLAN to the other nodes)     dnsmasq (DHCP + DNS)
+
+Addresses: vmN is int-network's host N+1 on every cluster (clusters never
+share a segment), the gateway is its last host. Each VM also has an external
+address, unique over ext-network and allocated in the store: the gateway
+namespace maps it 1:1 to the VM's internal one, the node routes it to the
+job's uplink, masquerades it on the way out (allow-outbound) and maps a host
+port allocated in the store to it (reverse-nat). New connections into the
+uplink that the node did not map itself are dropped: another job's VM cannot
+reach this job's external addresses directly.
+"""
+
+import ipaddress
+import os
+
+from pcocc.errors import PcoccError
+from pcocc.networks import names
+from pcocc.runner import run
+
+LINK_ADDR = "169.254.0.1"  # the node's end of every gateway's uplink (routes, not this address, tell them apart)
+LEASE_TIME = "12h"
+
+
+class Addressing:
+    """Where each VM, the gateway and the external addresses sit, from the network's settings."""
+
+    def __init__(self, settings, name):
+        self.name = name
+        self.int_net = ipaddress.ip_network(settings["int-network"], strict=False)
+        self.ext_net = ipaddress.ip_network(settings["ext-network"], strict=False)
+        if self.int_net.num_addresses < 4 or self.ext_net.num_addresses < 4:
+            raise PcoccError(f"network '{name}': int-network and ext-network need room for at least 2 hosts")
+        self.gateway = self.int_net[-2]
+
+    def vm_ip(self, rank):
+        if rank + 1 >= self.int_net.num_addresses - 2:
+            raise PcoccError(f"network '{self.name}': vm{rank} does not fit in int-network {self.int_net}")
+        return self.int_net[rank + 1]
+
+    def ext_pool(self):
+        """(pool name, first, last) of the external addresses, as indexes into ext-network."""
+        return (f"extip-{self.name}", 1, self.ext_net.num_addresses - 2)
+
+    def ext_ip(self, index):
+        return self.ext_net[index]
+
+
+def netns_name(jobid, network, host):
+    # /run/netns is shared by every node namespace of a test cluster: the host is part of the name
+    return f"pcocc-{host}-{jobid}-{network}"
+
+
+def hostname(settings, rank):
+    return f"vm{rank}"
+
+
+def fqdn(settings, rank):
+    domain = settings["domain-name"].strip(".")
+    return f"vm{rank}.{domain}" if domain else f"vm{rank}"
+
+
+def dnsmasq_conf(settings, addressing, macs, lease_file):
+    """dnsmasq's configuration: fixed leases and names for every VM of the cluster (macs: {rank: mac})."""
+    s, a = settings, addressing
+    lines = [
+        "interface=gw", "bind-interfaces", "except-interface=lo", "no-hosts", "dhcp-authoritative",
+        f"dhcp-leasefile={lease_file}",
+        f"dhcp-range={a.int_net.network_address},static,{a.int_net.netmask},{LEASE_TIME}",
+        f"dhcp-option=option:router,{a.gateway}",
+        f"dhcp-option=option:dns-server,{a.gateway}",
+        f"dhcp-option=option:mtu,{s['mtu']}",
+    ]
+    domain = s["domain-name"].strip(".")
+    if domain:
+        lines += [f"domain={domain}", f"local=/{domain}/"]
+    search = s["dns-search"] or domain
+    if search:
+        lines.append(f"dhcp-option=option:domain-search,{search.replace(' ', ',')}")
+    if s["ntp-server"]:
+        lines.append(f"dhcp-option=option:ntp-server,{s['ntp-server']}")
+    lines += [f"server={s['dns-server']}"] if s["dns-server"] else ["no-resolv"]
+    for rank, mac in sorted(macs.items()):
+        ip = a.vm_ip(rank)
+        lines.append(f"dhcp-host={mac},{ip},{hostname(s, rank)}")
+        names_ = [fqdn(s, rank)] + ([hostname(s, rank)] if domain else [])
+        lines.append(f"host-record={','.join(names_)},{ip}")
+    return "\n".join(lines) + "\n"
+
+
+def setup(job, network, bridge, ovs, ip, iptables_node, iptables_ns, state_dir, address, vm_mac):
+    """Make this node's gateway of the job on `network`; returns what the node publishes.
+
+    job: jobnet.NodeJob; address: this node's address, where reverse NAT ports are reached.
+    """
+    from pcocc.allocator import Pool
+    from pcocc.networks import hostnet
+
+    s, jobid, host, undo = network.settings, job.jobid, job.host, job.undo
+    a = Addressing(s, network.name)
+    ns = netns_name(jobid, network.name, host)
+    gw_port = names.dev_name(s["dev-prefix"], "g", jobid)
+    uplink = names.dev_name(s["dev-prefix"], "h", jobid)
+    environ = job.environ
+    ranks = sorted(job.ranks)
+
+    # cluster-wide external addresses, then host ports, for this node's VMs
+    owner = f"{jobid}:{network.name}:{host}"
+    undo.record(jobid, "pool-own", pool=a.ext_pool()[0], owner=owner)
+    ext = dict(zip(ranks, map(a.ext_ip, Pool(job.store, *a.ext_pool()).allocate(owner, len(ranks), alive=job.owner_alive))))
+    ports = {}
+    rnat = s.get("reverse-nat")
+    if rnat:
+        pool = (f"hostport-{host}", rnat["min-host-port"], rnat["max-host-port"])
+        undo.record(jobid, "pool-own", pool=pool[0], owner=owner)
+        ports = dict(zip(ranks, Pool(job.store, *pool).allocate(owner, len(ranks), alive=job.owner_alive)))
+
+    undo.record(jobid, "netns", name=ns)
+    ip.add_netns(ns)
+    undo.record(jobid, "link", name=gw_port)
+    ip.add_veth_into(gw_port, "gw", ns, s["mtu"])
+    undo.record(jobid, "ovs-port", bridge=bridge, port=gw_port)
+    ovs.add_port(bridge, gw_port, protected=True)
+    undo.record(jobid, "link", name=uplink)
+    ip.add_veth_into(uplink, "up", ns, s["mtu"])
+    if s["datapath-type"] == "netdev":
+        hostnet.tx_checksum_off("gw", environ, ns)
+
+    # the namespace: gateway address inside, external addresses on the uplink, 1:1 NAT between them
+    ip.addr_add("gw", f"{a.gateway}/{a.int_net.prefixlen}", netns=ns)
+    for rank in ranks:
+        ip.addr_add("up", f"{ext[rank]}/32", netns=ns)
+    ip.route_add(LINK_ADDR, "up", netns=ns)
+    ip.route_add("default", "up", via=LINK_ADDR, netns=ns)
+    hostnet.sysctl("net.ipv4.ip_forward", 1, environ, ns)
+    for rank in ranks:
+        iptables_ns.add("nat", "PREROUTING", ["-d", str(ext[rank]), "-j", "DNAT", "--to-destination", str(a.vm_ip(rank))])
+        iptables_ns.add("nat", "POSTROUTING", ["-s", str(a.vm_ip(rank)), "-o", "up", "-j", "SNAT", "--to-source", str(ext[rank])])
+    if s["allow-outbound"] == "none":
+        iptables_ns.add("filter", "FORWARD", ["-i", "gw", "-o", "up", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP"])
+
+    # the node: routes to the external addresses, forwarding, masquerade out, reverse NAT in
+    ip.addr_add(uplink, f"{LINK_ADDR}/32")
+    for rank in ranks:
+        ip.route_add(f"{ext[rank]}/32", uplink)
+    if s["manage-ip-forward"]:
+        hostnet.sysctl("net.ipv4.ip_forward", 1, environ)
+    tag = ["-m", "comment", "--comment", f"pcocc job {jobid}"]
+    rules = [  # inserted first in their chains, in this order, so the DROP comes before the ACCEPTs
+        ("filter", "FORWARD", ["-i", uplink, "-j", "ACCEPT", *tag], True),
+        ("filter", "FORWARD", ["-o", uplink, "-j", "ACCEPT", *tag], True),
+        ("filter", "FORWARD", ["-o", uplink, "-m", "conntrack", "--ctstate", "NEW", "-m", "conntrack", "!", "--ctstate", "DNAT",
+                               "-j", "DROP", *tag], True),
+    ]
+    for rank in ranks:
+        rules.append(("nat", "POSTROUTING", ["-s", f"{ext[rank]}/32", "!", "-d", str(a.ext_net), "-j", "MASQUERADE", *tag], False))
+        if rank in ports:
+            dnat = ["-p", "tcp", "-m", "addrtype", "--dst-type", "LOCAL", "--dport", str(ports[rank]),
+                    "-j", "DNAT", "--to-destination", f"{ext[rank]}:{rnat['vm-port']}", *tag]
+            rules += [("nat", "PREROUTING", dnat, False), ("nat", "OUTPUT", dnat, False)]
+    for table, chain, rule, insert in rules:
+        undo.record(jobid, "iptables", table=table, chain=chain, rule=rule)
+        iptables_node.add(table, chain, rule, insert=insert)
+
+    # DHCP and DNS for the whole cluster (the same answers on every node)
+    base = os.path.join(state_dir, f"dnsmasq-{jobid}-{network.name}")
+    macs = {rank: vm_mac(rank) for rank in job.members}
+    with open(base + ".conf", "w") as f:
+        f.write(dnsmasq_conf(s, a, macs, base + ".leases"))
+    undo.record(jobid, "file", path=base + ".conf")
+    undo.record(jobid, "file", path=base + ".leases")
+    undo.record(jobid, "file", path=base + ".log")
+    undo.record(jobid, "process", pidfile=base + ".pid", name="dnsmasq")
+    run(hostnet.in_netns(ns, ["dnsmasq", f"--conf-file={base}.conf", f"--pid-file={base}.pid", f"--log-facility={base}.log"]),
+        env=environ)
+    return {
+        "netns": ns,
+        "gateway": str(a.gateway),
+        "address": address,
+        "vm_port": rnat["vm-port"] if rnat else None,
+        "vms": {str(rank): {"ip": str(a.vm_ip(rank)), "ext_ip": str(ext[rank]), **({"host_port": ports[rank]} if rank in ports else {})}
+                for rank in ranks},
+    }

@@ -1,0 +1,72 @@
+"""Reaching a VM's reverse-NATed port (ssh by default) from anywhere: where it is, and
+the ssh configuration that names the VMs.
+
+Node setup publishes, in each node record, the node's address and the host port
+mapped to each of its VMs (networks/gateway.py); nothing else is needed.
+"""
+
+import os
+
+from pcocc.errors import NotFoundError, PcoccError
+
+
+def port_map(info, vms):
+    """{rank: (address, host port, vm port)} of the VMs whose port is reverse-NATed."""
+    out = {}
+    for vm in vms:
+        record = info.get("nodes", {}).get(vm.get("host") or "", {})
+        for objects in (record.get("objects") or {}).values():
+            mapped = (objects.get("vms") or {}).get(str(vm["rank"]), {}) if isinstance(objects, dict) else {}
+            if mapped.get("host_port") and vm["rank"] not in out:
+                out[vm["rank"]] = (objects["address"], mapped["host_port"], objects.get("vm_port"))
+    return out
+
+
+def endpoint(info, vms, rank, port=None):
+    """(address, host port) where the VM's reverse-NATed port is reached; a clear error when none."""
+    name = f"vm{rank}"
+    if rank >= len(vms):
+        raise NotFoundError(f"cluster {info['jobid']} has no {name} (it has {len(vms)} VMs)")
+    if vms[rank].get("state") != "running":
+        raise PcoccError(f"{name} is not running (state: {vms[rank].get('state')})")
+    found = port_map(info, vms).get(rank)
+    if found is None:
+        raise PcoccError(f"{name} has no reverse-NATed port: its networks need an L3 ethernet network with 'reverse-nat'")
+    address, host_port, vm_port = found
+    if port is not None and vm_port is not None and port != vm_port:
+        raise PcoccError(f"port {port} of {name} is not reverse-NATed (only its port {vm_port} is)")
+    return address, host_port
+
+
+def ssh_config(info, vms, known_hosts, identities=()):
+    """An ssh_config naming every reachable VM of the cluster (vmN) and then the user's own settings.
+
+    identities: the private keys whose public halves the VMs were given (ssh also tries its defaults).
+    """
+    lines = []
+    for rank, (address, host_port, _) in sorted(port_map(info, vms).items()):
+        lines += [f"Host vm{rank}", f"  HostName {address}", f"  Port {host_port}",
+                  # a new cluster has new host keys: remember them per cluster, accept the first one
+                  f"  HostKeyAlias pcocc-{info['jobid']}-vm{rank}", f"  UserKnownHostsFile {known_hosts}",
+                  "  StrictHostKeyChecking accept-new", "  LogLevel ERROR",
+                  *(f"  IdentityFile {path}" for path in identities), ""]
+    if not lines:
+        raise PcoccError(f"no VM of cluster {info['jobid']} has a reverse-NATed ssh port "
+                         "(its networks need an L3 ethernet network with 'reverse-nat')")
+    return "\n".join(lines) + "Host *\n  Include ~/.ssh/config\n"
+
+
+def write_ssh_config(env, info, vms):
+    """The file `ssh -F` reads, in the user's private run dir."""
+    from pcocc.fsutil import private_dir
+    from pcocc.hypervisor.seed import user_key_files
+
+    identities = [p[: -len(".pub")] for p in user_key_files(env.home, [os.path.join(env.user_conf_dir, "ssh")])
+                  if os.path.isfile(p[: -len(".pub")])]
+    d = private_dir(os.path.join(env.run_dir, "ssh"))
+    path = os.path.join(d, f"config-{info['jobid']}")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(ssh_config(info, vms, os.path.join(d, f"known_hosts-{info['jobid']}"), identities))
+    os.replace(tmp, path)
+    return path
