@@ -528,3 +528,18 @@ def test_simulation_vfs_held_elsewhere_are_never_taken(sqlite_site):
     assert sorted(vm["addr"] for vm in site.record("n1", 51)["objects"]["ib"]["vms"].values()) == host.vfs[2:]
     nodesetup.delete(site.ctx("n1"), 51, UID)
     assert host.driver(host.vfs[1]) == "vfio-pci" and host.driver(host.vfs[0]) == "mlx5_core"  # not ours: left alone
+
+
+def test_pkeyd_systemd_unit_runs_the_command():
+    import configparser
+    import shlex
+
+    from click.testing import CliRunner
+
+    from pcocc.cli.internal import internal
+
+    unit = configparser.ConfigParser()
+    unit.read(Path(__file__).parent.parent.parent / "contrib/systemd/pcocc-pkeyd.service")
+    argv = shlex.split(unit["Service"]["ExecStart"])
+    assert argv[0].endswith("/pcocc") and argv[1:] == ["internal", "pkeyd"]
+    assert CliRunner().invoke(internal, [*argv[2:], "--help"]).exit_code == 0
