@@ -427,11 +427,8 @@ def wait_for(predicate, timeout=30):
         time.sleep(0.05)
 
 
-def test_simulation_pkeyd_writes_partitions_and_signals_opensm(tmp_path, monkeypatch, opensm):
-    from pcocc.store.sqlite import SqliteStore
-
-    opened = []
-    site = Site(tmp_path, monkeypatch, lambda: opened.append(SqliteStore(str(tmp_path / "state.db"))) or opened[-1], daemon=opensm["name"])
+def test_simulation_pkeyd_writes_partitions_and_signals_opensm(tmp_path, monkeypatch, connect, opensm):
+    site = Site(tmp_path, monkeypatch, connect, daemon=opensm["name"])
     host = SimulatedHost(tmp_path / "n2" / "root", vfs=4)  # a compute node; n1 is the SM node (opensm's files)
     site._by_root[str(tmp_path / "n2" / "root")] = site.hosts["n2"] = host
     sm_env = site.environ("n1")
@@ -460,8 +457,6 @@ def test_simulation_pkeyd_writes_partitions_and_signals_opensm(tmp_path, monkeyp
     finally:
         stop.set()
         daemon.join(timeout=30)
-        for st in opened:
-            st.close()
     assert not daemon.is_alive()
 
 
