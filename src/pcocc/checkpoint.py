@@ -158,7 +158,7 @@ def staging_dir(directory):
     return path
 
 
-def write_manifest(staging, info, saved, stamps):
+def write_manifest(staging, info, saved, stamps, extra=None):
     """ckpt.json in staging, from the cluster record and what each VM wrote."""
     vms = []
     for vm in info["vms"]:
@@ -170,7 +170,7 @@ def write_manifest(staging, info, saved, stamps):
         vms.append(entry)
     manifest = {
         "format": FORMAT, "pcocc": __version__, "jobid": info["jobid"], "name": info["name"], "definition": info["definition"],
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "vms": vms,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "vms": vms, **(extra or {}),
     }
     with open(os.path.join(staging, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)

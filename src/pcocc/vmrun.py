@@ -159,6 +159,11 @@ def run_vm(ctx, jobid, rank):
         server = ControlServer(handler, ca_pem=ca["cert"], cert_pem=ca["server_cert"], key_pem=ca["server_key"],
                                owner=info["owner"], host=ctx.control_host).start()
         _wait_agent(agent, vm, stop, booting=not cfg.incoming)
+        restored = _restart_of(info, rank)
+        if restored and restored.get("identity") and not stop.is_set():
+            from pcocc import instant
+
+            instant.give_identity(agent, f"vm{rank}")
         if not stop.is_set() and vm.proc.poll() is None:
             publish("running", qemu_pid=vm.proc.pid, control=list(server.address), rundir=rundir)
         while not stop.is_set() and vm.proc.poll() is None:
@@ -281,9 +286,12 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
 def _restart_of(info, rank):
     """{dir, vm} when this VM restarts from a checkpoint, else None."""
     restart = info.get("restart")
-    if not restart:
-        return None
-    return {"dir": restart["dir"], "vm": restart["manifest"]["vms"][rank]}
+    if restart:
+        return {"dir": restart["dir"], "vm": restart["manifest"]["vms"][rank]}
+    snap = (info.get("instant") or {}).get(info["vms"][rank]["template"])
+    if snap:  # an instant cluster: restored from its template's snapshot, then given its own identity
+        return {"dir": snap["dir"], "vm": {**snap["vm"], "name": f"vm{rank}"}, "identity": True}
+    return None
 
 
 def _nics(ctx, info, settings, rank):

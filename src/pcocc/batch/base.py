@@ -38,6 +38,7 @@ class Backend:
             "created": time.time(), "state": "submitted", "user_data": opts.get("user_data"),
             "script": opts.get("script"), "cwd": opts.get("cwd"),
             "restart": opts.get("restart"),  # {dir, manifest} of a checkpoint to restart from, read by every VM
+            "instant": opts.get("instant"),  # {template: {dir, vm}}: VMs restored from their template's snapshot
             "vms": [{"rank": v.rank, "template": v.template, "settings": resolved[v.template].values} for v in vms],
             **extra,
         }

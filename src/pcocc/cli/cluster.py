@@ -16,6 +16,7 @@ from pcocc.errors import NotFoundError, UsageError
 _COMMON = [
     click.option("-r", "--restart-ckpt", metavar="DIR", type=click.Path(file_okay=False),
                  help="Restart the cluster checkpointed in DIR by 'pcocc ckpt' (same DEFINITION and resources)."),
+    click.option("--boot", is_flag=True, help="Boot every VM, even those whose template has a snapshot ('pcocc template snapshot')."),
     click.option("--user-data", type=click.Path(exists=True, dir_okay=False), help="cloud-init user-data file for every VM (overrides the templates')."),
 ]
 _PASSTHROUGH = {"ignore_unknown_options": True}
@@ -85,7 +86,24 @@ def _restart(app, restart_ckpt, definition, cpus=None, memory_mb=None):
     return {"dir": directory, "manifest": manifest}
 
 
-def _submit_local(app, definition, batch_opts, user_data, script=None, restart_ckpt=None):
+def _instant(app, resolved, cpus, memory_mb):
+    """{template: restore entry} of the templates whose snapshot can start their VMs."""
+    from pcocc import instant
+
+    out = {}
+    images = app.ctx.images()
+    for name, res in sorted(resolved.items()):
+        entry, stale = instant.lookup(images, app.env, app.config, name, res, cpus, memory_mb)
+        if entry:
+            out[name] = entry
+        elif stale:
+            app.info(f"template {name}: its snapshot cannot be used ({stale}): its VMs boot")
+    if out:
+        app.info(f"restoring the VMs of {', '.join(out)} from their template's snapshot")
+    return out or None
+
+
+def _submit_local(app, definition, batch_opts, user_data, script=None, restart_ckpt=None, boot=False):
     from pcocc.cluster import parse_definition
 
     local = _local_options(batch_opts)
@@ -99,6 +117,7 @@ def _submit_local(app, definition, batch_opts, user_data, script=None, restart_c
         "name": local["job_name"], "cpus": cpus, "mem_per_core": local["mem_per_core"], "definition": definition,
         "user_data": os.path.abspath(user_data) if user_data else None, "script": script, "cwd": os.getcwd(),
         "restart": restart,
+        "instant": None if restart or boot or user_data else _instant(app, resolved, cpus, mem),
     }
     return backend, backend.submit(vms, resolved, opts), local["job_name"]
 
@@ -133,7 +152,7 @@ def _progress(app, jobid):
 @click.option("-E", "--alloc-script", type=click.Path(exists=True, dir_okay=False), help="Run this script on the host instead of a shell; the cluster ends with it.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[BATCH_OPTIONS]... DEFINITION")
 @pass_app
-def alloc(app, restart_ckpt, user_data, alloc_script, args):
+def alloc(app, restart_ckpt, boot, user_data, alloc_script, args):
     batch_opts, definition = _split(args)
     script = os.path.abspath(alloc_script) if alloc_script else None
     if app.config.batch.type == "slurm":
@@ -141,7 +160,7 @@ def alloc(app, restart_ckpt, user_data, alloc_script, args):
         n_vms, opts = _slurm_opts(app, definition, batch_opts, user_data, host_script=script)
         argv = app.ctx.backend().interactive_allocation(n_vms, definition, opts, batch_opts)
         os.execvp(argv[0], argv)
-    backend, jobid, name = _submit_local(app, definition, batch_opts, user_data, restart_ckpt=restart_ckpt)
+    backend, jobid, name = _submit_local(app, definition, batch_opts, user_data, restart_ckpt=restart_ckpt, boot=boot)
     try:
         app.info(f"cluster {jobid} starting")
         backend.wait_ready(jobid, _progress(app, jobid))
@@ -165,7 +184,7 @@ def alloc(app, restart_ckpt, user_data, alloc_script, args):
 @click.option("--wait", is_flag=True, help="Return only when every VM runs (the job id is printed first).")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[BATCH_OPTIONS]... DEFINITION")
 @pass_app
-def batch(app, restart_ckpt, user_data, batch_script, host_script, wait, args):
+def batch(app, restart_ckpt, boot, user_data, batch_script, host_script, wait, args):
     batch_opts, definition = _split(args)
     script = os.path.abspath(batch_script) if batch_script else None
     if app.config.batch.type == "slurm":
@@ -177,7 +196,7 @@ def batch(app, restart_ckpt, user_data, batch_script, host_script, wait, args):
     else:
         if host_script:
             raise UsageError("-E/--host-script needs the SLURM backend (on one host, use 'pcocc alloc -E')")
-        backend, jobid, _ = _submit_local(app, definition, batch_opts, user_data, script=script, restart_ckpt=restart_ckpt)
+        backend, jobid, _ = _submit_local(app, definition, batch_opts, user_data, script=script, restart_ckpt=restart_ckpt, boot=boot)
     app.out(str(jobid))
     app.env.stdout.flush()
     if wait:

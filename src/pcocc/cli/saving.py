@@ -78,12 +78,28 @@ def ckpt(app, jobid, jobname, force, as_json, directory):
 
     DIR must be reachable from every node the cluster runs on.
     """
-    from pcocc import checkpoint
-
     directory = os.path.abspath(directory)
     if os.path.lexists(directory) and not force:
         raise click.BadParameter(f"{directory} exists already (-F replaces it)", param_hint="'DIR'")
     targets = Targets(app, jobid, jobname, "all")
+    started = time.monotonic()
+    manifest = take_checkpoint(app, targets, directory, force)
+    with contextlib.suppress(NotFoundError):  # it ends by itself once its VMs stopped
+        app.ctx.backend().cancel(targets.jobid)
+    total = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
+    if as_json:
+        return dump_json(app, {**manifest, "directory": directory, "seconds": round(time.monotonic() - started, 3), "bytes": total})
+    app.info(f"cluster {targets.jobid} checkpointed to {directory} ({total / 2**20:.1f} MiB, {time.monotonic() - started:.1f} s) and stopped")
+    app.info(f"restart it with: pcocc alloc|batch -r {directory} {manifest['definition']}")
+
+
+def take_checkpoint(app, targets, directory, force, extra=None):
+    """Pause every VM of targets, write their state into directory, stop them; the manifest.
+
+    On a failure before the VMs stop, they go on as they were and directory is untouched.
+    """
+    from pcocc import checkpoint
+
     checkpoint.check_cluster(app.config, targets.info)
     down = [v["name"] for v in targets.vms if v.get("state") != "running"]
     if down:
@@ -101,9 +117,10 @@ def ckpt(app, jobid, jobname, force, as_json, directory):
         paused = False  # from here on, the VMs stop: nothing to resume
         stamps = _all_ok(targets.call_all("ckpt_quit", {}), "stop", "The VMs that stopped cannot go on; nothing was written.")
         by_rank = {int(n[2:]): r for n, r in saved.items()}
-        manifest = checkpoint.write_manifest(staging, targets.info, by_rank, {int(n[2:]): r for n, r in stamps.items()})
+        manifest = checkpoint.write_manifest(staging, targets.info, by_rank, {int(n[2:]): r for n, r in stamps.items()}, extra)
         checkpoint.publish(staging, directory, force)
         staging = None
+        return manifest
     finally:
         if paused:  # a failure before the VMs stopped: the cluster goes on as it was
             for name, (ok, res) in targets.call_all("ckpt_resume", {}).items():
@@ -113,13 +130,6 @@ def ckpt(app, jobid, jobname, force, as_json, directory):
             import shutil
 
             shutil.rmtree(staging, ignore_errors=True)
-    with contextlib.suppress(NotFoundError):  # it ends by itself once its VMs stopped
-        app.ctx.backend().cancel(targets.jobid)
-    total = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
-    if as_json:
-        return dump_json(app, {**manifest, "directory": directory, "seconds": round(time.monotonic() - started, 3), "bytes": total})
-    app.info(f"cluster {targets.jobid} checkpointed to {directory} ({total / 2**20:.1f} MiB, {time.monotonic() - started:.1f} s) and stopped")
-    app.info(f"restart it with: pcocc alloc|batch -r {directory} {manifest['definition']}")
 
 
 def _all_ok(results, what, hint="The cluster goes on as it was; nothing was written."):

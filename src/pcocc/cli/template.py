@@ -88,3 +88,61 @@ def _lines(key, value):
 
 def _compact(mapping):
     return " ".join(f"{k}={v}" for k, v in mapping.items() if v is not None)
+
+
+@template.command("snapshot")
+@click.option("-c", "--cpus-per-vm", type=click.IntRange(1), default=1, show_default=True, help="Cores of the VMs the snapshot will start.")
+@click.option("-m", "--mem-per-core", type=click.IntRange(16), default=1000, show_default=True, help="MiB per core of those VMs.")
+@click.option("--delete", is_flag=True, help="Delete the template's snapshot instead.")
+@click.argument("name")
+@pass_app
+def snapshot(app, name, cpus_per_vm, mem_per_core, delete):
+    """Boot a VM of template NAME and keep its memory, for instant clusters.
+
+    Then 'pcocc alloc|batch NAME:N' (with the same -c and -m) restores its VMs
+    from the snapshot instead of booting them, and gives each its own
+    hostname, ssh host keys, machine id and randomness through its guest agent.
+    The snapshot is not used (the VMs boot) once the template or the image
+    revision it names changed; take it again then. --boot on alloc|batch boots
+    anyway. Kept in ~/.pcocc/snapshots/NAME.
+    """
+    import contextlib
+    import os
+    import time
+
+    from pcocc import instant
+    from pcocc.cli.access import Targets
+    from pcocc.cli.saving import take_checkpoint
+    from pcocc.cluster import VMSpec
+    from pcocc.errors import NotAvailableError, NotFoundError, PcoccError
+
+    tset = app.config.templates
+    resolved = tset.resolve(name)
+    if delete:
+        instant.delete(app.env, name)
+        app.info(f"template {name}: snapshot deleted")
+        return
+    if app.config.batch.type != "local":
+        raise NotAvailableError("template snapshots need the local backend for now (type: local in batch.yaml)")
+    reasons = instant.refusals(app.config, resolved.values)
+    if reasons:
+        raise PcoccError(f"cannot snapshot template '{name}': {reasons[0]}")
+    directory = instant.snapshot_dir(app.env, name)
+    os.makedirs(os.path.dirname(directory), mode=0o700, exist_ok=True)
+    backend = app.ctx.backend()
+    started = time.monotonic()
+    opts = {"name": f"snapshot-{name}", "cpus": cpus_per_vm, "mem_per_core": mem_per_core, "definition": f"{name}:1",
+            "user_data": None, "script": None, "cwd": os.getcwd()}
+    jobid = backend.submit([VMSpec(0, name)], {name: resolved}, opts)
+    try:
+        app.info(f"template {name}: booting a VM (cluster {jobid})")
+        backend.wait_ready(jobid)
+        targets = Targets(app, jobid, None, "all")
+        targets.call_one("exec", argv=["sync"])  # what the boot wrote goes to the disk delta
+        extra = {"snapshot": {"template": name, "cpus": cpus_per_vm, "mem_per_core": mem_per_core}}
+        take_checkpoint(app, targets, directory, force=True, extra=extra)
+    finally:
+        with contextlib.suppress(NotFoundError):
+            backend.cancel(jobid)
+    app.info(f"template {name}: snapshot taken in {time.monotonic() - started:.1f} s ({directory}); "
+             f"'pcocc alloc|batch -c {cpus_per_vm} -m {mem_per_core} {name}:N' restores from it")

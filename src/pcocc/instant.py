@@ -1,0 +1,104 @@
+"""Instant clusters: VMs restored from a memory snapshot of their booted template, not booted.
+
+`pcocc template snapshot TPL` boots one VM of TPL, and checkpoints it (see
+checkpoint.py) into ~/.pcocc/snapshots/TPL. Then `pcocc alloc|batch TPL:N`
+restores each of the N VMs from it (a copy of the disk delta each, the same
+memory image read by each qemu), and gives each its own identity through its
+guest agent before it is declared running: fresh randomness from the host,
+its hostname, new ssh host keys, a new machine id.
+
+A snapshot is used only while it matches: the template's settings, the image
+revision its name resolves to now, and the VM's cores and memory must be those
+it was taken with; otherwise the VMs boot as usual (and the CLI says why).
+"""
+
+import os
+import shutil
+
+from pcocc import checkpoint
+from pcocc.errors import NotFoundError, PcoccError
+
+SNAPSHOTS = "snapshots"
+
+# Run in the guest with its new name as $1 (POSIX sh, busybox or not).
+IDENTITY_SCRIPT = r"""
+name=$1
+hostname "$name" && echo "$name" > /etc/hostname || exit 1
+if [ -f /etc/hosts ]; then
+    { grep -v '^127\.0\.1\.1[[:space:]]' /etc/hosts; printf '127.0.1.1\t%s\n' "$name"; } > /etc/hosts.pcocc && mv /etc/hosts.pcocc /etc/hosts
+fi
+rm -f /etc/dropbear/dropbear_*_host_key
+if ls /etc/ssh/ssh_host_*_key > /dev/null 2>&1; then
+    rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
+    ssh-keygen -A > /dev/null && { [ ! -s /run/sshd.pid ] || kill -HUP "$(cat /run/sshd.pid)"; }
+fi
+if [ -s /etc/machine-id ]; then
+    tr -d '-' < /proc/sys/kernel/random/uuid > /etc/machine-id
+fi
+exit 0
+"""
+
+
+def snapshot_dir(env, template):
+    return os.path.join(env.user_conf_dir, SNAPSHOTS, template)
+
+
+def refusals(config, settings):
+    """Why VMs of a template with these settings cannot be snapshot ([] when they can)."""
+    from pcocc.networks import jobnet
+
+    reasons = checkpoint.unmigratable(config, settings)
+    if settings.get("persistent-drives"):
+        reasons.append("it has persistent drives, which its VMs would share")
+    if jobnet.vm_networks(config, settings):
+        reasons.append("it has networks: giving restored VMs their own addresses is not done yet")
+    if not settings.get("image"):
+        reasons.append("it has no image")
+    return reasons
+
+
+def lookup(images, env, config, template, resolved, vcpus, memory_mb):
+    """(restore entry {dir, vm}, None) for a snapshot that can be used; (None, why not) for one
+    that cannot; (None, None) when there is none."""
+    directory = snapshot_dir(env, template)
+    if not os.path.exists(os.path.join(directory, checkpoint.MANIFEST)):
+        return None, None
+    try:
+        manifest = checkpoint.load(directory)
+        vm = manifest["vms"][0]
+        if manifest.get("snapshot", {}).get("template") != template or len(manifest["vms"]) != 1:
+            return None, "it is not a snapshot of this template"
+        if checkpoint.settings_digest(resolved.values) != vm["settings_digest"]:
+            return None, "the template changed since"
+        reasons = refusals(config, resolved.values)
+        if reasons:
+            return None, reasons[0]
+        try:
+            rev = images.find(resolved.values["image"])
+        except NotFoundError:
+            return None, f"image {resolved.values['image']} is gone"
+        if list(rev.layers) != list(vm["image"]["layers"]):
+            return None, f"the image changed since (it is now {rev.uri}, the snapshot has {vm['image']['uri']})"
+        if (vcpus, memory_mb) != (vm["vcpus"], vm["memory_mb"]):
+            return None, f"it was taken with {vm['vcpus']} core(s) and {vm['memory_mb']} MiB, these VMs have {vcpus} and {memory_mb} MiB"
+    except (PcoccError, KeyError, IndexError, TypeError) as exc:
+        return None, f"it cannot be read ({getattr(exc, 'message', exc)})"
+    return {"dir": directory, "vm": vm}, None
+
+
+def delete(env, template):
+    directory = snapshot_dir(env, template)
+    if not os.path.exists(directory):
+        raise NotFoundError(f"template '{template}' has no snapshot")
+    shutil.rmtree(directory)
+
+
+def give_identity(agent, name):
+    """Make a VM restored from a snapshot its own: randomness, hostname, ssh host keys, machine id."""
+    from pcocc.agent.qga import AgentError
+
+    # every copy starts with the same random state: stir fresh host randomness in first
+    agent.write_file("/dev/urandom", os.urandom(512))
+    code, out, err = agent.exec(["/bin/sh", "-c", IDENTITY_SCRIPT, "identity", name], timeout=120)
+    if code != 0:
+        raise AgentError(f"{name}: giving the restored VM its identity failed ({code}): {(err or out).decode(errors='replace').strip()[:200]}")
