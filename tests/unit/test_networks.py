@@ -91,12 +91,55 @@ def test_nic_arguments():
 
 
 def test_unsupported_networks_fail_clearly():
-    with pytest.raises(NotAvailableError, match="network-layer L3 is not available yet"):
-        ethernet.EthernetDriver(eth(**{"network-layer": "L3"})).check()
+    with pytest.raises(PcoccError, match="int-network and ext-network need room for at least 2 hosts"):
+        ethernet.EthernetDriver(eth(**{"network-layer": "L3", "int-network": "10.0.0.0/31"})).check()
     from pcocc import networks
 
     with pytest.raises(NotAvailableError, match="networks of type bridged are not available yet"):
         networks.driver(Network("lan", "bridged", {}))
+
+
+# ---------------------------------------------------------------- L3: addresses, DHCP and DNS, ssh
+
+def test_l3_addresses_and_dnsmasq_configuration():
+    from pcocc.networks import gateway
+
+    s = eth(**{"network-layer": "L3", "int-network": "10.200.0.0/24", "domain-name": "my.domain",
+               "dns-server": "192.0.2.53", "ntp-server": "192.0.2.123", "mtu": 9000}).settings
+    a = gateway.Addressing(s, "priv")
+    assert (str(a.vm_ip(0)), str(a.vm_ip(252)), str(a.gateway)) == ("10.200.0.1", "10.200.0.253", "10.200.0.254")
+    with pytest.raises(PcoccError, match="vm253 does not fit in int-network 10.200.0.0/24"):
+        a.vm_ip(253)
+    assert a.ext_pool() == ("extip-priv", 1, 65534) and str(a.ext_ip(1)) == "10.201.0.1"
+    conf = gateway.dnsmasq_conf(s, a, {0: "52:54:00:00:00:00", 5: "52:54:00:00:00:05"}, "/x/leases").splitlines()
+    for line in ("interface=gw", "dhcp-range=10.200.0.0,static,255.255.255.0,12h", "dhcp-option=option:router,10.200.0.254",
+                 "dhcp-option=option:dns-server,10.200.0.254", "dhcp-option=option:mtu,9000", "domain=my.domain",
+                 "local=/my.domain/", "dhcp-option=option:domain-search,my.domain", "dhcp-option=option:ntp-server,192.0.2.123",
+                 "server=192.0.2.53", "dhcp-host=52:54:00:00:00:05,10.200.0.6,vm5", "host-record=vm5.my.domain,vm5,10.200.0.6",
+                 "dhcp-leasefile=/x/leases"):
+        assert line in conf
+    # no upstream DNS server: answer for the cluster only, never forward
+    bare = gateway.dnsmasq_conf(eth(**{"network-layer": "L3"}).settings, a, {1: "52:54:00:00:00:01"}, "/l").splitlines()
+    assert "no-resolv" in bare and "host-record=vm1,10.200.0.2" in bare and not any(x.startswith("server=") for x in bare)
+
+
+def test_ssh_config_names_each_reachable_vm():
+    from pcocc import remote
+
+    objects = {"address": "192.0.2.7", "vm_port": 22, "vms": {"0": {"host_port": 40001}, "1": {"ip": "10.0.0.2"}}}
+    info = {"jobid": 42, "nodes": {"n1": {"objects": {"pub": objects}}}}
+    vms = [{"rank": 0, "host": "n1", "state": "running"}, {"rank": 1, "host": "n1", "state": "running"}]
+    assert remote.port_map(info, vms) == {0: ("192.0.2.7", 40001, 22)}
+    conf = remote.ssh_config(info, vms, "/k", ["/h/.ssh/id_ed25519"])
+    assert "Host vm0\n  HostName 192.0.2.7\n  Port 40001\n  HostKeyAlias pcocc-42-vm0\n" in conf
+    assert "IdentityFile /h/.ssh/id_ed25519" in conf and "Host vm1" not in conf and conf.endswith("Include ~/.ssh/config\n")
+    assert remote.endpoint(info, vms, 0) == ("192.0.2.7", 40001)
+    with pytest.raises(PcoccError, match="vm1 has no reverse-NATed port"):
+        remote.endpoint(info, vms, 1)
+    with pytest.raises(PcoccError, match="port 80 of vm0 is not reverse-NATed"):
+        remote.endpoint(info, vms, 0, 80)
+    with pytest.raises(PcoccError, match="no VM of cluster 42 has a reverse-NATed ssh port"):
+        remote.ssh_config({"jobid": 42}, vms, "/k")
 
 
 # ---------------------------------------------------------------- node setup with fake host drivers
@@ -129,7 +172,7 @@ class FakeHost:
             def del_bridge(self, bridge):
                 host.objects = {o for o in host.objects if o[1] != bridge and o[:2] != ("port", bridge)}
 
-            def add_port(self, bridge, port):
+            def add_port(self, bridge, port, protected=False):
                 host.make(("port", bridge, port), {"bridge": bridge, "port": port})
 
             def add_vxlan_port(self, bridge, port, remote_ip, key):
@@ -169,8 +212,7 @@ def node(tmp_path, monkeypatch):
     monkeypatch.setattr(hostnet, "Ovs", host.classes()[0])
     monkeypatch.setattr(hostnet, "Ip", host.classes()[1])
     dead = set()
-    monkeypatch.setattr(nodesetup, "job_alive", lambda jobid: int(jobid) not in dead)
-    monkeypatch.setattr(nodesetup, "_owner_alive", lambda: (lambda owner: int(owner.split(":")[0]) not in dead))
+    monkeypatch.setattr(nodesetup, "liveness", lambda ctx: (lambda jobid: int(jobid) not in dead))
     yield ctx, host, dead, state
     ctx.close_store()
 
@@ -215,13 +257,13 @@ def test_a_dead_jobs_leftovers_are_undone_by_the_next_setup(node):
     assert ctx.store.get("/pcocc/global/pools/vxlan") == {"1000": "7:priv"}  # the dead job's VNI, reclaimed
 
 
-def test_node_setup_fails_clearly_for_an_unavailable_layer(node, tmp_path):
+def test_node_setup_fails_clearly_before_making_anything(node, tmp_path):
     from pcocc import nodesetup
 
     ctx, host, dead, state_dir = node
-    (tmp_path / "etc" / "networks.yaml").write_text("priv:\n  type: ethernet\n  settings: {dev-prefix: pn}\n")  # L3, upstream's default
+    (tmp_path / "etc" / "networks.yaml").write_text("priv:\n  type: ethernet\n  settings: {dev-prefix: pn, int-network: 10.0.0.0/31}\n")
     put_cluster(ctx, 8, ["l2net"])
-    with pytest.raises(PcoccError, match="node setup failed on .*: network 'priv': network-layer L3 is not available yet"):
+    with pytest.raises(PcoccError, match="node setup failed on .*: network 'priv': int-network and ext-network need room"):
         nodesetup.create(ctx, 8, 0, 1, ranks=[0])
     assert ctx.store.get(f"/pcocc/users/root/clusters/8/nodes/{ctx.hostname}")["state"] == "failed"
     assert host.objects == set()

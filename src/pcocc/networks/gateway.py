@@ -29,6 +29,7 @@ from pcocc.runner import run
 
 LINK_ADDR = "169.254.0.1"  # the node's end of every gateway's uplink (routes, not this address, tell them apart)
 LEASE_TIME = "12h"
+FORWARD_CHAIN = "PCOCC-FORWARD"  # the node's forwarding rules of every job (FORWARD jumps to it first)
 
 
 class Addressing:
@@ -155,11 +156,14 @@ def setup(job, network, bridge, ovs, ip, iptables_node, iptables_ns, state_dir, 
     if s["manage-ip-forward"]:
         hostnet.sysctl("net.ipv4.ip_forward", 1, environ)
     tag = ["-m", "comment", "--comment", f"pcocc job {jobid}"]
-    rules = [  # inserted first in their chains, in this order, so the DROP comes before the ACCEPTs
-        ("filter", "FORWARD", ["-i", uplink, "-j", "ACCEPT", *tag], True),
-        ("filter", "FORWARD", ["-o", uplink, "-j", "ACCEPT", *tag], True),
-        ("filter", "FORWARD", ["-o", uplink, "-m", "conntrack", "--ctstate", "NEW", "-m", "conntrack", "!", "--ctstate", "DNAT",
-                               "-j", "DROP", *tag], True),
+    # Our own chain, so that every job's DROP (inserted) comes before any job's ACCEPT (appended):
+    # interleaved, a later job's "-i its uplink ACCEPT" would let it into an earlier job's uplink.
+    iptables_node.ensure_chain("filter", FORWARD_CHAIN, "FORWARD")
+    rules = [
+        ("filter", FORWARD_CHAIN, ["-o", uplink, "-m", "conntrack", "--ctstate", "NEW", "-m", "conntrack", "!", "--ctstate", "DNAT",
+                                   "-j", "DROP", *tag], True),
+        ("filter", FORWARD_CHAIN, ["-i", uplink, "-j", "ACCEPT", *tag], False),
+        ("filter", FORWARD_CHAIN, ["-o", uplink, "-j", "ACCEPT", *tag], False),
     ]
     for rank in ranks:
         rules.append(("nat", "POSTROUTING", ["-s", f"{ext[rank]}/32", "!", "-d", str(a.ext_net), "-j", "MASQUERADE", *tag], False))

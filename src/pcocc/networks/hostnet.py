@@ -80,6 +80,9 @@ class Ip:
         self._ip("-n", netns, "link", "set", "dev", peer, "up")
 
     def add_netns(self, name):
+        """A new namespace; a stale one of that name (its job's log lost) is replaced: names are per job."""
+        if name in self.netns_names():
+            self.del_netns(name)
         self._ip("netns", "add", name)
         self._ip("-n", name, "link", "set", "dev", "lo", "up")
 
@@ -136,6 +139,13 @@ class Iptables:
     def add(self, table, chain, rule, insert=False):
         self._run("-t", table, "-I" if insert else "-A", chain, *rule)
 
+    def ensure_chain(self, table, chain, parent):
+        """chain exists and parent jumps to it first; node-wide, shared by the jobs, left in place."""
+        if self._run("-t", table, "-n", "-L", chain, check=False).returncode != 0:
+            self._run("-t", table, "-N", chain)
+        if self._run("-t", table, "-C", parent, "-j", chain, check=False).returncode != 0:
+            self._run("-t", table, "-I", parent, "1", "-j", chain)
+
     def delete(self, table, chain, rule):
         """Idempotent: a rule already gone is fine."""
         if self._run("-t", table, "-C", chain, *rule, check=False).returncode == 0:
@@ -152,16 +162,16 @@ def stop_pidfile_process(pidfile, name):
         with open(pidfile) as f:
             pid = int(f.read().split()[0])
         with open(f"/proc/{pid}/comm") as f:
-            alive = f.read().strip() == name
+            alive = f.read().strip() == name and _running(pid)
     except (OSError, ValueError, IndexError):
         alive = False
     if alive:
         try:
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 5
-            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            while _running(pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            if os.path.exists(f"/proc/{pid}"):
+            if _running(pid):
                 os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
@@ -169,6 +179,15 @@ def stop_pidfile_process(pidfile, name):
         os.unlink(pidfile)
     except FileNotFoundError:
         pass
+
+
+def _running(pid):
+    """Whether pid runs: a zombie does not (a daemon's parent is init, which may reap late)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _unlink(path):

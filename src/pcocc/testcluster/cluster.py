@@ -194,6 +194,8 @@ class TestCluster:
         # children that outlive their daemon (slurmctld's slurmscriptd) share its session
         members = proc.session_members(leaders.values())
         proc.stop([pid for name, pid in leaders.items() if name.startswith("slurm")])
+        if state["processes"]:
+            self._cleanup_nodes()
         # slurmstepd, job tasks, VMs: whatever still lives in our namespaces
         proc.stop([pid for ns in state["netns"] for pid in net.netns_pids(ns)])
         proc.stop(list(leaders.values()) + members)
@@ -207,6 +209,16 @@ class TestCluster:
         shutil.rmtree(self.base, ignore_errors=True)
         self._lap("down")
         return True
+
+    def _cleanup_nodes(self):
+        """What an admin does after a crash: `pcocc internal setup cleanup` on each node, which undoes
+        every job setup its undo log names (job namespaces and their dnsmasq live outside the nodes')."""
+        for node in self.node_names:
+            argv = [*self.enter_argv(node), self.pcocc, "internal", "setup", "cleanup"]
+            r = subprocess.run(argv, env={**os.environ, **self.env, **self.node_env(node)}, capture_output=True, text=True,
+                               timeout=120)
+            if r.returncode != 0:
+                self.log(f"down: setup cleanup on {node}: {r.stderr.strip()}")
 
     def _reap(self):
         for child in self._children:

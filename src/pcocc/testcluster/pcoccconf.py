@@ -24,8 +24,8 @@ def write(base, layout):
         "  etcd-protocol: http\n"
         "  etcd-auth-type: password\n"
     )
-    # a private L2 network for the VMs of a job; templates opt in with `resource-set: l2net`,
-    # the default set has no network (OVS's userspace datapath: no kernel module here)
+    # private networks for the VMs of a job, L2 only or L3 (DHCP, DNS, NAT); templates opt in with
+    # `resource-set: l2net` or `l3net`, the default set has none (OVS's userspace datapath: no kernel module here)
     (d / "networks.yaml").write_text(
         "priv:\n"
         "  type: ethernet\n"
@@ -34,6 +34,20 @@ def write(base, layout):
         "    network-layer: L2\n"
         "    datapath-type: netdev\n"
         "    mac-prefix: '52:54:00:77'\n"
+        "pub:\n"
+        "  type: ethernet\n"
+        "  settings:\n"
+        "    dev-prefix: pl\n"
+        "    network-layer: L3\n"
+        "    datapath-type: netdev\n"
+        "    mac-prefix: '52:54:00:78'\n"
+        "    int-network: 10.78.0.0/24\n"
+        "    ext-network: 10.79.0.0/24\n"
+        "    domain-name: cluster.test\n"
+        "    reverse-nat:\n"
+        "      vm-port: 22\n"
+        "      min-host-port: 40000\n"
+        "      max-host-port: 40999\n"
     )
     (d / "resources.yaml").write_text(
         "default:\n"
@@ -42,6 +56,9 @@ def write(base, layout):
         "l2net:\n"
         "  description: a private L2 network between the job's VMs\n"
         "  networks: [priv]\n"
+        "l3net:\n"
+        "  description: the job's private network with DHCP, DNS, NAT out and ssh in\n"
+        "  networks: [pub]\n"
     )
     for p in (d.parent, d, *(d / name for name in ("batch.yaml", "networks.yaml", "resources.yaml"))):
         p.chmod(0o755 if p.is_dir() else 0o644)

@@ -42,8 +42,8 @@ ReturnToService=2
 SlurmdParameters=config_overrides
 SlurmctldTimeout=30
 SlurmdTimeout=30
-# short: scancel and job teardown in tests
-KillWait=2
+# short enough for quick teardown in tests, long enough for node setup delete (production: 30)
+KillWait=10
 MinJobAge=5
 NodeName=DEFAULT CPUs=4 RealMemory=4000 State=UNKNOWN
 {nodes}

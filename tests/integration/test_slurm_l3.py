@@ -1,0 +1,278 @@
+"""L3 private networks on the real test cluster (2 nodes, OVS userspace datapath, VXLAN):
+DHCP addresses and hostnames, DNS and ping by name across nodes, `pcocc ssh` through the
+reverse NAT from the host, outbound NAT to a server on the host, no packet between two
+concurrent jobs (ARP, broadcast and unicast, both ways, watched on the taps), and
+nothing left after scancel or after a SIGKILLed setup once the next job is set up."""
+
+import contextlib
+import os
+import pwd
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from test_slurm_cluster import PCOCC, SlurmSite
+from waiting import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("slurm")]
+
+FAKE_JOB = 999998
+DOMAIN = "cluster.test"
+# the user's account in the VMs, with the key cloud-init gave root (as a site's user-data would)
+USER_DATA = ("#cloud-config\nruncmd:\n  - useradd -m -p '*' {user} && mkdir -p /home/{user}/.ssh"
+             " && cp /root/.ssh/authorized_keys /home/{user}/.ssh/ && chown -R {user} /home/{user}/.ssh\n")
+
+
+@pytest.fixture(scope="module")
+def site(testcluster, slurm_user, tiny_image):
+    from pcocc.config.models import Repo
+    from pcocc.images.store import ImageStore
+
+    pw = pwd.getpwnam(slurm_user)
+    home = Path(pw.pw_dir)
+    (home / ".pcocc").mkdir(exist_ok=True)
+    repo = home / "l3repo"
+    (home / ".pcocc/repos.yaml").write_text(f"repos:\n  - name: user\n    path: {repo}\n")
+    (home / ".pcocc/templates.yaml").write_text(
+        "tiny:\n  image: user:tiny\n"
+        "l3:\n  inherits: tiny\n  resource-set: l3net\n  description: tiny VM on the L3 network\n")
+    (home / "ud-l3.yaml").write_text(USER_DATA.format(user=slurm_user))
+    if not repo.exists():
+        store = ImageStore([Repo("user", str(repo), "user")], slurm_user)
+        boot = {"kernel": str(tiny_image.vmlinux or tiny_image.kernel), "initrd": str(tiny_image.initrd), "append": tiny_image.append}
+        store.import_(str(tiny_image.disk), "tiny", "qcow2", boot=boot)
+    (home / ".ssh").mkdir(mode=0o700, exist_ok=True)
+    if not (home / ".ssh/id_ed25519").exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", home / ".ssh/id_ed25519"], check=True)
+    subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", str(home)], check=True)
+    s = SlurmSite(testcluster, slurm_user, home)
+    yield s
+    mine = [jobid for jobid, user, *_ in s.squeue() if user == slurm_user]
+    for jobid in mine:
+        testcluster.run(["scancel", jobid])
+    wait_jobs_end(s, mine)
+
+
+def submit(site, definition, *slurm_args):
+    r = site.pcocc("batch", *slurm_args, "--mem-per-cpu=256", "--wait", "--user-data", site.home / "ud-l3.yaml", definition)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout.strip())
+
+
+def vm_sh(site, jobid, vm, script, timeout=60):
+    return site.pcocc("exec", "-j", jobid, "-w", f"vm{vm}", "sh", "-c", script, timeout=timeout)
+
+
+def dhcp_env(site, jobid, vm):
+    r = vm_sh(site, jobid, vm, "cat /run/pcocc/dhcp.env")
+    return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line) if r.returncode == 0 else {}
+
+
+def wait_jobs_end(site, jobs, timeout=120):
+    jobs = {str(j) for j in jobs}
+    wait_for(lambda: not [j for j in site.squeue() if j[0] in jobs], timeout=timeout, what=f"jobs {jobs} to end")
+
+
+def vm_hosts(site, jobid):
+    return {v["rank"]: v["host"] for v in site.keys(f"/pcocc/users/{site.user}/clusters/{jobid}/vms/").values()}
+
+
+def node_records(site, jobid):
+    return {k.rsplit("/", 1)[1]: v for k, v in site.keys(f"/pcocc/users/{site.user}/clusters/{jobid}/nodes/").items()}
+
+
+def pool_owners(site):
+    return [o for v in site.keys("/pcocc/global/pools/").values() for o in (v or {}).values()]
+
+
+def node_objects(site, jobid):
+    """What of the job exists on each node: OVS objects, devices, namespaces, iptables rules, dnsmasq, files."""
+    found = []
+    for node in site.tc.node_names:
+        show = site.tc.onnode(node, ["ovs-vsctl", "--timeout=5", "show"], check=True).stdout
+        found += [f"{node}: ovs {m}" for m in re.findall(rf"\bpl[btxg]{jobid}(?:_\w+)?\b", show)]
+        links = site.tc.onnode(node, ["ip", "-o", "link"], check=True).stdout
+        found += [f"{node}: link {m}" for m in re.findall(rf"\bpl[btxgh]{jobid}(?:_\w+)?\b", links)]
+        for table in ("filter", "nat"):
+            rules = site.tc.onnode(node, ["iptables", "-w", "-t", table, "-S"], check=True).stdout
+            found += [f"{node}: {table} {line}" for line in rules.splitlines() if f'"pcocc job {jobid}"' in line]
+        state_dir = Path(site.tc.node_state_dir(node))
+        found += [f"{node}: {p.name}" for p in state_dir.glob(f"*-{jobid}*")]
+    found += [f"netns {n}" for n in os.listdir("/run/netns") if f"-{jobid}-" in n] if os.path.isdir("/run/netns") else []
+    found += [f"dnsmasq {pid}" for pid in _dnsmasq_pids(jobid)]
+    return found
+
+
+def assert_gone(site, jobid):
+    """Nothing of the job on the nodes; else what is left, and what the nodes logged."""
+    left = node_objects(site, jobid)
+    if left:
+        logs = "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text().splitlines()[-20:])
+                         for p in sorted((Path(site.tc.base) / "slurm" / "log").glob("slurmd-*.log")))
+        raise AssertionError(f"job {jobid} left {left}\n{logs}")
+
+
+def _dnsmasq_pids(jobid):
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if cmd[0].endswith(b"dnsmasq") and any(f"dnsmasq-{jobid}-".encode() in a for a in cmd):
+                out.append(int(pid))
+    return out
+
+
+class Capture:
+    """tcpdump on a node's tap, for the packets the isolation test sends."""
+
+    FILTER = "arp host 10.78.0.77 or arp host 10.78.0.88 or dst host 10.78.0.255 or icmp[icmptype] == icmp-echo"
+
+    def __init__(self, tc, node, tap):
+        self.tap = tap
+        self.proc = subprocess.Popen([*tc.enter_argv(node), "tcpdump", "-n", "-l", "-i", tap, self.FILTER],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.err = []
+        threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True).start()
+        wait_for(lambda: any("listening on" in line for line in self.err) or self.proc.poll() is not None,
+                 timeout=20, what=f"tcpdump on {tap}")
+        assert self.proc.poll() is None, "".join(self.err)
+
+    def stop(self):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGINT)
+        out, _ = self.proc.communicate(timeout=20)
+        return [line for line in out.splitlines() if line.strip()]
+
+
+def capture_while(site, taps, send):
+    """{tap: [packet lines]} seen on each tap while send() runs."""
+    caps = [Capture(site.tc, node, tap) for node, tap in taps]
+    try:
+        send()
+        time.sleep(2)
+    finally:
+        seen = {c.tap: c.stop() for c in caps}
+    return seen
+
+
+def taps(site, jobid):
+    from pcocc.networks.names import dev_name
+
+    return [(host, dev_name("pl", "t", jobid, rank)) for rank, host in sorted(vm_hosts(site, jobid).items())]
+
+
+def test_l3_network_dhcp_dns_ssh_nat_isolation_and_teardown(site):
+    tc = site.tc
+    job_a = submit(site, "l3:4", "-J", "l3a", "-N", "2", "--ntasks-per-node=2")
+    for vm in range(4):
+        wait_for(lambda: dhcp_env(site, job_a, vm).get("ip"), timeout=120, what=f"vm{vm}'s DHCP lease")
+        assert dhcp_env(site, job_a, vm) == {"ip": f"10.78.0.{vm + 1}", "router": "10.78.0.254", "dns": "10.78.0.254",
+                                             "domain": DOMAIN, "hostname": f"vm{vm}"}
+    hosts = vm_hosts(site, job_a)
+    assert hosts[0] != hosts[3]
+    # names: every VM resolves and pings every other, across nodes, qualified and short
+    for vm, others in ((0, (1, 2, 3)), (3, (0, 1, 2))):
+        script = "; ".join(f"ping -c1 -W3 vm{o}.{DOMAIN} && ping -c1 -W3 vm{o}" for o in others)
+        r = vm_sh(site, job_a, vm, "set -e; " + script)
+        assert r.returncode == 0, f"vm{vm}: {r.stdout}{r.stderr}"
+    r = vm_sh(site, job_a, 0, f"nslookup vm3.{DOMAIN}")
+    assert "10.78.0.4" in r.stdout, r.stdout
+
+    # ssh from the host, as the user, with the key cloud-init gave the VM
+    wait_for(lambda: vm_sh(site, job_a, 3, f"test -s /home/{site.user}/.ssh/authorized_keys").returncode == 0,
+             timeout=60, what="vm3's account")
+    r = site.pcocc("ssh", "-j", job_a, "vm3", "hostname", timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "vm3", r.stderr
+
+    # outbound NAT: a server on the host sees vm2's node as the source
+    server = socket.create_server((tc.layout.host_ip, 0))
+    peers = []
+
+    def serve():
+        with contextlib.suppress(OSError):
+            conn, peer = server.accept()
+            with conn:
+                peers.append(peer[0])
+                conn.sendall(b"hello from the host\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        r = vm_sh(site, job_a, 2, f"echo hi | nc {tc.layout.host_ip} {server.getsockname()[1]}")
+    finally:
+        server.close()
+    assert "hello from the host" in r.stdout, r.stdout + r.stderr
+    assert peers == [tc.node_ip(hosts[2])]
+
+    # a second job on the same nodes, same addresses: not a single packet between the two
+    job_b = submit(site, "l3:2", "-J", "l3b", "-N", "2", "--ntasks-per-node=1")
+    for vm in range(2):
+        wait_for(lambda: dhcp_env(site, job_b, vm).get("ip"), timeout=120, what=f"job B vm{vm}'s DHCP lease")
+    ext = {job: [v["ext_ip"] for rec in node_records(site, job).values() for v in rec["objects"]["pub"]["vms"].values()]
+           for job in (job_a, job_b)}
+
+    def sender(job, target, other):
+        script = (f"arping -c 2 -w 3 -I eth0 {target}; ping -b -c 2 -W 1 10.78.0.255;"
+                  + "".join(f" ping -c 1 -W 1 {ip};" for ip in ext[other]) + " true")
+        return lambda: vm_sh(site, job, 0, script, timeout=90)
+
+    for src, dst, target in ((job_a, job_b, "10.78.0.77"), (job_b, job_a, "10.78.0.88")):
+        seen = capture_while(site, taps(site, src) + taps(site, dst), sender(src, target, dst))
+        own = [line for _, tap in taps(site, src) for line in seen[tap]]
+        assert any(target in line for line in own), f"the check sees nothing of job {src}'s own traffic: {seen}"
+        leaked = {tap: seen[tap] for _, tap in taps(site, dst) if seen[tap]}
+        assert not leaked, f"job {src}'s packets reached job {dst}: {leaked}"
+
+    # scancel: nothing of either job is left on the nodes, in the store or in the pools
+    assert node_objects(site, job_a) and node_objects(site, job_b)
+    tc.run(["scancel", str(job_a), str(job_b)], user=site.user, check=True)
+    wait_jobs_end(site, [job_a, job_b])
+    for job in (job_a, job_b):
+        assert_gone(site, job)
+        assert site.keys(f"/pcocc/users/{site.user}/clusters/{job}/") == {}
+        assert not [o for o in pool_owners(site) if o.startswith(f"{job}:")]
+
+
+def test_a_killed_l3_setup_leaves_nothing_once_the_next_job_is_set_up(site, tmp_path):
+    tc, node = site.tc, "node1"
+    store = site.store()
+    prefix = f"/pcocc/users/{site.user}/clusters/{FAKE_JOB}/"
+    store.put(prefix + "info", {"jobid": FAKE_JOB, "vms": [{"rank": 0, "settings": {"resource-set": "l3net"}}]})
+    # a dnsmasq that starts, then hangs: the setup is killed with everything made
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "dnsmasq").write_text('#!/bin/sh\n/usr/sbin/dnsmasq "$@" && exec sleep 300\n')
+    (shim / "dnsmasq").chmod(0o755)
+    env = {**os.environ, **tc.env, **tc.node_env(node), "PATH": f"{shim}:{os.environ['PATH']}"}
+    setup = subprocess.Popen(
+        [*tc.enter_argv(node), PCOCC, "internal", "setup", "create",
+         "-j", str(FAKE_JOB), "--uid", str(site.pw.pw_uid), "--ranks", "0", "--nodes", node],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _dnsmasq_pids(FAKE_JOB) or setup.poll() is not None, timeout=60, what="the killed setup's dnsmasq")
+        assert setup.poll() is None, setup.stdout.read()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(setup.pid, signal.SIGKILL)
+        setup.wait()
+    left = node_objects(site, FAKE_JOB)
+    for what in (f"netns pcocc-{node}-{FAKE_JOB}-pub", f"{node}: link plg{FAKE_JOB}", f"{node}: undo-{FAKE_JOB}.json"):
+        assert what in left, left
+    assert any(o.startswith("dnsmasq ") for o in left) and any(" nat " in o for o in left), left
+    assert [o for o in pool_owners(site) if o.startswith(f"{FAKE_JOB}:")]
+    # the next job on that node finds it dead and undoes what its log names
+    jobid = submit(site, "l3:1", "-J", "next", "-w", node)
+    assert node_objects(site, FAKE_JOB) == []
+    assert not [o for o in pool_owners(site) if o.startswith(f"{FAKE_JOB}:")]
+    assert node_objects(site, jobid)
+    tc.run(["scancel", str(jobid)], check=True)
+    wait_jobs_end(site, [jobid])
+    store.delete_prefix(prefix)
+    store.close()
+    assert_gone(site, jobid)
+    assert site.keys(f"/pcocc/users/{site.user}/clusters/{jobid}/") == {}
