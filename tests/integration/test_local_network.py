@@ -172,3 +172,83 @@ def test_l3_network_on_the_local_backend(netsite, tmp_path):
     finally:
         site.pcocc("cancel", "-j", jobid)
     assert leftovers(site, jobid, node_dir) == []
+
+
+@pytest.fixture
+def linux_bridge():
+    """A Linux bridge of the test's own, with this host on it (10.252.0.1). This kernel has no
+    bridge VLAN filtering: VLANs are tested on an Open vSwitch bridge."""
+    name = f"pcbr{os.getpid() % 100000}"
+    subprocess.run(["ip", "link", "add", name, "type", "bridge"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", "10.252.0.1/24", "dev", name], check=True)
+        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=True)
+
+
+@pytest.fixture
+def ovs_bridge(ovs):
+    """An Open vSwitch bridge of the test's own, with this host on its VLAN 100 (10.252.0.1, an internal port)."""
+    env = dict(os.environ, **ovs)
+    name = f"pcovs{os.getpid() % 100000}"
+    subprocess.run(["ovs-vsctl", "--timeout=20", "add-br", name, "--", "set", "bridge", name, "datapath_type=netdev",
+                    "--", "add-port", name, "vl100", "--", "set", "interface", "vl100", "type=internal",
+                    "--", "set", "port", "vl100", "tag=100"], env=env, check=True)
+    subprocess.run(["ip", "addr", "add", "10.252.0.1/24", "dev", "vl100"], check=True)
+    subprocess.run(["ip", "link", "set", "vl100", "up"], check=True)
+    yield name, ovs
+    subprocess.run(["ovs-vsctl", "--timeout=20", "del-br", name], env=env, check=True)
+
+
+def bridged_site(site, tmp_path, bridge, vlans=""):
+    etc = tmp_path / "etc"
+    etc.mkdir(exist_ok=True)
+    (etc / "networks.yaml").write_text(
+        f"lan:\n  type: bridged\n  settings:\n    host-bridge: {bridge}\n    tap-prefix: tb\n" + (f"    vlans: {vlans}\n" if vlans else ""))
+    (etc / "resources.yaml").write_text("default:\n  default: true\n  networks: []\nlan:\n  networks: [lan]\n")
+    site.write(".pcocc/templates.yaml", "tiny:\n  image: user:tiny\nonlan:\n  inherits: tiny\n  resource-set: lan\n")
+    site.environ.update(PCOCC_NODE_STATE_DIR=str(tmp_path / "node"))
+    return site
+
+
+def on_the_bridge(site, tmp_path, check_port):
+    """Start a VM on the bridged network; it reaches this host; its tap goes with it."""
+    from pcocc.networks.bridged import tap_name
+
+    r = site.pcocc("batch", "-m", "256", "--wait", "onlan:1")
+    assert r.returncode == 0, r.stderr
+    jobid = int(r.stdout.split()[0])
+    tap = tap_name({"tap-prefix": "tb"}, jobid, 0)
+    try:
+        check_port(tap)
+        r = vm_sh(site, 0, "ip addr add 10.252.0.2/24 dev eth0 && ip link set eth0 up && ping -c1 -W5 10.252.0.1")
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        site.pcocc("cancel", "-j", jobid)
+    assert subprocess.run(["ip", "link", "show", "dev", tap], capture_output=True).returncode != 0  # the tap is gone
+    assert not list((tmp_path / "node").glob("undo-*"))
+
+
+def test_bridged_network_on_a_linux_bridge(site, linux_bridge, tmp_path):
+    def on_bridge(tap):
+        assert f"master {linux_bridge}" in subprocess.run(["ip", "link", "show", "dev", tap], capture_output=True, text=True).stdout
+
+    on_the_bridge(bridged_site(site, tmp_path, linux_bridge), tmp_path, on_bridge)
+    # VLANs need a VLAN-aware bridge: said before anything is made
+    bridged_site(site, tmp_path, linux_bridge, "{native: 100}")
+    r = site.pcocc("batch", "-m", "256", "--wait", "onlan:1")
+    assert r.returncode != 0 and f"bridge {linux_bridge} on" in r.stderr and "needs vlan_filtering on for VLANs" in r.stderr
+
+
+def test_bridged_network_with_vlans_on_an_ovs_bridge(site, ovs_bridge, tmp_path):
+    bridge, ovs_env = ovs_bridge
+    site.environ.update(ovs_env)
+
+    def tagged(tap):
+        env = dict(os.environ, **ovs_env)
+        get = lambda col: subprocess.run(["ovs-vsctl", "get", "port", tap, col], env=env, capture_output=True, text=True).stdout.strip()
+        assert (get("tag"), get("trunks"), get("vlan_mode")) == ("100", "[100, 101]", "native-untagged")
+
+    on_the_bridge(bridged_site(site, tmp_path, bridge, "{native: 100, tagged: [101]}"), tmp_path, tagged)

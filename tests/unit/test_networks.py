@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pcocc.config.models import Network
-from pcocc.errors import NotAvailableError, PcoccError
+from pcocc.errors import PcoccError
 from pcocc.networks import ethernet, hostnet, names
 from pcocc.networks.ethernet import SETTINGS as ETH_SETTINGS
 from pcocc.networks.undo import UndoError, UndoLog
@@ -90,13 +90,21 @@ def test_nic_arguments():
     assert kernel.nic_args(12, 3, 0, "e1000")[3].startswith("e1000,netdev=net0,")
 
 
-def test_unsupported_networks_fail_clearly():
+def test_networks_too_small_fail_clearly():
     with pytest.raises(PcoccError, match="int-network and ext-network need room for at least 2 hosts"):
         ethernet.EthernetDriver(eth(**{"network-layer": "L3", "int-network": "10.0.0.0/31"})).check()
-    from pcocc import networks
 
-    with pytest.raises(NotAvailableError, match="networks of type bridged are not available yet"):
-        networks.driver(Network("lan", "bridged", {}))
+
+def test_bridged_nics_have_macs_unique_per_job_and_rank():
+    from pcocc import networks
+    from pcocc.networks import bridged
+
+    driver = networks.driver(Network("lan", "bridged", {"host-bridge": "br0", "tap-prefix": "vt", "mtu": 1500}))
+    args = driver.nic_args(12, 3, 1, "virtio-net")
+    assert args[1] == "tap,id=net1,ifname=vt12_3,script=no,downscript=no"
+    assert args[3] == f"virtio-net-pci,netdev=net1,mac={bridged.vm_mac(12, 3)}"
+    macs = {bridged.vm_mac(job, rank) for job in range(100) for rank in range(50)}
+    assert len(macs) == 5000 and all(m.startswith("02:") for m in macs)  # locally administered, unicast
 
 
 # ---------------------------------------------------------------- L3: addresses, DHCP and DNS, ssh

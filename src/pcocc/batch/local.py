@@ -144,6 +144,15 @@ class LocalBackend(Backend):
                 vm.update(cores=cores[vm["rank"]], memory_mb=mem, pin=exclusive)
             self.write_credentials(jobid, [self.ctx.control_host])
             store.put(state.cluster_prefix(self.user, jobid) + "info", info)
+            networked = _networked(self.ctx, info)
+            if networked:  # the node setup SLURM's plugin would run, as root (checked above); errors reach the user
+                from pcocc import nodesetup
+
+                try:
+                    nodesetup.create(self.ctx, jobid, os.getuid(), len(info["vms"]), networked, [self.ctx.hostname])
+                except BaseException:
+                    nodesetup.delete(self.ctx, jobid, os.getuid())
+                    raise
             self._start_supervisor(jobid)
         except BaseException:
             self._cleanup(jobid, rundir)
@@ -236,11 +245,7 @@ def _supervise(ctx, jobid):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         backend = LocalBackend(ctx)
         backend._adopt(jobid, os.getpid())
-        networked = _networked(ctx, info)
-        if networked:  # the node setup SLURM's plugin would run, as root (submit checked that we are)
-            from pcocc import nodesetup
-
-            nodesetup.create(ctx, jobid, os.getuid(), len(info["vms"]), networked, [ctx.hostname])
+        networked = _networked(ctx, info)  # submit set them up; the supervisor undoes it at the end
         ctx.close_store()
         children = {_fork_vm(ctx, jobid, vm["rank"]): vm["rank"] for vm in info["vms"]}
         ctx.store.put(prefix + "info", {**info, "supervisor": os.getpid(), "supervisor_start": process_start(os.getpid()), "state": "running"})

@@ -26,13 +26,20 @@ class Ovs:
     def del_bridge(self, bridge):
         self.vsctl("--if-exists", "del-br", bridge)
 
-    def add_port(self, bridge, port, protected=False):
+    def add_port(self, bridge, port, protected=False, vlans=None):
         """An existing network device (a tap, a veth) as a port of bridge.
 
-        NORMAL switching never forwards between two protected ports.
+        NORMAL switching never forwards between two protected ports. vlans: {native, tagged}.
         """
-        extra = ["--", "set", "port", port, "protected=true"] if protected else []
-        self.vsctl("add-port", bridge, port, *extra)
+        extra = ["protected=true"] if protected else []
+        vlans = vlans or {}
+        if vlans.get("native"):
+            extra += [f"tag={vlans['native']}"]
+            if vlans.get("tagged"):
+                extra += ["vlan_mode=native-untagged", "trunks=" + ",".join(map(str, [vlans["native"], *vlans["tagged"]]))]
+        elif vlans.get("tagged"):
+            extra += ["vlan_mode=trunk", "trunks=" + ",".join(map(str, vlans["tagged"]))]
+        self.vsctl("add-port", bridge, port, *(["--", "set", "port", port, *extra] if extra else []))
 
     def add_vxlan_port(self, bridge, port, remote_ip, key):
         # protected: NORMAL never floods from one tunnel to another (split horizon),
@@ -46,6 +53,13 @@ class Ovs:
         except CommandError as exc:
             if "no bridge named" not in exc.stderr:  # the bridge went first: so did its ports
                 raise
+
+    def has_bridge(self, bridge):
+        """Whether OVS runs here and has this bridge (a userspace one shows as a mere tap to `ip`)."""
+        try:
+            return run(["ovs-vsctl", "--timeout=5", "br-exists", bridge], env=self.environ, check=False, timeout=10).returncode == 0
+        except CommandError:  # no ovs-vsctl
+            return False
 
     def bridges(self):
         return self.vsctl("list-br").split()
@@ -72,6 +86,17 @@ class Ip:
         except CommandError:
             if self.link_exists(name):
                 raise
+
+    def set_master(self, dev, bridge, vlans=None):
+        """dev on a Linux bridge; vlans {native, tagged} replace its default VLAN (vlan_filtering bridges)."""
+        self._ip("link", "set", "dev", dev, "master", bridge)
+        vlans = vlans or {}
+        if vlans:
+            run(["bridge", "vlan", "del", "dev", dev, "vid", "1"], env=self.environ)
+        if vlans.get("native"):
+            run(["bridge", "vlan", "add", "dev", dev, "vid", str(vlans["native"]), "pvid", "untagged"], env=self.environ)
+        for vid in vlans.get("tagged") or ():
+            run(["bridge", "vlan", "add", "dev", dev, "vid", str(vid)], env=self.environ)
 
     def add_veth_into(self, name, peer, netns, mtu):
         """A veth pair: name here, peer inside netns; both up with mtu."""
