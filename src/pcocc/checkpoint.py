@@ -29,13 +29,12 @@ import shutil
 import uuid
 
 from pcocc import __version__
-from pcocc.errors import NotAvailableError, NotFoundError, PcoccError, UsageError
+from pcocc.errors import NotFoundError, PcoccError, UsageError
 from pcocc.hypervisor import snapshot
 
 MANIFEST = "ckpt.json"
 FORMAT = 1
 _EXT = {"zstd": "zst", "gzip": "gz"}
-_UNMIGRATABLE_TYPES = {"infiniband", "ib", "hostib", "genericpci"}  # host devices passed through
 
 
 class CheckpointError(PcoccError):
@@ -47,20 +46,14 @@ class CheckpointError(PcoccError):
 
 def unmigratable(config, vm_settings):
     """Reasons a VM with these template settings cannot be checkpointed ([] when it can)."""
+    from pcocc.networks import jobnet
+
     reasons = []
     mounts = vm_settings.get("mount-points") or {}
     if mounts:
         reasons.append(f"it has 9p mounts ({', '.join(sorted(mounts))}), which qemu cannot migrate")
-    from pcocc import networks
-    from pcocc.networks import jobnet
-
-    for net in jobnet.vm_networks(config, vm_settings):
-        try:
-            ok = getattr(networks.driver(net), "migratable", True)
-        except NotAvailableError:
-            ok = net.type not in _UNMIGRATABLE_TYPES
-        if not ok:
-            reasons.append(f"network '{net.name}' ({net.type}) passes a host device through")
+    for name in jobnet.unmigratable_networks(config, vm_settings):
+        reasons.append(f"network '{name}' ({config.networks[name].type}) passes a host device through")
     return reasons
 
 

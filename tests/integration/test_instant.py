@@ -66,6 +66,8 @@ def test_a_changed_image_or_resources_invalidate_the_snapshot(site):
     r = site.pcocc("batch", "-m", "256", "--wait", "tiny:1")
     assert r.returncode == 0 and "the image changed since" in r.stderr, r.stderr
     site.pcocc("cancel", "-j", int(r.stdout), check=True)
+    r = site.pcocc("template", "snapshot", "--delete", "tiny")
+    assert r.returncode == 0 and not (site.home / ".pcocc/snapshots/tiny").exists()
 
 
 def test_snapshot_refusals(site):
@@ -73,5 +75,3 @@ def test_snapshot_refusals(site):
     assert r.returncode == ExitStatus.ERROR and "9p mounts" in r.stderr
     r = site.pcocc("template", "snapshot", "--delete", "shared")
     assert r.returncode == ExitStatus.NOT_FOUND and "no snapshot" in r.stderr
-    r = site.pcocc("template", "snapshot", "--delete", "tiny")
-    assert r.returncode == 0 and not (site.home / ".pcocc/snapshots/tiny").exists()

@@ -19,7 +19,8 @@ import pytest
 from local_site import PCOCC
 from waiting import wait_for
 
-pytestmark = pytest.mark.integration
+# one worker for the module: two userspace Open vSwitch instances in one namespace clash (both make "ovs-netdev")
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("host-ovs")]
 
 NETWORKS = """\
 lnet:

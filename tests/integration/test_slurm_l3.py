@@ -276,3 +276,38 @@ def test_a_killed_l3_setup_leaves_nothing_once_the_next_job_is_set_up(site, tmp_
     store.close()
     assert_gone(site, jobid)
     assert site.keys(f"/pcocc/users/{site.user}/clusters/{jobid}/") == {}
+
+
+COUNTER = ("nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /run/cnt; sleep 0.2; done' "
+           ">/dev/null 2>&1 </dev/null & echo $! > /run/cnt.pid")
+
+
+def test_checkpoint_and_restart_under_slurm_with_the_l3_network(site):
+    """A 2-node cluster on the L3 network is checkpointed, then restarted as a new job: the
+    processes go on, and the network (new taps, new gateway, same addresses) works again."""
+    job = submit(site, "l3:2", "-J", "ck", "-N", "2", "--ntasks-per-node=1")
+    for vm in range(2):
+        wait_for(lambda: dhcp_env(site, job, vm).get("ip"), timeout=120, what=f"vm{vm}'s DHCP lease")
+        assert vm_sh(site, job, vm, COUNTER).returncode == 0
+    before = {vm: vm_sh(site, job, vm, "sleep 1; cat /run/cnt.pid").stdout.strip() for vm in range(2)}
+    ck = site.home / "ck-l3"
+    r = site.pcocc("ckpt", "-j", job, ck, timeout=300)
+    assert r.returncode == 0, r.stderr
+    wait_jobs_end(site, [job])
+    assert_gone(site, job)
+
+    job2 = int(site.pcocc("batch", "-r", ck, "-N", "2", "--ntasks-per-node=1", "--mem-per-cpu=256", "--wait",
+                          "l3:2", timeout=300).stdout.strip() or 0)
+    assert job2 and job2 != job
+    try:
+        for vm in range(2):
+            r = vm_sh(site, job2, vm, "cat /run/cnt.pid; kill -0 $(cat /run/cnt.pid) && echo alive")
+            assert r.stdout.split() == [before[vm], "alive"], r.stdout + r.stderr  # the very same process
+        r = vm_sh(site, job2, 0, f"ping -c1 -W5 vm1.{DOMAIN}")
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = site.pcocc("ssh", "-j", job2, "vm1", "cat /run/cnt", timeout=120)
+        assert r.returncode == 0 and int(r.stdout) > 0, r.stderr
+    finally:
+        site.tc.run(["scancel", str(job2)], user=site.user)
+        wait_jobs_end(site, [job2])
+    assert_gone(site, job2)

@@ -356,6 +356,13 @@ def test_networks_with_a_vf_cannot_be_checkpointed(tmp_path):
     assert jobnet.unmigratable_networks(cfg, {"resource-set": "gpu"}) == ["gpu"]
     assert jobnet.unmigratable_networks(cfg, {"resource-set": "default"}) == []
     assert jobnet.unmigratable_networks(cfg, {}) == []
+    # what `pcocc ckpt` checks before it pauses anything
+    from pcocc import checkpoint
+
+    info = {"jobid": 7, "vms": [{"rank": 0, "settings": {"resource-set": "default"}}, {"rank": 1, "settings": {"resource-set": "both"}}]}
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot checkpoint cluster 7: vm1: network 'ib' \(infiniband\) passes a host device"):
+        checkpoint.check_cluster(cfg, info)
+    checkpoint.check_cluster(cfg, {"jobid": 8, "vms": [{"rank": 0, "settings": {"resource-set": "default"}}]})
 
 
 def test_slurm_license_requested_once_per_network(tmp_path):

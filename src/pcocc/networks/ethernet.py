@@ -105,11 +105,8 @@ class EthernetDriver:
         made = {"bridge": bridge, "vni": vni}
         if s["network-layer"] == "L3":
             from pcocc.networks import gateway
-            from pcocc.networks.hostnet import Iptables
 
-            ns = gateway.netns_name(jobid, self.network.name, job.host)
-            made.update(gateway.setup(job, self.network, bridge, ovs, ip, Iptables(job.environ), Iptables(job.environ, ns),
-                                      job.state_dir, job.address, lambda rank: vm_mac(s, rank)))
+            made.update(gateway.setup(job, self.network, bridge, lambda rank: vm_mac(s, rank)))
         return made
 
     def nic_args(self, jobid, rank, index, nic_model):

@@ -20,6 +20,7 @@ uplink that the node did not map itself are dropped: another job's VM cannot
 reach this job's external addresses directly.
 """
 
+import hashlib
 import ipaddress
 import os
 
@@ -54,6 +55,13 @@ class Addressing:
 
     def ext_ip(self, index):
         return self.ext_net[index]
+
+
+def gateway_mac(network):
+    """The gateway's MAC: the same on every node and for every job of the network, so that a VM
+    restarted from a checkpoint (ARP cache included) finds its gateway at once."""
+    digest = hashlib.sha1(f"pcocc-gateway:{network}".encode()).digest()[:5]
+    return ":".join(f"{b:02x}" for b in (0x02, *digest))
 
 
 def netns_name(jobid, network, host):
@@ -98,17 +106,17 @@ def dnsmasq_conf(settings, addressing, macs, lease_file):
     return "\n".join(lines) + "\n"
 
 
-def setup(job, network, bridge, ovs, ip, iptables_node, iptables_ns, state_dir, address, vm_mac):
-    """Make this node's gateway of the job on `network`; returns what the node publishes.
-
-    job: jobnet.NodeJob; address: this node's address, where reverse NAT ports are reached.
-    """
+def setup(job, network, bridge, vm_mac):
+    """Make this node's gateway of the job (jobnet.NodeJob) on `network`, whose bridge is made;
+    returns what the node publishes (vm_mac(rank): the MAC of a VM)."""
     from pcocc.allocator import Pool
     from pcocc.networks import hostnet
 
     s, jobid, host, undo = network.settings, job.jobid, job.host, job.undo
     a = Addressing(s, network.name)
     ns = netns_name(jobid, network.name, host)
+    ovs, ip = hostnet.Ovs(job.environ), hostnet.Ip(job.environ)
+    iptables_node, iptables_ns = hostnet.Iptables(job.environ), hostnet.Iptables(job.environ, ns)
     gw_port = names.dev_name(s["dev-prefix"], "g", jobid)
     uplink = names.dev_name(s["dev-prefix"], "h", jobid)
     environ = job.environ
@@ -128,7 +136,7 @@ def setup(job, network, bridge, ovs, ip, iptables_node, iptables_ns, state_dir, 
     undo.record(jobid, "netns", name=ns)
     ip.add_netns(ns)
     undo.record(jobid, "link", name=gw_port)
-    ip.add_veth_into(gw_port, "gw", ns, s["mtu"])
+    ip.add_veth_into(gw_port, "gw", ns, s["mtu"], gateway_mac(network.name))
     undo.record(jobid, "ovs-port", bridge=bridge, port=gw_port)
     ovs.add_port(bridge, gw_port, protected=True)
     undo.record(jobid, "link", name=uplink)
@@ -176,7 +184,7 @@ def setup(job, network, bridge, ovs, ip, iptables_node, iptables_ns, state_dir, 
         iptables_node.add(table, chain, rule, insert=insert)
 
     # DHCP and DNS for the whole cluster (the same answers on every node)
-    base = os.path.join(state_dir, f"dnsmasq-{jobid}-{network.name}")
+    base = os.path.join(job.state_dir, f"dnsmasq-{jobid}-{network.name}")
     macs = {rank: vm_mac(rank) for rank in job.members}
     with open(base + ".conf", "w") as f:
         f.write(dnsmasq_conf(s, a, macs, base + ".leases"))
@@ -189,7 +197,7 @@ def setup(job, network, bridge, ovs, ip, iptables_node, iptables_ns, state_dir, 
     return {
         "netns": ns,
         "gateway": str(a.gateway),
-        "address": address,
+        "address": job.address,
         "vm_port": rnat["vm-port"] if rnat else None,
         "vms": {str(rank): {"ip": str(a.vm_ip(rank)), "ext_ip": str(ext[rank]), **({"host_port": ports[rank]} if rank in ports else {})}
                 for rank in ranks},

@@ -98,9 +98,10 @@ class Ip:
         for vid in vlans.get("tagged") or ():
             run(["bridge", "vlan", "add", "dev", dev, "vid", str(vid)], env=self.environ)
 
-    def add_veth_into(self, name, peer, netns, mtu):
-        """A veth pair: name here, peer inside netns; both up with mtu."""
-        self._ip("link", "add", name, "mtu", str(mtu), "type", "veth", "peer", "name", peer, "mtu", str(mtu), "netns", netns)
+    def add_veth_into(self, name, peer, netns, mtu, peer_mac=None):
+        """A veth pair: name here, peer inside netns (with peer_mac if given); both up with mtu."""
+        mac = ["address", peer_mac] if peer_mac else []
+        self._ip("link", "add", name, "mtu", str(mtu), "type", "veth", "peer", "name", peer, *mac, "mtu", str(mtu), "netns", netns)
         self._ip("link", "set", "dev", name, "up")
         self._ip("-n", netns, "link", "set", "dev", peer, "up")
 
