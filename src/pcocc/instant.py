@@ -46,6 +46,23 @@ done
 if [ -s /etc/machine-id ]; then
     tr -d '-' < /proc/sys/kernel/random/uuid > /etc/machine-id
 fi
+# $3: the MACs of its NICs in NIC (PCI) order: each copy still has the snapshot's; then a new lease
+[ -n "$3" ] || exit 0
+set -- $3
+for dev in $(for n in /sys/class/net/*; do [ -e "$n/device" ] && echo "$(readlink -f "$n/device") ${n##*/}"; done | sort | cut -d' ' -f2); do
+    [ $# -gt 0 ] || break
+    ip link set dev "$dev" address "$1" || exit 1
+    shift
+done
+for cmdline in /proc/[0-9]*/cmdline; do  # DHCP clients read the MAC when they start: start them again
+    args=$(tr '\0' ' ' < "$cmdline" 2> /dev/null) || continue
+    set -- $args
+    case "${1##*/} $2" in udhcpc* | dhclient* | "busybox udhcpc") ;; *) continue ;; esac
+    pid=${cmdline#/proc/}
+    kill "${pid%/cmdline}" || continue
+    setsid $args < /dev/null > /dev/null 2>&1 &
+done
+command -v networkctl > /dev/null && networkctl renew $(ls /sys/class/net) > /dev/null 2>&1
 exit 0
 """
 
@@ -56,13 +73,9 @@ def snapshot_dir(env, template):
 
 def refusals(config, settings):
     """Why VMs of a template with these settings cannot be snapshot ([] when they can)."""
-    from pcocc.networks import jobnet
-
     reasons = checkpoint.unmigratable(config, settings)
     if settings.get("persistent-drives"):
         reasons.append("it has persistent drives, which its VMs would share")
-    if jobnet.vm_networks(config, settings):
-        reasons.append("it has networks: giving restored VMs their own addresses is not done yet")
     if not settings.get("image"):
         reasons.append("it has no image")
     return reasons
@@ -104,11 +117,13 @@ def delete(env, template):
     shutil.rmtree(directory)
 
 
-def give_identity(agent, name):
-    """Make a VM restored from a snapshot its own: randomness, hostname, ssh host keys, machine id."""
+def give_identity(agent, name, macs=()):
+    """Make a VM restored from a snapshot its own: randomness, hostname, ssh host keys, machine id,
+    and its NICs' MACs (macs, in NIC order), with a new DHCP lease for them."""
     from pcocc.agent.qga import AgentError
 
     # every copy starts with the same random state: stir fresh host randomness in first
-    code, out, err = agent.exec(["/bin/sh", "-c", IDENTITY_SCRIPT, "identity", name, os.urandom(256).hex()], timeout=120)
+    code, out, err = agent.exec(["/bin/sh", "-c", IDENTITY_SCRIPT, "identity", name, os.urandom(256).hex(), " ".join(macs)],
+                                timeout=120)
     if code != 0:
         raise AgentError(f"{name}: giving the restored VM its identity failed ({code}): {(err or out).decode(errors='replace').strip()[:200]}")

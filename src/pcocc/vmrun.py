@@ -163,7 +163,7 @@ def run_vm(ctx, jobid, rank):
         if restored and restored.get("identity") and not stop.is_set():
             from pcocc import instant
 
-            instant.give_identity(agent, f"vm{rank}")
+            instant.give_identity(agent, f"vm{rank}", jobnet.vm_macs(ctx.config, spec["settings"], jobid, rank))
         if not stop.is_set() and vm.proc.poll() is None:
             publish("running", qemu_pid=vm.proc.pid, control=list(server.address), rundir=rundir)
         while not stop.is_set() and vm.proc.poll() is None:

@@ -253,3 +253,27 @@ def test_bridged_network_with_vlans_on_an_ovs_bridge(site, ovs_bridge, tmp_path)
         assert (get("tag"), get("trunks"), get("vlan_mode")) == ("100", "[100, 101]", "native-untagged")
 
     on_the_bridge(bridged_site(site, tmp_path, bridge, "{native: 100, tagged: [101]}"), tmp_path, tagged)
+
+
+def test_instant_cluster_on_the_l3_network_gets_one_address_per_vm(netsite):
+    """VMs restored from one snapshot each take their own MAC, then their own lease and name."""
+    site = netsite
+    r = site.pcocc("template", "snapshot", "-m", "256", "net", timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = site.pcocc("batch", "-m", "256", "--wait", "net:3")
+    assert r.returncode == 0 and "restoring the VMs of net from their template's snapshot" in r.stderr, r.stderr
+    jobid = int(r.stdout.split()[0])
+    try:
+        for vm in range(3):
+            want = f"10.250.0.{vm + 1}"
+            try:
+                wait_for(lambda: dhcp_env(site, vm).get("ip") == want, timeout=90, what=f"vm{vm}'s own lease ({want})")
+            except AssertionError:
+                r = vm_sh(site, vm, "cat /run/pcocc/dhcp.env; cat /sys/class/net/eth0/address; ps; ip addr; cat /run/pcocc/udhcpc.log")
+                raise AssertionError(f"vm{vm} has no lease of its own: {r.stdout}{r.stderr}") from None
+            assert dhcp_env(site, vm)["hostname"] == f"vm{vm}"
+            assert vm_sh(site, vm, "cat /sys/class/net/eth0/address").stdout.strip() == f"52:54:00:00:00:{vm:02x}"
+        r = vm_sh(site, 0, "ping -c1 -W3 vm2.lcl.test && ping -c1 -W3 vm1")
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        site.pcocc("cancel", "-j", jobid)

@@ -74,6 +74,9 @@ class BridgedDriver:
                 ip.set_master(tap, bridge, vlans)  # the tap's removal takes it off the bridge
         return {"bridge": bridge, "taps": taps}
 
+    def mac(self, jobid, rank):
+        return vm_mac(jobid, rank)
+
     def nic_args(self, jobid, rank, index, nic_model):
         model = "virtio-net-pci" if nic_model == "virtio-net" else nic_model
         netdev = f"tap,id=net{index},ifname={tap_name(self.settings, jobid, rank)},script=no,downscript=no"

@@ -109,6 +109,9 @@ class EthernetDriver:
             made.update(gateway.setup(job, self.network, bridge, lambda rank: vm_mac(s, rank)))
         return made
 
+    def mac(self, jobid, rank):
+        return vm_mac(self.settings, rank)
+
     def nic_args(self, jobid, rank, index, nic_model):
         self.check()
         s = self.settings

@@ -176,6 +176,11 @@ def needs_node_objects(config, settings):
     return any(getattr(networks.lookup(n.type).driver, "uses_node_objects", False) for n in vm_networks(config, settings))
 
 
+def vm_macs(config, settings, jobid, rank):
+    """The MAC of each NIC of the VM, in NIC order (the networks that give it a NIC of its own)."""
+    return [d.mac(jobid, rank) for d in map(networks.driver, vm_networks(config, settings)) if hasattr(d, "mac")]
+
+
 def unmigratable_networks(config, settings):
     """Names of the VM's networks that a checkpoint or migration cannot carry (a passed-through device)."""
     return [n.name for n in vm_networks(config, settings) if not getattr(networks.lookup(n.type).driver, "migratable", True)]
