@@ -57,6 +57,15 @@ class LocalSite:
             raise AssertionError(f"pcocc {' '.join(map(str, argv))} failed ({proc.returncode}): {proc.stderr}")
         return proc
 
+    def per_vm(self, jobid, cmd, n):
+        """{vmN: stdout} of a shell command run in each of the cluster's first n VMs."""
+        out = {}
+        for rank in range(n):
+            r = self.pcocc("exec", "-j", jobid, "-w", f"vm{rank}", cmd)
+            assert r.returncode == 0, r.stderr
+            out[f"vm{rank}"] = r.stdout
+        return out
+
     def store_items(self):
         import sqlite3
 

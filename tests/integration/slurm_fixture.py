@@ -123,3 +123,29 @@ def testcluster():
 def slurm_user(testcluster):
     """The unprivileged user that submits jobs to the test cluster."""
     return testcluster.user
+
+
+def kill_setup_midway(tc, node, jobid, uid, shim_name, shim_script, made, what, tmp_path):
+    """Run `pcocc internal setup create` for jobid on node with a shim of one tool (which hangs),
+    and SIGKILL it (its whole group) once made() is true: a setup killed half-way."""
+    import contextlib
+    import signal
+    import subprocess
+
+    from waiting import wait_for
+
+    shim = tmp_path / "bin"
+    shim.mkdir(exist_ok=True)
+    (shim / shim_name).write_text(shim_script)
+    (shim / shim_name).chmod(0o755)
+    env = {**os.environ, **tc.env, **tc.node_env(node), "PATH": f"{shim}:{os.environ['PATH']}"}
+    setup = subprocess.Popen([*tc.enter_argv(node), tc.pcocc, "internal", "setup", "create", "-j", str(jobid),
+                              "--uid", str(uid), "--ranks", "0", "--nodes", node],
+                             env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: made() or setup.poll() is not None, timeout=60, what=what)
+        assert setup.poll() is None, setup.stdout.read()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(setup.pid, signal.SIGKILL)
+        setup.wait()

@@ -34,12 +34,7 @@ def ps(site):
 
 
 def per_vm(site, jobid, cmd, n=2):
-    out = {}
-    for rank in range(n):
-        r = site.pcocc("exec", "-j", jobid, "-w", f"vm{rank}", cmd)
-        assert r.returncode == 0, r.stderr
-        out[f"vm{rank}"] = r.stdout.split()
-    return out
+    return {vm: out.split() for vm, out in site.per_vm(jobid, cmd, n).items()}
 
 
 def test_checkpoint_and_restart_a_cluster_with_state_in_memory(site):

@@ -22,12 +22,7 @@ def site(tmp_path_factory, tiny_image):
 
 
 def each(site, job, cmd, n):
-    out = {}
-    for rank in range(n):
-        r = site.pcocc("exec", "-j", job, "-w", f"vm{rank}", cmd)
-        assert r.returncode == 0, r.stderr
-        out[f"vm{rank}"] = r.stdout.strip()
-    return out
+    return {vm: out.strip() for vm, out in site.per_vm(job, cmd, n).items()}
 
 
 def test_an_instant_cluster_has_vms_of_their_own(site):

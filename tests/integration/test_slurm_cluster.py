@@ -4,9 +4,7 @@ namespace, munge, etcd, the SPANK plugin), submitted by an unprivileged user."""
 import json
 import os
 import pwd
-import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -46,25 +44,40 @@ class SlurmSite:
         r = self.tc.run(["squeue", "-h", "-o", "%i %u %T %j"])
         return [line.split() for line in r.stdout.splitlines()]
 
+    @classmethod
+    def with_image(cls, tc, user, image, repo_name, templates, files=None):
+        """The user's world: templates, a repository (repo_name in their home) with the tiny
+        image as user:tiny (each module imports its own), and other files of their home."""
+        from pcocc.config.models import Repo
+        from pcocc.images.store import ImageStore
+
+        pw = pwd.getpwnam(user)
+        home = Path(pw.pw_dir)
+        (home / ".pcocc").mkdir(exist_ok=True)
+        repo = home / repo_name
+        (home / ".pcocc/repos.yaml").write_text(f"repos:\n  - name: user\n    path: {repo}\n")
+        (home / ".pcocc/templates.yaml").write_text(templates)
+        for name, text in (files or {}).items():
+            (home / name).write_text(text)
+        if not repo.exists():
+            boot = {"kernel": str(image.vmlinux or image.kernel), "initrd": str(image.initrd), "append": image.append}
+            ImageStore([Repo("user", str(repo), "user")], user).import_(str(image.disk), "tiny", "qcow2", boot=boot)
+        subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", str(home)], check=True)
+        return cls(tc, user, home)
+
+    def cancel_all(self, timeout=120):
+        """scancel the user's jobs and wait until SLURM forgets them."""
+        mine = [jobid for jobid, user, *_ in self.squeue() if user == self.user]
+        for jobid in mine:
+            self.tc.run(["scancel", jobid])
+        wait_for(lambda: not [j for j in self.squeue() if j[0] in mine], timeout=timeout, what=f"jobs {mine} to end")
+
 
 @pytest.fixture(scope="module")
 def site(testcluster, slurm_user, tiny_image):
-    from pcocc.config.models import Repo
-    from pcocc.images.store import ImageStore
-
-    pw = pwd.getpwnam(slurm_user)
-    home = Path(pw.pw_dir)
-    (home / ".pcocc").mkdir(exist_ok=True)
-    (home / ".pcocc/repos.yaml").write_text(f"repos:\n  - name: user\n    path: {home}/repo\n")
-    (home / ".pcocc/templates.yaml").write_text("tiny:\n  image: user:tiny\n  description: tiny test VM\n")
-    store = ImageStore([Repo("user", str(home / "repo"), "user")], slurm_user)
-    boot = {"kernel": str(tiny_image.vmlinux or tiny_image.kernel), "initrd": str(tiny_image.initrd), "append": tiny_image.append}
-    store.import_(str(tiny_image.disk), "tiny", "qcow2", boot=boot)
-    subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", str(home)], check=True)
-    s = SlurmSite(testcluster, slurm_user, home)
+    s = SlurmSite.with_image(testcluster, slurm_user, tiny_image, "repo", "tiny:\n  image: user:tiny\n  description: tiny test VM\n")
     yield s
-    for jobid, *_ in s.squeue():
-        testcluster.run(["scancel", jobid])
+    s.cancel_all()
 
 
 

@@ -6,18 +6,17 @@ nothing left after scancel or after a SIGKILLed setup once the next job is set u
 
 import contextlib
 import os
-import pwd
-import re
 import signal
 import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from test_slurm_cluster import PCOCC, SlurmSite
+import leftovers
+from slurm_fixture import kill_setup_midway
+from test_slurm_cluster import SlurmSite
 from waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("slurm")]
@@ -31,32 +30,15 @@ USER_DATA = ("#cloud-config\nruncmd:\n  - useradd -m -p '*' {user} && mkdir -p /
 
 @pytest.fixture(scope="module")
 def site(testcluster, slurm_user, tiny_image):
-    from pcocc.config.models import Repo
-    from pcocc.images.store import ImageStore
-
-    pw = pwd.getpwnam(slurm_user)
-    home = Path(pw.pw_dir)
-    (home / ".pcocc").mkdir(exist_ok=True)
-    repo = home / "l3repo"
-    (home / ".pcocc/repos.yaml").write_text(f"repos:\n  - name: user\n    path: {repo}\n")
-    (home / ".pcocc/templates.yaml").write_text(
-        "tiny:\n  image: user:tiny\n"
-        "l3:\n  inherits: tiny\n  resource-set: l3net\n  description: tiny VM on the L3 network\n")
-    (home / "ud-l3.yaml").write_text(USER_DATA.format(user=slurm_user))
-    if not repo.exists():
-        store = ImageStore([Repo("user", str(repo), "user")], slurm_user)
-        boot = {"kernel": str(tiny_image.vmlinux or tiny_image.kernel), "initrd": str(tiny_image.initrd), "append": tiny_image.append}
-        store.import_(str(tiny_image.disk), "tiny", "qcow2", boot=boot)
-    (home / ".ssh").mkdir(mode=0o700, exist_ok=True)
-    if not (home / ".ssh/id_ed25519").exists():
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", home / ".ssh/id_ed25519"], check=True)
-    subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", str(home)], check=True)
-    s = SlurmSite(testcluster, slurm_user, home)
+    templates = "tiny:\n  image: user:tiny\nl3:\n  inherits: tiny\n  resource-set: l3net\n  description: tiny VM on the L3 network\n"
+    s = SlurmSite.with_image(testcluster, slurm_user, tiny_image, "l3repo", templates, {"ud-l3.yaml": USER_DATA.format(user=slurm_user)})
+    key = s.home / ".ssh/id_ed25519"
+    if not key.exists():
+        key.parent.mkdir(mode=0o700, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
+        subprocess.run(["chown", "-R", f"{s.pw.pw_uid}:{s.pw.pw_gid}", str(key.parent)], check=True)
     yield s
-    mine = [jobid for jobid, user, *_ in s.squeue() if user == slurm_user]
-    for jobid in mine:
-        testcluster.run(["scancel", jobid])
-    wait_jobs_end(s, mine)
+    s.cancel_all()
 
 
 def submit(site, definition, *slurm_args):
@@ -87,45 +69,12 @@ def node_records(site, jobid):
     return {k.rsplit("/", 1)[1]: v for k, v in site.keys(f"/pcocc/users/{site.user}/clusters/{jobid}/nodes/").items()}
 
 
-def pool_owners(site):
-    return [o for v in site.keys("/pcocc/global/pools/").values() for o in (v or {}).values()]
-
-
 def node_objects(site, jobid):
-    """What of the job exists on each node: OVS objects, devices, namespaces, iptables rules, dnsmasq, files."""
-    found = []
-    for node in site.tc.node_names:
-        show = site.tc.onnode(node, ["ovs-vsctl", "--timeout=5", "show"], check=True).stdout
-        found += [f"{node}: ovs {m}" for m in re.findall(rf"\bpl[btxg]{jobid}(?:_\w+)?\b", show)]
-        links = site.tc.onnode(node, ["ip", "-o", "link"], check=True).stdout
-        found += [f"{node}: link {m}" for m in re.findall(rf"\bpl[btxgh]{jobid}(?:_\w+)?\b", links)]
-        for table in ("filter", "nat"):
-            rules = site.tc.onnode(node, ["iptables", "-w", "-t", table, "-S"], check=True).stdout
-            found += [f"{node}: {table} {line}" for line in rules.splitlines() if f'"pcocc job {jobid}"' in line]
-        state_dir = Path(site.tc.node_state_dir(node))
-        found += [f"{node}: {p.name}" for p in state_dir.glob(f"*-{jobid}*")]
-    found += [f"netns {n}" for n in os.listdir("/run/netns") if f"-{jobid}-" in n] if os.path.isdir("/run/netns") else []
-    found += [f"dnsmasq {pid}" for pid in _dnsmasq_pids(jobid)]
-    return found
+    return leftovers.node_objects(site, jobid, "pl")
 
 
 def assert_gone(site, jobid):
-    """Nothing of the job on the nodes; else what is left, and what the nodes logged."""
-    left = node_objects(site, jobid)
-    if left:
-        logs = "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text().splitlines()[-20:])
-                         for p in sorted((Path(site.tc.base) / "slurm" / "log").glob("slurmd-*.log")))
-        raise AssertionError(f"job {jobid} left {left}\n{logs}")
-
-
-def _dnsmasq_pids(jobid):
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if cmd[0].endswith(b"dnsmasq") and any(f"dnsmasq-{jobid}-".encode() in a for a in cmd):
-                out.append(int(pid))
-    return out
+    leftovers.assert_gone(site, jobid, "pl")
 
 
 class Capture:
@@ -235,7 +184,7 @@ def test_l3_network_dhcp_dns_ssh_nat_isolation_and_teardown(site):
     for job in (job_a, job_b):
         assert_gone(site, job)
         assert site.keys(f"/pcocc/users/{site.user}/clusters/{job}/") == {}
-        assert not [o for o in pool_owners(site) if o.startswith(f"{job}:")]
+        assert not [o for o in leftovers.pool_owners(site) if o.startswith(f"{job}:")]
 
 
 def test_a_killed_l3_setup_leaves_nothing_once_the_next_job_is_set_up(site, tmp_path):
@@ -244,31 +193,17 @@ def test_a_killed_l3_setup_leaves_nothing_once_the_next_job_is_set_up(site, tmp_
     prefix = f"/pcocc/users/{site.user}/clusters/{FAKE_JOB}/"
     store.put(prefix + "info", {"jobid": FAKE_JOB, "vms": [{"rank": 0, "settings": {"resource-set": "l3net"}}]})
     # a dnsmasq that starts, then hangs: the setup is killed with everything made
-    shim = tmp_path / "bin"
-    shim.mkdir()
-    (shim / "dnsmasq").write_text('#!/bin/sh\n/usr/sbin/dnsmasq "$@" && exec sleep 300\n')
-    (shim / "dnsmasq").chmod(0o755)
-    env = {**os.environ, **tc.env, **tc.node_env(node), "PATH": f"{shim}:{os.environ['PATH']}"}
-    setup = subprocess.Popen(
-        [*tc.enter_argv(node), PCOCC, "internal", "setup", "create",
-         "-j", str(FAKE_JOB), "--uid", str(site.pw.pw_uid), "--ranks", "0", "--nodes", node],
-        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: _dnsmasq_pids(FAKE_JOB) or setup.poll() is not None, timeout=60, what="the killed setup's dnsmasq")
-        assert setup.poll() is None, setup.stdout.read()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(setup.pid, signal.SIGKILL)
-        setup.wait()
+    kill_setup_midway(tc, node, FAKE_JOB, site.pw.pw_uid, "dnsmasq", '#!/bin/sh\n/usr/sbin/dnsmasq "$@" && exec sleep 300\n',
+                      lambda: leftovers.dnsmasq_pids(FAKE_JOB), "the killed setup's dnsmasq", tmp_path)
     left = node_objects(site, FAKE_JOB)
     for what in (f"netns pcocc-{node}-{FAKE_JOB}-pub", f"{node}: link plg{FAKE_JOB}", f"{node}: undo-{FAKE_JOB}.json"):
         assert what in left, left
     assert any(o.startswith("dnsmasq ") for o in left) and any(" nat " in o for o in left), left
-    assert [o for o in pool_owners(site) if o.startswith(f"{FAKE_JOB}:")]
+    assert [o for o in leftovers.pool_owners(site) if o.startswith(f"{FAKE_JOB}:")]
     # the next job on that node finds it dead and undoes what its log names
     jobid = submit(site, "l3:1", "-J", "next", "-w", node)
     assert node_objects(site, FAKE_JOB) == []
-    assert not [o for o in pool_owners(site) if o.startswith(f"{FAKE_JOB}:")]
+    assert not [o for o in leftovers.pool_owners(site) if o.startswith(f"{FAKE_JOB}:")]
     assert node_objects(site, jobid)
     tc.run(["scancel", str(jobid)], check=True)
     wait_jobs_end(site, [jobid])

@@ -2,17 +2,13 @@
 datapath, VXLAN) on the real test cluster: reachability, TCP, isolation between jobs,
 teardown, and recovery from a node setup killed half-way."""
 
-import contextlib
-import os
-import pwd
-import re
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from test_slurm_cluster import PCOCC, SlurmSite
+import leftovers
+from slurm_fixture import kill_setup_midway
+from test_slurm_cluster import SlurmSite
 from waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("slurm")]
@@ -24,30 +20,12 @@ FAKE_JOB = 999999
 
 @pytest.fixture(scope="module")
 def site(testcluster, slurm_user, tiny_image):
-    from pcocc.config.models import Repo
-    from pcocc.images.store import ImageStore
-
-    pw = pwd.getpwnam(slurm_user)
-    home = Path(pw.pw_dir)
-    (home / ".pcocc").mkdir(exist_ok=True)
-    repo = home / "netrepo"  # not the other modules' repository: each imports its own
-    (home / ".pcocc/repos.yaml").write_text(f"repos:\n  - name: user\n    path: {repo}\n")
-    (home / ".pcocc/templates.yaml").write_text(
-        "tiny:\n  image: user:tiny\n"
-        "net:\n  inherits: tiny\n  resource-set: l2net\n  description: tiny VM on the private L2 network\n")
-    for name, first in (("a", 1), ("b", 11)):
-        (home / f"ud-{name}.yaml").write_text(USER_DATA.format(first=first))
-    if not repo.exists():
-        store = ImageStore([Repo("user", str(repo), "user")], slurm_user)
-        boot = {"kernel": str(tiny_image.vmlinux or tiny_image.kernel), "initrd": str(tiny_image.initrd), "append": tiny_image.append}
-        store.import_(str(tiny_image.disk), "tiny", "qcow2", boot=boot)
-    subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", str(home)], check=True)
-    s = SlurmSite(testcluster, slurm_user, home)
+    templates = ("tiny:\n  image: user:tiny\n"
+                 "net:\n  inherits: tiny\n  resource-set: l2net\n  description: tiny VM on the private L2 network\n")
+    files = {f"ud-{name}.yaml": USER_DATA.format(first=first) for name, first in (("a", 1), ("b", 11))}
+    s = SlurmSite.with_image(testcluster, slurm_user, tiny_image, "netrepo", templates, files)
     yield s
-    mine = [jobid for jobid, user, *_ in s.squeue() if user == slurm_user]
-    for jobid in mine:
-        testcluster.run(["scancel", jobid])
-    wait_jobs_end(s, mine)
+    s.cancel_all()
 
 
 def submit(site, definition, user_data, *slurm_args):
@@ -86,21 +64,8 @@ def job_keys(site, jobid):
     return site.keys(f"/pcocc/users/{site.user}/clusters/{jobid}/")
 
 
-def pool_owners(site):
-    return list((site.keys("/pcocc/global/pools/vxlan").get("/pcocc/global/pools/vxlan") or {}).values())
-
-
 def node_objects(site, jobid):
-    """What of the job exists on each node: OVS bridges and ports, network devices, undo logs."""
-    found = []
-    for node in site.tc.node_names:
-        show = site.tc.onnode(node, ["ovs-vsctl", "--timeout=5", "show"], check=True).stdout
-        found += [f"{node}: ovs {m}" for m in re.findall(rf"\bpn[btx]{jobid}(?:_\w+)?\b", show)]
-        links = site.tc.onnode(node, ["ip", "-o", "link"], check=True).stdout
-        found += [f"{node}: link {m}" for m in re.findall(rf"\bpn[btx]{jobid}(?:_\w+)?\b", links)]
-        state_dir = Path(site.tc.node_state_dir(node))
-        found += [f"{node}: {p.name}" for p in state_dir.glob(f"undo-{jobid}.json")]
-    return found
+    return leftovers.node_objects(site, jobid, "pn")
 
 
 def test_l2_network_across_nodes_isolated_per_job_and_removed_by_scancel(site):
@@ -149,7 +114,7 @@ def test_l2_network_across_nodes_isolated_per_job_and_removed_by_scancel(site):
     for job in (job_a, job_b):
         assert node_objects(site, job) == []
         assert job_keys(site, job) == {}
-        assert not any(o.startswith(f"{job}:") for o in pool_owners(site))
+        assert not any(o.startswith(f"{job}:") for o in leftovers.pool_owners(site))
 
 
 def test_a_killed_setup_leaves_nothing_once_the_next_job_is_set_up(site, tmp_path):
@@ -159,30 +124,16 @@ def test_a_killed_setup_leaves_nothing_once_the_next_job_is_set_up(site, tmp_pat
     prefix = f"/pcocc/users/{site.user}/clusters/{FAKE_JOB}/"
     store.put(prefix + "info", {"jobid": FAKE_JOB, "vms": [{"rank": 0, "settings": {"resource-set": "l2net"}}]})
     # an ovs-vsctl that hangs when adding a port: the setup is killed with its bridge and tap made
-    shim = tmp_path / "bin"
-    shim.mkdir()
-    (shim / "ovs-vsctl").write_text('#!/bin/sh\ncase " $* " in *" add-port "*) exec sleep 300;; esac\nexec /usr/bin/ovs-vsctl "$@"\n')
-    (shim / "ovs-vsctl").chmod(0o755)
-    env = {**os.environ, **tc.env, **tc.node_env(node), "PATH": f"{shim}:{os.environ['PATH']}"}
-    setup = subprocess.Popen(
-        [*tc.enter_argv(node), PCOCC, "internal", "setup", "create",
-         "-j", str(FAKE_JOB), "--uid", str(site.pw.pw_uid), "--ranks", "0", "--nodes", node],
-        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: f"pnt{FAKE_JOB}_0" in tc.onnode(node, ["ip", "-o", "link"]).stdout or setup.poll() is not None,
-                 timeout=60, what="the killed setup's tap")
-        assert setup.poll() is None, setup.stdout.read()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(setup.pid, signal.SIGKILL)
-        setup.wait()
+    kill_setup_midway(tc, node, FAKE_JOB, site.pw.pw_uid, "ovs-vsctl",
+                      '#!/bin/sh\ncase " $* " in *" add-port "*) exec sleep 300;; esac\nexec /usr/bin/ovs-vsctl "$@"\n',
+                      lambda: f"pnt{FAKE_JOB}_0" in tc.onnode(node, ["ip", "-o", "link"]).stdout, "the killed setup's tap", tmp_path)
     left = node_objects(site, FAKE_JOB)
     assert f"{node}: ovs pnb{FAKE_JOB}" in left and f"{node}: link pnt{FAKE_JOB}_0" in left and f"{node}: undo-{FAKE_JOB}.json" in left
     # the next job on that node finds it dead and undoes what its log names
     jobid = submit(site, "net:1", "ud-a.yaml", "-J", "next", "-w", node)
     assert node_objects(site, FAKE_JOB) == []
     assert node_objects(site, jobid)
-    assert not any(o.startswith(f"{FAKE_JOB}:") for o in pool_owners(site))  # its VNI was reclaimed
+    assert not any(o.startswith(f"{FAKE_JOB}:") for o in leftovers.pool_owners(site))  # its VNI was reclaimed
     site.tc.run(["scancel", str(jobid)], check=True)
     wait_jobs_end(site, [jobid])
     store.delete_prefix(prefix)

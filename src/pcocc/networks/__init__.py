@@ -1,14 +1,15 @@
-"""Network types. Each module registers its type with its settings schema and,
-once it is implemented, its driver.
+"""Network types. Each module registers its type with its settings schema and its driver.
 
-Config loading only needs the schemas (cheap). A driver is a class built with
-the configured network (pcocc.config.models.Network) that has:
-  needs_peers            whether its node side needs the other nodes' tunnel endpoints
+Config loading only needs the schemas (cheap). A driver (a Driver) is built with
+the configured network (pcocc.config.models.Network) and has:
+  check()                a node-side check of the settings (before anything is made)
   node_setup(job)        create the host objects of a job on this node (jobnet.NodeJob),
-                         each recorded in job.undo before it is made
-  nic_args(jobid, rank, index, nic_model)
-                         the qemu arguments of the VM's NIC on this network
-Both sides raise NotAvailableError for settings they cannot honour yet.
+                         each recorded in job.undo before it is made; returns what the
+                         node publishes in its record's "objects"
+  nic_args(jobid, rank, index, nic_model[, objects])
+                         the qemu arguments of the VM's device on this network
+  mac(jobid, rank)       (NIC types) the MAC of the VM's NIC
+and the capabilities below. Either side raises NotAvailableError for settings it cannot honour.
 """
 
 from dataclasses import dataclass
@@ -26,6 +27,19 @@ class NetworkType:
     settings: object  # a pcocc.config.schema checker (a Struct)
     description: str
     driver: type = None  # None: it can be configured, not used yet
+
+
+class Driver:
+    needs_peers = False  # its node side needs the other nodes' tunnel endpoints
+    migratable = True  # a checkpoint can carry its VM device (not so for host devices passed through)
+    uses_node_objects = False  # nic_args needs what node setup published (which VF a VM got)
+
+    def __init__(self, network):
+        self.network = network
+        self.settings = network.settings
+
+    def check(self):
+        pass
 
 
 def register(ntype):

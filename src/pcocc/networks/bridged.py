@@ -9,7 +9,7 @@ import hashlib
 
 from pcocc.config.schema import F, Int, ListOf, Str, Struct
 from pcocc.errors import PcoccError
-from pcocc.networks import NetworkType, names, register
+from pcocc.networks import Driver, NetworkType, names, register
 
 SETTINGS = Struct(
     {
@@ -39,16 +39,7 @@ def vm_mac(jobid, rank):
     return ":".join(f"{b:02x}" for b in (0x02, *digest))
 
 
-class BridgedDriver:
-    needs_peers = False
-
-    def __init__(self, network):
-        self.network = network
-        self.settings = network.settings
-
-    def check(self):
-        pass
-
+class BridgedDriver(Driver):
     def node_setup(self, job):
         from pcocc.networks.hostnet import Ip, Ovs, run
 

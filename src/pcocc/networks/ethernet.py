@@ -2,7 +2,7 @@
 
 from pcocc.config.schema import Bool, Enum, F, Int, Str, Struct
 from pcocc.errors import PcoccError
-from pcocc.networks import NetworkType, names, register
+from pcocc.networks import Driver, NetworkType, names, register
 
 _CIDR = Str(r"\d{1,3}(\.\d{1,3}){3}/\d{1,2}", "an IPv4 network like 10.200.0.0/16")
 
@@ -60,17 +60,13 @@ def vm_mac(settings, rank):
         raise PcoccError(str(exc)) from None
 
 
-class EthernetDriver:
+class EthernetDriver(Driver):
     """One OVS bridge per job and node, a tap per local VM, a VXLAN tunnel to each
     other node of the job with the job's VNI. NORMAL switching is enough: each job has
     its own bridge and VNI, so no frame of a job, ARP included, reaches another job.
     L3 adds the job's gateway on each node (gateway.py)."""
 
     needs_peers = True
-
-    def __init__(self, network):
-        self.network = network
-        self.settings = network.settings
 
     def check(self):
         if self.settings["network-layer"] == "L3":

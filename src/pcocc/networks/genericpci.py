@@ -1,7 +1,7 @@
 """Generic PCI passthrough: each VM gets one free device of a list, through VFIO."""
 
 from pcocc.config.schema import F, ListOf, Str, Struct
-from pcocc.networks import NetworkType, register, sysfs, vfio
+from pcocc.networks import Driver, NetworkType, register, sysfs, vfio
 
 _PCI_ADDR = Str(r"([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]", "a PCI address like 0000:03:00.1")
 
@@ -13,17 +13,9 @@ SETTINGS = Struct(
 )
 
 
-class GenericPciDriver:
-    needs_peers = False
+class GenericPciDriver(Driver):
     migratable = False  # qemu cannot migrate a VFIO device
     uses_node_objects = True
-
-    def __init__(self, network):
-        self.network = network
-        self.settings = network.settings
-
-    def check(self):
-        pass
 
     def node_setup(self, job):
         fs = sysfs.open_host(job.environ)

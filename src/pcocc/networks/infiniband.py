@@ -10,7 +10,7 @@ pkeyd, on the subnet manager's node, writes them into OpenSM's partitions file.
 from pcocc import state
 from pcocc.config.schema import F, Str, Struct
 from pcocc.errors import NotAvailableError, PcoccError
-from pcocc.networks import NetworkType, register, sysfs, vfio
+from pcocc.networks import Driver, NetworkType, register, sysfs, vfio
 
 _PKEY = Str(r"0x[0-9a-fA-F]{4}", "a PKey like 0x2000")
 
@@ -95,19 +95,11 @@ def release_vf(fs, device, vf, addr, host_driver):
 
 # ---------------------------------------------------------------- drivers
 
-class HostIbDriver:
+class HostIbDriver(Driver):
     """A VF per VM, without PKey isolation: the VM shares the host's partitions."""
 
-    needs_peers = False
     migratable = False  # qemu cannot migrate a VFIO device
     uses_node_objects = True  # nic_args needs what node setup recorded (the VF of each VM)
-
-    def __init__(self, network):
-        self.network = network
-        self.settings = network.settings
-
-    def check(self):
-        pass
 
     def guids(self, job, rank, pkey):
         return job_guids(job.jobid, rank)

@@ -1,0 +1,50 @@
+"""What a job leaves on the test cluster's nodes: the checks of the network tests."""
+
+import contextlib
+import os
+import re
+from pathlib import Path
+
+
+def pool_owners(site):
+    """Every owner of an id in the store's pools (VXLAN ids, external IPs, host ports...)."""
+    return [o for v in site.keys("/pcocc/global/pools/").values() for o in (v or {}).values()]
+
+
+def node_objects(site, jobid, prefix):
+    """What of the job exists on each node: OVS objects and devices named with the network's
+    dev-prefix, iptables rules, namespaces, dnsmasq processes, undo logs and daemon files."""
+    found = []
+    names = re.compile(rf"\b{prefix}[btxgh]{jobid}(?:_\w+)?\b")
+    for node in site.tc.node_names:
+        show = site.tc.onnode(node, ["ovs-vsctl", "--timeout=5", "show"], check=True).stdout
+        found += [f"{node}: ovs {m}" for m in names.findall(show)]
+        links = site.tc.onnode(node, ["ip", "-o", "link"], check=True).stdout
+        found += [f"{node}: link {m}" for m in names.findall(links)]
+        for table in ("filter", "nat"):
+            rules = site.tc.onnode(node, ["iptables", "-w", "-t", table, "-S"], check=True).stdout
+            found += [f"{node}: {table} {line}" for line in rules.splitlines() if f'"pcocc job {jobid}"' in line]
+        state_dir = Path(site.tc.node_state_dir(node))
+        found += [f"{node}: {p.name}" for p in state_dir.iterdir() if p.name.startswith((f"undo-{jobid}.", f"dnsmasq-{jobid}-"))]
+    found += [f"netns {n}" for n in os.listdir("/run/netns") if f"-{jobid}-" in n] if os.path.isdir("/run/netns") else []
+    found += [f"dnsmasq {pid}" for pid in dnsmasq_pids(jobid)]
+    return found
+
+
+def dnsmasq_pids(jobid):
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if cmd[0].endswith(b"dnsmasq") and any(f"dnsmasq-{jobid}-".encode() in a for a in cmd):
+                out.append(int(pid))
+    return out
+
+
+def assert_gone(site, jobid, prefix):
+    """Nothing of the job on the nodes; else what is left, and what the nodes logged."""
+    left = node_objects(site, jobid, prefix)
+    if left:
+        logs = "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text().splitlines()[-20:])
+                         for p in sorted((Path(site.tc.base) / "slurm" / "log").glob("slurmd-*.log")))
+        raise AssertionError(f"job {jobid} left {left}\n{logs}")
