@@ -253,10 +253,10 @@ def test_stop_is_prompt_and_leaves_no_thread(creds):
     slow.start()
     time.sleep(0.1)  # let the slow request reach the handler
     t0 = time.monotonic()
-    srv.stop()
+    srv.stop(drain=0)
     assert time.monotonic() - t0 < 2.0
     slow.join(5)
-    assert isinstance(outcome[0], AgentError)  # its connection was cut under it
+    assert isinstance(outcome[0], AgentError)  # not drained: its connection was cut under it
     assert set(threading.enumerate()) <= before
     with pytest.raises(AgentError):
         clients[0].call("ping")
@@ -266,3 +266,20 @@ def test_stop_is_prompt_and_leaves_no_thread(creds):
     for c in clients + [busy]:
         c.close()
     silent.close()
+
+
+def test_stop_lets_a_request_being_served_answer(creds):
+    """e.g. a checkpoint's stop: the VM's qemu is gone when its answer goes out."""
+    srv = start_server(creds)
+    busy, outcome = client(creds, srv.address), []
+    slow = threading.Thread(target=lambda: outcome.append(busy.call("slow", seconds=0.3)))
+    slow.start()
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    srv.stop()
+    assert time.monotonic() - t0 < 2.0
+    slow.join(5)
+    assert len(outcome) == 1 and not isinstance(outcome[0], Exception)
+    with pytest.raises(AgentError, match="cannot reach"):  # and no new request is taken
+        client(creds, srv.address).call("ping")
+    busy.close()

@@ -82,6 +82,8 @@ class ControlServer:
         self._accepter = None
         self._conns = {}  # thread -> its TLS socket, so that stop() can cut it
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when a request is answered
+        self._busy = 0  # requests being served
         self._stopping = False
         self.address = None
 
@@ -96,8 +98,10 @@ class ControlServer:
         self._accepter.start()
         return self
 
-    def stop(self, timeout=5.0):
-        """Closes the listening socket and every connection, and joins the threads.
+    def stop(self, timeout=5.0, drain=3.0):
+        """Closes the listening socket, lets the requests being served answer (for up to
+        ``drain`` seconds: e.g. a checkpoint's stop, whose VM is gone when it answers), then
+        closes every connection and joins the threads.
 
         A handler method still running keeps its thread until it returns: this
         waits ``timeout`` seconds for them, then leaves them (they are daemons).
@@ -105,10 +109,12 @@ class ControlServer:
         """
         with self._lock:
             self._stopping = True
-            threads = [t for t in (self._accepter,) if t] + list(self._conns)
             # shutdown() wakes the threads blocked in accept() and recv() (close() alone does
             # not, on Linux); under the lock, so a thread cannot close its socket meanwhile
-            for sock in [self._listener, *self._conns.values()]:
+            _cut(self._listener)
+            self._idle.wait_for(lambda: self._busy == 0, timeout=drain)
+            threads = [t for t in (self._accepter,) if t] + list(self._conns)
+            for sock in self._conns.values():
                 _cut(sock)
         deadline = time.monotonic() + timeout
         for t in threads:
@@ -156,7 +162,14 @@ class ControlServer:
                 if len(line) > MAX_LINE:
                     conn.sendall(_encode(_error_response(AgentError(f"request larger than {MAX_LINE} bytes"))))
                     break
-                conn.sendall(self._respond(line, cn))
+                with self._lock:
+                    self._busy += 1
+                try:
+                    conn.sendall(self._respond(line, cn))
+                finally:
+                    with self._lock:
+                        self._busy -= 1
+                        self._idle.notify_all()
         except (OSError, ValueError) as e:  # ssl.SSLError is an OSError; ValueError: socket cut by stop()
             if not self._stopping:
                 log.info("control endpoint %s: connection from %s ended: %s", _where(self.address), _where(peer), e)
