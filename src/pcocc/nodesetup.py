@@ -109,27 +109,18 @@ def _plan(ctx, jobid, user, ranks, alive, multi_node):
 
 
 def _address(ctx, node_plan):
-    """Where this node's reverse NAT ports are reached: $PCOCC_HOST_ADDR, else SLURM's NodeAddr;
-    on one host, its address on its default route."""
+    """Where this node's reverse NAT ports are reached: $PCOCC_HOST_ADDR, else SLURM's NodeAddr.
+    On one host, the address every job's uplink has here (from this host only, whatever its network)."""
     environ = ctx.env.environ
     if environ.get("PCOCC_HOST_ADDR"):
         return environ["PCOCC_HOST_ADDR"]
     if not node_plan.networks:
         return None
     if ctx.config.batch.type == "local":
-        return local_address()
+        from pcocc.networks.gateway import LINK_ADDR
+
+        return LINK_ADDR
     return jobnet.node_address(environ, ctx.hostname)
-
-
-def local_address():
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.1", 9))  # no packet is sent: this only asks the routing table
-            return s.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"
 
 
 def delete(ctx, jobid, uid):

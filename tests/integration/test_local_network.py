@@ -124,7 +124,7 @@ class _Server:
 
 
 def test_l3_network_on_the_local_backend(netsite, tmp_path):
-    from pcocc.nodesetup import local_address
+    from pcocc.networks.gateway import LINK_ADDR
 
     site = netsite
     r = site.pcocc("batch", "-m", "256", "-J", "l3", "--wait", "net:2")
@@ -142,8 +142,8 @@ def test_l3_network_on_the_local_backend(netsite, tmp_path):
         r = vm_sh(site, 0, "nslookup vm1.lcl.test 10.250.0.254; ping -c1 -W3 vm1")
         assert r.returncode == 0 and "10.250.0.2" in r.stdout, r.stdout + r.stderr
 
-        # outbound: a server on this host sees the VM's external address (the gateway's NAT)
-        host = local_address()
+        # outbound: a server on this host (on the address of the job's uplink) sees the VM's external address
+        host = LINK_ADDR
         server = _Server(host)
         try:
             r = vm_sh(site, 1, f"echo hi | nc {host} {server.port}")
