@@ -109,31 +109,50 @@ def dnsmasq_conf(settings, addressing, macs, lease_file):
 def setup(job, network, bridge, vm_mac):
     """Make this node's gateway of the job (jobnet.NodeJob) on `network`, whose bridge is made;
     returns what the node publishes (vm_mac(rank): the MAC of a VM)."""
-    from pcocc.allocator import Pool
-    from pcocc.networks import hostnet
-
-    s, jobid, host, undo = network.settings, job.jobid, job.host, job.undo
-    a = Addressing(s, network.name)
-    ns = netns_name(jobid, network.name, host)
-    ovs, ip = hostnet.Ovs(job.environ), hostnet.Ip(job.environ)
-    iptables_node, iptables_ns = hostnet.Iptables(job.environ), hostnet.Iptables(job.environ, ns)
-    gw_port = names.dev_name(s["dev-prefix"], "g", jobid)
-    uplink = names.dev_name(s["dev-prefix"], "h", jobid)
-    environ = job.environ
+    a = Addressing(network.settings, network.name)
+    ns = netns_name(job.jobid, network.name, job.host)
     ranks = sorted(job.ranks)
+    ext, ports = _allocate(job, network, a, ranks)
+    uplink = _namespace(job, network, a, ns, bridge, ext)
+    _node_rules(job, network, a, uplink, ext, ports)
+    _dnsmasq(job, network, a, ns, {rank: vm_mac(rank) for rank in job.members})
+    rnat = network.settings.get("reverse-nat")
+    return {
+        "netns": ns,
+        "gateway": str(a.gateway),
+        "address": job.address,
+        "vm_port": rnat["vm-port"] if rnat else None,
+        "vms": {str(rank): {"ip": str(a.vm_ip(rank)), "ext_ip": str(ext[rank]), **({"host_port": ports[rank]} if rank in ports else {})}
+                for rank in ranks},
+    }
 
-    # cluster-wide external addresses, then host ports, for this node's VMs
-    owner = f"{jobid}:{network.name}:{host}"
-    undo.record(jobid, "pool-own", pool=a.ext_pool()[0], owner=owner)
+
+def _allocate(job, network, a, ranks):
+    """({rank: external address}, {rank: host port}) of this node's VMs, from the store's pools."""
+    from pcocc.allocator import Pool
+
+    owner = f"{job.jobid}:{network.name}:{job.host}"
+    job.undo.record(job.jobid, "pool-own", pool=a.ext_pool()[0], owner=owner)
     ext = dict(zip(ranks, map(a.ext_ip, Pool(job.store, *a.ext_pool()).allocate(owner, len(ranks), alive=job.owner_alive))))
     ports = {}
-    rnat = s.get("reverse-nat")
-    if rnat:
-        pool = (f"hostport-{host}", rnat["min-host-port"], rnat["max-host-port"])
-        undo.record(jobid, "pool-own", pool=pool[0], owner=owner)
+    rnat = network.settings.get("reverse-nat")
+    if rnat:  # host ports are the node's: a pool per node
+        pool = (f"hostport-{job.host}", rnat["min-host-port"], rnat["max-host-port"])
+        job.undo.record(job.jobid, "pool-own", pool=pool[0], owner=owner)
         ports = dict(zip(ranks, Pool(job.store, *pool).allocate(owner, len(ranks), alive=job.owner_alive)))
+    return ext, ports
 
-    undo.record(jobid, "netns", name=ns)
+
+def _namespace(job, network, a, ns, bridge, ext):
+    """The gateway's namespace: "gw" on the job's bridge, "up" to the node, 1:1 NAT between
+    internal and external addresses. Returns the node's end of the uplink."""
+    from pcocc.networks import hostnet
+
+    s, jobid, undo, environ = network.settings, job.jobid, job.undo, job.environ
+    ovs, ip, iptables = hostnet.Ovs(environ), hostnet.Ip(environ), hostnet.Iptables(environ, ns)
+    gw_port = names.dev_name(s["dev-prefix"], "g", jobid)
+    uplink = names.dev_name(s["dev-prefix"], "h", jobid)
+    undo.record(jobid, "netns", name=ns)  # its rules and addresses go with it
     ip.add_netns(ns)
     undo.record(jobid, "link", name=gw_port)
     ip.add_veth_into(gw_port, "gw", ns, s["mtu"], gateway_mac(network.name))
@@ -143,62 +162,60 @@ def setup(job, network, bridge, vm_mac):
     ip.add_veth_into(uplink, "up", ns, s["mtu"])
     if s["datapath-type"] == "netdev":
         hostnet.tx_checksum_off("gw", environ, ns)
-
-    # the namespace: gateway address inside, external addresses on the uplink, 1:1 NAT between them
     ip.addr_add("gw", f"{a.gateway}/{a.int_net.prefixlen}", netns=ns)
-    for rank in ranks:
-        ip.addr_add("up", f"{ext[rank]}/32", netns=ns)
+    for rank, address in ext.items():
+        ip.addr_add("up", f"{address}/32", netns=ns)
+        iptables.add("nat", "PREROUTING", ["-d", str(address), "-j", "DNAT", "--to-destination", str(a.vm_ip(rank))])
+        iptables.add("nat", "POSTROUTING", ["-s", str(a.vm_ip(rank)), "-o", "up", "-j", "SNAT", "--to-source", str(address)])
     ip.route_add(LINK_ADDR, "up", netns=ns)
     ip.route_add("default", "up", via=LINK_ADDR, netns=ns)
     hostnet.sysctl("net.ipv4.ip_forward", 1, environ, ns)
-    for rank in ranks:
-        iptables_ns.add("nat", "PREROUTING", ["-d", str(ext[rank]), "-j", "DNAT", "--to-destination", str(a.vm_ip(rank))])
-        iptables_ns.add("nat", "POSTROUTING", ["-s", str(a.vm_ip(rank)), "-o", "up", "-j", "SNAT", "--to-source", str(ext[rank])])
     if s["allow-outbound"] == "none":
-        iptables_ns.add("filter", "FORWARD", ["-i", "gw", "-o", "up", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP"])
+        iptables.add("filter", "FORWARD", ["-i", "gw", "-o", "up", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP"])
+    return uplink
 
-    # the node: routes to the external addresses, forwarding, masquerade out, reverse NAT in
+
+def _node_rules(job, network, a, uplink, ext, ports):
+    """The node's side: routes to the external addresses, forwarding, masquerade out, reverse NAT in."""
+    from pcocc.networks import hostnet
+
+    s, jobid, environ = network.settings, job.jobid, job.environ
+    ip, iptables = hostnet.Ip(environ), hostnet.Iptables(environ)
     ip.addr_add(uplink, f"{LINK_ADDR}/32")
-    for rank in ranks:
-        ip.route_add(f"{ext[rank]}/32", uplink)
+    for address in ext.values():
+        ip.route_add(f"{address}/32", uplink)
     if s["manage-ip-forward"]:
         hostnet.sysctl("net.ipv4.ip_forward", 1, environ)
     tag = ["-m", "comment", "--comment", f"pcocc job {jobid}"]
     # Our own chain, so that every job's DROP (inserted) comes before any job's ACCEPT (appended):
     # interleaved, a later job's "-i its uplink ACCEPT" would let it into an earlier job's uplink.
-    iptables_node.ensure_chain("filter", FORWARD_CHAIN, "FORWARD")
+    iptables.ensure_chain("filter", FORWARD_CHAIN, "FORWARD")
     rules = [
         ("filter", FORWARD_CHAIN, ["-o", uplink, "-m", "conntrack", "--ctstate", "NEW", "-m", "conntrack", "!", "--ctstate", "DNAT",
                                    "-j", "DROP", *tag], True),
         ("filter", FORWARD_CHAIN, ["-i", uplink, "-j", "ACCEPT", *tag], False),
         ("filter", FORWARD_CHAIN, ["-o", uplink, "-j", "ACCEPT", *tag], False),
     ]
-    for rank in ranks:
-        rules.append(("nat", "POSTROUTING", ["-s", f"{ext[rank]}/32", "!", "-d", str(a.ext_net), "-j", "MASQUERADE", *tag], False))
+    for rank, address in ext.items():
+        rules.append(("nat", "POSTROUTING", ["-s", f"{address}/32", "!", "-d", str(a.ext_net), "-j", "MASQUERADE", *tag], False))
         if rank in ports:
             dnat = ["-p", "tcp", "-m", "addrtype", "--dst-type", "LOCAL", "--dport", str(ports[rank]),
-                    "-j", "DNAT", "--to-destination", f"{ext[rank]}:{rnat['vm-port']}", *tag]
+                    "-j", "DNAT", "--to-destination", f"{address}:{s['reverse-nat']['vm-port']}", *tag]
             rules += [("nat", "PREROUTING", dnat, False), ("nat", "OUTPUT", dnat, False)]
     for table, chain, rule, insert in rules:
-        undo.record(jobid, "iptables", table=table, chain=chain, rule=rule)
-        iptables_node.add(table, chain, rule, insert=insert)
+        job.undo.record(jobid, "iptables", table=table, chain=chain, rule=rule)
+        iptables.add(table, chain, rule, insert=insert)
 
-    # DHCP and DNS for the whole cluster (the same answers on every node)
-    base = os.path.join(job.state_dir, f"dnsmasq-{jobid}-{network.name}")
-    macs = {rank: vm_mac(rank) for rank in job.members}
+
+def _dnsmasq(job, network, a, ns, macs):
+    """DHCP and DNS for the whole cluster (macs: {rank: MAC} of every VM): the same answers on every node."""
+    from pcocc.networks import hostnet
+
+    base = os.path.join(job.state_dir, f"dnsmasq-{job.jobid}-{network.name}")
+    for ext in (".conf", ".leases", ".log"):
+        job.undo.record(job.jobid, "file", path=base + ext)
     with open(base + ".conf", "w") as f:
-        f.write(dnsmasq_conf(s, a, macs, base + ".leases"))
-    undo.record(jobid, "file", path=base + ".conf")
-    undo.record(jobid, "file", path=base + ".leases")
-    undo.record(jobid, "file", path=base + ".log")
-    undo.record(jobid, "process", pidfile=base + ".pid", name="dnsmasq")
+        f.write(dnsmasq_conf(network.settings, a, macs, base + ".leases"))
+    job.undo.record(job.jobid, "process", pidfile=base + ".pid", name="dnsmasq")
     run(hostnet.in_netns(ns, ["dnsmasq", f"--conf-file={base}.conf", f"--pid-file={base}.pid", f"--log-facility={base}.log"]),
-        env=environ)
-    return {
-        "netns": ns,
-        "gateway": str(a.gateway),
-        "address": job.address,
-        "vm_port": rnat["vm-port"] if rnat else None,
-        "vms": {str(rank): {"ip": str(a.vm_ip(rank)), "ext_ip": str(ext[rank]), **({"host_port": ports[rank]} if rank in ports else {})}
-                for rank in ranks},
-    }
+        env=job.environ)
