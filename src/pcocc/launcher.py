@@ -20,7 +20,8 @@ from pcocc.errors import PcoccError, PermissionDenied
 log = logging.getLogger("pcocc.launcher")
 
 
-def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_script=None, interactive=False, info_out=print):
+def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_script=None, interactive=False, info_out=print,
+                 restart_dir=None):
     env = ctx.env.environ
     jobid = int(env["SLURM_JOB_ID"])
     backend = SlurmBackend(ctx)
@@ -28,8 +29,7 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
     vms = parse_definition(definition, tset)
     resolved = {n: tset.resolve(n) for n in {v.template for v in vms}}
     opts = {"name": name, "definition": definition, "user_data": user_data, "script": batch_script, "cwd": os.getcwd()}
-    restart_dir = env.get("PCOCC_RESTART_CKPT")  # set by `pcocc alloc|batch -r DIR`, which checked it
-    if restart_dir:
+    if restart_dir:  # `pcocc alloc|batch -r DIR` checked it; the files may have changed since
         from pcocc import checkpoint
 
         try:
@@ -68,7 +68,6 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
         status = 0
         if host_script or interactive:
             child_env = dict(env, PCOCC_JOB_ID=str(jobid), PCOCC_JOB_NAME=name, PCOCC_ALLOCATION="1")
-            child_env.pop("PCOCC_RESTART_CKPT", None)
             argv = [host_script] if host_script else [env.get("SHELL") or "/bin/sh"]
             status = subprocess.call(argv, env=child_env)
         elif batch_script:

@@ -137,6 +137,8 @@ def launcher_argv(pcocc_bin, definition, opts):
         argv += ["--batch-script", opts["script"]]
     if opts.get("host_script"):
         argv += ["--host-script", opts["host_script"]]
+    if opts.get("restart_dir"):
+        argv += ["--restart-ckpt", opts["restart_dir"]]
     return argv
 
 

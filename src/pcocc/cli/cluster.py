@@ -67,9 +67,6 @@ def _split(args):
     return list(args[:-1]), args[-1]
 
 
-RESTART_ENV = "PCOCC_RESTART_CKPT"  # how -r reaches the SLURM launcher (sbatch/salloc export the environment)
-
-
 def _restart(app, restart_ckpt, definition, cpus=None, memory_mb=None):
     """{dir, manifest} of the checkpoint to restart from, checked against the definition; or None."""
     if not restart_ckpt:
@@ -123,10 +120,9 @@ def _submit_local(app, definition, batch_opts, user_data, script=None, restart_c
 
 
 def _slurm_restart(app, restart_ckpt, definition):
-    """Check the checkpoint here, and hand its directory to the launcher through the environment."""
-    os.environ.pop(RESTART_ENV, None)
-    if _restart(app, restart_ckpt, definition):
-        os.environ[RESTART_ENV] = os.path.abspath(restart_ckpt)
+    """The checkpoint's directory, checked here first (the launcher checks it again); or None."""
+    restart = _restart(app, restart_ckpt, definition)
+    return restart["dir"] if restart else None
 
 
 def _slurm_opts(app, definition, batch_opts, user_data, **launcher_opts):
@@ -156,8 +152,8 @@ def alloc(app, restart_ckpt, boot, user_data, alloc_script, args):
     batch_opts, definition = _split(args)
     script = os.path.abspath(alloc_script) if alloc_script else None
     if app.config.batch.type == "slurm":
-        _slurm_restart(app, restart_ckpt, definition)
-        n_vms, opts = _slurm_opts(app, definition, batch_opts, user_data, host_script=script)
+        n_vms, opts = _slurm_opts(app, definition, batch_opts, user_data, host_script=script,
+                                  restart_dir=_slurm_restart(app, restart_ckpt, definition))
         argv = app.ctx.backend().interactive_allocation(n_vms, definition, opts, batch_opts)
         os.execvp(argv[0], argv)
     backend, jobid, name = _submit_local(app, definition, batch_opts, user_data, restart_ckpt=restart_ckpt, boot=boot)
@@ -188,9 +184,9 @@ def batch(app, restart_ckpt, boot, user_data, batch_script, host_script, wait, a
     batch_opts, definition = _split(args)
     script = os.path.abspath(batch_script) if batch_script else None
     if app.config.batch.type == "slurm":
-        _slurm_restart(app, restart_ckpt, definition)
         n_vms, opts = _slurm_opts(app, definition, batch_opts, user_data, script=script,
-                                  host_script=os.path.abspath(host_script) if host_script else None)
+                                  host_script=os.path.abspath(host_script) if host_script else None,
+                                  restart_dir=_slurm_restart(app, restart_ckpt, definition))
         backend = app.ctx.backend()
         jobid = backend.submit_batch(n_vms, definition, opts, batch_opts)
     else:

@@ -112,9 +112,11 @@ def pkeyd(app, once):
 @click.option("--batch-script")
 @click.option("--host-script")
 @click.option("--interactive", is_flag=True)
+@click.option("--restart-ckpt", help="Restore the VMs from this checkpoint directory.")
 @pass_app
-def launcher(app, definition, name, user_data, batch_script, host_script, interactive):
+def launcher(app, definition, name, user_data, batch_script, host_script, interactive, restart_ckpt):
     """The body of a SLURM job running a virtual cluster."""
     from pcocc.launcher import run_launcher
 
-    sys.exit(run_launcher(app.ctx, definition, name, user_data, batch_script, host_script, interactive, info_out=app.info))
+    sys.exit(run_launcher(app.ctx, definition, name, user_data, batch_script, host_script, interactive, info_out=app.info,
+                          restart_dir=restart_ckpt))
