@@ -277,3 +277,24 @@ def test_instant_cluster_on_the_l3_network_gets_one_address_per_vm(netsite):
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
         site.pcocc("cancel", "-j", jobid)
+
+
+def test_a_killed_supervisor_s_network_is_undone_when_its_cluster_is_reclaimed(netsite, tmp_path):
+    """The supervisor and VM processes of a cluster die (SIGKILL): the next `pcocc ps` reclaims the
+    cluster, and with it everything its node setup made."""
+    import signal
+
+    site = netsite
+    r = site.pcocc("batch", "-m", "256", "--wait", "net:1")
+    assert r.returncode == 0, r.stderr
+    jobid = int(r.stdout.split()[0])
+    items = {k: json.loads(v) for k, v in site.store_items().items() if f"/clusters/{jobid}/" in k}
+    info = next(v for k, v in items.items() if k.endswith("/info"))
+    vm = next(v for k, v in items.items() if k.endswith("/vms/0"))
+    assert leftovers(site, jobid, tmp_path / "node")
+    for pid in (info["supervisor"], vm["pid"], vm["qemu_pid"]):
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{vm['qemu_pid']}/cmdline") or
+             not open(f"/proc/{vm['qemu_pid']}/cmdline", "rb").read(), timeout=30, what="qemu to die")
+    assert json.loads(site.pcocc("ps", "--json").stdout) == []
+    assert leftovers(site, jobid, tmp_path / "node") == []

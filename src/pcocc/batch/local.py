@@ -137,22 +137,18 @@ class LocalBackend(Backend):
         try:
             cores, exclusive = self._reserve(jobid, len(vms), cpus, mem)
             info = self.cluster_info(jobid, vms, resolved, opts, backend="local", host=self.ctx.hostname, rundir=rundir)
-            if _networked(self.ctx, info) and os.geteuid() != 0:
+            networked = _networked(self.ctx, info)
+            if networked and os.geteuid() != 0:
                 raise PermissionDenied("on the local backend, only root can start VMs on networks (node setup makes "
                                        "bridges, namespaces and NAT rules): use a resource set without networks")
             for vm in info["vms"]:
                 vm.update(cores=cores[vm["rank"]], memory_mb=mem, pin=exclusive)
             self.write_credentials(jobid, [self.ctx.control_host])
             store.put(state.cluster_prefix(self.user, jobid) + "info", info)
-            networked = _networked(self.ctx, info)
             if networked:  # the node setup SLURM's plugin would run, as root (checked above); errors reach the user
                 from pcocc import nodesetup
 
-                try:
-                    nodesetup.create(self.ctx, jobid, os.getuid(), len(info["vms"]), networked, [self.ctx.hostname])
-                except BaseException:
-                    nodesetup.delete(self.ctx, jobid, os.getuid())
-                    raise
+                nodesetup.create(self.ctx, jobid, os.getuid(), len(info["vms"]), networked, [self.ctx.hostname])
             self._start_supervisor(jobid)
         except BaseException:
             self._cleanup(jobid, rundir)
@@ -180,10 +176,18 @@ class LocalBackend(Backend):
     def _cleanup(self, jobid, rundir):
         import shutil
 
+        self._undo_setup(jobid)
         self.ctx.store.delete_prefix(state.cluster_prefix(self.user, jobid))
         self._release(jobid)
         if rundir:
             shutil.rmtree(rundir, ignore_errors=True)
+
+    def _undo_setup(self, jobid):
+        """Undo the job's node setup (its networks) if it has one: only root's clusters do."""
+        from pcocc import nodesetup
+
+        if os.geteuid() == 0 and nodesetup.undo_log(self.ctx.env).entries(jobid):
+            nodesetup.delete(self.ctx, jobid, os.getuid())
 
     def _supervisor_alive(self, info):
         return pid_alive(info.get("supervisor"), info.get("supervisor_start"))
@@ -235,7 +239,7 @@ def run_root(env):
 
 def _supervise(ctx, jobid):
     """The supervisor process of a local cluster (runs detached; exits when the cluster ends)."""
-    status, children, prefix, networked = 1, {}, state.cluster_prefix(ctx.env.user, jobid), []
+    status, children, prefix = 1, {}, state.cluster_prefix(ctx.env.user, jobid)
     try:
         info = ctx.reopen_store().get(prefix + "info")
         _detach_stdio(os.path.join(info["rundir"], "supervisor.log"))
@@ -245,7 +249,6 @@ def _supervise(ctx, jobid):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         backend = LocalBackend(ctx)
         backend._adopt(jobid, os.getpid())
-        networked = _networked(ctx, info)  # submit set them up; the supervisor undoes it at the end
         ctx.close_store()
         children = {_fork_vm(ctx, jobid, vm["rank"]): vm["rank"] for vm in info["vms"]}
         ctx.store.put(prefix + "info", {**info, "supervisor": os.getpid(), "supervisor_start": process_start(os.getpid()), "state": "running"})
@@ -261,11 +264,7 @@ def _supervise(ctx, jobid):
     finally:
         try:
             _stop_vms(ctx, prefix, children)
-            if networked:
-                from pcocc import nodesetup
-
-                nodesetup.delete(ctx, jobid, os.getuid())
-            info = ctx.store.get(prefix + "info")
+            info = ctx.store.get(prefix + "info")  # its cleanup undoes the node setup too
             LocalBackend(ctx)._cleanup(jobid, info["rundir"] if info else None)
         except BaseException as exc:  # noqa: BLE001
             log.error("cleanup of cluster %s: %s", jobid, getattr(exc, "message", exc))
