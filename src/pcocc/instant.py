@@ -83,7 +83,7 @@ def refusals(config, settings):
 
 def lookup(images, env, config, template, resolved, vcpus, memory_mb):
     """(restore entry {dir, vm}, None) for a snapshot that can be used; (None, why not) for one
-    that cannot; (None, None) when there is none."""
+    that cannot; (None, None) when there is none. vcpus None: each VM checks its own slice."""
     directory = snapshot_dir(env, template)
     if not os.path.exists(os.path.join(directory, checkpoint.MANIFEST)):
         return None, None
@@ -103,7 +103,7 @@ def lookup(images, env, config, template, resolved, vcpus, memory_mb):
             return None, f"image {resolved.values['image']} is gone"
         if list(rev.layers) != list(vm["image"]["layers"]):
             return None, f"the image changed since (it is now {rev.uri}, the snapshot has {vm['image']['uri']})"
-        if (vcpus, memory_mb) != (vm["vcpus"], vm["memory_mb"]):
+        if vcpus is not None and (vcpus, memory_mb) != (vm["vcpus"], vm["memory_mb"]):
             return None, f"it was taken with {vm['vcpus']} core(s) and {vm['memory_mb']} MiB, these VMs have {vcpus} and {memory_mb} MiB"
     except (PcoccError, KeyError, IndexError, TypeError) as exc:
         return None, f"it cannot be read ({getattr(exc, 'message', exc)})"

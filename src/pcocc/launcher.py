@@ -21,7 +21,7 @@ log = logging.getLogger("pcocc.launcher")
 
 
 def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_script=None, interactive=False, info_out=print,
-                 restart_dir=None):
+                 restart_dir=None, boot=False):
     env = ctx.env.environ
     jobid = int(env["SLURM_JOB_ID"])
     backend = SlurmBackend(ctx)
@@ -39,6 +39,8 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
             info_out(f"pcocc: error: {exc.message}")
             return 1
         opts["restart"] = {"dir": restart_dir, "manifest": manifest}
+    elif not boot and not user_data:
+        opts["instant"] = _instant(ctx, resolved, info_out)
     prefix = state.cluster_prefix(ctx.env.user, jobid)
     pcocc_bin = os.path.join(os.path.dirname(sys.executable), "pcocc")
     srun = None
@@ -91,6 +93,23 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
                 srun.wait()
         ctx.store.delete_prefix(prefix)
 
+
+
+def _instant(ctx, resolved, info_out):
+    """{template: restore entry} of the templates whose snapshot can start their VMs (each VM checks its slice)."""
+    from pcocc import instant
+
+    out = {}
+    images = ctx.images()
+    for name, res in sorted(resolved.items()):
+        entry, stale = instant.lookup(images, ctx.env, ctx.config, name, res, None, None)
+        if entry:
+            out[name] = entry
+        elif stale:
+            info_out(f"template {name}: its snapshot cannot be used ({stale}): its VMs boot")
+    if out:
+        info_out(f"restoring the VMs of {', '.join(out)} from their template's snapshot")
+    return out or None
 
 
 def _wait_for_store_access(ctx, prefix, alive, timeout=300):

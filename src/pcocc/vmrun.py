@@ -159,7 +159,7 @@ def run_vm(ctx, jobid, rank):
         server = ControlServer(handler, ca_pem=ca["cert"], cert_pem=ca["server_cert"], key_pem=ca["server_key"],
                                owner=info["owner"], host=ctx.control_host).start()
         _wait_agent(agent, vm, stop, booting=not cfg.incoming)
-        restored = _restart_of(info, rank)
+        restored = _restart_of(info, rank) if cfg.incoming else None
         if restored and restored.get("identity") and not stop.is_set():
             from pcocc import instant
 
@@ -233,7 +233,18 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
         return os.path.expanduser(pathtpl.expand(text, values, ctx.env.environ))
 
     image = settings["image"]
+    cores, memory_mb = spec.get("cores"), spec.get("memory_mb")
+    if cores is None:  # a SLURM task: the slice SLURM gave it
+        cores, memory_mb = topology.task_slice(ctx.env.environ)
+    if settings["full-node"]:
+        cores = sorted(os.sched_getaffinity(0))
+    topo = topology.plan(cores, memory_mb, emulator_cores=settings["emulator-cores"])
     restart = _restart_of(info, rank)
+    if restart and restart.get("identity") and (topo.vcpus, topo.memory_mb) != (restart["vm"]["vcpus"], restart["vm"]["memory_mb"]):
+        # under SLURM only the task knows its slice: a snapshot of another size is not for it
+        log.info("vm%d: its template's snapshot has %s vCPU(s) and %s MiB, this VM %s and %s MiB: it boots", rank,
+                 restart["vm"]["vcpus"], restart["vm"]["memory_mb"], topo.vcpus, topo.memory_mb)
+        restart = None
     if restart:  # the very revision the checkpoint was taken on, whatever the latest is now
         from pcocc import checkpoint
 
@@ -248,12 +259,6 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
     chosen = accel.choose(tempfile.gettempdir(), settings["qemu-bin"], kernel=kernel, forced=ctx.env.environ.get("PCOCC_ACCEL"))
     if chosen == "tcg" and not ctx.env.environ.get("PCOCC_ACCEL"):
         log.info("vm%d: KVM is not usable here: using TCG (software emulation, slower)", rank)
-    cores, memory_mb = spec.get("cores"), spec.get("memory_mb")
-    if cores is None:  # a SLURM task: the slice SLURM gave it
-        cores, memory_mb = topology.task_slice(ctx.env.environ)
-    if settings["full-node"]:
-        cores = sorted(os.sched_getaffinity(0))
-    topo = topology.plan(cores, memory_mb, emulator_cores=settings["emulator-cores"])
     if restart:
         from pcocc import checkpoint
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -246,3 +247,41 @@ def test_checkpoint_and_restart_under_slurm_with_the_l3_network(site):
         site.tc.run(["scancel", str(job2)], user=site.user)
         wait_jobs_end(site, [job2])
     assert_gone(site, job2)
+
+
+def console_log(site, jobid, rank):
+    """vmN's console log, read where its node keeps it (the same file system here)."""
+    vm = site.keys(f"/pcocc/users/{site.user}/clusters/{jobid}/vms/{rank}")[f"/pcocc/users/{site.user}/clusters/{jobid}/vms/{rank}"]
+    return (Path(vm["rundir"]) / "console.log").read_text(errors="replace")
+
+
+def test_instant_cluster_under_slurm_on_the_l3_network(site):
+    """A template snapshot taken as a SLURM job; a 2-node cluster of that template is restored from it
+    (no boot), each VM with its own name, MAC and address; a VM of another size boots."""
+    r = site.pcocc("template", "snapshot", "-c", "1", "-m", "256", "l3", timeout=600)
+    assert r.returncode == 0, r.stderr
+    try:
+        job = int(site.pcocc("batch", "-N", "2", "--ntasks-per-node=1", "-c", "1", "--mem-per-cpu=256", "--wait", "l3:2",
+                             timeout=600).stdout.strip() or 0)
+        assert job
+        for vm in range(2):
+            want = f"10.78.0.{vm + 1}"
+            wait_for(lambda: dhcp_env(site, job, vm).get("ip") == want, timeout=120, what=f"vm{vm}'s own lease ({want})")
+            assert dhcp_env(site, job, vm)["hostname"] == f"vm{vm}"
+            assert vm_sh(site, job, vm, "cat /sys/class/net/eth0/address").stdout.strip() == f"52:54:00:78:00:{vm:02x}"
+            assert "PCOCC-READY" not in console_log(site, job, vm)  # restored: no boot of its own
+        r = vm_sh(site, job, 0, f"ping -c1 -W5 vm1.{DOMAIN}")
+        assert r.returncode == 0, r.stdout + r.stderr
+        out = (site.home / f"pcocc_{job}.out").read_text() + (site.home / f"pcocc_{job}.err").read_text()
+        assert "restoring the VMs of l3 from their template's snapshot" in out, out
+        site.tc.run(["scancel", str(job)], user=site.user)
+        wait_jobs_end(site, [job])
+        # another size: the VMs boot
+        job = int(site.pcocc("batch", "-c", "1", "--mem-per-cpu=300", "--wait", "l3:1", timeout=600).stdout.strip() or 0)
+        assert job
+        out = (site.home / f"pcocc_{job}.out").read_text() + (site.home / f"pcocc_{job}.err").read_text()
+        assert "restoring" in out  # the launcher offered the snapshot; the VM's own slice decided
+        wait_for(lambda: "PCOCC-READY" in console_log(site, job, 0), timeout=120, what="vm0 to boot")
+    finally:
+        site.cancel_all()
+        site.pcocc("template", "snapshot", "--delete", "l3")

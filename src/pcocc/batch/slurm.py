@@ -139,6 +139,8 @@ def launcher_argv(pcocc_bin, definition, opts):
         argv += ["--host-script", opts["host_script"]]
     if opts.get("restart_dir"):
         argv += ["--restart-ckpt", opts["restart_dir"]]
+    if opts.get("boot"):
+        argv += ["--boot"]
     return argv
 
 

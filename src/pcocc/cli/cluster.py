@@ -153,7 +153,7 @@ def alloc(app, restart_ckpt, boot, user_data, alloc_script, args):
     script = os.path.abspath(alloc_script) if alloc_script else None
     if app.config.batch.type == "slurm":
         n_vms, opts = _slurm_opts(app, definition, batch_opts, user_data, host_script=script,
-                                  restart_dir=_slurm_restart(app, restart_ckpt, definition))
+                                  restart_dir=_slurm_restart(app, restart_ckpt, definition), boot=boot)
         argv = app.ctx.backend().interactive_allocation(n_vms, definition, opts, batch_opts)
         os.execvp(argv[0], argv)
     backend, jobid, name = _submit_local(app, definition, batch_opts, user_data, restart_ckpt=restart_ckpt, boot=boot)
@@ -186,7 +186,7 @@ def batch(app, restart_ckpt, boot, user_data, batch_script, host_script, wait, a
     if app.config.batch.type == "slurm":
         n_vms, opts = _slurm_opts(app, definition, batch_opts, user_data, script=script,
                                   host_script=os.path.abspath(host_script) if host_script else None,
-                                  restart_dir=_slurm_restart(app, restart_ckpt, definition))
+                                  restart_dir=_slurm_restart(app, restart_ckpt, definition), boot=boot)
         backend = app.ctx.backend()
         jobid = backend.submit_batch(n_vms, definition, opts, batch_opts)
     else:

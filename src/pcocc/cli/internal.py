@@ -113,10 +113,11 @@ def pkeyd(app, once):
 @click.option("--host-script")
 @click.option("--interactive", is_flag=True)
 @click.option("--restart-ckpt", help="Restore the VMs from this checkpoint directory.")
+@click.option("--boot", is_flag=True, help="Boot the VMs even when their template has a snapshot.")
 @pass_app
-def launcher(app, definition, name, user_data, batch_script, host_script, interactive, restart_ckpt):
+def launcher(app, definition, name, user_data, batch_script, host_script, interactive, restart_ckpt, boot):
     """The body of a SLURM job running a virtual cluster."""
     from pcocc.launcher import run_launcher
 
     sys.exit(run_launcher(app.ctx, definition, name, user_data, batch_script, host_script, interactive, info_out=app.info,
-                          restart_dir=restart_ckpt))
+                          restart_dir=restart_ckpt, boot=boot))

@@ -99,9 +99,10 @@ def _compact(mapping):
 def snapshot(app, name, cpus_per_vm, mem_per_core, delete):
     """Boot a VM of template NAME and keep its memory, for instant clusters.
 
-    Then 'pcocc alloc|batch NAME:N' (with the same -c and -m) restores its VMs
-    from the snapshot instead of booting them, and gives each its own
-    hostname, ssh host keys, machine id and randomness through its guest agent.
+    Then 'pcocc alloc|batch NAME:N' (with the same -c and -m; under SLURM, VMs
+    with the same cores and memory) restores its VMs from the snapshot instead
+    of booting them, and gives each its own hostname, ssh host keys, machine
+    id, randomness, MACs and DHCP lease through its guest agent.
     The snapshot is not used (the VMs boot) once the template or the image
     revision it names changed; take it again then. --boot on alloc|batch boots
     anyway. Kept in ~/.pcocc/snapshots/NAME.
@@ -114,7 +115,7 @@ def snapshot(app, name, cpus_per_vm, mem_per_core, delete):
     from pcocc.cli.access import Targets
     from pcocc.cli.saving import take_checkpoint
     from pcocc.cluster import VMSpec
-    from pcocc.errors import NotAvailableError, NotFoundError, PcoccError
+    from pcocc.errors import CommandError, NotFoundError, PcoccError
 
     tset = app.config.templates
     resolved = tset.resolve(name)
@@ -122,8 +123,6 @@ def snapshot(app, name, cpus_per_vm, mem_per_core, delete):
         instant.delete(app.env, name)
         app.info(f"template {name}: snapshot deleted")
         return
-    if app.config.batch.type != "local":
-        raise NotAvailableError("template snapshots need the local backend for now (type: local in batch.yaml)")
     reasons = instant.refusals(app.config, resolved.values)
     if reasons:
         raise PcoccError(f"cannot snapshot template '{name}': {reasons[0]}")
@@ -131,9 +130,13 @@ def snapshot(app, name, cpus_per_vm, mem_per_core, delete):
     os.makedirs(os.path.dirname(directory), mode=0o700, exist_ok=True)
     backend = app.ctx.backend()
     started = time.monotonic()
-    opts = {"name": f"snapshot-{name}", "cpus": cpus_per_vm, "mem_per_core": mem_per_core, "definition": f"{name}:1",
-            "user_data": None, "script": None, "cwd": os.getcwd()}
-    jobid = backend.submit([VMSpec(0, name)], {name: resolved}, opts)
+    if app.config.batch.type == "slurm":  # a 1-VM job of that size, booted
+        opts = {"name": f"snapshot-{name}", "user_data": None, "boot": True}
+        jobid = backend.submit_batch(1, f"{name}:1", opts, ["-c", str(cpus_per_vm), f"--mem-per-cpu={mem_per_core}"])
+    else:
+        opts = {"name": f"snapshot-{name}", "cpus": cpus_per_vm, "mem_per_core": mem_per_core, "definition": f"{name}:1",
+                "user_data": None, "script": None, "cwd": os.getcwd()}
+        jobid = backend.submit([VMSpec(0, name)], {name: resolved}, opts)
     try:
         app.info(f"template {name}: booting a VM (cluster {jobid})")
         backend.wait_ready(jobid)
@@ -142,7 +145,7 @@ def snapshot(app, name, cpus_per_vm, mem_per_core, delete):
         extra = {"snapshot": {"template": name, "cpus": cpus_per_vm, "mem_per_core": mem_per_core}}
         take_checkpoint(app, targets, directory, force=True, extra=extra)
     finally:
-        with contextlib.suppress(NotFoundError):
+        with contextlib.suppress(NotFoundError, CommandError):  # under SLURM it may be over already
             backend.cancel(jobid)
     app.info(f"template {name}: snapshot taken in {time.monotonic() - started:.1f} s ({directory}); "
              f"'pcocc alloc|batch -c {cpus_per_vm} -m {mem_per_core} {name}:N' restores from it")
