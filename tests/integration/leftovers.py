@@ -21,10 +21,12 @@ def node_objects(site, jobid, prefix):
         found += [f"{node}: ovs {m}" for m in names.findall(show)]
         links = site.tc.onnode(node, ["ip", "-o", "link"], check=True).stdout
         found += [f"{node}: link {m}" for m in names.findall(links)]
+        state_dir = Path(site.tc.node_state_dir(node))
+        idle = not list(state_dir.glob("undo-*"))  # no job set up on the node: nor the chain they share
         for table in ("filter", "nat"):
             rules = site.tc.onnode(node, ["iptables", "-w", "-t", table, "-S"], check=True).stdout
-            found += [f"{node}: {table} {line}" for line in rules.splitlines() if f'"pcocc job {jobid}"' in line]
-        state_dir = Path(site.tc.node_state_dir(node))
+            found += [f"{node}: {table} {line}" for line in rules.splitlines()
+                      if f'"pcocc job {jobid}"' in line or (idle and "PCOCC-FORWARD" in line)]
         found += [f"{node}: {p.name}" for p in state_dir.iterdir() if p.name.startswith((f"undo-{jobid}.", f"dnsmasq-{jobid}-"))]
     found += [f"netns {n}" for n in os.listdir("/run/netns") if f"-{jobid}-" in n] if os.path.isdir("/run/netns") else []
     found += [f"dnsmasq {pid}" for pid in dnsmasq_pids(jobid)]

@@ -95,6 +95,8 @@ def leftovers(site, jobid, node_dir):
     for table in ("filter", "nat"):
         rules = subprocess.run(["iptables", "-w", "-t", table, "-S"], capture_output=True, text=True).stdout
         found += [line for line in rules.splitlines() if f"pcocc job {jobid}\"" in line]
+        if not list(node_dir.glob("undo-*")):  # no job left here: nor the chain they shared
+            found += [line for line in rules.splitlines() if "PCOCC-FORWARD" in line]
     found += [p.name for p in node_dir.glob(f"*{jobid}*")] if node_dir.exists() else []
     found += [k for k, v in site.store_items().items() if f"/{jobid}/" in k or f'"{jobid}:lnet' in str(v)]
     return found

@@ -189,6 +189,7 @@ def _node_rules(job, network, a, uplink, ext, ports):
     tag = ["-m", "comment", "--comment", f"pcocc job {jobid}"]
     # Our own chain, so that every job's DROP (inserted) comes before any job's ACCEPT (appended):
     # interleaved, a later job's "-i its uplink ACCEPT" would let it into an earlier job's uplink.
+    job.undo.record(jobid, "iptables-chain", table="filter", chain=FORWARD_CHAIN, parent="FORWARD")  # undone after its rules
     iptables.ensure_chain("filter", FORWARD_CHAIN, "FORWARD")
     rules = [
         ("filter", FORWARD_CHAIN, ["-o", uplink, "-m", "conntrack", "--ctstate", "NEW", "-m", "conntrack", "!", "--ctstate", "DNAT",

@@ -166,11 +166,21 @@ class Iptables:
         self._run("-t", table, "-I" if insert else "-A", chain, *rule)
 
     def ensure_chain(self, table, chain, parent):
-        """chain exists and parent jumps to it first; node-wide, shared by the jobs, left in place."""
+        """chain exists and parent jumps to it first; node-wide, shared by the jobs (and their node
+        setups run one at a time: the node lock)."""
         if self._run("-t", table, "-n", "-L", chain, check=False).returncode != 0:
             self._run("-t", table, "-N", chain)
         if self._run("-t", table, "-C", parent, "-j", chain, check=False).returncode != 0:
             self._run("-t", table, "-I", parent, "1", "-j", chain)
+
+    def drop_chain_if_empty(self, table, chain, parent):
+        """Remove chain and parent's jump to it once no rule is left in it (the last job's undo)."""
+        listed = self._run("-t", table, "-S", chain, check=False)
+        if listed.returncode != 0 or any(not line.startswith("-N ") for line in listed.stdout.splitlines()):
+            return  # gone already, or still used
+        if self._run("-t", table, "-C", parent, "-j", chain, check=False).returncode == 0:
+            self._run("-t", table, "-D", parent, "-j", chain)
+        self._run("-t", table, "-X", chain)
 
     def delete(self, table, chain, rule):
         """Idempotent: a rule already gone is fine."""
@@ -235,6 +245,7 @@ def undo_actions(environ=None):
         "link": lambda name: ip.del_link(name),
         "netns": lambda name: ip.del_netns(name),
         "iptables": lambda table, chain, rule: iptables.delete(table, chain, rule),
+        "iptables-chain": lambda table, chain, parent: iptables.drop_chain_if_empty(table, chain, parent),
         "process": lambda pidfile, name: stop_pidfile_process(pidfile, name),
         "file": _unlink,
     }
