@@ -22,6 +22,7 @@ log = logging.getLogger("pcocc.local")
 
 SUPERVISOR_START_TIMEOUT = 30
 CANCEL_TIMEOUT = 60
+FAILED_LINGER = 2.0  # seconds a cluster whose VM failed stays recorded after it stops, for its waiters
 
 
 def _stat_fields(pid):
@@ -264,6 +265,8 @@ def _supervise(ctx, jobid):
     finally:
         try:
             _stop_vms(ctx, prefix, children)
+            if any(vm.get("state") == "failed" for vm in ctx.store.range(prefix + "vms/").values()):
+                time.sleep(FAILED_LINGER)  # so that whoever waits for the cluster (batch --wait) reads why
             info = ctx.store.get(prefix + "info")  # its cleanup undoes the node setup too
             LocalBackend(ctx)._cleanup(jobid, info["rundir"] if info else None)
         except BaseException as exc:  # noqa: BLE001
