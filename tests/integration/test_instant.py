@@ -47,10 +47,8 @@ def test_an_instant_cluster_has_vms_of_their_own(site):
     site.pcocc("cancel", "-j", int(r.stdout), check=True)
 
 
-@pytest.mark.xfail(strict=False, reason="KNOWN GAP: restored copies share the guest kernel's random generator state "
-                   "until its next reseed (up to 60 s): writing to /dev/urandom does not reseed, and Linux 6.1's vmgenid "
-                   "driver does not bind QEMU's device; a reseed ioctl in the identity step is still to do")
 def test_each_restored_vm_has_randomness_of_its_own(site):
+    """Copies of one snapshot share the guest kernel's random generator: the identity step reseeds it."""
     r = site.pcocc("template", "snapshot", "-m", "256", "tiny")
     assert r.returncode == 0, r.stderr
     r = site.pcocc("batch", "-m", "256", "--wait", "tiny:3")
