@@ -38,6 +38,12 @@ def endpoint(info, vms, rank, port=None):
     return address, host_port
 
 
+def cluster_tag(info):
+    """The cluster's name for its host keys: job id and creation time (job ids can come back)."""
+    created = info.get("created")
+    return f"{info['jobid']}-{int(created * 1000)}" if created else str(info["jobid"])
+
+
 def ssh_config(info, vms, known_hosts, identities=()):
     """An ssh_config naming every reachable VM of the cluster (vmN) and then the user's own settings.
 
@@ -47,7 +53,7 @@ def ssh_config(info, vms, known_hosts, identities=()):
     for rank, (address, host_port, _) in sorted(port_map(info, vms).items()):
         lines += [f"Host vm{rank}", f"  HostName {address}", f"  Port {host_port}",
                   # a new cluster has new host keys: remember them per cluster, accept the first one
-                  f"  HostKeyAlias pcocc-{info['jobid']}-vm{rank}", f"  UserKnownHostsFile {known_hosts}",
+                  f"  HostKeyAlias pcocc-{cluster_tag(info)}-vm{rank}", f"  UserKnownHostsFile {known_hosts}",
                   "  StrictHostKeyChecking accept-new", "  LogLevel ERROR",
                   *(f"  IdentityFile {path}" for path in identities), ""]
     if not lines:
@@ -67,6 +73,6 @@ def write_ssh_config(env, info, vms):
     path = os.path.join(d, f"config-{info['jobid']}")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(ssh_config(info, vms, os.path.join(d, f"known_hosts-{info['jobid']}"), identities))
+        f.write(ssh_config(info, vms, os.path.join(d, f"known_hosts-{cluster_tag(info)}"), identities))
     os.replace(tmp, path)
     return path

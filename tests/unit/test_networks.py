@@ -146,6 +146,8 @@ def test_ssh_config_names_each_reachable_vm():
         remote.endpoint(info, vms, 1)
     with pytest.raises(PcoccError, match="port 80 of vm0 is not reverse-NATed"):
         remote.endpoint(info, vms, 0, 80)
+    # job ids can come back (a new SLURM controller): host keys are remembered per job id and creation time
+    assert "HostKeyAlias pcocc-42-1700000000500-vm0" in remote.ssh_config({**info, "created": 1700000000.5}, vms, "/k")
     with pytest.raises(PcoccError, match="no VM of cluster 42 has a reverse-NATed ssh port"):
         remote.ssh_config({"jobid": 42}, vms, "/k")
 
