@@ -85,7 +85,7 @@ def create(ctx, jobid, uid, tasks, ranks=None, step_nodes=None):
         with node_lock(ctx.env):
             _reclaim_dead(ctx, jobid, alive)
             common = dict(jobid=jobid, uid=uid, host=ctx.hostname, nodes=nodes, environ=ctx.env.environ, store=ctx.store,
-                          undo=undo_log(ctx.env), owner_alive=_owner_alive(alive), nodes_key=_nodes_key(user, jobid),
+                          undo=undo_log(ctx.env), owner_alive=_owner_alive(ctx, alive), nodes_key=_nodes_key(user, jobid),
                           state_dir=node_state_dir(ctx.env), address=_address(ctx, node_plan))
             record["objects"] = jobnet.setup_node(node_plan, peers, common)
         # seconds waiting for the cluster's record and the other nodes, then making things
@@ -213,10 +213,10 @@ def liveness(ctx):
     return job_alive
 
 
-def _owner_alive(job_alive_):
+def _owner_alive(ctx, alive):
     """For the id pools: whether the job of an owner "JOBID:..." runs (with SLURM: one squeue, on first use)."""
-    if job_alive_ is not job_alive:
-        return lambda owner: job_alive_(int(str(owner).split(":")[0]))
+    if ctx.config.batch.type == "local":
+        return lambda owner: alive(int(str(owner).split(":")[0]))
     live = []
 
     def alive(owner):

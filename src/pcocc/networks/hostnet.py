@@ -6,6 +6,10 @@ through OVS_RUNDIR in the environment they are given (a node may run its own
 instance, as the test cluster does).
 """
 
+import os
+import signal
+import time
+
 from pcocc.errors import CommandError
 from pcocc.runner import run
 
@@ -190,10 +194,6 @@ class Iptables:
 
 def stop_pidfile_process(pidfile, name):
     """SIGTERM the process of pidfile if it still is `name`, wait for it; then remove the file."""
-    import os
-    import signal
-    import time
-
     try:
         with open(pidfile) as f:
             pid = int(f.read().split()[0])
@@ -227,8 +227,6 @@ def _running(pid):
 
 
 def _unlink(path):
-    import os
-
     try:
         os.unlink(path)
     except FileNotFoundError:
