@@ -19,7 +19,8 @@ import pytest
 from sim.sysfs import SimulatedHost
 from store_fixtures import connect, etcd_server, store  # noqa: F401 - fixtures
 
-from pcocc import nodesetup, state
+from pcocc import state
+from pcocc.lifecycle import nodesetup
 from pcocc.context import Context
 from pcocc.env import Environment
 from pcocc.errors import PcoccError
@@ -357,7 +358,7 @@ def test_networks_with_a_vf_cannot_be_checkpointed(tmp_path):
     assert jobnet.unmigratable_networks(cfg, {"resource-set": "default"}) == []
     assert jobnet.unmigratable_networks(cfg, {}) == []
     # what `pcocc ckpt` checks before it pauses anything
-    from pcocc import checkpoint
+    from pcocc.lifecycle import checkpoint
 
     info = {"jobid": 7, "vms": [{"rank": 0, "settings": {"resource-set": "default"}}, {"rank": 1, "settings": {"resource-set": "both"}}]}
     with pytest.raises(checkpoint.CheckpointError, match=r"cannot checkpoint cluster 7: vm1: network 'ib' \(infiniband\) passes a host device"):

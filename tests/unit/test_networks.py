@@ -132,7 +132,7 @@ def test_l3_addresses_and_dnsmasq_configuration():
 
 
 def test_ssh_config_names_each_reachable_vm():
-    from pcocc import remote
+    from pcocc.lifecycle import remote
 
     objects = {"address": "192.0.2.7", "vm_port": 22, "vms": {"0": {"host_port": 40001}, "1": {"ip": "10.0.0.2"}}}
     info = {"jobid": 42, "nodes": {"n1": {"objects": {"pub": objects}}}}
@@ -207,7 +207,7 @@ class FakeHost:
 
 @pytest.fixture
 def node(tmp_path, monkeypatch):
-    from pcocc import nodesetup
+    from pcocc.lifecycle import nodesetup
     from pcocc.context import Context
     from pcocc.env import Environment
 
@@ -236,7 +236,7 @@ def put_cluster(ctx, jobid, rsets, peers=()):
 
 
 def test_node_setup_records_then_creates_and_delete_undoes_it(node):
-    from pcocc import nodesetup
+    from pcocc.lifecycle import nodesetup
 
     ctx, host, dead, state_dir = node
     put_cluster(ctx, 5, ["l2net", "default", "l2net"], peers=[("far", "192.0.2.2")])
@@ -252,7 +252,7 @@ def test_node_setup_records_then_creates_and_delete_undoes_it(node):
 
 
 def test_a_dead_jobs_leftovers_are_undone_by_the_next_setup(node):
-    from pcocc import nodesetup
+    from pcocc.lifecycle import nodesetup
     from pcocc.networks.undo import UndoLog
 
     ctx, host, dead, state_dir = node
@@ -268,7 +268,7 @@ def test_a_dead_jobs_leftovers_are_undone_by_the_next_setup(node):
 
 
 def test_node_setup_fails_clearly_before_making_anything(node, tmp_path):
-    from pcocc import nodesetup
+    from pcocc.lifecycle import nodesetup
 
     ctx, host, dead, state_dir = node
     (tmp_path / "etc" / "networks.yaml").write_text("priv:\n  type: ethernet\n  settings: {dev-prefix: pn, int-network: 10.0.0.0/31}\n")

@@ -17,36 +17,13 @@ import time
 from pcocc import state
 from pcocc.batch.base import Backend
 from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, ResourceError, TimeoutExpired
+from pcocc.procs import pid_alive, process_start
 
 log = logging.getLogger("pcocc.local")
 
 SUPERVISOR_START_TIMEOUT = 30
 CANCEL_TIMEOUT = 60
 FAILED_LINGER = 2.0  # seconds a cluster whose VM failed stays recorded after it stops, for its waiters
-
-
-def _stat_fields(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
-
-
-def process_start(pid):
-    """When pid started (clock ticks since boot): with the pid, names one process for good."""
-    try:
-        return int(_stat_fields(pid)[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def pid_alive(pid, start=None):
-    """True for a running process (a zombie counts as dead); with start, only that very process."""
-    if not pid:
-        return False
-    try:
-        fields = _stat_fields(pid)
-    except (OSError, IndexError):
-        return False
-    return fields[0] != "Z" and (start is None or int(fields[19]) == start)
 
 
 def host_capacity():
@@ -147,9 +124,9 @@ class LocalBackend(Backend):
             self.write_credentials(jobid, [self.ctx.control_host])
             store.put(state.cluster_prefix(self.user, jobid) + "info", info)
             if networked:  # the node setup SLURM's plugin would run, as root (checked above); errors reach the user
-                from pcocc import nodesetup
+                from pcocc.lifecycle import nodesetup
 
-                nodesetup.create(self.ctx, jobid, os.getuid(), len(info["vms"]), networked, [self.ctx.hostname])
+                nodesetup.create(self.ctx, jobid, os.getuid(), len(info["vms"]), networked, [self.ctx.hostname], alive=self.job_alive)
             self._start_supervisor(jobid)
         except BaseException:
             self._cleanup(jobid, rundir)
@@ -185,7 +162,7 @@ class LocalBackend(Backend):
 
     def _undo_setup(self, jobid):
         """Undo the job's node setup (its networks) if it has one: only root's clusters do."""
-        from pcocc import nodesetup
+        from pcocc.lifecycle import nodesetup
 
         if os.geteuid() == 0 and nodesetup.undo_log(self.ctx.env).entries(jobid):
             nodesetup.delete(self.ctx, jobid, os.getuid())
@@ -295,7 +272,7 @@ def _detach_stdio(logfile):
 
 def _fork_vm(ctx, jobid, rank):
     """A child process running one VM (the same code as `pcocc internal run`)."""
-    from pcocc.vmrun import run_vm
+    from pcocc.lifecycle.vmrun import run_vm
 
     pid = os.fork()
     if pid == 0:

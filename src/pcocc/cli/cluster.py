@@ -70,7 +70,7 @@ def _restart(app, restart_ckpt, definition, cpus=None, memory_mb=None):
     """{dir, manifest} of the checkpoint to restart from, checked against the definition; or None."""
     if not restart_ckpt:
         return None
-    from pcocc import checkpoint
+    from pcocc.lifecycle import checkpoint
     from pcocc.cluster import parse_definition
 
     directory = os.path.abspath(restart_ckpt)
@@ -84,7 +84,7 @@ def _restart(app, restart_ckpt, definition, cpus=None, memory_mb=None):
 
 def _instant(app, resolved, cpus, memory_mb):
     """{template: restore entry} of the templates whose snapshot can start their VMs."""
-    from pcocc import instant
+    from pcocc.lifecycle import instant
 
     out = {}
     images = app.ctx.images()

@@ -20,7 +20,7 @@ def internal():
 def run(app, jobid, rank):
     """Run one VM of a cluster until it stops (one SLURM task per VM)."""
     from pcocc.errors import UsageError
-    from pcocc.vmrun import run_vm
+    from pcocc.lifecycle.vmrun import run_vm
 
     if jobid is None or rank is None:
         raise UsageError("need a job id and a VM rank (-j, -r, or SLURM's environment)")
@@ -43,7 +43,7 @@ def setup():
 @pass_app
 def setup_create(app, jobid, uid, tasks_on_node, ranks, step_nodes):
     """Set this node up for a job."""
-    from pcocc import nodesetup
+    from pcocc.lifecycle import nodesetup
     from pcocc.errors import UsageError
     from pcocc.networks.jobnet import expand_nodes
 
@@ -61,7 +61,7 @@ def setup_create(app, jobid, uid, tasks_on_node, ranks, step_nodes):
 @pass_app
 def setup_delete(app, jobid, uid):
     """Undo a job's setup on this node."""
-    from pcocc import nodesetup
+    from pcocc.lifecycle import nodesetup
 
     nodesetup.delete(app.ctx, jobid, uid)
 
@@ -70,7 +70,7 @@ def setup_delete(app, jobid, uid):
 @pass_app
 def setup_init(app):
     """Prepare this node (at boot)."""
-    from pcocc import nodesetup
+    from pcocc.lifecycle import nodesetup
 
     nodesetup.init(app.ctx)
 
@@ -79,7 +79,7 @@ def setup_init(app):
 @pass_app
 def setup_cleanup(app):
     """Undo every job's setup on this node."""
-    from pcocc import nodesetup
+    from pcocc.lifecycle import nodesetup
 
     nodesetup.cleanup(app.ctx)
 
@@ -117,7 +117,7 @@ def pkeyd(app, once):
 @pass_app
 def launcher(app, definition, name, user_data, batch_script, host_script, interactive, restart_ckpt, boot):
     """The body of a SLURM job running a virtual cluster."""
-    from pcocc.launcher import run_launcher
+    from pcocc.lifecycle.launcher import run_launcher
 
     sys.exit(run_launcher(app.ctx, definition, name, user_data, batch_script, host_script, interactive, info_out=app.info,
                           restart_dir=restart_ckpt, boot=boot))

@@ -23,7 +23,7 @@ def _cluster(app, jobid, jobname):
 
 
 def _run_tool(app, tool, jobid, jobname, args):
-    from pcocc import remote
+    from pcocc.lifecycle import remote
 
     info, vms = _cluster(app, jobid, jobname)
     config = remote.write_ssh_config(app.env, info, vms)
@@ -71,7 +71,7 @@ def nc(app, jobid, jobname, vm, port):
 
     For instance as an ssh ProxyCommand: ssh -o ProxyCommand='pcocc nc vm1' vm1
     """
-    from pcocc import remote
+    from pcocc.lifecycle import remote
     from pcocc.cluster import parse_vmset
 
     info, vms = _cluster(app, jobid, jobname)

@@ -98,7 +98,7 @@ def take_checkpoint(app, targets, directory, force, extra=None):
 
     On a failure before the VMs stop, they go on as they were and directory is untouched.
     """
-    from pcocc import checkpoint
+    from pcocc.lifecycle import checkpoint
 
     checkpoint.check_cluster(app.config, targets.info)
     down = [v["name"] for v in targets.vms if v.get("state") != "running"]

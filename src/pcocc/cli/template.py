@@ -111,7 +111,7 @@ def snapshot(app, name, cpus_per_vm, mem_per_core, delete):
     import os
     import time
 
-    from pcocc import instant
+    from pcocc.lifecycle import instant
     from pcocc.cli.access import Targets
     from pcocc.cli.saving import take_checkpoint
     from pcocc.cluster import VMSpec

@@ -15,7 +15,7 @@ it was taken with; otherwise the VMs boot as usual (and the CLI says why).
 import os
 import shutil
 
-from pcocc import checkpoint
+from pcocc.lifecycle import checkpoint
 from pcocc.errors import NotFoundError, PcoccError
 
 SNAPSHOTS = "snapshots"

@@ -74,31 +74,31 @@ class ControlHandler:
         return _Release(self._disk_lock)
 
     def op_save(self, dest=None, full=False, safe=False):
-        from pcocc.saving import save_disk
+        from pcocc.lifecycle.saving import save_disk
 
         with self._exclusive():
             return save_disk(self.vm, self.agent, self.rev, self.images(), dest=dest, full=full, safe=safe)
 
     def op_ckpt_pause(self):
-        from pcocc import checkpoint
+        from pcocc.lifecycle import checkpoint
 
         with self._exclusive():
             return checkpoint.pause(self.vm)
 
     def op_ckpt_save(self, dir):
-        from pcocc import checkpoint
+        from pcocc.lifecycle import checkpoint
 
         with self._exclusive():
             return checkpoint.save_vm(self.vm, self.rev, self.drives, dir)
 
     def op_ckpt_resume(self):
-        from pcocc import checkpoint
+        from pcocc.lifecycle import checkpoint
 
         with self._exclusive():
             return checkpoint.resume(self.vm)
 
     def op_ckpt_quit(self):
-        from pcocc import checkpoint
+        from pcocc.lifecycle import checkpoint
 
         with self._exclusive():
             self.checkpointed = True
@@ -161,7 +161,7 @@ def run_vm(ctx, jobid, rank):
         _wait_agent(agent, vm, stop, booting=not cfg.incoming)
         restored = _restart_of(info, rank) if cfg.incoming else None
         if restored and restored.get("identity") and not stop.is_set():
-            from pcocc import instant
+            from pcocc.lifecycle import instant
 
             instant.give_identity(agent, f"vm{rank}", jobnet.vm_macs(ctx.config, spec["settings"], jobid, rank))
         if not stop.is_set() and vm.proc.poll() is None:
@@ -246,7 +246,7 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
                  restart["vm"]["vcpus"], restart["vm"]["memory_mb"], topo.vcpus, topo.memory_mb)
         restart = None
     if restart:  # the very revision the checkpoint was taken on, whatever the latest is now
-        from pcocc import checkpoint
+        from pcocc.lifecycle import checkpoint
 
         rev = checkpoint.restart_revision(ctx.images(), restart["vm"])
     else:
@@ -260,7 +260,7 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
     if chosen == "tcg" and not ctx.env.environ.get("PCOCC_ACCEL"):
         log.info("vm%d: KVM is not usable here: using TCG (software emulation, slower)", rank)
     if restart:
-        from pcocc import checkpoint
+        from pcocc.lifecycle import checkpoint
 
         checkpoint.check_vm(restart["vm"], topo.vcpus, topo.memory_mb)
     user_data = _user_data(settings, info, expand)
@@ -280,7 +280,7 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
     )
     disk_from = None
     if restart:
-        from pcocc import checkpoint
+        from pcocc.lifecycle import checkpoint
 
         checkpoint.check_drives(restart["vm"], cfg_args["drives"])
         cfg_args["incoming"] = checkpoint.incoming_uri(restart["dir"], restart["vm"])

@@ -17,7 +17,7 @@ from pcocc.batch.slurm import SlurmBackend, srun_vms
 from pcocc.cluster import parse_definition
 from pcocc.errors import PcoccError, PermissionDenied
 
-log = logging.getLogger("pcocc.launcher")
+log = logging.getLogger("pcocc.lifecycle.launcher")
 
 
 def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_script=None, interactive=False, info_out=print,
@@ -30,7 +30,7 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
     resolved = {n: tset.resolve(n) for n in {v.template for v in vms}}
     opts = {"name": name, "definition": definition, "user_data": user_data, "script": batch_script, "cwd": os.getcwd()}
     if restart_dir:  # `pcocc alloc|batch -r DIR` checked it; the files may have changed since
-        from pcocc import checkpoint
+        from pcocc.lifecycle import checkpoint
 
         try:
             manifest = checkpoint.load(restart_dir)
@@ -97,7 +97,7 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
 
 def _instant(ctx, resolved, info_out):
     """{template: restore entry} of the templates whose snapshot can start their VMs (each VM checks its slice)."""
-    from pcocc import instant
+    from pcocc.lifecycle import instant
 
     out = {}
     images = ctx.images()

@@ -58,10 +58,11 @@ def _node_key(ctx, user, jobid):
     return state.node_key(user, jobid, ctx.hostname)
 
 
-def create(ctx, jobid, uid, tasks, ranks=None, step_nodes=None):
+def create(ctx, jobid, uid, tasks, ranks=None, step_nodes=None, alive=None):
     """Set this node up for the job; publish complete, or failed with the reason.
 
-    ranks: the VM ranks of this node; step_nodes: the step's nodes (default: this one).
+    ranks: the VM ranks of this node; step_nodes: the step's nodes (default: this one);
+    alive: f(jobid) -> bool, the batch system's view of jobs (default: SLURM's, `liveness`).
     """
     user = _user(uid)
     key = _node_key(ctx, user, jobid)
@@ -72,7 +73,7 @@ def create(ctx, jobid, uid, tasks, ranks=None, step_nodes=None):
     record = {"state": "network-config", "tasks": tasks}
     ctx.store.put(key, record)
     started = time.monotonic()
-    alive = liveness(ctx)
+    alive = alive or liveness(ctx)
     nodes = step_nodes or [ctx.hostname]
     try:
         node_plan = _plan(ctx, jobid, user, ranks, alive, multi_node=len(nodes) > 1)
@@ -205,11 +206,8 @@ def job_alive(jobid):
 
 
 def liveness(ctx):
-    """f(jobid) -> whether the job still runs, for this node's backend."""
-    if ctx.config.batch.type == "local":
-        from pcocc.batch.local import LocalBackend
-
-        return LocalBackend(ctx).job_alive
+    """f(jobid) -> whether the job still runs, as SLURM sees it. The local backend,
+    which sits above this module, passes its own view to `create` instead."""
     return job_alive
 
 

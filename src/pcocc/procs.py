@@ -1,0 +1,31 @@
+"""Which processes are alive, named for good by (pid, start time).
+
+A pid alone can be reused by another process after its owner died; the start
+time read from /proc/PID/stat (field 22, clock ticks since boot: proc(5)) makes
+the pair unique until the host reboots.
+"""
+
+
+def _stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name (state is [0]): proc(5)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def process_start(pid):
+    """When pid started (clock ticks since boot), or None when there is no such process."""
+    try:
+        return int(_stat_fields(pid)[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def pid_alive(pid, start=None):
+    """True for a running process (a zombie counts as dead); with start, only that very process."""
+    if not pid:
+        return False
+    try:
+        fields = _stat_fields(pid)
+    except (OSError, IndexError):
+        return False
+    return fields[0] != "Z" and (start is None or int(fields[19]) == start)
