@@ -24,6 +24,7 @@ class Environment:
     uid: int = field(default_factory=os.getuid)
     user: str = ""
     home: str = ""
+    _run_dir: str = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         entry = _user_entry() if self.uid == os.getuid() else None
@@ -47,8 +48,18 @@ class Environment:
 
     @property
     def run_dir(self):
-        """Runtime files of this user's VMs (sockets, overlays): short paths, as unix sockets need."""
-        return self.environ.get("PCOCC_RUN_DIR") or f"/tmp/pcocc-{self.uid}"
+        """Runtime files of this user's VMs (sockets, overlays): short paths, as unix sockets need.
+
+        $PCOCC_RUN_DIR, else $XDG_RUNTIME_DIR/pcocc when XDG_RUNTIME_DIR is
+        private (owned by us, mode 0700, not a link), else /tmp/pcocc-<uid>.
+        Created (mode 0700) and checked on first use (fsutil.private_dir):
+        another user's directory or a link there raises PermissionDenied.
+        """
+        if self._run_dir is None:
+            from pcocc.fsutil import default_run_dir, private_dir
+
+            self._run_dir = private_dir(self.environ.get("PCOCC_RUN_DIR") or default_run_dir(self.environ, self.uid))
+        return self._run_dir
 
     def stderr_is_tty(self):
         return hasattr(self.stderr, "isatty") and self.stderr.isatty()

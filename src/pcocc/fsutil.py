@@ -1,23 +1,96 @@
-"""Small file-system helpers with the checks that shared directories like /tmp need."""
+"""File-system helpers with the checks that shared directories like /tmp need.
+
+A per-user path in a world-writable directory (/tmp/pcocc-<uid>) can be made
+first by another user, or be a symbolic link to a victim's file. So pcocc
+keeps its runtime files in a private directory: a real directory (not a
+link), owned by the process's effective uid, with no access for group or
+others. $XDG_RUNTIME_DIR is used when it is such a directory (the XDG Base
+Directory Specification requires it: owned by the user, mode 0700); else
+/tmp/pcocc-<uid>, created and checked. Files in shared places are created with
+O_CREAT|O_EXCL|O_NOFOLLOW and a random name, then renamed (write_private).
+"""
 
 import os
+import secrets
 import stat
 
 from pcocc.errors import PermissionDenied
 
+_FIX = "remove it, or set PCOCC_RUN_DIR (or XDG_RUNTIME_DIR) to a private directory of yours"
+
+
+def is_private_dir(path, uid=None):
+    """Whether path is a real directory (not a link) owned by uid (default: our euid) with mode 0700 or less."""
+    uid = os.geteuid() if uid is None else uid
+    try:
+        st = os.lstat(path)
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not stat.S_IMODE(st.st_mode) & 0o077
+
+
+def xdg_runtime_dir(environ, uid=None):
+    """$XDG_RUNTIME_DIR when it is set, absolute and private (owner, mode 0700, not a link); else None."""
+    path = environ.get("XDG_RUNTIME_DIR")
+    if path and os.path.isabs(path) and is_private_dir(path, uid):
+        return path
+    return None
+
+
+def default_run_dir(environ, uid):
+    """The default run directory of user uid: $XDG_RUNTIME_DIR/pcocc when valid, else /tmp/pcocc-<uid>."""
+    xdg = xdg_runtime_dir(environ)
+    return os.path.join(xdg, "pcocc") if xdg else f"/tmp/pcocc-{uid}"
+
 
 def private_dir(path):
-    """Create path (mode 0700) if needed and make sure it is ours: a real directory owned by us.
+    """Create path (mode 0700) if needed and make sure it is ours; return path.
 
-    In /tmp another user could have made it first, or put a link there.
+    Ours: a real directory (not a symbolic link), owned by our effective uid;
+    a mode wider than 0700 on a directory of ours is narrowed. Another user's
+    directory, or a link, is refused: PermissionDenied, one line naming the
+    path and the fix.
     """
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.lstat(path)
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as exc:
-        raise PermissionDenied(f"cannot create {path}: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise PermissionDenied(f"{path} is not a directory of yours: remove it, or set PCOCC_RUN_DIR")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
+        if exc.errno in (getattr(os, "ELOOP", 40), getattr(os, "ENOTDIR", 20)):
+            raise PermissionDenied(f"{path} is not a directory of yours (a link or a file): {_FIX}") from None
+        raise PermissionDenied(f"cannot create {path}: {exc.strerror}: {_FIX}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise PermissionDenied(f"{path} belongs to another user (uid {st.st_uid}): pcocc will not use it: {_FIX}")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.fchmod(fd, 0o700)
+    except OSError as exc:
+        raise PermissionDenied(f"cannot make {path} private: {exc.strerror}: {_FIX}") from None
+    finally:
+        os.close(fd)
     return path
+
+
+def write_private(path, data, mode=0o600):
+    """Write bytes to path atomically: a new file of a random name beside it (O_EXCL|O_NOFOLLOW), then rename.
+
+    Never follows a link planted at path or at a guessable temporary name.
+    Raises OSError.
+    """
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

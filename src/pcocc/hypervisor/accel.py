@@ -10,6 +10,7 @@ is cached per boot of the host.
 
 import json
 import os
+import stat
 import subprocess
 import tempfile
 import time
@@ -80,27 +81,37 @@ def host_kernel():
 
 
 def choose(cache_dir, qemu_bin="qemu-system-x86_64", kernel=None, forced=None):
-    """'kvm' or 'tcg'. forced (e.g. from PCOCC_ACCEL) skips the probe."""
+    """'kvm' or 'tcg'. forced (e.g. from PCOCC_ACCEL) skips the probe.
+
+    The answer is cached in cache_dir/pcocc-accel.json for this boot of the
+    host, only when cache_dir is a private directory of ours (fsutil: owner,
+    mode 0700, not a link; the caller gives the user's run directory, never
+    /tmp itself). The cache is read with O_NOFOLLOW and written under a random
+    name with O_EXCL|O_NOFOLLOW, then renamed: a link planted by another user
+    is never followed.
+    """
     if forced in ("kvm", "tcg"):
         return forced
-    cache = os.path.join(cache_dir, f"pcocc-accel-{os.getuid()}.json")
+    from pcocc.fsutil import is_private_dir, write_private
+
+    private = is_private_dir(cache_dir)
+    cache = os.path.join(cache_dir, "pcocc-accel.json")
     boot = _boot_id()
-    try:
-        fd = os.open(cache, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd) as f:
-            mine = os.fstat(f.fileno()).st_uid == os.getuid()  # in /tmp, only trust our own file
-            cached = json.load(f)
-        if mine and cached.get("boot_id") == boot and cached.get("qemu") == qemu_bin and cached.get("accel") in ("kvm", "tcg"):
-            return cached["accel"]
-    except (OSError, ValueError, KeyError, AttributeError):
-        pass
+    if private:
+        try:
+            fd = os.open(cache, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                mine = st.st_uid == os.geteuid() and stat.S_ISREG(st.st_mode)
+                cached = json.loads(f.read(4096)) if mine else {}
+            if cached.get("boot_id") == boot and cached.get("qemu") == qemu_bin and cached.get("accel") in ("kvm", "tcg"):
+                return cached["accel"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
     accel = "kvm" if probe_kvm(qemu_bin, kernel or host_kernel()) else "tcg"
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{cache}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"boot_id": boot, "qemu": qemu_bin, "accel": accel}, f)
-        os.replace(tmp, cache)
-    except OSError:
-        pass
+    if private:
+        try:
+            write_private(cache, json.dumps({"boot_id": boot, "qemu": qemu_bin, "accel": accel}).encode())
+        except OSError:
+            pass
     return accel

@@ -31,26 +31,34 @@ def user_ssh_keys(home, extra_dirs=()):
 
 
 def render(vm_name, instance_id, user_data=None, ssh_keys=(), domain=None):
-    """(meta-data text, user-data text). user_data: cloud-config mapping, file text, or None."""
+    """(meta-data text, user-data bytes) of a VM's NoCloud seed.
+
+    user_data: None (a cloud-config setting the hostname), a cloud-config
+    mapping (a template's inline user-data), or bytes (a user-data file,
+    checked by pcocc.userdata: passed on byte for byte, gzip and MIME
+    multipart included); str is taken as UTF-8 text.
+    """
     hostname = f"{vm_name}.{domain}" if domain else vm_name
     meta = {"instance-id": instance_id, "local-hostname": hostname}
     if ssh_keys:
         meta["public-keys"] = list(ssh_keys)
     if user_data is None:
-        user = "#cloud-config\n" + yaml.safe_dump({"hostname": vm_name}, sort_keys=False, width=1 << 20)
+        user = ("#cloud-config\n" + yaml.safe_dump({"hostname": vm_name}, sort_keys=False, width=1 << 20)).encode()
     elif isinstance(user_data, dict):
-        user = "#cloud-config\n" + yaml.safe_dump(user_data, sort_keys=False, width=1 << 20)
+        user = ("#cloud-config\n" + yaml.safe_dump(user_data, sort_keys=False, width=1 << 20)).encode()
+    elif isinstance(user_data, str):
+        user = user_data.encode()
     else:
-        user = user_data
+        user = bytes(user_data)
     return yaml.safe_dump(meta, sort_keys=False, width=1 << 20), user
 
 
 def write_iso(path, meta_data, user_data, workdir):
-    """Write the seed ISO (genisoimage, volume label cidata)."""
+    """Write the seed ISO (genisoimage, volume label cidata); meta_data and user_data: str or bytes."""
     src = os.path.join(workdir, "seed-src")
     os.makedirs(src, exist_ok=True)
-    for name, text in (("meta-data", meta_data), ("user-data", user_data)):
-        with open(os.path.join(src, name), "w") as f:
-            f.write(text)
+    for name, data in (("meta-data", meta_data), ("user-data", user_data)):
+        with open(os.path.join(src, name), "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
     run(["genisoimage", "-quiet", "-output", path, "-volid", "cidata", "-joliet", "-rock", src])
     return path

@@ -44,8 +44,10 @@ class ControlHandler:
         return {"pong": True}
 
     def op_exec(self, argv, user=None, input_b64=None, timeout=None):
-        if user and user != "root":
-            argv = ["su", "-s", "/bin/sh", user, "-c", shlex.join(argv)]
+        if user and user != "root":  # a name, never an option of su (checked here too: any client may call)
+            from pcocc.names import check_user_name
+
+            argv = ["su", "-s", "/bin/sh", "--", check_user_name(user), "-c", shlex.join(argv)]
         code, out, err = self.agent.exec(argv, input=decode_bytes(input_b64) if input_b64 else None, timeout=timeout or 10**9)
         return {"exit": code, "stdout_b64": encode_bytes(out), "stderr_b64": encode_bytes(err)}
 
@@ -256,7 +258,7 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
             settings = {**settings, key: expand(settings[key])}
     kernel = settings.get("kernel") or (rev.boot_files()[0] if rev and rev.boot_files() else None)
     # the answer holds for this host until it reboots: keep it where every user's run can find it
-    chosen = accel.choose(tempfile.gettempdir(), settings["qemu-bin"], kernel=kernel, forced=ctx.env.environ.get("PCOCC_ACCEL"))
+    chosen = accel.choose(ctx.env.run_dir, settings["qemu-bin"], kernel=kernel, forced=ctx.env.environ.get("PCOCC_ACCEL"))
     if chosen == "tcg" and not ctx.env.environ.get("PCOCC_ACCEL"):
         log.info("vm%d: KVM is not usable here: using TCG (software emulation, slower)", rank)
     if restart:
@@ -265,7 +267,7 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
         checkpoint.check_vm(restart["vm"], topo.vcpus, topo.memory_mb)
     user_data = _user_data(settings, info, expand)
     keys = seed.user_ssh_keys(ctx.env.home, [os.path.join(ctx.env.user_conf_dir, "ssh")])
-    meta, user = seed.render(f"vm{rank}", settings.get("instance-id") or f"pcocc-{info['jobid']}-vm{rank}", user_data, keys)
+    meta, user = seed.render(f"vm{rank}", settings.get("instance-id") or f"pcocc-{info.get('uuid') or info['jobid']}-vm{rank}", user_data, keys)
     mounts = []
     for tag, m in settings["mount-points"].items():
         path = expand(m["path"])
@@ -308,6 +310,9 @@ def _nics(ctx, info, settings, rank):
 
 
 def _user_data(settings, info, expand):
+    """The VM's user-data: a template's inline mapping, the checked bytes of a file (pcocc.userdata), or None."""
+    from pcocc import userdata
+
     if info.get("user_data"):
         path = info["user_data"]
     elif isinstance(settings.get("user-data"), dict):
@@ -316,8 +321,4 @@ def _user_data(settings, info, expand):
         path = expand(settings["user-data"])
     else:
         return None
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError as exc:
-        raise PcoccError(f"cannot read user-data {path}: {exc.strerror}") from None
+    return userdata.read(path)  # never blocks (a FIFO), never decodes: one-line UserDataError
