@@ -67,14 +67,22 @@ def show(app, image_uri, as_json):
 
 @image.command("import")
 @click.option("-t", "--fmt", help="Format of SOURCE (raw, qcow2, qed, vdi, vpc, vmdk); default: detected.")
+@click.option("--no-boot-files", is_flag=True, help="Ignore the boot files 'image export' wrote beside SOURCE.")
 @click.argument("source", type=click.Path(dir_okay=False))
 @click.argument("dest")
 @pass_app
-def import_(app, fmt, source, dest):
-    """Import the disk image file SOURCE as image DEST (revision 0)."""
+def import_(app, fmt, no_boot_files, source, dest):
+    """Import the disk image file SOURCE as image DEST (its first revision).
+
+    If SOURCE.boot.json is there (written by 'image export' for images that boot
+    their own kernel), the kernel, initrd and command line it names are imported too.
+    """
     with progress_bar(app, f"importing {source}") as bar:
-        rev = _store(app).import_(source, dest, fmt, bar)
-    app.info(f"imported {rev.uri}")
+        rev = _store(app).import_(source, dest, fmt, bar, boot_files=not no_boot_files)
+    app.info(f"imported {rev.uri}" + (" with its boot files (kernel, initrd, command line)" if rev.boot.get("kernel") else ""))
+    problem = rev.boot_problem()
+    if problem:
+        app.warn(f"{problem}: its VMs need a template that sets 'kernel'")
 
 
 @image.command()
@@ -83,10 +91,15 @@ def import_(app, fmt, source, dest):
 @click.argument("dest", type=click.Path(dir_okay=False))
 @pass_app
 def export(app, fmt, source, dest):
-    """Export image SOURCE to the file DEST, as a single flat image."""
+    """Export image SOURCE to the file DEST, as a single flat image.
+
+    An image that boots its own kernel (such as built images) also gets
+    DEST.kernel, DEST.initrd and DEST.boot.json beside DEST: keep them with it,
+    'image import DEST' reads them back.
+    """
     with progress_bar(app, f"exporting {source}") as bar:
-        rev = _store(app).export(source, dest, fmt, bar)
-    app.info(f"exported {rev.uri} to {dest}")
+        rev, written = _store(app).export(source, dest, fmt, bar)
+    app.info(f"exported {rev.uri} to {dest}" + (f" (boot files beside it: {', '.join(os.path.basename(p) for p in written[:-1])})" if len(written) > 1 else ""))
 
 
 @image.command()
@@ -126,17 +139,23 @@ def resize(app, image_uri, size):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @pass_app
 def verify(app, repo, as_json):
-    """Check every blob's hash and every layer chain."""
+    """Check every blob's hash and every layer chain; list what 'repo gc' would remove."""
     store = _store(app)
-    problems = []
+    problems, leftovers = [], []
     for r in [store.repo(repo)] if repo else store.repos:
         if r.exists():
             problems += r.verify()
+            leftovers += [f"{r.name}: {x}" for x in r.leftovers()]
+            mode = os.stat(r.path).st_mode & 0o777
+            if r.private and mode & 0o077:
+                app.warn(f"repository '{r.name}' ({r.path}) is open to other users (mode {mode:o}): 'chmod 700 {r.path}' makes it private")
     if as_json:
-        dump_json(app, {"ok": not problems, "problems": problems})
+        dump_json(app, {"ok": not problems, "problems": problems, "leftovers": leftovers})
     else:
         for p in problems:
             app.out(p)
+        if leftovers:
+            app.info(f"{len(leftovers)} unused file(s) that 'pcocc image repo gc' removes")
     if problems:
         raise PcoccError(f"{len(problems)} problem(s) found")
     if not as_json:

@@ -60,3 +60,73 @@ def read_header(path):
     size = struct.unpack(">Q", head[24:32])[0]
     backing = head[backing_offset : backing_offset + backing_size].decode() if backing_offset else None
     return size, backing
+
+
+_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+_L2_COMPRESSED = 1 << 62
+_INCOMPAT_EXTERNAL_DATA, _INCOMPAT_EXTENDED_L2 = 1 << 2, 1 << 4
+
+
+def read_guest(path, offset, length, _depth=0):
+    """length bytes of the guest's disk at offset, read through a qcow2 file and its backing chain.
+
+    offset and length in bytes; the range must lie within one cluster (64 KiB by
+    default: a boot sector always does). Backing files are found as qemu finds
+    them (relative to the directory of the file that names them); a non-qcow2
+    backing file is read as raw. Returns None where this reader cannot tell
+    (compressed or encrypted clusters, external data files, extended L2 entries,
+    a chain deeper than 64). Raises ValueError if path is not a qcow2 file,
+    OSError if a file of the chain cannot be read. Format: docs/interop/qcow2.txt
+    of qemu.
+    """
+    if _depth > 64:
+        return None
+    with open(path, "rb") as f:
+        head = f.read(CLUSTER)
+        if head[:4] != MAGIC:
+            if _depth == 0:
+                raise ValueError(f"{path}: not a qcow2 file")
+            f.seek(offset)
+            return f.read(length).ljust(length, b"\0")  # a raw backing file
+        version, backing_offset, backing_size, cluster_bits, size, crypt, l1_size, l1_offset = struct.unpack(">IQIIQIIQ", head[4:48])
+        incompat = struct.unpack(">Q", head[72:80])[0] if version >= 3 else 0
+        cluster = 1 << cluster_bits
+        if crypt or incompat & (_INCOMPAT_EXTERNAL_DATA | _INCOMPAT_EXTENDED_L2) or offset // cluster != (offset + length - 1) // cluster:
+            return None
+        if offset >= size:
+            return b"\0" * length
+        l2_entries = cluster // 8
+        l1_index, l2_index = offset // (cluster * l2_entries), (offset // cluster) % l2_entries
+        data = None
+        if l1_index < l1_size:
+            f.seek(l1_offset + 8 * l1_index)
+            l2_table = struct.unpack(">Q", f.read(8))[0] & _OFFSET_MASK
+            if l2_table:
+                f.seek(l2_table + 8 * l2_index)
+                entry = struct.unpack(">Q", f.read(8))[0]
+                if entry & _L2_COMPRESSED:
+                    return None
+                if version >= 3 and entry & 1:
+                    return b"\0" * length  # an all-zero cluster
+                if entry & _OFFSET_MASK:
+                    f.seek((entry & _OFFSET_MASK) + offset % cluster)
+                    data = f.read(length).ljust(length, b"\0")
+        if data is not None:
+            return data
+        if not backing_offset:
+            return b"\0" * length
+        backing = head[backing_offset : backing_offset + backing_size].decode()
+    backing = os.path.join(os.path.dirname(path), backing)  # an absolute name stays as it is
+    return read_guest(backing, offset, length, _depth + 1)
+
+
+def has_boot_code(path):
+    """True if the guest disk starts with a BIOS boot sector (0x55AA and some code), False if not, None if unknown.
+
+    A disk without one (a bare file system, or a partition table with empty
+    code, as the images pcocc builds) boots only from a kernel given beside it.
+    """
+    sector = read_guest(path, 0, 512)
+    if sector is None:
+        return None
+    return sector[510:512] == b"\x55\xaa" and any(sector[:440])

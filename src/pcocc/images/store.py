@@ -1,11 +1,15 @@
 """The repositories of the configuration, and the image operations on them."""
 
+import contextlib
+import json
 import os
 import re
+import shutil
+import stat
 
-from pcocc.errors import NotFoundError, UsageError
+from pcocc.errors import NotFoundError, PermissionDenied, UsageError
 from pcocc.images import qcow2, qemuimg, uri
-from pcocc.images.repo import ImageExists, Repository, copy_blob
+from pcocc.images.repo import ImageExists, Repository, copy_blob, sha256_file
 
 
 class ImageStore:
@@ -52,69 +56,119 @@ class ImageStore:
         return out
 
     # -- operations
-    def import_(self, src, dest, fmt=None, progress=None, description="", boot=None):
+    def import_(self, src, dest, fmt=None, progress=None, description="", boot=None, boot_files=True):
+        """Import the disk image file src as image dest (its first revision); return the Revision.
+
+        fmt: src's format (detected when None). boot: {"kernel": path,
+        "initrd": path or None, "append": str} the image boots with (built
+        images); without it, and when boot_files is true, the files `export`
+        writes beside a disk (src.boot.json, src.kernel, src.initrd) are read
+        back if there. Raises NotFoundError (src), UsageError (format, name,
+        boot files), ImageExists, CommandError (qemu-img), RepositoryFull,
+        RepositoryDenied or RepositoryError; on any error the repository is
+        left as it was.
+        """
         if not os.path.isfile(src):
             raise NotFoundError(f"no such file: {src}")
         fmt = qemuimg.check_format(fmt) if fmt else qemuimg.detect_format(src)
         repo, name = self.target(dest)
         if repo.revisions(name):
             raise ImageExists(f"image '{repo.name}:{name}' already exists", "Delete it first, or choose another name.")
-        with repo.writing():
+        if boot is None and boot_files:
+            boot = read_boot_files(src)
+        with repo.transaction(f"importing {src} as {repo.name}:{name}") as added:
             tmp = repo.tmp_path("import")
             try:
                 qemuimg.convert(src, tmp, fmt, "qcow2", progress)
                 size = qcow2.read_header(tmp)[0]
-                sha = repo.store_blob(tmp)
-                boot_blobs = self._store_boot(repo, boot)
+                sha = repo.store_blob(tmp, added)
+                boot_blobs = self._store_boot(repo, boot, added)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
             return repo.commit(name, [sha], size, self.owner, new_image=True, description=description, boot=boot_blobs)
 
     @staticmethod
-    def _store_boot(repo, boot):
-        """Store the kernel and initrd an image boots with (built images carry theirs)."""
+    def _store_boot(repo, boot, added):
+        """Store the kernel and initrd an image boots with (built images carry theirs); return the metadata's boot dict."""
         if not boot:
             return {}
-        import shutil
-
-        out = {"append": boot.get("append", "")}
+        out = {"append": boot.get("append") or ""}
         for key in ("kernel", "initrd"):
             if boot.get(key):
                 tmp = repo.tmp_path(key)
-                shutil.copyfile(boot[key], tmp)
-                out[key] = repo.store_blob(tmp)
+                try:
+                    shutil.copyfile(boot[key], tmp)
+                    out[key] = repo.store_blob(tmp, added)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
         return out
 
     def export(self, src, dest, fmt=None, progress=None):
+        """Write image src to the file dest as one flat disk of format fmt (default: from dest's extension).
+
+        An image that boots its own kernel also gets, beside dest, the files
+        dest.kernel, dest.initrd (if any) and dest.boot.json (the command line
+        and the files' sha256), which `import` reads back. Nothing is written
+        if any of them exists (UsageError); every file goes to a .part name
+        first and is renamed when complete, the disk last; on any error none is
+        left. Returns (Revision, [paths written]).
+        """
         rev = self.find(src)
         fmt = qemuimg.check_format(fmt or _format_from_extension(dest))
-        if os.path.exists(dest):
-            raise UsageError(f"'{dest}' already exists")
-        tmp = f"{dest}.part"
+        boot = rev.boot_files()
+        outputs = [dest] + (boot_file_names(dest, with_initrd=bool(boot[1])) if boot else [])
+        for path in outputs:
+            if os.path.lexists(path):
+                raise UsageError(f"'{path}' already exists")
+        done, parts = [], []
         try:
-            qemuimg.convert(rev.top, tmp, "qcow2", fmt, progress)
-            os.rename(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return rev
+            if boot:
+                kernel, initrd, append = boot
+                manifest = {"format": BOOT_FORMAT, "append": append, "kernel": os.path.basename(outputs[1]),
+                            "sha256": {"kernel": rev.boot["kernel"]}}
+                copies = [(kernel, outputs[1])]
+                if initrd:
+                    manifest["initrd"] = os.path.basename(outputs[2])
+                    manifest["sha256"]["initrd"] = rev.boot["initrd"]
+                    copies.append((initrd, outputs[2]))
+                for blob, path in copies:
+                    parts.append(f"{path}.part")
+                    shutil.copyfile(blob, parts[-1])
+                parts.append(f"{outputs[-1]}.part")
+                with open(parts[-1], "w") as f:
+                    json.dump(manifest, f, indent=1)
+                    f.write("\n")
+            parts.append(f"{dest}.part")
+            qemuimg.convert(rev.top, parts[-1], "qcow2", fmt, progress)
+            for part in parts:  # the disk last: a disk without its boot files is never left
+                os.rename(part, part[: -len(".part")])
+                done.append(part[: -len(".part")])
+        except BaseException:
+            for path in parts + done:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise
+        return rev, done
 
     def copy(self, src, dest, progress=None):
+        """Copy image src (one revision) to the new image dest, with its boot files; return the new Revision."""
         rev = self.find(src)
         repo, name = self.target(dest)
         if repo.revisions(name):
             raise ImageExists(f"image '{repo.name}:{name}' already exists", "Delete it first, or choose another name.")
         boot_shas = [v for k, v in rev.boot.items() if k in ("kernel", "initrd") and v]
-        with repo.writing():  # held until the commit: gc must not take the new blobs before
+        with repo.transaction(f"copying {rev.uri} to {repo.name}:{name}") as added:  # until the commit: gc must not take the new blobs
             shas = list(rev.layers) + boot_shas
             for i, sha in enumerate(shas):
-                copy_blob(rev.repo, repo, sha)
+                copy_blob(rev.repo, repo, sha, added)
                 if progress:
                     progress(100.0 * (i + 1) / len(shas))
             return repo.commit(name, rev.layers, rev.size, self.owner, new_image=True, description=rev.description, boot=rev.boot)
 
     def delete(self, text):
+        """Delete the revisions an URI names (one with @REV, else all); return them. See Repository.delete."""
         u = uri.parse(text)
         if u.repo:
             return self.repo(u.repo).delete(u.name, u.revision)
@@ -122,6 +176,7 @@ class ImageStore:
         return rev.repo.delete(u.name, u.revision)
 
     def resize(self, text, size):
+        """A new revision of an image grown to size bytes (UsageError to shrink)."""
         rev = self.find(text)
         if size < rev.size:
             raise UsageError(f"cannot shrink '{rev.uri}' ({rev.size} bytes) to {size} bytes")
@@ -130,16 +185,15 @@ class ImageStore:
     def add_layer(self, rev, fill, size=None):
         """A new revision of rev's image with one more layer written by fill(tmp_path)."""
         repo = rev.repo
-        with repo.writing():  # held until the commit: gc must not take the new blob before
+        with repo.transaction(f"adding a revision to {repo.name}:{rev.name}") as added:
             tmp = repo.tmp_path("layer")
             try:
                 fill(tmp)
-                sha = repo.store_blob(tmp)
+                sha = repo.store_blob(tmp, added)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
             return repo.commit(rev.name, rev.layers + (sha,), size or rev.size, self.owner, boot=rev.boot, description=rev.description)
-
 
     def save_layer(self, rev, fill, dest=None, full=False, description=None):
         """Publish the content of a VM disk based on rev as a new revision; return it.
@@ -147,8 +201,10 @@ class ImageStore:
         fill(tmp_path, backing) writes the layer: backing is the name of its backing
         file, relative to tmp_path's directory, or None for a standalone image
         (full, or dest in another repository). Without dest: the next revision of
-        rev's image; with dest ([REPO:]NAME, which must not exist): its revision 0.
-        Nothing is published unless fill returned; its file is removed on any error.
+        rev's image; with dest ([REPO:]NAME, which must not exist): its first revision.
+        Nothing is published unless fill returned; on any error (Ctrl-C included)
+        its file and the blobs this save added are removed. Raises ImageExists,
+        PermissionDenied, RepositoryFull, RepositoryError, or what fill raised.
         """
         if dest is not None:
             repo, name = self.target(dest)
@@ -160,25 +216,79 @@ class ImageStore:
         full = full or not same_repo  # a layer never points into another repository
         repo.ensure()
         if not repo.writable():
-            from pcocc.errors import PermissionDenied
-
             raise PermissionDenied(f"repository '{repo.name}' ({repo.path}) is read-only for you",
                                    "Save to an image of your own with -d [REPO:]NAME.")
-        with repo.writing():  # held until the commit: gc must not take the new blob before
+        with repo.transaction(f"saving a revision of {repo.name}:{name}") as added:  # until the commit: gc must not take the new blob
             tmp = repo.tmp_path("save")
             try:
                 fill(tmp, None if full else f"../blobs/{rev.layers[-1]}")  # tmp/ and blobs/ are siblings
-                sha = repo.store_blob(tmp)
+                sha = repo.store_blob(tmp, added)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
             if not same_repo:
                 for key in ("kernel", "initrd"):
                     if rev.boot.get(key):
-                        copy_blob(rev.repo, repo, rev.boot[key])
+                        copy_blob(rev.repo, repo, rev.boot[key], added)
             layers = (sha,) if full else rev.layers + (sha,)
             return repo.commit(name, layers, rev.size, self.owner, new_image=dest is not None,
                                description=rev.description if description is None else description, boot=rev.boot)
+
+
+BOOT_FORMAT = 1
+BOOT_FILE_MAX = 1 << 30  # a kernel or initrd larger than 1 GiB is not one
+
+
+def boot_file_names(disk, with_initrd=True):
+    """The files beside an exported disk: [disk.kernel, disk.initrd, disk.boot.json] (no initrd if not with_initrd)."""
+    return [f"{disk}.kernel"] + ([f"{disk}.initrd"] if with_initrd else []) + [f"{disk}.boot.json"]
+
+
+def read_boot_files(disk):
+    """The boot dict (kernel, initrd, append) of the files `export` wrote beside disk, or None if there are none.
+
+    Reads disk.boot.json: {"format": 1, "kernel": NAME, "initrd": NAME (optional),
+    "append": str, "sha256": {"kernel": hex, "initrd": hex} (optional)}; NAME is a
+    file in disk's directory (no path). Raises UsageError (one line, naming the
+    file) if the manifest is malformed, names a missing file, or a file does
+    not match its sha256.
+    """
+    manifest = f"{disk}.boot.json"
+    if not os.path.lexists(manifest):
+        return None
+
+    def bad(what):
+        return UsageError(f"{manifest}: {what}", "Fix or remove it, or import with --no-boot-files.")
+
+    try:
+        with open(manifest, "rb") as f:
+            data = json.loads(f.read(1 << 16))
+    except (OSError, ValueError) as exc:
+        raise bad(f"unreadable ({getattr(exc, 'strerror', None) or exc})") from None
+    if not isinstance(data, dict) or data.get("format") != BOOT_FORMAT:
+        raise bad(f"not a pcocc boot manifest of format {BOOT_FORMAT}")
+    append = data.get("append", "")
+    sums = data.get("sha256") or {}
+    if not isinstance(append, str) or "\0" in append or not isinstance(sums, dict):
+        raise bad("'append' must be a string and 'sha256' a map")
+    out = {"append": append}
+    for key in ("kernel", "initrd"):
+        fname = data.get(key)
+        if fname is None and key == "initrd":
+            continue
+        if not isinstance(fname, str) or not fname or "/" in fname or fname in (".", ".."):
+            raise bad(f"'{key}' must name a file beside the disk")
+        path = os.path.join(os.path.dirname(os.path.abspath(disk)), fname)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise bad(f"its {key} {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode) or st.st_size > BOOT_FILE_MAX:
+            raise bad(f"its {key} {path} is not a regular file of at most {BOOT_FILE_MAX >> 20} MiB")
+        if sums.get(key) is not None and sha256_file(path) != sums[key]:
+            raise bad(f"its {key} {path} does not match its sha256")
+        out[key] = path
+    return out
 
 
 def _format_from_extension(path):
@@ -196,8 +306,6 @@ def create_overlay(rev, path):
 
 def overlay_from(rev, delta, path):
     """The disk of a restarted VM: a copy of a checkpoint's delta, put on the revision's top layer."""
-    import shutil
-
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         shutil.copyfile(delta, tmp)
