@@ -283,3 +283,170 @@ def test_stop_lets_a_request_being_served_answer(creds):
     with pytest.raises(AgentError, match="cannot reach"):  # and no new request is taken
         client(creds, srv.address).call("ping")
     busy.close()
+
+
+# ---- a stranger must not lock the owner out; a request learns that its client left -------------
+
+FLOOD = r"""
+import selectors, socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+sel, held, opened = selectors.DefaultSelector(), set(), 0
+def fill():
+    global opened
+    for _ in range(n - len(held)):
+        opened += 1
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2)
+        except OSError:  # reset by the server before connect() returned
+            continue
+        held.add(s)
+        sel.register(s, selectors.EVENT_READ)
+fill()
+print(opened, flush=True)                      # the first wave is in
+sel.register(sys.stdin, selectors.EVENT_READ)
+while True:                                    # reopen what the server drops, until stdin closes
+    for key, _ in sel.select(0.2):
+        if key.fileobj is sys.stdin:
+            print(opened, flush=True)
+            sys.exit(0)
+        try:
+            data = key.fileobj.recv(1)
+        except OSError:
+            data = b""
+        if not data:
+            sel.unregister(key.fileobj)
+            key.fileobj.close()
+            held.discard(key.fileobj)
+    fill()
+"""
+
+
+def _open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the flood as another user (CI runs as root)")
+def test_another_local_user_flooding_the_endpoint_cannot_lock_the_owner_out(creds):
+    import pwd
+    import subprocess
+    import sys
+
+    nobody = pwd.getpwnam("nobody")
+    srv = start_server(creds)
+    fds = _open_fds()
+    flood = subprocess.Popen([sys.executable, "-c", FLOOD, str(srv.address[1]), "600"], user=nobody.pw_uid, group=nobody.pw_gid,
+                             extra_groups=[], cwd="/", stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert int(flood.stdout.readline()) == 600  # the first wave of connections
+        for _ in range(5):
+            with client(creds, srv.address) as c:
+                assert c.call("ping")["pong"] is True
+        assert srv.refused >= 600
+        assert _open_fds() < fds + 20  # the stranger's connections hold no descriptor of the VM's process
+        assert len(srv._conns) <= 1  # the owner's last connection, perhaps still closing: none of the stranger's
+    finally:
+        flood.stdin.close()
+        reopened = int(flood.stdout.readline())
+        flood.wait(10)
+        srv.stop()
+    assert reopened > 600  # it kept trying: its connections were cut, not left idle
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a socket of another user")
+def test_local_peer_uid_names_the_user_of_the_other_end():
+    import pwd
+    import subprocess
+    import sys
+
+    from pcocc.agent.endpoint import local_peer_uid
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        mine = socket.create_connection(listener.getsockname())
+        conn, _ = listener.accept()
+        assert local_peer_uid(conn) == os.geteuid()
+        mine.close()
+        conn.close()
+        hold = "import socket, sys; s = socket.create_connection(('127.0.0.1', int(sys.argv[1]))); sys.stdin.read()"
+        p = subprocess.Popen([sys.executable, "-c", hold, str(listener.getsockname()[1])], user=nobody, cwd="/", stdin=subprocess.PIPE)
+        try:
+            conn, _ = listener.accept()
+            assert local_peer_uid(conn) == nobody
+        finally:
+            p.stdin.close()
+            p.wait(10)
+        p.wait()
+        assert local_peer_uid(conn) == -1  # its end is closed: never taken for one of ours
+        conn.close()
+
+
+def test_proc_net_tcp_fallback_agrees_with_sock_diag():
+    from pcocc.agent import endpoint
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        mine = socket.create_connection(listener.getsockname())
+        conn, _ = listener.accept()
+        ours, peer = conn.getsockname(), conn.getpeername()
+        family, ours_ip, peer_ip = endpoint._family_and_ips(ours[0], peer[0])
+        assert endpoint._proc_net_tcp_uid(family, peer_ip, peer[1], ours_ip, ours[1]) == os.geteuid()
+        assert endpoint._proc_net_tcp_uid(family, peer_ip, 1, ours_ip, ours[1]) is None  # not here: remote
+        mine.close()
+        conn.close()
+
+
+def test_remote_peers_that_never_authenticate_are_evicted_oldest_first(creds, monkeypatch):
+    from pcocc.agent import endpoint
+
+    monkeypatch.setattr(endpoint, "local_peer_uid", lambda sock: None)  # as if every peer were on another node
+    cert, key = creds["server"]
+    srv = ControlServer(FakeHandler(), ca_pem=creds["ca"][0], cert_pem=cert, key_pem=key, owner=OWNER, max_pending=8).start()
+    idle = [socket.create_connection(srv.address) for _ in range(40)]
+    try:
+        with client(creds, srv.address) as c:
+            assert c.call("ping")["pong"] is True
+        assert srv.evicted >= 40 - 8
+        assert len(srv._pending) <= 8
+        assert idle[0].recv(1) == b""  # the oldest were cut
+    finally:
+        for s in idle:
+            s.close()
+        srv.stop()
+
+
+class SessionHandler:
+    def __init__(self):
+        self.closed = threading.Event()
+        self.noticed = threading.Event()
+
+    def op_watch(self, session):
+        session.on_close(self.closed.set)
+        return {"present": session.present()}
+
+    def op_until_gone(self, session):
+        for _ in range(1000):
+            if not session.present():
+                self.noticed.set()
+                return {}
+            time.sleep(0.01)
+        return {"gave_up": True}
+
+
+def test_a_request_learns_that_its_client_left(creds):
+    handler = SessionHandler()
+    cert, key = creds["server"]
+    srv = ControlServer(handler, ca_pem=creds["ca"][0], cert_pem=cert, key_pem=key, owner=OWNER).start()
+    try:
+        c = client(creds, srv.address)
+        assert c.call("watch") == {"present": True}
+        assert not handler.closed.is_set()
+        c.close()
+        assert handler.closed.wait(10)  # on_close ran when the connection ended
+        with client(creds, srv.address, timeout=0.2) as c:
+            with pytest.raises(TimeoutExpired):
+                c.call("until_gone")  # the client gives up and closes its connection
+        assert handler.noticed.wait(10)
+        with client(creds, srv.address) as c:
+            with pytest.raises(AgentError, match="'session' is given by the server"):
+                c.call("watch", session=1)
+    finally:
+        srv.stop()

@@ -20,6 +20,33 @@ handler is sent with its message (and ``"hint"`` if it has one), and its kind
 from its class; any other exception becomes "internal error: ...".  The client
 raises PermissionDenied, NotFoundError, TimeoutExpired or AgentError from the kind.
 
+A handler method that takes a keyword argument named ``session`` gets the
+``Session`` of the request's connection (a request may not send that argument):
+``session.present()`` tells whether the client is still connected (a long
+operation polls it, and gives up once the client left: Ctrl-C, SIGKILL, a lost
+node), ``session.on_close(fn)`` runs ``fn()`` when the connection ends (e.g. a
+checkpoint's pause undone if its client disappears before the quit).
+
+Who may hold a connection (file descriptors are the resource a stranger could
+exhaust before any authentication):
+
+* A peer whose socket lives in this host's network namespace (loopback, or this
+  node's address) is a local process: the kernel knows its uid.  At accept, before
+  any TLS and before a thread is given to it, its socket is looked up with
+  ``sock_diag`` (the netlink interface behind ``ss``; ``/proc/net/tcp`` as a
+  fallback) and the connection is reset unless that uid is ours (the VM process runs
+  as the cluster owner).  Another user's flood thus costs one accept and one lookup
+  per connection and holds nothing: the owner always gets through.
+* A remote peer (its socket is not in this namespace) is authenticated by mutual TLS
+  as before; until its handshake is done it is *pending*.  At most ``max_pending``
+  connections are pending: a new one evicts the oldest pending one, and each has
+  ``HANDSHAKE_TIMEOUT`` seconds.  An idle flood cannot lock the owner out (the
+  owner's handshake takes milliseconds, while the flood's idle connections are the
+  oldest); a remote attacker opening connections faster than ``max_pending`` per
+  handshake can delay the owner, which is what any TLS service accepts.
+* Authenticated connections are not bounded: only the owner holds one (a certificate
+  of this cluster's CA with another CN is refused at its first request).
+
 Usage::
 
     server = ControlServer(handler, ca_pem=ca, cert_pem=cert, key_pem=key, owner="alice", host=ip).start()
@@ -29,13 +56,18 @@ Usage::
 
 import base64
 import concurrent.futures
+import collections
+import errno
 import inspect
+import ipaddress
 import json
 import logging
 import os
 import re
+import select
 import socket
 import ssl
+import struct
 import threading
 import time
 
@@ -45,6 +77,8 @@ log = logging.getLogger(__name__)
 
 MAX_LINE = 256 * 1024 * 1024  # one request or answer; handlers should cap command output below this
 HANDSHAKE_TIMEOUT = 10.0  # a peer that connects and says nothing must not hold a thread for ever
+MAX_PENDING = 64  # connections of remote peers not yet authenticated; more evict the oldest
+REFUSAL_LOG_INTERVAL = 60.0  # seconds between two log lines about refused local peers
 DEFAULT_TIMEOUT = 60.0
 _OP_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 _KINDS = ((PermissionDenied, "permission"), (NotFoundError, "notfound"), (TimeoutExpired, "timeout"))
@@ -54,6 +88,68 @@ class AgentError(PcoccError):
     """The control endpoint of a VM could not be reached, or refused or failed a request."""
 
     status = ExitStatus.EXTERNAL
+
+
+class ClientGone(AgentError):
+    """The client of a request closed its connection (Ctrl-C, killed, node lost) before the answer."""
+
+
+class Session:
+    """The connection a request came on, as its handler sees it (see the module's docstring)."""
+
+    def __init__(self, sock, peer):
+        self.peer = peer
+        self._fd = sock.fileno()
+        self._callbacks = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def present(self):
+        """True while the client has not closed (or reset) its side of the connection.
+
+        A non-blocking poll for POLLRDHUP/POLLHUP/POLLERR on the connection's socket:
+        no data is read, so a request the client sends meanwhile is not lost.
+        """
+        with self._lock:
+            if self._closed:
+                return False
+            try:
+                events = select.poll()
+                events.register(self._fd, select.POLLRDHUP)
+                return not any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL)
+                               for _fd, ev in events.poll(0))
+            except (OSError, ValueError):
+                return False
+
+    def check(self, what="the request"):
+        """Raises ClientGone once the client left."""
+        if not self.present():
+            raise ClientGone(f"{what} was abandoned: its client closed the connection")
+
+    def on_close(self, fn):
+        """Run fn() (once, in the connection's thread) when the connection ends; returns fn."""
+        with self._lock:
+            if not self._closed:
+                self._callbacks.append(fn)
+                return fn
+        fn()  # already gone
+        return fn
+
+    def discard(self, fn):
+        """Forget a callback given to on_close (e.g. once the operation it undoes committed)."""
+        with self._lock:
+            if fn in self._callbacks:
+                self._callbacks.remove(fn)
+
+    def _close(self):
+        with self._lock:
+            self._closed = True
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - each callback on its own
+                log.exception("control endpoint: a callback at the end of a connection from %s failed", _where(self.peer))
 
 
 def encode_bytes(data):
@@ -73,9 +169,18 @@ class ControlServer:
     methods may run concurrently and must be thread-safe.
     """
 
-    def __init__(self, handler, *, ca_pem, cert_pem, key_pem, owner, host="127.0.0.1", port=0):
+    def __init__(self, handler, *, ca_pem, cert_pem, key_pem, owner, host="127.0.0.1", port=0,
+                 max_pending=MAX_PENDING, local_uids=None):
+        """local_uids: the uids of local peers let through to TLS (default: this process's
+        effective uid only); max_pending: remote connections not yet authenticated."""
         self.handler = handler
         self.owner = owner
+        self.max_pending = max_pending
+        self.local_uids = frozenset({os.geteuid()} if local_uids is None else local_uids)
+        self._pending = collections.OrderedDict()  # thread -> TLS socket still in its handshake, oldest first
+        self.refused = 0  # connections of local peers of another uid, reset at their accept
+        self.evicted = 0  # pending connections cut to make room
+        self._refusal_logged = None
         self._ctx = _context(ssl.PROTOCOL_TLS_SERVER, ca_pem, cert_pem, key_pem)
         self._bind = (host, port)
         self._listener = None
@@ -134,6 +239,8 @@ class ControlServer:
                     log.exception("control endpoint %s: accept failed", _where(self.address))
                     time.sleep(0.1)  # e.g. out of file descriptors: do not spin
                     continue
+                if not self._admit(raw, peer):
+                    continue
                 raw.settimeout(HANDSHAKE_TIMEOUT)
                 try:  # no I/O yet: the handshake runs in the connection's own thread
                     conn = self._ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
@@ -144,17 +251,49 @@ class ControlServer:
                     if self._stopping:
                         conn.close()
                         return
+                    while len(self._pending) >= self.max_pending:
+                        _oldest, victim = self._pending.popitem(last=False)
+                        _cut(victim)  # its thread sees the end of its handshake, and cleans up
+                        self.evicted += 1
                     t = threading.Thread(target=self._serve, args=(conn, peer), name=f"pcocc-control-{_where(peer)}", daemon=True)
                     self._conns[t] = conn
+                    self._pending[t] = conn
                 t.start()
         finally:
             self._listener.close()
 
+    def _admit(self, raw, peer):
+        """False (and the connection reset) for a local peer of another uid."""
+        try:
+            uid = local_peer_uid(raw)
+        except OSError as e:  # cannot tell: treated as remote (TLS and the pending bound apply)
+            log.debug("control endpoint %s: cannot look up the peer %s: %s", _where(self.address), _where(peer), e)
+            return True
+        if uid is None or uid in self.local_uids:
+            return True
+        self.refused += 1
+        now = time.monotonic()
+        if self._refusal_logged is None or now - self._refusal_logged > REFUSAL_LOG_INTERVAL:
+            self._refusal_logged = now  # a flood must not fill the VM's log
+            log.warning("control endpoint %s: refused connections of local uid %s (%d so far)", _where(self.address), uid, self.refused)
+        try:  # a reset, not a close: no TIME_WAIT entry per refused connection
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        raw.close()
+        return False
+
     def _serve(self, conn, peer):
         rfile = None
+        session = None
         try:
-            conn.do_handshake()
+            try:
+                conn.do_handshake()
+            finally:
+                with self._lock:
+                    self._pending.pop(threading.current_thread(), None)
             conn.settimeout(None)  # an authenticated client may stay idle between requests
+            session = Session(conn, peer)
             cn = _common_name(conn.getpeercert())
             log.debug("control endpoint %s: %s connected as %r", _where(self.address), _where(peer), cn)
             rfile = conn.makefile("rb")
@@ -165,7 +304,7 @@ class ControlServer:
                 with self._lock:
                     self._busy += 1
                 try:
-                    conn.sendall(self._respond(line, cn))
+                    conn.sendall(self._respond(line, cn, session))
                 finally:
                     with self._lock:
                         self._busy -= 1
@@ -174,16 +313,19 @@ class ControlServer:
             if not self._stopping:
                 log.info("control endpoint %s: connection from %s ended: %s", _where(self.address), _where(peer), e)
         finally:
+            if session is not None:
+                session._close()  # before the socket goes: callbacks may still want the peer's name
             with self._lock:
                 if rfile:
                     rfile.close()  # else conn.close() would leave the descriptor open
                 conn.close()
                 self._conns.pop(threading.current_thread(), None)
+                self._pending.pop(threading.current_thread(), None)
 
-    def _respond(self, line, cn):
+    def _respond(self, line, cn, session=None):
         """The answer line to one request line: never raises."""
         try:
-            response = {"ok": True, "result": self._dispatch(line, cn)}
+            response = {"ok": True, "result": self._dispatch(line, cn, session)}
         except PcoccError as e:
             response = _error_response(e)
         except Exception as e:  # a bug in one op must not take the VM's endpoint down
@@ -195,7 +337,7 @@ class ControlServer:
             log.error("control endpoint %s: result is not JSON: %s", _where(self.address), e)
             return _encode({"ok": False, "error": f"internal error: result is not JSON-serialisable: {e}", "kind": "error"})
 
-    def _dispatch(self, line, cn):
+    def _dispatch(self, line, cn, session=None):
         if cn != self.owner:  # checked first: a stranger's request is not even parsed
             raise PermissionDenied(f"permission denied: this VM belongs to {self.owner}")
         try:
@@ -212,6 +354,10 @@ class ControlServer:
         method = getattr(self.handler, f"op_{op}", None)
         if method is None:
             raise AgentError(f"unknown operation {op!r}")
+        if "session" in args:
+            raise AgentError(f"bad arguments for {op!r}: 'session' is given by the server")
+        if "session" in inspect.signature(method).parameters:
+            args = {**args, "session": session}
         try:  # a wrong argument is the caller's error, not an internal one
             inspect.signature(method).bind(**args)
         except TypeError as e:
@@ -325,6 +471,83 @@ def call_many(targets, op, args, *, ca_pem, cert_pem, key_pem, timeout=DEFAULT_T
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="pcocc-call") as pool:
         futures = {name: pool.submit(one, address) for name, address in targets}
         return {name: f.result() for name, f in futures.items()}
+
+
+# ---- who is at the other end of a TCP connection of this host ---------------------------------
+
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLMSG_ERROR = 2
+_NLM_F_REQUEST = 1
+_TCP_ESTABLISHED = 1
+_NOCOOKIE = 0xFFFFFFFF
+
+
+def local_peer_uid(sock):
+    """The uid owning the other end of the TCP connection sock, when that end is a socket of
+    this host's network namespace (a local process); None when it is not (a remote peer).
+
+    A peer socket that is no longer established (it closed, or is in TIME_WAIT, whose
+    uid the kernel does not keep) gives -1: never one of ours.  Raises OSError when
+    neither sock_diag nor /proc/net/tcp can answer.  Source: linux/inet_diag.h (an
+    exact lookup by 4-tuple, as ``ss`` does) and proc(5) for /proc/net/tcp.
+    """
+    ours = sock.getsockname()[:2]
+    peer = sock.getpeername()[:2]
+    family, ours_ip, peer_ip = _family_and_ips(ours[0], peer[0])
+    try:
+        return _sock_diag_uid(family, peer_ip, peer[1], ours_ip, ours[1])
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        log.debug("sock_diag failed (%s): reading /proc/net/tcp", e)
+    return _proc_net_tcp_uid(family, peer_ip, peer[1], ours_ip, ours[1])
+
+
+def _family_and_ips(ours, peer):
+    a, b = ipaddress.ip_address(ours), ipaddress.ip_address(peer)
+    if a.version == 6 and a.ipv4_mapped and b.version == 6 and b.ipv4_mapped:
+        a, b = a.ipv4_mapped, b.ipv4_mapped
+    return (socket.AF_INET if a.version == 4 else socket.AF_INET6), a, b
+
+
+def _sock_diag_uid(family, src, sport, dst, dport):
+    addr = lambda ip: ip.packed.ljust(16, b"\0")  # noqa: E731
+    sockid = struct.pack("!HH16s16s", sport, dport, addr(src), addr(dst)) + struct.pack("=III", 0, _NOCOOKIE, _NOCOOKIE)
+    req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
+    msg = struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + req
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(2.0)
+        nl.sendto(msg, (0, 0))
+        data = nl.recv(65536)
+    length, kind = struct.unpack_from("=IH", data, 0)
+    if kind == _NLMSG_ERROR:
+        code = -struct.unpack_from("=i", data, 16)[0]
+        raise OSError(code, os.strerror(code))
+    if kind != _SOCK_DIAG_BY_FAMILY or length < 16 + 72:
+        raise OSError(errno.EPROTO, "unexpected sock_diag answer")
+    state = data[17]
+    uid = struct.unpack_from("=I", data, 16 + 4 + 48 + 12)[0]
+    return uid if state == _TCP_ESTABLISHED else -1
+
+
+def _proc_net_tcp_uid(family, src, sport, dst, dport):
+    def hexaddr(ip, port):
+        packed = ip.packed
+        # each 32-bit word in host order (little-endian here), then the port in hex
+        words = "".join(f"{struct.unpack('=I', packed[i:i + 4])[0]:08X}" for i in range(0, len(packed), 4))
+        return f"{words}:{port:04X}"
+
+    needle = f" {hexaddr(src, sport)} {hexaddr(dst, dport)} ".encode()
+    path = "/proc/net/tcp" if family == socket.AF_INET else "/proc/net/tcp6"
+    with open(path, "rb") as f:
+        data = f.read()
+    at = data.find(needle)
+    if at < 0:
+        return None
+    fields = data[at:data.find(b"\n", at)].split()
+    # fields: local rem st tx:rx tr:when retrnsmt uid ...
+    return int(fields[6]) if int(fields[2], 16) == _TCP_ESTABLISHED else -1
 
 
 def _context(protocol, ca_pem, cert_pem, key_pem):
