@@ -1,4 +1,10 @@
-"""Install the Debian packages the test cluster needs, without starting their services."""
+"""The Debian packages the test cluster needs: checked at `up`, installed when missing.
+
+`scripts/setup --test` (run by `scripts/test`) installs all of them, and every other
+package a test uses, before any test runs: this is the fallback of a stand-alone
+`pcocc-testcluster up`, not the test suite's installer. Every name here must be in
+scripts/setup's lists (tests/unit/test_install_scan.py checks it).
+"""
 
 import os
 import subprocess
@@ -16,7 +22,7 @@ POLICY = Path("/usr/sbin/policy-rc.d")
 
 
 def installed(pkgs):
-    """The subset of pkgs that is installed (one dpkg-query for all)."""
+    """The subset of pkgs (names) that is installed (one dpkg-query for all)."""
     # dpkg -s also succeeds for removed packages that left config files behind
     proc = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\n", *pkgs],
                           capture_output=True, text=True)
@@ -24,13 +30,17 @@ def installed(pkgs):
 
 
 def missing(ovs=True):
+    """The package names of PACKAGES (and OVS_PACKAGES with ovs) that are not installed."""
     wanted = PACKAGES + (OVS_PACKAGES if ovs else [])
     have = installed(wanted)
     return [p for p in wanted if p not in have]
 
 
 def ensure(ovs=True, log=print):
-    """apt-get install what is missing; returns the list installed."""
+    """apt-get install what is missing (as root, no daemon started); returns the list installed.
+
+    Raises CommandError when apt-get fails or a package is still missing after it.
+    """
     need = missing(ovs)
     if not need:
         return []
@@ -48,5 +58,5 @@ def ensure(ovs=True, log=print):
             POLICY.unlink(missing_ok=True)
     still = missing(ovs)
     if still:
-        raise CommandError(["apt-get", "install", *still], 0, "still not installed: " + " ".join(still))
+        raise CommandError(["apt-get", "install", *still], 0, "still not installed: " + " ".join(still) + " (scripts/setup --test installs them)")
     return need
