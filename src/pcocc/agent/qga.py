@@ -24,6 +24,7 @@ Usage::
 import base64
 import json
 import random
+import shlex
 import socket
 import threading
 import time
@@ -33,6 +34,33 @@ from pcocc.errors import ExitStatus, PcoccError, TimeoutExpired
 DELIMITER = b"\xff"
 CHUNK = 512 * 1024  # bytes per guest-file-write / guest-file-read
 MAX_REPLY = 64 * 1024 * 1024  # bytes of one reply line from the guest
+
+
+MAX_SCRIPT = 16 * 1024 * 1024  # bytes of a script given to run_script_argv (one guest-exec input; qemu's JSON token limit is 64 MiB)
+
+# Runs the script given on stdin from a private file in the guest: mktemp -d makes a directory
+# of a random name, mode 0700, owned by whoever runs this (root, or the user of 'su'), atomically
+# (it never follows a link planted in /tmp); the directory goes when the shell exits.
+_SCRIPT_RUNNER = (
+    'd=$(mktemp -d "${TMPDIR:-/tmp}/pcocc-script.XXXXXXXXXX") || exit 126; '
+    "trap 'rm -rf -- \"$d\"' EXIT; trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM; "
+    'cat > "$d/script" && chmod 700 "$d/script" || exit 126; '
+)
+
+
+def run_script_argv(args=(), interpreter="/bin/sh"):
+    """argv that runs a script, given as the command's stdin, with args, from a private path in the guest.
+
+    Use: exec(run_script_argv(args), input=script_bytes). Nothing is written
+    at a predictable path: the script goes to a new directory of a random name
+    (mktemp -d, mode 0700, as the user who runs it), removed when done.
+    interpreter: the program that runs the script, or None to execute the
+    file itself (its #! line). The script's own stdin is /dev/null; its exit
+    status is the command's (126: the private copy could not be made).
+    Scripts over MAX_SCRIPT bytes are the caller's to refuse.
+    """
+    run = f'{shlex.quote(interpreter)} "$d/script"' if interpreter else '"$d/script"'
+    return ["/bin/sh", "-c", _SCRIPT_RUNNER + run + ' "$@" < /dev/null', "pcocc-script", *[str(a) for a in args]]
 
 
 class AgentError(PcoccError):

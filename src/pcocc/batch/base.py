@@ -1,6 +1,7 @@
 """What every batch backend shares: cluster state in the store, credentials, waiting."""
 
 import time
+import uuid
 
 from pcocc import state
 from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, TimeoutExpired
@@ -32,9 +33,20 @@ class Backend:
 
     # -- shared
     def cluster_info(self, jobid, vms, resolved, opts, **extra):
-        """The cluster's record in the store: definition, owner, VMs with their settings."""
+        """The cluster's record in the store: definition, owner, VMs with their settings.
+
+        "uuid" names this cluster among all clusters ever started, whatever
+        their job ids (which repeat: a new SLURM controller, another site): 32
+        hex digits, random; the VMs' default cloud-init instance-id is
+        pcocc-<uuid>-vm<rank>. A checkpoint restart is the same cluster: it
+        keeps the uuid of its checkpoint's manifest (one written before the
+        manifest had it: "<old job id>", the instance-id its VMs were born
+        with). An instant cluster is a new one (its VMs come from a template's
+        snapshot, not from this cluster): a new uuid.
+        """
         return {
-            "jobid": jobid, "name": opts["name"], "owner": self.user, "definition": opts["definition"],
+            "jobid": jobid, "uuid": _cluster_uuid(opts.get("restart")), "name": opts["name"], "owner": self.user,
+            "definition": opts["definition"],
             "created": time.time(), "state": "submitted", "user_data": opts.get("user_data"),
             "script": opts.get("script"), "cwd": opts.get("cwd"),
             "restart": opts.get("restart"),  # {dir, manifest} of a checkpoint to restart from, read by every VM
@@ -143,13 +155,26 @@ class Backend:
     def run_script_in_vm(self, jobid, script_path, rank=0):
         """Copy a script into a VM, run it there; (exit status, stdout bytes, stderr bytes)."""
         from pcocc.agent.endpoint import ControlClient, decode_bytes, encode_bytes
+        from pcocc.agent.qga import MAX_SCRIPT, run_script_argv
 
         _, vms = self.job(jobid)
         creds = self.credentials(jobid)
         with open(script_path, "rb") as f:
             data = f.read()
+        if len(data) > MAX_SCRIPT:
+            raise PcoccError(f"{script_path}: larger than {MAX_SCRIPT} bytes: copy big files with 'pcocc scp' and run a small script")
         with ControlClient(tuple(vms[rank]["control"]), ca_pem=creds["ca"], cert_pem=creds["cert"], key_pem=creds["key"], timeout=None) as client:
-            path = f"/tmp/pcocc-batch-{jobid}"
-            client.call("writefile", path=path, data_b64=encode_bytes(data), mode=0o755)
-            result = client.call("exec", argv=["/bin/sh", "-c", f'"$0"; status=$?; rm -f "$0"; exit $status', path], timeout=10**9)
+            # run from a private directory of a random name in the guest (a guest user could plant
+            # a link at a predictable path in /tmp), executed as a file (its #! line), then removed
+            result = client.call("exec", argv=run_script_argv(interpreter=None), input_b64=encode_bytes(data), timeout=10**9)
         return result["exit"], decode_bytes(result["stdout_b64"]), decode_bytes(result["stderr_b64"])
+
+
+def _cluster_uuid(restart):
+    """The uuid of a new cluster (random), or of the checkpointed cluster it restarts (see cluster_info)."""
+    manifest = (restart or {}).get("manifest") or {}
+    if manifest.get("uuid"):
+        return str(manifest["uuid"])
+    if restart and manifest.get("jobid") is not None:
+        return str(manifest["jobid"])
+    return uuid.uuid4().hex

@@ -6,16 +6,17 @@ import sys
 
 import click
 
+from pcocc.cli import params
 from pcocc.cli.core import pass_app
 from pcocc.cli.pending import pending_command
-from pcocc.errors import NotFoundError, PcoccError
+from pcocc.errors import NotFoundError, PcoccError, UsageError
 
 display = pending_command("display", "Show the remote display of a VM", "remote display support")
 
 
 def job_options(f):
-    f = click.option("-J", "--jobname", help="Job name of the cluster.")(f)
-    return click.option("-j", "--jobid", type=int, help="Job id of the cluster (default: $PCOCC_JOB_ID, or your only cluster).")(f)
+    f = click.option("-J", "--jobname", type=params.JOB_NAME, help="Job name of the cluster.")(f)
+    return click.option("-j", "--jobid", type=params.JOB_ID, help="Job id of the cluster (default: $PCOCC_JOB_ID, or your only cluster).")(f)
 
 
 class Targets:
@@ -69,8 +70,8 @@ def _fold(names):
 @click.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @job_options
 @click.option("-w", "--vms", "vmset", default="all", show_default=True, help="VMs to run on: vm0, vm[0-3,5] or all.")
-@click.option("-i", "--index", type=int, help="Run on this VM only (upstream's option; same as -w vmN).")
-@click.option("-u", "--user", help="Run as this user in the VMs (default: root).")
+@click.option("-i", "--index", type=params.Count("VM index", 0), help="Run on this VM only (upstream's option; same as -w vmN).")
+@click.option("-u", "--user", type=params.USER_NAME, help="Run as this user in the VMs (default: root); a POSIX portable name, not starting with '-'.")
 @click.option("-s", "--script", is_flag=True, help="CMD is a local script: copy it to the VMs and run it.")
 @click.option("-t", "--timeout", type=float, default=None, help="Give up after this many seconds.")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
@@ -81,22 +82,23 @@ def exec_(app, jobid, jobname, vmset, index, user, script, timeout, cmd):
     The exit status is the highest of the VMs' statuses (non-zero if any failed).
     """
     from pcocc.agent.endpoint import decode_bytes, encode_bytes
+    from pcocc.agent.qga import MAX_SCRIPT, run_script_argv
 
     targets = Targets(app, jobid, jobname, f"vm{index}" if index is not None else vmset)
+    args = {"user": user}
     if script:
         try:
             with open(cmd[0], "rb") as f:
-                data = f.read()
+                data = f.read(MAX_SCRIPT + 1)
         except OSError as exc:
             raise NotFoundError(f"cannot read script {cmd[0]}: {exc.strerror}") from None
-        path = f"/tmp/pcocc-exec-{os.getpid()}"
-        for name, (ok, res) in targets.call_all("writefile", {"path": path, "data_b64": encode_bytes(data), "mode": 0o755}).items():
-            if not ok:
-                raise PcoccError(f"{name}: {res}")
-        argv = ["/bin/sh", path, *cmd[1:]]
+        if len(data) > MAX_SCRIPT:
+            raise UsageError(f"script {cmd[0]}: larger than {MAX_SCRIPT} bytes: copy big files with 'pcocc scp' and run a small script")
+        # the script goes to a private directory of a random name in each VM (mktemp -d, as the
+        # user it runs as), never to a predictable path a guest user could plant a link at
+        args.update(argv=run_script_argv(cmd[1:]), input_b64=encode_bytes(data))
     else:
-        argv = ["/bin/sh", "-c", " ".join(cmd)] if len(cmd) == 1 else list(cmd)
-    args = {"argv": argv, "user": user}
+        args["argv"] = ["/bin/sh", "-c", " ".join(cmd)] if len(cmd) == 1 else list(cmd)
     if timeout:
         args["timeout"] = timeout
     results = targets.call_all("exec", args, timeout=(timeout + 10) if timeout else 10**7)

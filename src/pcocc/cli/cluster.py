@@ -7,16 +7,18 @@ import time
 
 import click
 
+from pcocc.cli import params
 from pcocc.cli.core import pass_app
 from pcocc.cli.render import dump_json, table
-from pcocc.errors import NotFoundError, UsageError
+from pcocc.errors import ConfigError, NotFoundError, UsageError
 
 
 _COMMON = [
     click.option("-r", "--restart-ckpt", metavar="DIR", type=click.Path(file_okay=False),
                  help="Restart the cluster checkpointed in DIR by 'pcocc ckpt' (same DEFINITION and resources)."),
     click.option("--boot", is_flag=True, help="Boot every VM, even those whose template has a snapshot ('pcocc template snapshot')."),
-    click.option("--user-data", type=click.Path(exists=True, dir_okay=False), help="cloud-init user-data file for every VM (overrides the templates')."),
+    click.option("--user-data", type=click.Path(exists=True, dir_okay=False),
+                 help="cloud-init user-data file for every VM (overrides the templates'): text, MIME multipart or gzip, at most 1 MiB."),
 ]
 _PASSTHROUGH = {"ignore_unknown_options": True}
 _ALLOC_HELP = """
@@ -24,6 +26,13 @@ _ALLOC_HELP = """
     options go to the batch system: with SLURM, to {cmd} unchanged (e.g. -p
     PARTITION, -t TIME, -c CPUS, --mem-per-cpu MB, -J NAME); on one host
     (type: local), -c/--cpus-per-vm, -m/--mem-per-core (MiB) and -J/--job-name.
+
+    Limits, checked before anything starts (exit status 2): at most 4096 VMs;
+    counts in ASCII digits; a job name of 1 to 128 printable characters;
+    user-data (--user-data or a template's user-data file) empty, UTF-8 text
+    (cloud-config, script, MIME multipart) or gzip of text, a regular file of
+    at most 1 MiB (cloud-init's own docs cite 16 KiB on EC2; OpenStack takes
+    64 KiB, Google Cloud 256 KiB).
 """
 
 
@@ -37,9 +46,9 @@ def _local_options(args):
     """-c, -m and -J of the local backend (upstream's local options)."""
 
     @click.command(add_help_option=False)
-    @click.option("-J", "--job-name", default="pcocc")
-    @click.option("-c", "--cpus-per-vm", type=click.IntRange(1), default=1)
-    @click.option("-m", "--mem-per-core", type=click.IntRange(16), default=1000)
+    @click.option("-J", "--job-name", type=params.JOB_NAME, default="pcocc")
+    @click.option("-c", "--cpus-per-vm", type=params.Count("number of cores per VM", 1, params.MAX_CPUS_PER_VM), default=1)
+    @click.option("-m", "--mem-per-core", type=params.Count("memory per core (MiB)", 16, params.MAX_MEM_PER_CORE), default=1000)
     def parse(**kw):
         return kw
 
@@ -50,14 +59,49 @@ def _local_options(args):
 
 
 def _slurm_name(args):
+    """The job name among sbatch/salloc options (checked: pcocc.names.check_job_name), or None."""
+    from pcocc.names import check_job_name
+
     for i, a in enumerate(args):
         if a in ("-J", "--job-name") and i + 1 < len(args):
-            return args[i + 1]
+            return check_job_name(args[i + 1])
         if a.startswith("--job-name="):
-            return a.split("=", 1)[1]
+            return check_job_name(a.split("=", 1)[1])
         if a.startswith("-J") and len(a) > 2:
-            return a[2:]
+            return check_job_name(a[2:])
     return None
+
+
+def _check_user_data(app, user_data, vms, resolved):
+    """Refuse, before anything starts, user-data the VMs would refuse (pcocc.userdata).
+
+    --user-data: UserDataError (exit 2). A template's user-data file: the same
+    checks, as a ConfigError naming the template (exit 3), for each VM rank
+    when its path can be expanded here (a path with %{clusterdir} or
+    %{jobid} is checked by the VM).
+    """
+    from pcocc import pathtpl, userdata
+
+    if user_data:
+        userdata.read(user_data)
+        return
+    seen = set()
+    for vm in vms:
+        value = resolved[vm.template].values.get("user-data")
+        if not isinstance(value, str) or not value:
+            continue
+        values = {"homedir": app.env.home, "user": app.env.user, "vm_rank": vm.rank, "clusterdir": None, "jobid": None}
+        try:
+            path = os.path.expanduser(pathtpl.expand(value, values, app.env.environ))
+        except ConfigError:
+            continue  # known only once the cluster runs
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            userdata.read(path)
+        except userdata.UserDataError as exc:
+            raise ConfigError([f"template {vm.template}: {exc.message}"]) from None
 
 
 def _split(args):
@@ -107,6 +151,7 @@ def _submit_local(app, definition, batch_opts, user_data, script=None, restart_c
     vms = parse_definition(definition, tset)
     resolved = {name: tset.resolve(name) for name in {v.template for v in vms}}
     cpus, mem = local["cpus_per_vm"], local["mem_per_core"] * local["cpus_per_vm"]
+    _check_user_data(app, user_data, vms, resolved)
     restart = _restart(app, restart_ckpt, definition, cpus, mem)
     backend = app.ctx.backend()
     opts = {
@@ -128,8 +173,10 @@ def _slurm_opts(app, definition, batch_opts, user_data, **launcher_opts):
     """(number of VMs, launcher options) for a SLURM submission; checks the definition first."""
     from pcocc.cluster import parse_definition
 
-    vms = parse_definition(definition, app.config.templates)
+    tset = app.config.templates
+    vms = parse_definition(definition, tset)
     name = _slurm_name(batch_opts) or "pcocc"
+    _check_user_data(app, user_data, vms, {n: tset.resolve(n) for n in {v.template for v in vms}})
     return len(vms), {"name": name, "user_data": os.path.abspath(user_data) if user_data else None, **launcher_opts}
 
 
@@ -199,7 +246,7 @@ def batch(app, restart_ckpt, boot, user_data, batch_script, host_script, wait, a
 
 
 @click.command()
-@click.option("-u", "--user", help="Another user's clusters (what the batch system shows of them).")
+@click.option("-u", "--user", type=params.USER_NAME, help="Another user's clusters (what the batch system shows of them).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @pass_app
 def ps(app, user, as_json):
@@ -223,10 +270,17 @@ def ps(app, user, as_json):
         app.info("No running virtual cluster.")
         return
     table(app, ["JOBID", "NAME", "USER", "DEFINITION", "VMS", "STATE", "DURATION"],
-          [[r["jobid"], r["name"], r["user"], r["definition"], _vm_summary(r["vm_states"]), r["state"], _duration(r["duration"])] for r in rows])
-    for r in rows:
+          [[r["jobid"], one_line(r["name"]), one_line(r["user"]), one_line(r["definition"]), _vm_summary(r["vm_states"]), r["state"],
+            _duration(r["duration"])] for r in rows])
+    for r in rows:  # names and errors are data (SLURM job names are anyone's): one line each
         for vm, err in r["errors"].items():
-            app.out(f"{r['jobid']}/{vm}: {err}")
+            app.out(f"{r['jobid']}/{vm}: {one_line(err)}")
+
+
+def one_line(value):
+    from pcocc.names import one_line as escape
+
+    return escape(value) if isinstance(value, str) else value
 
 
 def _vm_summary(states):
@@ -244,8 +298,8 @@ def _duration(seconds):
 
 
 @click.command()
-@click.option("-j", "--jobid", type=int, help="Job id of the cluster.")
-@click.option("-J", "--jobname", help="Job name of the cluster.")
+@click.option("-j", "--jobid", type=params.JOB_ID, help="Job id of the cluster.")
+@click.option("-J", "--jobname", type=params.JOB_NAME, help="Job name of the cluster.")
 @pass_app
 def cancel(app, jobid, jobname):
     """Stop a virtual cluster (by default: your only one)."""

@@ -15,6 +15,7 @@ import click
 from pcocc import __version__
 from pcocc.env import Environment
 from pcocc.errors import ExitStatus, PcoccError
+from pcocc.names import one_line
 
 # name -> (module under pcocc.cli, attribute, short help). Kept here so that
 # `pcocc --help` lists every command without importing any of them.
@@ -135,11 +136,9 @@ def run(argv=None, env=None):
         # non-standalone click returns what a command raised as click.exceptions.Exit(code)
         return rv if isinstance(rv, int) else ExitStatus.OK
     except click.ClickException as exc:  # usage errors: exit 2 with a hint
+        env.stderr.write(f"pcocc: error: {one_line(exc.format_message())}\n")
         if exc.ctx is not None and isinstance(exc, click.UsageError):
-            env.stderr.write(f"pcocc: error: {exc.format_message()}\n")
             env.stderr.write(f"Try '{exc.ctx.command_path} --help' for help.\n")
-        else:
-            env.stderr.write(f"pcocc: error: {exc.format_message()}\n")
         return exc.exit_code
     except click.Abort:
         env.stderr.write("\npcocc: interrupted\n")
@@ -154,8 +153,8 @@ def run(argv=None, env=None):
             import traceback
 
             traceback.print_exc(file=env.stderr)
-        for line in exc.lines():
-            env.stderr.write(f"pcocc: error: {line}\n")
+        for line in exc.lines():  # user-given values in a message must not make lines of their own
+            env.stderr.write(f"pcocc: error: {one_line(line)}\n")
         return exc.status
     except BrokenPipeError:
         # The reader went away (pcocc ps | head): not an error of ours.
@@ -164,6 +163,6 @@ def run(argv=None, env=None):
     except Exception as exc:  # a bug: say so, with the way to get details
         if debug:
             raise
-        env.stderr.write(f"pcocc: internal error: {type(exc).__name__}: {exc}\n")
+        env.stderr.write(f"pcocc: internal error: {type(exc).__name__}: {one_line(exc)}\n")
         env.stderr.write("Run again with --debug for the traceback, and report it.\n")
         return ExitStatus.ERROR

@@ -9,6 +9,7 @@ import os
 
 import click
 
+from pcocc.cli import params
 from pcocc.cli.access import job_options
 from pcocc.cli.core import pass_app
 from pcocc.errors import PcoccError
@@ -64,7 +65,7 @@ def scp(app, jobid, jobname, scp_args):
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @job_options
 @click.argument("vm")
-@click.argument("port", type=int, required=False)
+@click.argument("port", type=params.Count("port", 1, 65535), required=False)
 @pass_app
 def nc(app, jobid, jobname, vm, port):
     """Connect stdin and stdout to a reverse-NATed TCP port of VM (default: the only one).
