@@ -175,3 +175,127 @@ def test_overlay_is_a_valid_qcow2_on_the_top_layer(repos, raw_image, tmp_path):
     qemu_io(ov, "read -P 0x5a 0 1M", "write -P 0x11 2M 1M", "read -P 0x11 2M 1M", fmt="qcow2")
     # writes go to the overlay, never to the repository
     assert repos("image", "verify").status == 0
+
+
+# -- export/import keep what an image boots with (repro 01)
+
+
+def _boot_image(repos, raw_image, tmp_path, name="booting"):
+    """An image that boots its own kernel, as `image build` makes them (fake kernel and initrd files)."""
+    from pcocc.config.loader import load_config
+    from pcocc.images.store import ImageStore
+
+    (tmp_path / "vmlinuz").write_bytes(os.urandom(4096))
+    (tmp_path / "initrd.img").write_bytes(os.urandom(2048))
+    store = ImageStore(load_config(repos.env()).repos, "tester")
+    boot = {"kernel": str(tmp_path / "vmlinuz"), "initrd": str(tmp_path / "initrd.img"), "append": "root=/dev/vda console=ttyS0"}
+    return store.import_(str(raw_image), name, "raw", boot=boot)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_export_writes_the_boot_files_and_import_reads_them_back(repos, raw_image, tmp_path, fmt):
+    orig = _boot_image(repos, raw_image, tmp_path)
+    out = tmp_path / f"out.{fmt}"
+    r = repos("image", "export", "-t", fmt, "booting", out)
+    assert r.status == 0, r.stderr
+    assert subprocess.run(["qemu-img", "info", "--output=json", str(out)], capture_output=True, text=True, check=True).stdout.count(f'"format": "{fmt}"') == 1
+    assert sorted(p.name for p in tmp_path.glob("out.*")) == [f"out.{fmt}", f"out.{fmt}.boot.json", f"out.{fmt}.initrd", f"out.{fmt}.kernel"]
+    assert (tmp_path / f"out.{fmt}.kernel").read_bytes() == (tmp_path / "vmlinuz").read_bytes()
+    r = repos("image", "import", out, "back")
+    assert r.status == 0 and "with its boot files" in r.stderr, r.stderr
+    back = repos("image", "show", "back", "--json").json
+    assert back["boot"] == orig.boot
+    # an export that would overwrite any of its files is refused, and writes nothing
+    (tmp_path / f"again.{fmt}.kernel").write_bytes(b"mine")
+    r = repos("image", "export", "-t", fmt, "booting", tmp_path / f"again.{fmt}")
+    assert r.status == ExitStatus.USAGE and "already exists" in r.stderr
+    assert [p.name for p in tmp_path.glob("again.*")] == [f"again.{fmt}.kernel"]
+    # --no-boot-files: the disk only (and a warning that it cannot boot by itself)
+    r = repos("image", "import", "--no-boot-files", out, "diskonly")
+    assert r.status == 0 and "cannot boot" in r.stderr
+    assert repos("image", "show", "diskonly", "--json").json["boot"] == {}
+
+
+def test_import_refuses_tampered_boot_files_and_leaves_nothing(repos, raw_image, tmp_path):
+    _boot_image(repos, raw_image, tmp_path)
+    out = tmp_path / "out.qcow2"
+    assert repos("image", "export", "booting", out).status == 0
+    (tmp_path / "out.qcow2.kernel").write_bytes(b"not the kernel")
+    r = repos("image", "import", out, "back")
+    assert r.status == ExitStatus.USAGE and "does not match its sha256" in r.stderr and len(r.stderr.splitlines()) == 2
+    assert repos("image", "show", "back").status == ExitStatus.NOT_FOUND
+    r = repos("image", "verify", "--json")
+    assert r.status == 0 and r.json["leftovers"] == []
+
+
+def test_an_interrupted_export_leaves_no_file(repos, raw_image, tmp_path, monkeypatch):
+    from pcocc.images import qemuimg
+
+    _boot_image(repos, raw_image, tmp_path)
+
+    def fails(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qemuimg, "convert", fails)
+    r = repos("image", "export", "booting", tmp_path / "out.qcow2")
+    assert r.status == ExitStatus.INTERRUPTED
+    assert list(tmp_path.glob("out.*")) == []
+
+
+# -- a full file system (repro r17): one line, and a clean repository
+
+
+@pytest.fixture
+def full_fs(tmp_path):
+    """A small tmpfs with few inodes (root only: mount)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a tmpfs")
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m,nr_inodes=12", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_out_of_inodes_and_space_is_one_line_and_leaves_the_repository_clean(cli, full_fs, tmp_path):
+    cli.write("user/repos.yaml", f"repos:\n  - name: f\n    path: {full_fs}/repo\n")
+    small = tmp_path / "small.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(small), "16M"], check=True)
+    outcomes = []
+    for i in range(6):  # until the inodes run out
+        r = cli("image", "import", small, f"x{i}")
+        outcomes.append(r.status)
+        if r.status:
+            assert r.status == ExitStatus.RESOURCES, r.stderr
+            assert "internal error" not in r.stderr and "no space left" in r.stderr
+            assert len(r.stderr.splitlines()) == 2  # the error and its hint
+            break
+    assert outcomes[-1] == ExitStatus.RESOURCES, outcomes
+    v = cli("image", "verify", "--json")
+    assert v.status == 0 and v.json["problems"] == [] and v.json["leftovers"] == [], v.json
+    assert not [d for d in (full_fs / "repo" / "meta").iterdir() if not any(d.iterdir())]
+    # deleting works on the full file system, and keeps the numbers
+    assert cli("image", "delete", "x0").status == 0
+    assert cli("image", "repo", "gc").status == 0
+    # the disk itself too large for the space left: qemu-img's failure is the same one line
+    big = tmp_path / "big.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(big), "64M"], check=True)
+    qemu_io(big, "write -P 0x33 0 60M")
+    r = cli("image", "import", big, "big")
+    assert r.status == ExitStatus.RESOURCES and "no space left" in r.stderr, r.stderr
+    v = cli("image", "verify", "--json")
+    assert v.status == 0 and v.json["leftovers"] == [], v.json
+
+
+@pytest.mark.integration
+def test_an_exported_built_image_boots_again_after_import(site):
+    """Repro 01: export (-t qcow2) then import of a built image, and a VM of the copy runs and answers."""
+    out = site.root / "tiny.qcow2"
+    site.pcocc("image", "export", "-t", "qcow2", "user:tiny", out, check=True)
+    site.pcocc("image", "import", "-t", "qcow2", out, "user:tiny-back", check=True)
+    site.write(".pcocc/templates.yaml", "back:\n  image: user:tiny-back\n")
+    r = site.pcocc("batch", "-m", "256", "--wait", "back:1", timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = site.pcocc("exec", "hostname", timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "vm0", r.stderr
