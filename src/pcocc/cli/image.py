@@ -146,7 +146,10 @@ def verify(app, repo, as_json):
         if r.exists():
             problems += r.verify()
             leftovers += [f"{r.name}: {x}" for x in r.leftovers()]
-            mode = os.stat(r.path).st_mode & 0o777
+            try:
+                mode = os.stat(r.path).st_mode & 0o777
+            except OSError:
+                mode = 0
             if r.private and mode & 0o077:
                 app.warn(f"repository '{r.name}' ({r.path}) is open to other users (mode {mode:o}): 'chmod 700 {r.path}' makes it private")
     if as_json:
