@@ -403,6 +403,13 @@ class ControlClient:
             raise self._failure(e) from None
         self._rfile = self._sock.makefile("rb")
 
+    def set_timeout(self, timeout):
+        """Seconds to wait for each answer from now on (None: as long as it takes)."""
+        with self._lock:
+            self.timeout = timeout
+            if self._sock is not None:
+                self._sock.settimeout(timeout)
+
     def close(self):
         for f in (self._rfile, self._sock):
             if f:

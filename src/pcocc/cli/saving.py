@@ -1,5 +1,6 @@
 """pcocc save, ckpt: a VM's disk as a new image revision; a whole cluster to a directory."""
 
+import concurrent.futures
 import contextlib
 import os
 import time
@@ -9,6 +10,7 @@ import click
 from pcocc.cli.access import Targets, job_options
 from pcocc.cli.core import pass_app
 from pcocc.cli.render import dump_json
+from pcocc.agent.endpoint import DEFAULT_TIMEOUT
 from pcocc.errors import NotFoundError, PcoccError
 
 
@@ -41,7 +43,11 @@ def save(app, jobid, jobname, dest, full, safe, as_json, vm):
         raise click.BadParameter("save one VM at a time", param_hint="'VM'")
     name = targets.vms[targets.ranks[0]]["name"]
     app.info(f"{name}: saving its disk{' (full image)' if full else ''}...")
-    res = targets.call_one("save", dest=dest, full=full, safe=safe)
+    try:
+        res = targets.call_one("save", dest=dest, full=full, safe=safe)
+    except KeyboardInterrupt:  # our connection is closed by now: the VM abandons the save
+        app.warn(f"{name}: save interrupted: the VM abandons it, unless it was publishing it already (see 'pcocc image list')")
+        raise
     for w in res.get("warnings", []):
         app.warn(f"{name}: {w}")
     if as_json:
@@ -62,7 +68,7 @@ def _size(n):
 
 @click.command()
 @job_options
-@click.option("-F", "--force", is_flag=True, help="Replace DIR if it exists.")
+@click.option("-F", "--force", is_flag=True, help="Replace DIR if it holds a checkpoint (and nothing else).")
 @click.option("--json", "as_json", is_flag=True, help="Print the checkpoint's manifest as JSON.")
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False))
 @pass_app
@@ -78,9 +84,13 @@ def ckpt(app, jobid, jobname, force, as_json, directory):
 
     DIR must be reachable from every node the cluster runs on.
     """
+    from pcocc.lifecycle import checkpoint
+
     directory = os.path.abspath(directory)
-    if os.path.lexists(directory) and not force:
-        raise click.BadParameter(f"{directory} exists already (-F replaces it)", param_hint="'DIR'")
+    if os.path.lexists(directory):
+        if not force:
+            raise click.BadParameter(f"{directory} exists already (-F replaces it)", param_hint="'DIR'")
+        checkpoint.check_replaceable(directory)  # -F replaces a checkpoint, nothing else
     targets = Targets(app, jobid, jobname, "all")
     started = time.monotonic()
     manifest = take_checkpoint(app, targets, directory, force)
@@ -96,7 +106,12 @@ def ckpt(app, jobid, jobname, force, as_json, directory):
 def take_checkpoint(app, targets, directory, force, extra=None):
     """Pause every VM of targets, write their state into directory, stop them; the manifest.
 
-    On a failure before the VMs stop, they go on as they were and directory is untouched.
+    Order (see pcocc.lifecycle.checkpoint): pause all, each VM writes and fsyncs its
+    files in a staging directory, the manifest last, the directory published (the
+    old checkpoint exchanged atomically with -F), and only then the VMs quit. On a
+    failure before that, every VM resumes and directory is untouched. One
+    connection per VM is held throughout: if this process dies, each VM sees its
+    connection end and resumes by itself.
     """
     from pcocc.lifecycle import checkpoint
 
@@ -104,32 +119,90 @@ def take_checkpoint(app, targets, directory, force, extra=None):
     down = [v["name"] for v in targets.vms if v.get("state") != "running"]
     if down:
         raise PcoccError(f"cannot checkpoint cluster {targets.jobid}: {', '.join(down)} not running")
+    if force:
+        checkpoint.check_replaceable(directory)
     started = time.monotonic()
     staging = checkpoint.staging_dir(directory)
+    vms = _Connections(targets)
     paused = False
     try:
         app.info(f"cluster {targets.jobid}: pausing {len(targets.vms)} VM(s)")
         paused = True
-        _all_ok(targets.call_all("ckpt_pause", {}), "pause")
+        _all_ok(vms.call("ckpt_pause", {}, timeout=DEFAULT_TIMEOUT), "pause")
         app.info(f"cluster {targets.jobid}: writing disks and memory to {directory}")
-        saved = _all_ok(targets.call_all("ckpt_save", {"dir": staging}, timeout=10**7), "checkpoint")
-        app.info(f"cluster {targets.jobid}: state written ({time.monotonic() - started:.1f} s): stopping the VMs")
-        paused = False  # from here on, the VMs stop: nothing to resume
-        stamps = _all_ok(targets.call_all("ckpt_quit", {}), "stop", "The VMs that stopped cannot go on; nothing was written.")
+        saved = _all_ok(vms.call("ckpt_save", {"dir": staging}, timeout=None), "checkpoint")
         by_rank = {int(n[2:]): r for n, r in saved.items()}
-        manifest = checkpoint.write_manifest(staging, targets.info, by_rank, {int(n[2:]): r for n, r in stamps.items()}, extra)
-        checkpoint.publish(staging, directory, force)
+        try:
+            manifest = checkpoint.write_manifest(staging, targets.info, by_rank, None, extra)
+            checkpoint.publish(staging, directory, force)
+        except checkpoint.CheckpointError as exc:
+            raise PcoccError(f"checkpoint failed: {exc.message}", "The cluster goes on as it was; nothing was written.") from None
         staging = None
+        app.info(f"cluster {targets.jobid}: checkpoint written ({time.monotonic() - started:.1f} s): stopping the VMs")
+        stopped = vms.call("ckpt_quit", {}, timeout=DEFAULT_TIMEOUT)
+        paused = False  # those that did not stop are cancelled with the cluster
+        for name, (ok, res) in stopped.items():
+            if not ok:
+                app.warn(f"{name}: did not stop after the checkpoint ({res}); it stops with the cluster")
+        _check_drive_stamps(app, checkpoint, directory, targets, by_rank, stopped, manifest, extra)
         return manifest
     finally:
-        if paused:  # a failure before the VMs stopped: the cluster goes on as it was
-            for name, (ok, res) in targets.call_all("ckpt_resume", {}).items():
+        if paused:  # a failure before the checkpoint was whole: the cluster goes on as it was
+            for name, (ok, res) in vms.call("ckpt_resume", {}, timeout=DEFAULT_TIMEOUT).items():
                 if not ok:
                     app.warn(f"{name}: could not resume it: {res}")
+        vms.close()
         if staging:
-            import shutil
+            checkpoint.discard_staging(staging)
 
-            shutil.rmtree(staging, ignore_errors=True)
+
+def _check_drive_stamps(app, checkpoint, directory, targets, by_rank, stopped, manifest, extra):
+    """Persistent drives are stamped (size, mtime) when saved; if qemu's quit touched one,
+    the manifest is rewritten with the new stamp (else the restart would refuse it)."""
+    stamps = {int(n[2:]): r for n, (ok, r) in stopped.items() if ok}
+    changed = any((d.get("size"), d.get("mtime_ns")) != (s["size"], s["mtime_ns"])
+                  for rank, r in stamps.items() for s in r.get("drives", [])
+                  for d in by_rank[rank].get("drives", []) if d["path"] == s["path"])
+    if not changed:
+        return
+    try:
+        manifest.update(checkpoint.write_manifest(directory, targets.info, by_rank, stamps, extra))
+    except checkpoint.CheckpointError as exc:
+        app.warn(f"a persistent drive changed as its VM stopped, and the manifest could not say so ({exc.message}): "
+                 "the restart will ask for the drive copies of the checkpoint")
+
+
+class _Connections:
+    """One control connection per VM, kept for a whole checkpoint (a VM resumes if its ends first)."""
+
+    def __init__(self, targets):
+        from pcocc.agent.endpoint import ControlClient
+
+        creds = targets.creds
+        self.targets = targets
+        self.clients = {}
+        for r in targets.ranks:
+            vm = targets.vms[r]
+            self.clients[vm["name"]] = ControlClient(tuple(vm["control"]), ca_pem=creds["ca"], cert_pem=creds["cert"], key_pem=creds["key"])
+
+    def call(self, op, args, timeout):
+        """{vm name: (ok, result or error message)}, every VM in parallel."""
+        def one(c):
+            c.set_timeout(timeout)
+            try:
+                return True, c.call(op, **args)
+            except PcoccError as exc:
+                return False, exc.message
+
+        if not self.clients:
+            return {}
+        with concurrent.futures.ThreadPoolExecutor(min(16, len(self.clients)), thread_name_prefix="pcocc-ckpt") as pool:
+            futures = {name: pool.submit(one, c) for name, c in self.clients.items()}
+            return {name: f.result() for name, f in futures.items()}
+
+    def close(self):
+        for c in self.clients.values():
+            c.close()
 
 
 def _all_ok(results, what, hint="The cluster goes on as it was; nothing was written."):

@@ -7,12 +7,25 @@ A checkpoint directory holds, for each VM N:
 and ckpt.json, the manifest: definition, each VM's template, settings digest,
 vCPUs, memory, image revision (with its layers), files and persistent drives.
 
-Taking one (the CLI drives the VMs through their control endpoints):
+Taking one (the CLI drives the VMs through their control endpoints, one
+connection per VM held for the whole checkpoint):
     pause every VM  ->  each writes its disk delta, drive copies, then memory
-    ->  every VM's qemu quits  ->  manifest written  ->  the directory published.
-Any failure before the quit resumes the cluster as it was and publishes nothing.
-Disks are copied before memory: once a migration completes qemu hands the disks
-over (inactivates them), while a paused VM's disks do not change.
+    into a staging directory beside DIR, and fsyncs each file
+    ->  the manifest is written last and fsynced, then the staging directory
+    ->  published: renamed to DIR (or atomically exchanged with the old
+        checkpoint at DIR, with -F), the parent directory fsynced
+    ->  only then every VM's qemu quits.
+Nothing stops a VM before its checkpoint is complete and durable: any failure
+before the quit (a VM's write, ENOSPC on the manifest, the rename) resumes the
+cluster as it was and removes the staging directory.  A VM also resumes by itself
+when the connection of the client that paused it ends before the quit (the CLI
+killed, a node lost).  Disks are copied before memory: once a migration
+completes qemu hands the disks over (inactivates them), while a paused VM's
+disks do not change.
+
+-F replaces only a pcocc checkpoint: a directory whose ckpt.json this pcocc
+reads, holding no file its manifest does not name (see check_replaceable).  The
+old checkpoint's files are removed by name after the exchange, never by rmtree.
 
 Restarting: the same definition, core counts and template settings are checked
 first; each VM's disk starts as a copy of its delta on the same image revision,
@@ -21,11 +34,15 @@ Persistent drives are used in place, if they did not change since (else the
 restart is refused: the checkpoint holds their copy).
 """
 
+import ctypes
 import datetime
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
+import stat
 import uuid
 
 from pcocc import __version__
@@ -35,6 +52,8 @@ from pcocc.hypervisor import snapshot
 MANIFEST = "ckpt.json"
 FORMAT = 1
 _EXT = {"zstd": "zst", "gzip": "gz"}
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(PcoccError):
@@ -85,8 +104,14 @@ def resume(vm):
     return {}
 
 
-def save_vm(vm, rev, drives, directory):
-    """Write this (paused) VM's disk delta, persistent drive copies and memory into directory."""
+def save_vm(vm, rev, drives, directory, cancelled=None):
+    """Write this (paused) VM's disk delta, persistent drive copies and memory into directory.
+
+    Each file is fsynced before this returns; the entry of the manifest for this VM
+    (dict), with the size and mtime (ns) of each persistent drive as the checkpoint
+    leaves it. cancelled: a callable polled during the copies (the client left):
+    SnapshotError then, and the VM stays paused (the caller resumes it).
+    """
     from pcocc.images import qcow2, qemuimg
 
     name = vm.config.name
@@ -101,25 +126,34 @@ def save_vm(vm, rev, drives, directory):
         out["image"] = {"uri": rev.uri, "layers": list(rev.layers), "size": rev.size}
         target = os.path.join(directory, out["disk"])
         qcow2.create_overlay(target, os.path.abspath(rev.top), rev.size)
-        snapshot.backup(vm.monitor, "disk0", target, "top", job_id="pcocc-ckpt-disk0")
+        snapshot.backup(vm.monitor, "disk0", target, "top", job_id="pcocc-ckpt-disk0", cancelled=cancelled)
+        snapshot.fsync_file(target)
         index = 1
     for k, (path, _cache, fmt) in enumerate(drives):
         copy = f"drive-{name}-{k}.{fmt}"
         size = sizes[f"disk{index + k}"]
         target = os.path.join(directory, copy)
         qemuimg.create(target, size, fmt)
-        snapshot.backup(vm.monitor, f"disk{index + k}", target, "full", fmt=fmt, job_id=f"pcocc-ckpt-disk{index + k}")
+        snapshot.backup(vm.monitor, f"disk{index + k}", target, "full", fmt=fmt, job_id=f"pcocc-ckpt-disk{index + k}",
+                        cancelled=cancelled)
+        snapshot.fsync_file(target)
         out["drives"].append({"path": path, "copy": copy, "format": fmt})
     comp = snapshot.compressor()
     out["memory"] = f"memory-{name}.{_EXT[comp]}"
     out["compress"] = comp
-    snapshot.save_memory(vm.monitor, os.path.join(directory, out["memory"]), comp)
+    qemu_pid = vm.proc.pid if getattr(vm, "proc", None) is not None else None
+    snapshot.save_memory(vm.monitor, os.path.join(directory, out["memory"]), comp, cancelled=cancelled, qemu_pid=qemu_pid)
     out["memory_bytes"] = os.path.getsize(os.path.join(directory, out["memory"]))
+    # the drives as the checkpoint leaves them: qemu flushed and inactivated them when the migration completed
+    by_path = {s["path"]: s for s in (_stamp(path) for path, _, _ in drives)}
+    for d in out["drives"]:
+        d.update(size=by_path[d["path"]]["size"], mtime_ns=by_path[d["path"]]["mtime_ns"])
     return out
 
 
 def quit_vm(vm, drives):
-    """Stop qemu without letting the guest run again; the state of the persistent drives after."""
+    """Stop qemu without letting the guest run again; the state of the persistent drives after
+    ({"drives": [{path, size, mtime_ns}]}), to check against what save_vm saw."""
     vm.stop(graceful=False)
     return {"drives": [_stamp(path) for path, _, _ in drives]}
 
@@ -151,13 +185,20 @@ def staging_dir(directory):
     return path
 
 
-def write_manifest(staging, info, saved, stamps, extra=None):
-    """ckpt.json in staging, from the cluster record and what each VM wrote."""
+def write_manifest(staging, info, saved, stamps=None, extra=None):
+    """ckpt.json in staging, from the cluster record and what each VM wrote ({rank: entry});
+    stamps ({rank: {"drives": [...]}}) override the drives' size and mtime_ns.
+
+    Written to a temporary name, fsynced, renamed, then the directory fsynced: the
+    manifest names only files that are already durable, and is itself whole or
+    absent. CheckpointError (one line) on any OS error, e.g. ENOSPC.
+    """
     vms = []
     for vm in info["vms"]:
         rank = vm["rank"]
         entry = {**saved[rank], "rank": rank, "template": vm["template"], "settings_digest": settings_digest(vm["settings"])}
-        by_path = {s["path"]: s for s in stamps.get(rank, {}).get("drives", [])}
+        entry["drives"] = [dict(d) for d in entry.get("drives", [])]
+        by_path = {s["path"]: s for s in (stamps or {}).get(rank, {}).get("drives", [])}
         for d in entry["drives"]:
             d.update({k: v for k, v in by_path.get(d["path"], {}).items() if k in ("size", "mtime_ns")})
         vms.append(entry)
@@ -165,28 +206,168 @@ def write_manifest(staging, info, saved, stamps, extra=None):
         "format": FORMAT, "pcocc": __version__, "jobid": info["jobid"], "name": info["name"], "definition": info["definition"],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "vms": vms, **(extra or {}),
     }
-    with open(os.path.join(staging, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    path = os.path.join(staging, MANIFEST)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+        snapshot.fsync_dir(staging)
+    except OSError as exc:
+        with _suppress_os():
+            os.unlink(tmp)
+        raise CheckpointError(f"cannot write the checkpoint's manifest in {staging}: {exc.strerror or exc}") from None
     return manifest
 
 
+def check_replaceable(directory):
+    """UsageError unless directory (absolute) can be replaced by a new checkpoint (-F):
+    it must be a real directory (not a symlink) holding a pcocc checkpoint, i.e. a
+    manifest this pcocc reads, and no file that manifest does not name. Returns the
+    names of its files."""
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return set()
+    hint = "-F replaces only a checkpoint written by 'pcocc ckpt': choose another DIR, or move it away."
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{directory} is not a pcocc checkpoint (not a directory): -F will not replace it", hint)
+    try:
+        manifest = _read_manifest(directory)
+    except PcoccError as exc:
+        raise UsageError(f"{directory} is not a pcocc checkpoint ({exc.message}): -F will not replace it", hint) from None
+    names = _files_of(manifest)
+    try:
+        present = set(os.listdir(directory))
+    except OSError as exc:
+        raise UsageError(f"cannot read {directory}: {exc.strerror}") from None
+    others = sorted(present - names)
+    if others:
+        raise UsageError(f"{directory} holds files that are not part of its checkpoint ({', '.join(others[:3])}"
+                         f"{', ...' if len(others) > 3 else ''}): -F will not replace it", hint)
+    return present
+
+
+def _files_of(manifest):
+    names = {MANIFEST}
+    for vm in manifest["vms"]:
+        for key in ("disk", "memory"):
+            if vm.get(key):
+                names.add(vm[key])
+        for d in vm.get("drives", []):
+            if d.get("copy"):
+                names.add(d["copy"])
+    if any("/" in n or n in (".", "..") for n in names):
+        raise CheckpointError("its manifest names files outside of its directory")
+    return names
+
+
 def publish(staging, directory, force):
-    """Rename the finished checkpoint into place (replacing directory with force)."""
-    old = None
-    if os.path.lexists(directory):
-        if not force:
-            raise UsageError(f"{directory} exists already (-F replaces it)")
-        old = f"{staging}.old"
-        os.rename(directory, old)
-    os.rename(staging, directory)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    """Put the finished (fsynced) checkpoint in staging at directory, durably.
+
+    Without force, directory must not exist (renameat2 RENAME_NOREPLACE: an empty
+    directory created meanwhile is not silently replaced). With force, an existing
+    directory must be a checkpoint (check_replaceable): the two are exchanged
+    atomically (RENAME_EXCHANGE), so directory always holds one whole checkpoint,
+    then the old one's files are removed by name. The parent is fsynced.
+    Raises UsageError or CheckpointError; staging is left for the caller to remove.
+    """
+    parent = os.path.dirname(directory)
+    exists = os.path.lexists(directory)
+    if exists and not force:
+        raise UsageError(f"{directory} exists already (-F replaces it)")
+    old_files = check_replaceable(directory) if exists else None
+    old = staging  # where the replaced checkpoint ends up
+    try:
+        snapshot.fsync_dir(staging)
+        if exists:
+            try:
+                _rename(staging, directory, _RENAME_EXCHANGE)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                # a file system without the exchange (e.g. NFS): the old one aside, then the new one in
+                old = f"{staging}.old"
+                os.rename(directory, old)
+                try:
+                    os.rename(staging, directory)
+                except OSError:
+                    os.rename(old, directory)
+                    raise
+        else:
+            try:
+                _rename(staging, directory, _RENAME_NOREPLACE)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                if os.path.lexists(directory):
+                    raise OSError(errno.EEXIST, os.strerror(errno.EEXIST)) from None
+                os.rename(staging, directory)
+        snapshot.fsync_dir(parent)
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            raise UsageError(f"{directory} appeared while the checkpoint was written (-F replaces it)") from None
+        raise CheckpointError(f"cannot publish the checkpoint as {directory}: {exc.strerror or exc}") from None
+    if exists:  # old holds the replaced checkpoint: remove what its manifest named, nothing else
+        for name in old_files:
+            with _suppress_os():
+                os.unlink(os.path.join(old, name))
+        try:
+            os.rmdir(old)
+        except OSError as exc:
+            log.warning("the replaced checkpoint is left in %s: %s", old, exc.strerror)
+
+
+def discard_staging(staging):
+    """Remove a staging directory that was never published (only pcocc wrote in it)."""
+    if staging and os.path.isdir(staging) and not os.path.islink(staging):
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+class _suppress_os:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        return kind is not None and issubclass(kind, OSError)
+
+
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276}
+
+
+def _rename(src, dst, flags):
+    """renameat2(2) with flags; OSError as the kernel reports it (source: rename(2))."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is not None:
+        rc = fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), ctypes.c_uint(flags))
+    else:  # glibc < 2.28: the system call itself
+        nr = _SYS_RENAMEAT2.get(os.uname().machine)
+        if nr is None:
+            raise OSError(errno.ENOSYS, "renameat2 is not available")
+        rc = libc.syscall(nr, _AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), ctypes.c_uint(flags))
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), dst)
 
 
 def load(directory):
-    """The manifest of the checkpoint in directory (an absolute path)."""
+    """The manifest of the checkpoint in directory (an absolute path); NotFoundError
+    without a manifest, CheckpointError if unreadable or a file it names is missing."""
+    manifest = _read_manifest(directory)
+    for vm in manifest["vms"]:
+        for key in ("disk", "memory"):
+            if vm.get(key) and not os.path.isfile(os.path.join(directory, vm[key])):
+                raise CheckpointError(f"checkpoint {directory} is incomplete: {vm[key]} is missing")
+    return manifest
+
+
+def _read_manifest(directory):
     path = os.path.join(directory, MANIFEST)
     try:
         with open(path) as f:
@@ -195,12 +376,9 @@ def load(directory):
         raise NotFoundError(f"{directory} is not a checkpoint (no {MANIFEST})", "Give a directory written by 'pcocc ckpt'.") from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("vms"), list):
+    if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("vms"), list)
+            or not all(isinstance(vm, dict) for vm in manifest["vms"])):
         raise CheckpointError(f"{path}: not a checkpoint manifest this pcocc understands")
-    for vm in manifest["vms"]:
-        for key in ("disk", "memory"):
-            if vm.get(key) and not os.path.isfile(os.path.join(directory, vm[key])):
-                raise CheckpointError(f"checkpoint {directory} is incomplete: {vm[key]} is missing")
     return manifest
 
 

@@ -12,6 +12,17 @@ Runs in the process that runs the VM (it holds QMP and the guest agent):
 
 A failure at any step publishes nothing: the layer is a tmp file until its
 revision's metadata is linked in (see images/repo.py).
+
+An abandoned save publishes nothing either: ``client_present`` (the control
+endpoint's ``Session.present``) is polled while the copy runs (the backup job
+is cancelled once the client left: Ctrl-C, killed, node lost) and checked again
+once the layer is whole, just before it is handed to the repository to be
+stored and published.  The VM's own disk chain is never changed by a save (a
+backup job reads it), so it stays consistent whatever happens.  The one window
+left is the repository's hashing and commit of the finished layer (a second or
+so for a large full image): a client that leaves during it finds the revision
+published (images/store.py's ``save_layer`` would need a hook just before its
+commit to close it).
 """
 
 import logging
@@ -30,10 +41,28 @@ SAFE_FREEZE_TIMEOUT = 10**7  # "as long as it takes"
 THAW_TIMEOUT = 60
 
 
-def save_disk(vm, agent, rev, images, dest=None, full=False, safe=False, freeze_timeout=FREEZE_TIMEOUT):
-    """Save the image disk of a running VM; a dict describing the new revision."""
+class SaveAbandoned(PcoccError):
+    """The client of a save left before it was published: nothing was."""
+
+
+def save_disk(vm, agent, rev, images, dest=None, full=False, safe=False, freeze_timeout=FREEZE_TIMEOUT, client_present=None):
+    """Save the image disk of a running VM; a dict describing the new revision
+    (uri, repo, image, revision, base, full, layer_bytes, seconds, frozen, warnings).
+
+    client_present: a callable, true while the client that asked is still there;
+    once false, the copy is cancelled and SaveAbandoned raised (nothing published).
+    Raises UsageError (no image disk), PcoccError from the agent (safe) or the copy.
+    """
     if rev is None or not vm.config.disk:
         raise UsageError(f"{vm.config.name} has no image disk to save (its template has no image)")
+
+    def abandoned():
+        return client_present is not None and not client_present()
+
+    def check_client():
+        if abandoned():
+            raise SaveAbandoned(f"{vm.config.name}: save abandoned (its client left): nothing was published")
+
     started = time.monotonic()
     report = {"vm": vm.config.name, "frozen": False, "warnings": []}
     state = {"thawed": True}
@@ -63,6 +92,7 @@ def save_disk(vm, agent, rev, images, dest=None, full=False, safe=False, freeze_
 
     def fill(path, backing):
         nonlocal freeze_started
+        check_client()
         if backing is None:
             qemuimg.create(path, rev.size)
         else:
@@ -70,10 +100,15 @@ def save_disk(vm, agent, rev, images, dest=None, full=False, safe=False, freeze_
         freeze_started = time.monotonic()
         freeze()
         try:
-            snapshot.backup(vm.monitor, "disk0", path, "full" if backing is None else "top", on_started=thaw)
+            snapshot.backup(vm.monitor, "disk0", path, "full" if backing is None else "top", on_started=thaw, cancelled=abandoned)
+        except snapshot.SnapshotError:
+            check_client()  # abandoned: say so, rather than how the copy was stopped
+            raise
         finally:
             thaw()
+        snapshot.fsync_file(path)
         report["layer_bytes"] = os.path.getsize(path)
+        check_client()  # the last moment before the repository stores and publishes it
 
     freeze_started = None
     new = images.save_layer(rev, fill, dest=dest, full=full, description=None)

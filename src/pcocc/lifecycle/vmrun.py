@@ -75,35 +75,60 @@ class ControlHandler:
             raise PcoccError(f"{self.vm.config.name}: a save or checkpoint of this VM is already in progress")
         return _Release(self._disk_lock)
 
-    def op_save(self, dest=None, full=False, safe=False):
+    def op_save(self, dest=None, full=False, safe=False, session=None):
+        """The disk as a new image revision, published only while the client is still connected."""
         from pcocc.lifecycle.saving import save_disk
 
+        present = session.present if session is not None else None
         with self._exclusive():
-            return save_disk(self.vm, self.agent, self.rev, self.images(), dest=dest, full=full, safe=safe)
+            return save_disk(self.vm, self.agent, self.rev, self.images(), dest=dest, full=full, safe=safe, client_present=present)
 
-    def op_ckpt_pause(self):
+    def op_ckpt_pause(self, session=None):
+        """Pause for a checkpoint; resumed by ckpt_resume, or when this client's connection
+        ends before ckpt_quit (the CLI killed or its node lost)."""
         from pcocc.lifecycle import checkpoint
 
         with self._exclusive():
-            return checkpoint.pause(self.vm)
+            result = checkpoint.pause(self.vm)
+            if session is not None:
+                self._ckpt_undo = session.on_close(self._resume_abandoned)
+            return result
 
-    def op_ckpt_save(self, dir):
+    def _resume_abandoned(self):
+        from pcocc.lifecycle import checkpoint
+
+        with self._disk_lock:  # waits for a save of this checkpoint still running
+            if self.checkpointed:
+                return
+            log.warning("%s: the client of a checkpoint left before its end: resuming the VM", self.vm.config.name)
+            try:
+                checkpoint.resume(self.vm)
+            except PcoccError as exc:
+                log.error("%s: could not resume it: %s", self.vm.config.name, exc.message)
+
+    def op_ckpt_save(self, dir, session=None):
+        from pcocc.lifecycle import checkpoint
+
+        cancelled = (lambda: not session.present()) if session is not None else None
+        with self._exclusive():
+            return checkpoint.save_vm(self.vm, self.rev, self.drives, dir, cancelled=cancelled)
+
+    def op_ckpt_resume(self, session=None):
         from pcocc.lifecycle import checkpoint
 
         with self._exclusive():
-            return checkpoint.save_vm(self.vm, self.rev, self.drives, dir)
-
-    def op_ckpt_resume(self):
-        from pcocc.lifecycle import checkpoint
-
-        with self._exclusive():
+            if session is not None and getattr(self, "_ckpt_undo", None):
+                session.discard(self._ckpt_undo)
             return checkpoint.resume(self.vm)
 
-    def op_ckpt_quit(self):
+    def op_ckpt_quit(self, session=None):
+        """Stop qemu once the checkpoint is published (the CLI calls it last)."""
         from pcocc.lifecycle import checkpoint
 
         with self._exclusive():
             self.checkpointed = True
+            if session is not None and getattr(self, "_ckpt_undo", None):
+                session.discard(self._ckpt_undo)
             return checkpoint.quit_vm(self.vm, self.drives)
 
 
