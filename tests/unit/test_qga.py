@@ -317,3 +317,68 @@ def test_shutdown_does_not_wait_and_the_next_command_resyncs(sock, fake):
         "guest-sync-delimited",
         "guest-ping",
     ]
+
+
+# ---- scripts in the guest: private, unpredictable paths (issue 12, section 4) -------------------
+
+def _run_here(argv, script, tmpdir):
+    import subprocess
+
+    return subprocess.run(argv, input=script, capture_output=True, env={"PATH": os.environ["PATH"], "TMPDIR": str(tmpdir)})
+
+
+@pytest.mark.parametrize("interpreter", ["/bin/sh", None])
+def test_script_runs_from_a_private_dir_then_goes(tmp_path, interpreter):
+    from pcocc.agent.qga import run_script_argv
+
+    script = b'#!/bin/sh\necho "[$1] [$2]"; ls -ld "$(dirname "$0")" | cut -c1-10; exit 7\n'
+    r = _run_here(run_script_argv(["a b", "$HOME"], interpreter=interpreter), script, tmp_path)
+    assert r.returncode == 7, r.stderr
+    assert r.stdout.decode().splitlines() == ["[a b] [$HOME]", "drwx------"]
+    assert list(tmp_path.iterdir()) == []  # removed after
+
+
+def test_script_path_is_not_predictable_and_links_are_not_followed(tmp_path):
+    from pcocc.agent.qga import run_script_argv
+
+    victim = tmp_path / "victim"
+    victim.write_text("safe")
+    for name in ("pcocc-script", "pcocc-exec-1", "pcocc-batch-1", "pcocc-script.XXXXXXXXXX"):
+        (tmp_path / name).symlink_to(victim)
+    seen = set()
+    for _ in range(3):
+        r = _run_here(run_script_argv(), b'echo "$0"', tmp_path)
+        assert r.returncode == 0
+        seen.add(r.stdout.strip())
+    assert len(seen) == 3  # a new random directory each time
+    assert victim.read_text() == "safe"
+
+
+class _RecordingAgent:
+    def __init__(self):
+        self.argv = None
+
+    def exec(self, argv, input=None, timeout=None):
+        self.argv = argv
+        return 0, b"", b""
+
+
+@pytest.mark.parametrize("user", ["-c id", "--login", "-", "a b", "x;id", "é"])
+def test_vm_side_refuses_user_names_that_are_not_names(user):
+    from pcocc.errors import UsageError
+    from pcocc.lifecycle.vmrun import ControlHandler
+
+    agent = _RecordingAgent()
+    with pytest.raises(UsageError):
+        ControlHandler(None, agent).op_exec(["id"], user=user)
+    assert agent.argv is None  # nothing ran
+
+
+def test_vm_side_gives_su_the_user_after_double_dash():
+    from pcocc.lifecycle.vmrun import ControlHandler
+
+    agent = _RecordingAgent()
+    ControlHandler(None, agent).op_exec(["id", "-u"], user="alice")
+    assert agent.argv == ["su", "-s", "/bin/sh", "--", "alice", "-c", "id -u"]
+    ControlHandler(None, agent).op_exec(["id"], user="root")
+    assert agent.argv == ["id"]
