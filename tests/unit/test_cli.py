@@ -62,3 +62,117 @@ def test_error_boundary_hides_traceback_unless_debug(cli):
     assert "Traceback" not in r.stderr
     r = cli("--debug", "template", "list")
     assert "Traceback" in r.stderr
+
+
+# ---- user-given strings are data (issue 12, section 5): one error line, a documented status, nothing started
+
+import gzip  # noqa: E402
+import os  # noqa: E402
+
+from fake_backend import install, local_site  # noqa: E402
+
+DOCUMENTED = {int(s) for s in ExitStatus}
+
+
+def _clean_error(r, status):
+    assert r.status == status, (r.status, r.stderr)
+    assert r.status in DOCUMENTED
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert lines and lines[0].startswith("pcocc: error: "), r.stderr
+    assert len([l for l in lines if l.startswith("pcocc: error: ")]) <= 2 and len(lines) <= 2, r.stderr  # the error, a hint
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+
+
+@pytest.fixture
+def site(cli, tmp_path):
+    local_site(cli, tmp_path)
+    with install() as backend:
+        cli.backend = backend
+        yield cli
+
+
+@pytest.mark.parametrize("argv", [
+    ("batch", "tiny:³"), ("batch", "tiny:٣"), ("batch", "tiny:99999999999999999999"), ("batch", "tiny:" + "9" * 5000),
+    ("batch", "tiny:4097"), ("batch", "tiny:4096,other:1"), ("batch", "-J", "evil\n1 fake root running"), ("batch", "-J", "\x1b[2J", "tiny"),
+    ("batch", "-c", "٣", "tiny"), ("batch", "-c", "99999999999", "tiny"), ("batch", "-m", "1_000", "tiny"), ("batch", "-J", "x" * 129, "tiny"),
+    ("alloc", "tiny:³"), ("cancel", "-j", "١"), ("cancel", "-j", "-1"), ("cancel", "-j", "9" * 30), ("cancel", "-J", "a\nb"),
+    ("exec", "-u", "-c id", "id"), ("exec", "-u", "--login", "id"), ("exec", "-j", "+1", "id"), ("exec", "-i", "³", "id"),
+    ("nc", "vm0", "٨٠"), ("ps", "-u", "-x"),
+])
+def test_bad_input_is_a_usage_error(site, argv):
+    r = site(*argv)
+    _clean_error(r, ExitStatus.USAGE)
+    assert site.backend.submitted == [] and site.backend.cancelled == []
+
+
+def test_a_job_name_cannot_spoof_ps_lines(site):
+    site.backend.submit([], {}, {"name": "x\n2 root tiny:1 running", "definition": "tiny:1"})  # e.g. made by sbatch directly
+    r = site("ps")
+    assert r.status == 0
+    rows = r.stdout.strip().splitlines()[2:]  # after the header and its rule
+    assert len(rows) == 1 and rows[0].startswith("1 ")
+    assert "x\\n2 root" in r.stdout
+
+
+def test_good_input_is_submitted(site):
+    r = site("batch", "-J", "my job", "-c", "2", "-m", "512", "tiny:2,other")
+    assert r.status == 0, r.stderr
+    ((n, opts),) = site.backend.submitted
+    assert n == 3 and opts["name"] == "my job" and opts["cpus"] == 2
+
+
+@pytest.mark.parametrize("kind", ["binary", "fifo", "device", "big"])
+def test_bad_user_data_is_refused_at_submission(site, tmp_path, kind):
+    path = tmp_path / "ud"
+    if kind == "binary":
+        path.write_bytes(b"\x9d\xff" + bytes(range(256)) * 16)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "big":
+        path.write_bytes(b"#" * (2 << 20))
+    else:
+        path = "/dev/zero"
+    r = site("batch", "--user-data", path, "tiny:1")
+    _clean_error(r, ExitStatus.USAGE)
+    assert "user-data" in r.stderr and "codec" not in r.stderr
+    assert site.backend.submitted == []
+
+
+def test_a_templates_bad_user_data_is_refused_at_submission(site, tmp_path):
+    (tmp_path / "ud.bin").write_bytes(b"\x00\xff\xfe" * 10)
+    site.write("user/templates.yaml", f"tiny:\n  image: r:tiny\n  user-data: {tmp_path}/ud.bin\n")
+    r = site("batch", "tiny:1")
+    _clean_error(r, ExitStatus.CONFIG)
+    assert "template tiny" in r.stderr and site.backend.submitted == []
+
+
+@pytest.mark.parametrize("data", [b"", b"#cloud-config\nruncmd: [x]\n", gzip.compress(b"#cloud-config\n")])
+def test_user_data_cloud_init_takes_is_accepted(site, tmp_path, data):
+    (tmp_path / "ud").write_bytes(data)
+    r = site("batch", "--user-data", tmp_path / "ud", "tiny:1")
+    assert r.status == 0, r.stderr
+    assert site.backend.submitted[0][1]["user_data"] == str(tmp_path / "ud")
+
+
+def test_every_cluster_gets_its_own_uuid_kept_on_restart():
+    from pcocc.batch.base import Backend
+
+    class Ctx:
+        class env:
+            user = "tester"
+
+    b = Backend(Ctx)
+
+    def info(restart=None):
+        return b.cluster_info(1, [], {}, {"name": "n", "definition": "tiny:1", "restart": restart})
+
+    first, second = info(), info()
+    assert first["uuid"] != second["uuid"] and len(first["uuid"]) == 32  # same job id, two clusters
+    assert info({"dir": "/c", "manifest": {"jobid": 1, "uuid": first["uuid"]}})["uuid"] == first["uuid"]
+    assert info({"dir": "/c", "manifest": {"jobid": 7}})["uuid"] == "7"  # a checkpoint made before uuids: its birth id
+
+
+def test_an_error_message_is_one_line_whatever_the_input(site):
+    r = site("batch", "--bogus\nline", "tiny")
+    assert r.status == ExitStatus.USAGE
+    assert all(l.startswith(("pcocc: error: ", "Try ")) for l in r.stderr.splitlines()), r.stderr

@@ -90,8 +90,8 @@ def exec_(app, jobid, jobname, vmset, index, user, script, timeout, cmd):
         try:
             with open(cmd[0], "rb") as f:
                 data = f.read(MAX_SCRIPT + 1)
-        except OSError as exc:
-            raise NotFoundError(f"cannot read script {cmd[0]}: {exc.strerror}") from None
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+            raise NotFoundError(f"cannot read script {cmd[0]}: {getattr(exc, 'strerror', None) or exc}") from None
         if len(data) > MAX_SCRIPT:
             raise UsageError(f"script {cmd[0]}: larger than {MAX_SCRIPT} bytes: copy big files with 'pcocc scp' and run a small script")
         # the script goes to a private directory of a random name in each VM (mktemp -d, as the

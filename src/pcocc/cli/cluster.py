@@ -14,10 +14,10 @@ from pcocc.errors import ConfigError, NotFoundError, UsageError
 
 
 _COMMON = [
-    click.option("-r", "--restart-ckpt", metavar="DIR", type=click.Path(file_okay=False),
+    click.option("-r", "--restart-ckpt", metavar="DIR", type=params.Path(file_okay=False),
                  help="Restart the cluster checkpointed in DIR by 'pcocc ckpt' (same DEFINITION and resources)."),
     click.option("--boot", is_flag=True, help="Boot every VM, even those whose template has a snapshot ('pcocc template snapshot')."),
-    click.option("--user-data", type=click.Path(exists=True, dir_okay=False),
+    click.option("--user-data", type=params.Path(exists=True, dir_okay=False),
                  help="cloud-init user-data file for every VM (overrides the templates'): text, MIME multipart or gzip, at most 1 MiB."),
 ]
 _PASSTHROUGH = {"ignore_unknown_options": True}
@@ -191,7 +191,7 @@ def _progress(app, jobid):
 
 @click.command(context_settings=_PASSTHROUGH, help="Run a virtual cluster and a shell in its allocation; the cluster ends with the shell.\n" + _ALLOC_HELP.format(cmd="salloc"))
 @common_options
-@click.option("-E", "--alloc-script", type=click.Path(exists=True, dir_okay=False), help="Run this script on the host instead of a shell; the cluster ends with it.")
+@click.option("-E", "--alloc-script", type=params.Path(exists=True, dir_okay=False), help="Run this script on the host instead of a shell; the cluster ends with it.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[BATCH_OPTIONS]... DEFINITION")
 @pass_app
 def alloc(app, restart_ckpt, boot, user_data, alloc_script, args):
@@ -221,8 +221,8 @@ def alloc(app, restart_ckpt, boot, user_data, alloc_script, args):
 
 @click.command(context_settings=_PASSTHROUGH, help="Submit a virtual cluster as a batch job and print its job id.\n" + _ALLOC_HELP.format(cmd="sbatch"))
 @common_options
-@click.option("-b", "--batch-script", type=click.Path(exists=True, dir_okay=False), help="Run this script in vm0 once the cluster runs; the cluster ends with it.")
-@click.option("-E", "--host-script", type=click.Path(exists=True, dir_okay=False), help="Run this script on the first host once the cluster runs (SLURM); the cluster ends with it.")
+@click.option("-b", "--batch-script", type=params.Path(exists=True, dir_okay=False), help="Run this script in vm0 once the cluster runs; the cluster ends with it.")
+@click.option("-E", "--host-script", type=params.Path(exists=True, dir_okay=False), help="Run this script on the first host once the cluster runs (SLURM); the cluster ends with it.")
 @click.option("--wait", is_flag=True, help="Return only when every VM runs (the job id is printed first).")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[BATCH_OPTIONS]... DEFINITION")
 @pass_app

@@ -71,3 +71,12 @@ JOB_NAME = JobName()
 USER_NAME = UserName()
 MAX_CPUS_PER_VM = 1024  # cores of one VM on the local backend: a bound above any host's core count
 MAX_MEM_PER_CORE = 1 << 20  # MiB per core: 1 TiB
+
+
+class Path(click.Path):
+    """click.Path that refuses a NUL byte (os.stat raises ValueError on one) as a usage error."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and "\0" in value:
+            self.fail(f"{names.shown(value)}: a path cannot hold a NUL byte", param, ctx)
+        return super().convert(value, param, ctx)
