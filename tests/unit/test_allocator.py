@@ -1,5 +1,7 @@
 """Cluster-wide allocations by compare-and-swap, on SQLite and on a real etcd."""
 
+import multiprocessing
+import queue
 import threading
 
 import pytest
@@ -7,6 +9,7 @@ from store_fixtures import connect, etcd_server, store  # noqa: F401 - fixtures
 
 from pcocc.allocator import Pool
 from pcocc.errors import ResourceError
+from pcocc.store.sqlite import SqliteStore
 
 
 def test_allocate_release_and_exhaustion(store):
@@ -47,3 +50,90 @@ def test_concurrent_allocations_are_unique(connect):
     assert not errors
     ids = [i for r in results.values() for i in r]
     assert len(ids) == 40 and len(set(ids)) == 40
+
+
+# -- many processes at once
+
+PROCESSES = 32
+ALLOCATIONS = 2  # per process, for two owners: 64 updates of one key in all (< Store.update's 100 tries)
+IDS = 3  # per allocation
+
+
+def _open_spec(spec):
+    kind, where = spec
+    if kind == "sqlite":
+        return SqliteStore(where)
+    from pcocc.store.etcd import EtcdStore
+
+    return EtcdStore([where])
+
+
+def _allocating_process(spec, n, ready, go, results):
+    """One process: open its own store once every process is ready, allocate, report."""
+    ready.put(n)
+    go.wait()
+    try:
+        store = _open_spec(spec)  # at once with the others: on SQLite, the file's creation race too
+        pool = Pool(store, "ports", 10000, 19999)
+        got = {f"job{n}-{k}": pool.allocate(f"job{n}-{k}", IDS) for k in range(ALLOCATIONS)}
+        store.close()
+        results.put((n, got, None))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        results.put((n, None, f"{type(exc).__name__}: {exc}"))
+
+
+def _collect(q, count, procs, what):
+    """count items from q, failing (not hanging) when a process died without sending its own."""
+    items = []
+    while len(items) < count:
+        try:
+            items.append(q.get(timeout=1))
+        except queue.Empty:
+            if not all(p.is_alive() for p in procs) and q.empty():
+                dead = [(p.pid, p.exitcode) for p in procs if not p.is_alive()]
+                # a process may have sent its item and exited: only fail when nothing more can come
+                if len(dead) + len(items) >= count and q.empty():
+                    pytest.fail(f"{what}: processes {dead} exited before sending theirs ({len(items)}/{count} received)")
+    return items
+
+
+def test_32_processes_allocate_unique_ids(store):
+    """32 processes (not threads: each its own connection, locks and caches) allocate from one
+    pool at the same moment, against SQLite (fresh file: creation, WAL switch, every transaction
+    race too) and a real etcd: no error, no id twice, and the pool holds exactly what they got.
+    Nothing depends on timing: the processes start together and the test waits for all."""
+    if isinstance(store, SqliteStore):
+        store.close()
+        import os
+
+        os.unlink(store.path)  # each process creates it: the creation race is part of the test
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(store.path + suffix):
+                os.unlink(store.path + suffix)
+        spec = ("sqlite", store.path)
+    else:
+        spec = ("etcd", store.client.urls[0])
+    ctx = multiprocessing.get_context("forkserver")  # no fork of this (threaded) pytest process
+    ctx.set_forkserver_preload(["pytest", "pcocc.allocator", "pcocc.store.sqlite", "pcocc.store.etcd"])  # once, not per child
+    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_allocating_process, args=(spec, n, ready, go, results)) for n in range(PROCESSES)]
+    for p in procs:
+        p.start()
+    try:
+        _collect(ready, PROCESSES, procs, "start")
+        go.set()
+        reported = _collect(results, PROCESSES, procs, "results")
+    finally:
+        for p in procs:
+            p.join()
+    errors = [f"process {n}: {err}" for n, _, err in reported if err]
+    assert not errors, "\n".join(errors)
+    owners = {owner: ids for _, got, _ in reported for owner, ids in got.items()}
+    ids = [i for got in owners.values() for i in got]
+    assert len(owners) == PROCESSES * ALLOCATIONS and all(len(got) == IDS for got in owners.values())
+    assert len(set(ids)) == len(ids) == PROCESSES * ALLOCATIONS * IDS
+    check = _open_spec(spec)
+    try:
+        assert Pool(check, "ports", 10000, 19999).owners() == {i: owner for owner, got in owners.items() for i in got}
+    finally:
+        check.close()

@@ -6,6 +6,7 @@ import time
 import pytest
 from store_fixtures import connect, etcd_server, store  # noqa: F401 - fixtures
 
+from pcocc.store import StoreError
 from pcocc.store.sqlite import SqliteStore
 
 
@@ -120,3 +121,108 @@ def test_state_file_is_private(tmp_path):
 
     SqliteStore(str(tmp_path / "state.db")).close()
     assert stat.S_IMODE(os.stat(tmp_path / "state.db").st_mode) & 0o077 == 0
+
+
+# -- SQLite under concurrency (the etcd server serializes for us)
+
+
+def test_sqlite_one_store_shared_by_threads(tmp_path):
+    """Threads share one store object (one connection): their transactions must not interleave."""
+    s = SqliteStore(str(tmp_path / "state.db"))
+
+    def worker():
+        for _ in range(25):
+            s.update("/counter", lambda v: (v or 0) + 1)
+            s.put("/t", 1)
+            s.range("/")
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert s.get("/counter") == 200
+    s.close()
+
+
+def test_sqlite_update_is_one_transaction(tmp_path):
+    s = SqliteStore(str(tmp_path / "state.db"))
+    s.put("/k", 1)
+
+    def refuse(old):
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        s.update("/k", refuse)
+    assert s.get("/k") == 1  # rolled back, and the store still works
+    assert s.update("/k", lambda v: v + 1) == 2 and s.get("/k") == 2
+    assert s.update("/k", lambda v: None) is None and s.get("/k") is None  # None deletes
+
+
+def test_sqlite_locked_for_good_is_one_line_naming_the_file(tmp_path):
+    """A writer that never lets go: reads go on (WAL), writes end in one line, not a hang."""
+    import sqlite3
+
+    path = str(tmp_path / "state.db")
+    s = SqliteStore(path, retry_for=0.2, busy_timeout=0.02)
+    s.put("/k", "v")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # in WAL mode: the write lock, readers still read
+    try:
+        assert s.get("/k") == "v"
+        with pytest.raises(StoreError) as info:
+            s.put("/k", "w")
+        message = str(info.value)
+        assert path in message and "locked" in message and "\n" not in message
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    s.put("/k", "w")  # usable once the lock is gone
+    assert s.get("/k") == "w"
+
+
+def test_sqlite_busy_is_retried_with_backoff(tmp_path):
+    """SQLite returns BUSY at once (no wait) where waiting could deadlock: the store retries."""
+    import sqlite3
+
+    s = SqliteStore(str(tmp_path / "state.db"))
+    calls = []
+
+    def body():
+        calls.append(1)
+        if len(calls) < 4:
+            raise sqlite3.OperationalError("database is locked")
+        return "done"
+
+    assert s._attempts(body) == "done" and len(calls) == 4
+
+
+def test_sqlite_other_errors_are_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError) as info:
+        SqliteStore(str(path))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    closed = SqliteStore(str(tmp_path / "ok.db"))
+    closed.close()
+    with pytest.raises(StoreError, match="used after close"):
+        closed.get("/k")
+
+
+def test_sqlite_store_object_crosses_a_fork(tmp_path):
+    """A child of fork() gets its own connection (one must never cross a fork)."""
+    import os
+
+    s = SqliteStore(str(tmp_path / "state.db"))
+    s.put("/parent", 1)
+    pid = os.fork()
+    if pid == 0:  # child: no pytest machinery, only the store, then _exit
+        status = 1
+        try:
+            s.put("/child", s.get("/parent") + 1)
+            status = 0
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert s.get("/child") == 2 and s.revision() >= 2

@@ -5,6 +5,7 @@ strings like "/pcocc/users/alice/clusters/12/vms/0"; values are JSON-able.
 """
 
 import json
+import random
 import time
 
 from pcocc.errors import PcoccError
@@ -54,13 +55,24 @@ class Store:
 
     # -- built on the primitives
     def update(self, key, fn, retries=100):
-        """Read-modify-write with compare-and-swap: new = fn(old); retried on conflict."""
+        """Read-modify-write with compare-and-swap: new = fn(old) (None deletes); returns new.
+
+        fn runs again on each conflict, so it must have no other effect. A conflict means
+        that another writer's update succeeded: with W writers doing one update each, none
+        fails more than W - 1 times. Between attempts, a randomized pause that doubles up
+        to 50 ms (full jitter) spreads the writers of a hot key (DESIGN.md: contention with
+        randomized backoff). Raises StoreError after `retries` conflicts; fn's exceptions
+        propagate.
+        """
+        pause = 0.001
         for _ in range(retries):
             old = self.get(key)
             new = fn(old)
             if self.replace(key, old, new):
                 return new
-        raise StoreError(f"too much contention on {key}")
+            time.sleep(random.uniform(0, pause))
+            pause = min(0.05, pause * 2)
+        raise StoreError(f"too much contention on {key}: {retries} compare-and-swap attempts failed")
 
     def wait(self, prefix, predicate, timeout, poll=0.05):
         """Wait until predicate(range(prefix)) is true; return the range, or None on timeout."""
@@ -95,10 +107,11 @@ def open_store(config, env=None):
         return SqliteStore(config.batch.settings["store-path"])
     if kind == "etcd":
         from pcocc.store.etcd import open_etcd
+        from pcocc.store.etcdauth import credentials
 
         if env is None:
             from pcocc.env import Environment
 
             env = Environment()
-        return open_etcd(config.batch.settings, env)
+        return open_etcd(config.batch.settings, env, credentials=credentials)
     raise StoreError(f"unknown store '{kind}' (known: etcd, sqlite)")

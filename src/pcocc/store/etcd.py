@@ -53,9 +53,13 @@ def prefix_end(prefix):
     return bytes(raw)
 
 
-def _range_of(prefix):
+def range_of(prefix):
+    """The {"key", "range_end"} fields (base64) that select every key starting with prefix (str)."""
     raw = prefix.encode()
     return {"key": _b64(raw or b"\0"), "range_end": _b64(prefix_end(raw))}  # etcd rejects an empty key
+
+
+_range_of = range_of
 
 
 def endpoint_urls(settings):
@@ -399,16 +403,22 @@ class EtcdStore(Store):
         self.client.close()
 
 
-def open_etcd(settings, env):
-    """The EtcdStore of batch.yaml settings, with the caller's credentials."""
+def open_etcd(settings, env, credentials=None):
+    """The EtcdStore of batch.yaml settings, with the caller's credentials.
+
+    credentials: for settings.etcd-auth-type password, a callable env -> (etcd user,
+    password) (pcocc.store.etcdauth.credentials: this module knows nothing of where
+    passwords live, so that etcdauth, which builds on this client, sits above it).
+    Raises NotAvailableError for an auth type that is not supported, StoreError when
+    password auth is asked for and no credentials callable is given.
+    """
     auth = settings.get("etcd-auth-type") or "none"
     user = password = None
     if auth == "password":
-        from pcocc.store import etcdauth
-
-        user, password = etcdauth.credentials(env)
+        if credentials is None:
+            raise StoreError("settings.etcd-auth-type is password but no credentials were given to open_etcd")
+        user, password = credentials(env)
     elif auth == "munge":
         raise NotAvailableError("settings.etcd-auth-type: munge is not supported yet", hint="use etcd-auth-type: password")
     ca = settings.get("etcd-ca-cert") if settings.get("etcd-protocol") == "https" else None
     return EtcdStore(endpoint_urls(settings), ca_cert=ca, user=user, password=password)
-

@@ -19,13 +19,17 @@ command, or root's ensure_user() on U's first job, which reads or creates it
 ensure_user() then makes etcd's record match the file.
 
 A user with no etcd record yet gets a clear PermissionDenied from the store.
+
+This module builds on the client in store/etcd.py, never the reverse: the store
+gets the caller's credentials through the callable open_etcd() takes
+(`credentials` below), passed by pcocc.store.open_store.
 """
 
 import os
 
 from pcocc import state
 from pcocc.errors import PcoccError, PermissionDenied
-from pcocc.store.etcd import EtcdError
+from pcocc.store.etcd import EtcdClient, EtcdError, range_of
 
 PASSWORD_FILE = ".etcd-password"  # in ~/.pcocc
 ROOT_PASSWORD_FILE = "etcd-password"  # in the system config dir (/etc/pcocc)
@@ -147,8 +151,6 @@ def _add_user(client, user, password):
     """Create the user, or set its password if it differs (a change logs its sessions out)."""
     if _ignore_exists(client, "auth/user/add", {"name": user, "password": password}, f"creating etcd user {user}"):
         return
-    from pcocc.store.etcd import EtcdClient
-
     probe = EtcdClient([client.url], ca_cert=client.ca_cert)
     try:
         probe.call("auth/authenticate", {"name": user, "password": password}, "checking a password")
@@ -172,9 +174,7 @@ def _ignore_exists(client, path, body, what):
 
 
 def _perm_range(prefix):
-    from pcocc.store.etcd import _b64, prefix_end
-
-    return {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix.encode()))}
+    return range_of(prefix)
 
 
 def user_password_as(user):
