@@ -346,3 +346,26 @@ def test_a_fifo_as_boot_file_is_refused_without_blocking(tmp_path):
     os.mkfifo(tmp_path / "d.qcow2.initrd")
     with pytest.raises(repo_mod.UsageError, match="not a regular file"):
         read_boot_files(disk)
+
+
+def test_an_unreadable_repository_is_one_line(store, monkeypatch):
+    repo = store.repo("user")
+    new_image(store, repo, "u")
+    real = os.listdir
+    monkeypatch.setattr(repo_mod.os, "listdir", lambda p: (_ for _ in ()).throw(OSError(errno.EACCES, "Permission denied", p)) if p.endswith("meta") else real(p))
+    with pytest.raises(RepositoryDenied, match="permission denied .*meta.* while listing its images"):
+        store.list()
+
+
+def test_export_to_a_place_it_cannot_write_is_one_line(store, tmp_path, monkeypatch):
+    from pcocc.images import store as store_mod
+    from pcocc.errors import PermissionDenied
+
+    repo = store.repo("user")
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    new_image(store, repo, "e", boot={"kernel": str(kernel), "append": ""})
+    monkeypatch.setattr(store_mod.shutil, "copyfile", lambda a, b: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied", b)))
+    with pytest.raises(PermissionDenied, match="cannot write .*out.qcow2.kernel.part: permission denied"):
+        store.export("user:e", str(tmp_path / "out.qcow2"))
+    assert list(tmp_path.glob("out*")) == []

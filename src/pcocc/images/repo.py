@@ -173,14 +173,14 @@ class Repository:
                 return RepositoryFull(f"repository '{self.name}' ({self.path}): no space left while {what}",
                                       "Free some space there (delete images, then 'pcocc image repo gc').")
             return exc
-        reason = exc.strerror or str(exc)
+        reason = (exc.strerror or str(exc)).lower()
         if exc.errno in _NO_SPACE:
-            return RepositoryFull(f"repository '{self.name}' ({self.path}): {reason.lower()} while {what}",
+            return RepositoryFull(f"repository '{self.name}' ({self.path}): {reason} while {what}",
                                   "Free some space or inodes there (delete images, then 'pcocc image repo gc').")
-        if exc.errno in _DENIED:
-            return RepositoryDenied(f"repository '{self.name}' ({self.path}): {reason.lower()} while {what}")
         where = f" ({exc.filename})" if exc.filename else ""
-        return RepositoryError(f"repository '{self.name}' ({self.path}): {reason.lower()}{where} while {what}")
+        if exc.errno in _DENIED:
+            return RepositoryDenied(f"repository '{self.name}' ({self.path}): {reason}{where} while {what}")
+        return RepositoryError(f"repository '{self.name}' ({self.path}): {reason}{where} while {what}")
 
     @contextlib.contextmanager
     def io(self, what):
@@ -338,17 +338,24 @@ class Repository:
 
     # -- reading
     def image_names(self):
+        """Names of the images that have at least one revision, sorted (RepositoryError if unreadable)."""
         try:
-            return sorted(n for n in os.listdir(self._p("meta")) if self.revisions(n))
+            names = os.listdir(self._p("meta"))
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise self.error("listing its images", exc) from None
+        return sorted(n for n in names if self.revisions(n))
 
     def revisions(self, name):
+        """The readable revisions of an image, oldest first ([] if none; RepositoryError if unreadable)."""
         d = self._p("meta", name)
         try:
             files = os.listdir(d)
         except (FileNotFoundError, NotADirectoryError):
             return []
+        except OSError as exc:
+            raise self.error(f"listing the revisions of {name}", exc) from None
         revs = []
         for f in files:
             if f.endswith(".json") and f[:-5].isdigit():

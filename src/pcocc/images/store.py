@@ -1,13 +1,14 @@
 """The repositories of the configuration, and the image operations on them."""
 
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import stat
 
-from pcocc.errors import NotFoundError, PermissionDenied, UsageError
+from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, ResourceError, UsageError
 from pcocc.images import qcow2, qemuimg, uri
 from pcocc.images.repo import ImageExists, Repository, copy_blob, sha256_file
 
@@ -145,10 +146,12 @@ class ImageStore:
             for part in parts:  # the disk last: a disk without its boot files is never left
                 os.rename(part, part[: -len(".part")])
                 done.append(part[: -len(".part")])
-        except BaseException:
+        except BaseException as exc:
             for path in parts + done:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
+            if isinstance(exc, OSError):
+                raise _write_error(dest, exc) from None
             raise
         return rev, done
 
@@ -289,6 +292,17 @@ def read_boot_files(disk):
             raise bad(f"its {key} {path} does not match its sha256")
         out[key] = path
     return out
+
+
+def _write_error(dest, exc):
+    """The one-line error of a file that could not be written outside the repositories."""
+    reason = (exc.strerror or str(exc)).lower()
+    where = exc.filename or dest
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceError(f"cannot write {where}: {reason}", "Nothing was left there; free some space, or export elsewhere.")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDenied(f"cannot write {where}: {reason}")
+    return PcoccError(f"cannot write {where}: {reason}")
 
 
 def _format_from_extension(path):
