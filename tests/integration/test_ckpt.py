@@ -127,3 +127,39 @@ def test_persistent_drives_are_copied_whole_and_must_not_change_before_the_resta
     r = site.pcocc("exec", "-j", job, "head -c 15 /dev/vdb")
     assert r.returncode == 0 and r.stdout == "persistent-data"
     site.pcocc("cancel", "-j", job, check=True)
+
+
+def test_force_never_deletes_what_is_not_a_checkpoint_and_a_full_disk_keeps_the_cluster(site):
+    """repro 08 (ckpt -F on an ordinary directory) and r01 (ENOSPC once the state is written)."""
+    import subprocess
+
+    r = site.pcocc("batch", "-m", "256", "--wait", "tiny:1")
+    assert r.returncode == 0, r.stderr
+    job = int(r.stdout)
+    try:
+        site.pcocc("exec", "-j", job, "echo precious > /root/work.txt; sync", check=True)
+        precious = site.root / "precious"
+        (precious / "sub").mkdir(parents=True)
+        (precious / "thesis.txt").write_text("two years of work")
+        (precious / "sub" / "data").write_text("x")
+        r = site.pcocc("ckpt", "-j", job, "-F", precious)
+        assert r.returncode == ExitStatus.USAGE and "not a pcocc checkpoint" in r.stderr, r.stderr
+        assert (precious / "thesis.txt").read_text() == "two years of work" and (precious / "sub" / "data").exists()
+        assert ps(site)[0]["vm_states"] == {"vm0": "running"}  # refused before touching the cluster
+
+        # room for the disk delta and the memory image, but no inode left for the manifest
+        full = site.root / "fullfs"
+        full.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m,nr_inodes=4", "tmpfs", str(full)], check=True)
+        try:
+            r = site.pcocc("ckpt", "-j", job, full / "ck")
+            assert r.returncode == ExitStatus.ERROR and "No space left on device" in r.stderr, r.stderr
+            assert "Traceback" not in r.stderr and "goes on as it was" in r.stderr
+            assert os.listdir(full) == []  # the staging directory went
+        finally:
+            subprocess.run(["umount", str(full)], check=True)
+        assert ps(site)[0]["vm_states"] == {"vm0": "running"}
+        r = site.pcocc("exec", "-j", job, "cat /root/work.txt")  # the VM resumed, with its state
+        assert r.returncode == 0 and r.stdout.strip() == "precious", r.stderr
+    finally:
+        site.pcocc("cancel", "-j", job)

@@ -7,7 +7,7 @@ import time
 import pytest
 from waiting import wait_for
 
-from local_site import LocalSite
+from local_site import PCOCC, LocalSite
 from pcocc.errors import ExitStatus
 
 pytestmark = pytest.mark.integration
@@ -122,4 +122,36 @@ def test_save_while_the_guest_writes_is_consistent(site):
     dmesg = sh(site, job, "dmesg")
     assert "recovery complete" not in dmesg and "mounted filesystem" in dmesg
     assert sh(site, job, "cat /root/seq").strip().isdigit()
+    stop(site, job)
+
+
+def test_an_interrupted_save_publishes_nothing(site):
+    """repro r24: Ctrl-C on pcocc save while the VM copies the disk."""
+    import signal
+    import subprocess
+
+    job = start(site)
+    sh(site, job, "head -c 40M /dev/urandom > /root/r; for i in 1 2 3 4 5; do cat /root/r; done > /root/big; rm /root/r; sync")
+    tmp = site.repo / "tmp"
+    proc = subprocess.Popen([str(PCOCC), "save", "-j", str(job), "-d", "interrupted", "--full"],
+                            env=site.environ, cwd=site.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: tmp.exists() and list(tmp.iterdir()), timeout=120, what="the VM writing the layer")  # the copy runs
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == ExitStatus.INTERRUPTED, err
+    assert "Traceback" not in err and "interrupted" in err
+
+    def probe():  # the VM takes one save at a time: once this one runs, the interrupted one is over
+        r = site.pcocc("save", "-j", job, "-d", "probe")
+        assert r.returncode == 0 or "already in progress" in r.stderr, r.stderr
+        return r.returncode == 0
+
+    wait_for(probe, timeout=300, what="the interrupted save to end")
+    names = site.pcocc("image", "list", check=True).stdout
+    assert "interrupted" not in names and "probe" in names
+    assert list(tmp.iterdir()) == []
+    assert site.pcocc("image", "verify").returncode == 0
+    assert sh(site, job, "ls -l /root/big | wc -l").strip() == "1"  # the VM goes on, its disk whole
     stop(site, job)

@@ -236,9 +236,11 @@ def check_replaceable(directory):
         raise UsageError(f"{directory} is not a pcocc checkpoint (not a directory): -F will not replace it", hint)
     try:
         manifest = _read_manifest(directory)
+        names = _files_of(manifest)
+    except NotFoundError:
+        raise UsageError(f"{directory} is not a pcocc checkpoint (no {MANIFEST}): -F will not replace it", hint) from None
     except PcoccError as exc:
         raise UsageError(f"{directory} is not a pcocc checkpoint ({exc.message}): -F will not replace it", hint) from None
-    names = _files_of(manifest)
     try:
         present = set(os.listdir(directory))
     except OSError as exc:
