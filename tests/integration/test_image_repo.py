@@ -299,3 +299,23 @@ def test_an_exported_built_image_boots_again_after_import(site):
     assert r.returncode == 0, r.stderr
     r = site.pcocc("exec", "hostname", timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "vm0", r.stderr
+
+
+def test_boot_sector_detection_on_qemu_img_files(tmp_path):
+    raw = tmp_path / "mbr.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "8M"], check=True)
+    with open(raw, "r+b") as f:
+        f.write(b"\xeb\x63\x90" + b"\x11" * 200)
+        f.seek(510)
+        f.write(b"\x55\xaa")
+    plain, packed = tmp_path / "plain.qcow2", tmp_path / "packed.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(plain)], check=True)
+    subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", str(raw), str(packed)], check=True)
+    assert qcow2.read_guest(str(plain), 0, 512) == raw.read_bytes()[:512]
+    assert qcow2.has_boot_code(str(plain)) is True
+    assert qcow2.has_boot_code(str(packed)) is None  # compressed: cannot tell, so no false alarm
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "plain.qcow2", str(top)], check=True)
+    qemu_io(top, "write -P 0 0 512", fmt="qcow2")  # the top layer wipes the boot sector
+    assert qcow2.has_boot_code(str(top)) is False
+    assert qcow2.read_guest(str(top), 4096, 512) == raw.read_bytes()[4096:4608]  # the rest still from below
