@@ -23,7 +23,8 @@ FAKE_PCOCC = """#!/usr/bin/python3
 import fcntl, json, os, socket, sys
 here = os.path.dirname(os.path.realpath(__file__))
 record = {"host": socket.gethostname(), "uid": os.getuid(), "args": sys.argv[1:],
-          "env": {k: os.environ.get(k) for k in ("SLURM_JOB_ID", "SLURM_JOB_UID", "OVS_RUNDIR", "SLURM_CONF")}}
+          "env": {k: os.environ.get(k) for k in ("SLURM_JOB_ID", "SLURM_JOB_UID", "SLURM_STEP_ID", "OVS_RUNDIR", "SLURM_CONF",
+                                                 "PCOCC_TASK_HOME")}}
 with open(os.path.join(here, "calls.jsonl"), "a") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
     f.write(json.dumps(record) + "\\n")
@@ -31,6 +32,12 @@ if sys.argv[1:4] == ["internal", "setup", "create"] and os.path.exists(os.path.j
     print("starting the node's network", file=sys.stderr)
     print("no free VXLAN id for this job (fake)", file=sys.stderr)
     sys.exit(3)
+if sys.argv[1:4] == ["internal", "setup", "delete"] and os.path.exists(os.path.join(here, "slow-delete")):
+    import time
+    time.sleep(3)
+    with open(os.path.join(here, "calls.jsonl"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(json.dumps({**record, "args": ["internal", "setup", "delete-done"]}) + "\\n")
 """
 
 
@@ -117,24 +124,33 @@ def test_vm_step_runs_setup_create_then_delete_once_per_node_as_root(testcluster
     r = testcluster.run(["srun", "--vm", "-N2", "--ntasks-per-node=2", "sh", "-c", "echo $SLURM_JOB_ID"], user=slurm_user)
     assert r.returncode == 0, r.stderr
     job = r.stdout.split()[0]
-    # delete ran before the tasks' exits reached srun
-    time.sleep(0.3)  # and nothing more comes
+    # delete runs in the job's epilog, once the job's steps are gone
+    wait_for(lambda: len(fake_pcocc(job)) >= 4, what="setup delete on both nodes")
+    wait_for(lambda: job_done(testcluster, job), what="the job's epilogs")
     calls = fake_pcocc(job)
     assert len(calls) == 4, calls
     hosts = sorted({c["host"] for c in calls})
     assert len(hosts) == 2
+    deadline = str(slurm.TEARDOWN_TIMEOUT - 10)
     for node in hosts:
         mine = [c for c in calls if c["host"] == node]
         assert [c["args"] for c in mine] == [
             ["internal", "setup", "create", "--jobid", job, "--uid", uid, "--tasks-on-node", "2"],
-            ["internal", "setup", "delete", "--jobid", job, "--uid", uid],
+            ["internal", "setup", "delete", "--jobid", job, "--uid", uid, "--deadline", deadline],
         ]
-        assert all(c["uid"] == 0 for c in mine)  # root, in slurmstepd
+        assert all(c["uid"] == 0 for c in mine)  # root, in slurmstepd, then in the epilog
+        # slurmd's own environment, in the epilog too (slurmd gives its epilogs a minimal one)
         assert all(c["env"]["OVS_RUNDIR"] == testcluster.ovs_rundir(node) for c in mine)
         assert all(c["env"]["SLURM_JOB_UID"] == uid for c in mine)
+        assert mine[0]["env"]["SLURM_STEP_ID"] == "0" and mine[1]["env"]["SLURM_STEP_ID"] == ""  # the epilog has no step
+        assert mine[0]["env"]["PCOCC_TASK_HOME"] == testcluster.run(["sh", "-c", "echo $HOME"], user=slurm_user).stdout.strip()
+    # the plugin's marker of a set-up job is gone with the epilog
+    for node in testcluster.node_names:
+        assert not list(Path(testcluster.node_state_dir(node)).glob(f"spank-{job}.vm"))
 
 
-def test_scancel_runs_setup_delete(testcluster, slurm_user, fake_pcocc):
+def test_scancel_runs_setup_delete_after_the_step_is_gone(testcluster, slurm_user, fake_pcocc):
+    (fake_pcocc.dir / "slow-delete").touch()  # a teardown that takes a while: the step's kill must not cut it
     srun = subprocess.Popen(["runuser", "-u", slurm_user, "--", "srun", "--vm", "-N2", "-J", "cancelme", "sleep", "300"],
                             env={**os.environ, **testcluster.env}, cwd="/", stderr=subprocess.PIPE, text=True)
     try:
@@ -142,21 +158,23 @@ def test_scancel_runs_setup_delete(testcluster, slurm_user, fake_pcocc):
                        what="the job to run")
         wait_for(lambda: len(fake_pcocc(job)) == 2, what="setup create on both nodes")
         testcluster.run(["scancel", job], check=True)
-        srun.wait(timeout=30)
+        srun.wait(timeout=60)
     finally:
         if srun.poll() is None:
             srun.kill()
         srun.wait()
-    wait_for(lambda: len(fake_pcocc(job)) == 4, what="setup delete on both nodes")
-    a, b = sorted({c["host"] for c in fake_pcocc(job)})
-    assert sorted((c["host"], c["args"][2]) for c in fake_pcocc(job)) == [
-        (a, "create"), (a, "delete"), (b, "create"), (b, "delete")]
+    wait_for(lambda: job_done(testcluster, job), timeout=120, what="the job's epilogs")
+    calls = fake_pcocc(job)
+    a, b = sorted({c["host"] for c in calls})
+    assert sorted((c["host"], c["args"][2]) for c in calls) == [
+        (a, "create"), (a, "delete"), (a, "delete-done"), (b, "create"), (b, "delete"), (b, "delete-done")]
 
 
 def test_step_without_vm_runs_no_setup(testcluster, slurm_user, fake_pcocc):
     r = testcluster.run(["srun", "-N2", "sh", "-c", "echo $SLURM_JOB_ID"], user=slurm_user, check=True)
-    time.sleep(0.5)
-    assert fake_pcocc(r.stdout.split()[0]) == []
+    job = r.stdout.split()[0]
+    wait_for(lambda: job_done(testcluster, job), what="the job's end")
+    assert fake_pcocc(job) == []
 
 
 def test_failing_setup_fails_the_step_with_its_message(testcluster, slurm_user, fake_pcocc):
@@ -168,10 +186,9 @@ def test_failing_setup_fails_the_step_with_its_message(testcluster, slurm_user, 
     assert len(hosts) == 2
     for node in hosts:
         assert f"pcocc: node setup failed on {node}: starting the node's network; no free VXLAN id for this job (fake)" in r.stderr
-    # delete still runs, to undo whatever the failed create made
-    deletes = lambda: [c["host"] for c in fake_pcocc() if c["args"][2] == "delete"]  # noqa: E731
-    wait_for(lambda: len(deletes()) >= 2, what="setup delete after a failure")
-    assert sorted(deletes()) == hosts
+    # delete runs at once, before the step ends, to undo whatever the failed create made
+    deletes = {c["host"] for c in fake_pcocc() if c["args"][2] == "delete" and c["env"]["SLURM_STEP_ID"] == "0"}
+    assert sorted(deletes) == hosts
 
 
 def test_etcd_answers_from_a_node_at_the_bridge_address(testcluster):

@@ -7,7 +7,7 @@ plugin sets up each node as root before the tasks start), waits for every VM,
 then runs the user's shell or script and ends the cluster after it.
 """
 
-import os
+import logging
 import os
 import shlex
 import shutil
@@ -21,6 +21,8 @@ from pcocc.runner import run
 
 
 JOB_COMMENT = "pcocc"  # marks virtual clusters among a user's jobs
+
+log = logging.getLogger("pcocc.batch.slurm")
 
 
 class SlurmBackend(Backend):
@@ -43,7 +45,13 @@ class SlurmBackend(Backend):
         return jobs
 
     def job_alive(self, jobid):
-        job = self.squeue(jobid).get(jobid)
+        """Whether SLURM runs (or will run, or is ending) the job; True when squeue cannot tell now
+        (a busy slurmctld times out: MessageTimeout in slurm.conf(5)): the caller asks again later."""
+        try:
+            job = self.squeue(jobid).get(jobid)
+        except CommandError as exc:
+            log.warning("squeue: %s: assuming job %s still runs", exc.message, jobid)
+            return True
         return job is not None and job["state"] in ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING")
 
     def where_to_look(self, jobid):
@@ -79,13 +87,20 @@ class SlurmBackend(Backend):
             self.ctx.store.delete_prefix(state.cluster_prefix(self.user, jobid))
 
     def cancel(self, jobid, wait=True):
+        """scancel the job; with wait, until SLURM forgets it (its tasks killed, its epilogs run),
+        at most end_bound() seconds."""
         run(["scancel", str(jobid)])
         if wait:
             import time
 
-            deadline = time.monotonic() + 120
-            while self.squeue(jobid) and time.monotonic() < deadline:
-                time.sleep(0.2)
+            deadline = time.monotonic() + end_bound()
+            while time.monotonic() < deadline:
+                try:
+                    if not self.squeue(jobid):
+                        return
+                except CommandError as exc:  # a busy slurmctld: ask again
+                    log.warning("squeue: %s", exc.message)
+                time.sleep(0.5)
 
     def allocation_argv(self, command, n_vms, opts, passthrough):
         """salloc/sbatch arguments: admin's batch-args, the user's options, one task per VM."""
@@ -124,6 +139,34 @@ class SlurmBackend(Backend):
         return {**opts, "licenses": [*(opts.get("licenses") or []), *needed]} if needed else opts
 
 
+def slurm_config():
+    """{name: value} of `scontrol show config` ({} if it cannot be read)."""
+    try:
+        out = run(["scontrol", "show", "config"], timeout=60).stdout
+    except CommandError:
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in out.splitlines()) if v}
+
+
+def _seconds(text, default):
+    """A value of `scontrol show config` in seconds ("30 sec", "65534" for unset: the default)."""
+    try:
+        value = int(str(text).split()[0])
+    except (ValueError, IndexError):
+        return default
+    return default if value >= 65534 else value  # NO_VAL16: not set
+
+
+def end_bound(config=None):
+    """Seconds a cancelled job may take to leave squeue: KillWait (tasks signalled, then killed),
+    UnkillableStepTimeout (processes killed but not gone yet) and PrologEpilogTimeout (the epilog,
+    where the nodes are torn down), per slurm.conf(5), plus MessageTimeout for the messages;
+    each with its documented default (30, 60, 10) or, for the epilog's unbounded default, 300 s."""
+    config = slurm_config() if config is None else config
+    return (_seconds(config.get("KillWait"), 30) + _seconds(config.get("UnkillableStepTimeout"), 60)
+            + _seconds(config.get("PrologEpilogTimeout"), 300) + _seconds(config.get("MessageTimeout"), 10))
+
+
 def _pcocc_bin():
     """The pcocc beside this interpreter: what jobs run must be this very installation."""
     return os.path.join(os.path.dirname(sys.executable), "pcocc")
@@ -149,8 +192,15 @@ def quote(argv):
 
 
 def srun_vms(pcocc_bin, n_vms):
-    """The step that runs the VMs: one task per VM, the SPANK plugin's --vm, no I/O forwarding."""
-    argv = ["srun", "--vm", "-n", str(n_vms), "--kill-on-bad-exit=0", "--input=none", "--output=none", pcocc_bin, "internal", "run"]
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=False)
+    """The step that runs the VMs: one task per VM, the SPANK plugin's --vm, no I/O forwarding.
+
+    --disable-status: a single SIGINT to srun is forwarded to the tasks (srun(1), -X), which is
+    how the launcher stops the VMs gracefully (a SIGTERM to srun SIGKILLs the tasks). srun has a
+    process group of its own, so that a terminal's Ctrl-C reaches it once, through the launcher
+    (two SIGINTs within a second make srun kill the tasks).
+    """
+    argv = ["srun", "--vm", "-n", str(n_vms), "--kill-on-bad-exit=0", "--disable-status", "--input=none", "--output=none",
+            pcocc_bin, "internal", "run"]
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, process_group=0)
 
 

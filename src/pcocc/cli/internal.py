@@ -52,18 +52,20 @@ def setup_create(app, jobid, uid, tasks_on_node, ranks, step_nodes):
     except ValueError:
         raise UsageError(f"--ranks: expected comma-separated numbers, got {ranks!r}") from None
     nodes = expand_nodes(step_nodes, app.ctx.env.environ) if step_nodes else None
-    nodesetup.create(app.ctx, jobid, uid, tasks_on_node, rank_list, nodes)
+    nodesetup.create(app.ctx, jobid, uid, tasks_on_node, rank_list, nodes, task_environ=nodesetup.task_environ(app.ctx.env.environ))
 
 
 @setup.command("delete")
 @click.option("-j", "--jobid", type=int, required=True)
 @click.option("--uid", type=int, required=True, help="Uid of the job's owner.")
+@click.option("--deadline", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds this may take; then it stops, and what is left stays in the undo log (named in the error).")
 @pass_app
-def setup_delete(app, jobid, uid):
-    """Undo a job's setup on this node."""
+def setup_delete(app, jobid, uid, deadline):
+    """Undo a job's setup on this node (the SPANK plugin runs it from the job's epilog)."""
     from pcocc.lifecycle import nodesetup
 
-    nodesetup.delete(app.ctx, jobid, uid)
+    nodesetup.delete(app.ctx, jobid, uid, deadline=deadline)
 
 
 @setup.command("init")

@@ -3,8 +3,18 @@
 Runs inside the allocation (salloc's command, or sbatch's script): records the
 cluster in the store, starts the VMs with srun, waits for them, then runs the
 user's shell or script, and ends the cluster after it.
+
+Ending the VMs: srun turns a SIGTERM it receives into a SIGKILL of every task
+("forcing job termination", srun(1)), which leaves a task no time to stop its
+VM and remove its files. So the launcher sends srun SIGINT instead: the VM step
+runs with --disable-status, under which srun forwards a single SIGINT to the
+tasks (srun(1), -X); each task then stops its VM and cleans up (its SIGTERM
+and SIGINT path). Only if they are not gone after STOP_GRACE does it fall back
+to SIGTERM. What a SIGKILL still leaves (a scancel signals srun too) is removed
+by the job's epilog on each node (the SPANK plugin's `setup delete`).
 """
 
+import contextlib
 import logging
 import os
 import signal
@@ -16,8 +26,16 @@ from pcocc import state
 from pcocc.batch.slurm import SlurmBackend, srun_vms
 from pcocc.cluster import parse_definition
 from pcocc.errors import PcoccError, PermissionDenied
+from pcocc.hypervisor.vm import STOP_TIMEOUT
 
 log = logging.getLogger("pcocc.lifecycle.launcher")
+
+# Seconds the VM tasks have to stop once told (SIGINT): a VM's own stop takes up to
+# STOP_TIMEOUT (ACPI powerdown, persistent drives) plus 5 s (quit), then the task removes
+# its run dir and publishes its end; the rest is slack for a loaded node.
+STOP_GRACE = STOP_TIMEOUT + 30
+# then, after SIGTERM (srun SIGKILLs the tasks), seconds for srun to collect them
+KILL_GRACE = 30
 
 
 def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_script=None, interactive=False, info_out=print,
@@ -48,11 +66,11 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
 
     def on_signal(signum, frame):
         stopping.append(signum)
-        if srun is not None and srun.poll() is None:
-            srun.send_signal(signal.SIGTERM)
+        if srun is not None:
+            ask_to_stop(srun)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # scancel, Ctrl-C, salloc's allocation revoked
+        signal.signal(signum, on_signal)
     try:
         # The VMs' step first: its node setup (root) gives a first-time user an etcd account,
         # and the VMs wait for the cluster's record, written as soon as we may.
@@ -84,14 +102,34 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
         info_out(f"pcocc: error: {exc.message}")
         return 1
     finally:
-        if srun is not None and srun.poll() is None:
-            srun.send_signal(signal.SIGTERM)
-            try:
-                srun.wait(90)
-            except subprocess.TimeoutExpired:
-                srun.kill()
-                srun.wait()
+        if srun is not None:
+            stop_vms(srun)
         ctx.store.delete_prefix(prefix)
+
+
+def ask_to_stop(srun):
+    """SIGINT to the VM step's srun (once), which forwards it to every VM task (srun -X)."""
+    if srun.poll() is None and not getattr(srun, "pcocc_stop_asked", False):
+        srun.pcocc_stop_asked = True
+        srun.send_signal(signal.SIGINT)
+
+
+def stop_vms(srun, grace=STOP_GRACE, kill_grace=KILL_GRACE):
+    """End the VM step: ask the tasks to stop (SIGINT), wait up to grace s; then SIGTERM
+    (srun SIGKILLs them), wait up to kill_grace s; then SIGKILL srun itself."""
+    if srun.poll() is not None:
+        return
+    ask_to_stop(srun)
+    for signum, wait in ((None, grace), (signal.SIGTERM, kill_grace), (signal.SIGKILL, None)):
+        if signum is not None:
+            log.warning("the VM step did not end: sending srun signal %d", signum)
+            with contextlib.suppress(ProcessLookupError):
+                srun.send_signal(signum)
+        try:
+            srun.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 

@@ -1,9 +1,15 @@
 """`pcocc internal setup init|create|delete|cleanup`: the privileged part of a job on a node.
 
-Run as root by the SPANK plugin (create when a job's first --vm step starts on
-the node, delete when it ends), under a node-wide lock. The node publishes its
+Run as root by the SPANK plugin (create when a job's --vm step starts on the
+node, delete from the job's epilog, once every step of the job is gone, or at
+once when create failed), under a node-wide lock. The node publishes its
 state in the store (network-config -> complete, or failed with the reason)
 where the launcher waits for it.
+
+Under SLURM, create also records the job's VM run directory on this node
+(<the tasks' run dir>/job_<id>, found from PCOCC_TASK_<VAR>, the tasks' own
+variables passed by the plugin), so that delete removes what a killed task
+left there.
 
 Every host object is recorded in the job's undo log (networks/undo.py) before
 it is made: delete replays the job's log, cleanup every job's, and create
@@ -20,6 +26,9 @@ import fcntl
 import logging
 import os
 import pwd
+import shutil
+import signal
+import stat
 import time
 
 from pcocc import state
@@ -58,11 +67,13 @@ def _node_key(ctx, user, jobid):
     return state.node_key(user, jobid, ctx.hostname)
 
 
-def create(ctx, jobid, uid, tasks, ranks=None, step_nodes=None, alive=None):
+def create(ctx, jobid, uid, tasks, ranks=None, step_nodes=None, alive=None, task_environ=None):
     """Set this node up for the job; publish complete, or failed with the reason.
 
     ranks: the VM ranks of this node; step_nodes: the step's nodes (default: this one);
-    alive: f(jobid) -> bool, the batch system's view of jobs (default: SLURM's, `liveness`).
+    alive: f(jobid) -> bool, the batch system's view of jobs (default: SLURM's, `liveness`);
+    task_environ: the tasks' own variables that place their run dir ({PCOCC_RUN_DIR, HOME...});
+    when given, the job's run dir on this node is recorded for delete to remove.
     """
     user = _user(uid)
     key = _node_key(ctx, user, jobid)
@@ -85,6 +96,8 @@ def create(ctx, jobid, uid, tasks, ranks=None, step_nodes=None, alive=None):
         waited = time.monotonic()
         with node_lock(ctx.env):
             _reclaim_dead(ctx, jobid, alive)
+            if task_environ is not None:
+                undo_log(ctx.env).record(jobid, "run-dir", path=task_run_dir(task_environ, uid, jobid), uid=uid)
             common = dict(jobid=jobid, uid=uid, host=ctx.hostname, nodes=nodes, environ=ctx.env.environ, store=ctx.store,
                           undo=undo_log(ctx.env), owner_alive=_owner_alive(ctx, alive), nodes_key=_nodes_key(user, jobid),
                           state_dir=node_state_dir(ctx.env), address=_address(ctx, node_plan))
@@ -124,14 +137,48 @@ def _address(ctx, node_plan):
     return jobnet.node_address(environ, ctx.hostname)
 
 
-def delete(ctx, jobid, uid):
-    """Undo what create did for the job on this node (idempotent)."""
+class DeadlineExceeded(PcoccError):
+    """The teardown ran out of its time in the middle of an undo step."""
+
+
+@contextlib.contextmanager
+def _hard_deadline(seconds):
+    """Raise DeadlineExceeded in the main thread once `seconds` have passed (SIGALRM);
+    a command running then is killed by the runner (subprocess.run kills its child on any exception)."""
+    if not seconds:
+        yield None
+        return
+
+    def expired(signum, frame):
+        raise DeadlineExceeded(f"teardown deadline of {seconds:g} s reached")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield time.monotonic() + seconds
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def delete(ctx, jobid, uid, deadline=None):
+    """Undo what create did for the job on this node (idempotent).
+
+    deadline: seconds this may take in all (None: no bound). Once passed, the step
+    under way is interrupted (its command killed) and nothing more is tried: what is
+    left stays in the undo log (the next setup on the node, or `cleanup`, replays it)
+    and the UndoError raised names it. Raises UndoError, or a StoreError that kept
+    nothing from being undone.
+    """
     user = _user(uid)
-    with node_lock(ctx.env):
+    with _hard_deadline(deadline) as until, node_lock(ctx.env):
         # Our node record goes first: a node that gives back a shared id checks that no other
         # node of the job still has one, so the last node out always sees none.
-        ctx.store.delete(_node_key(ctx, user, jobid))
-        undo_log(ctx.env).replay(jobid, jobnet.undo_actions(ctx.env.environ, ctx.store))
+        try:
+            ctx.store.delete(_node_key(ctx, user, jobid))
+        except PcoccError as exc:  # the store is away: the node's own objects go all the same
+            log.warning("job %s: cannot delete this node's record: %s", jobid, exc.message)
+        undo_log(ctx.env).replay(jobid, undo_actions(ctx), deadline=until)
 
 
 def init(ctx):
@@ -159,7 +206,7 @@ def cleanup(ctx):
     """Undo every job's setup on this node (after a crash or for maintenance)."""
     with node_lock(ctx.env):
         log_ = undo_log(ctx.env)
-        actions = jobnet.undo_actions(ctx.env.environ, ctx.store)
+        actions = undo_actions(ctx)
         errors = []
         for job in log_.jobs():
             try:
@@ -174,6 +221,81 @@ def undo_log(env):
     return UndoLog(node_state_dir(env))
 
 
+def undo_actions(ctx):
+    """{kind: undo} of everything a node setup records: the networks' objects and the job's run dir."""
+    return {**jobnet.undo_actions(ctx.env.environ, ctx.store), "run-dir": remove_run_dir}
+
+
+TASK_VARS = ("PCOCC_RUN_DIR", "XDG_RUNTIME_DIR", "TMPDIR", "HOME")  # what the plugin passes as PCOCC_TASK_<VAR>
+
+
+def task_environ(environ):
+    """The tasks' own variables the SPANK plugin passed (PCOCC_TASK_<VAR>), or None if it passed none."""
+    found = {var: environ[f"PCOCC_TASK_{var}"] for var in TASK_VARS if f"PCOCC_TASK_{var}" in environ}
+    return found or None
+
+
+def task_run_dir(task_env, uid, jobid):
+    """Where the job's VM tasks of user uid keep their files on this node: <their run dir>/job_<jobid>,
+    by the rule `internal run` follows (Environment.run_dir), applied to their variables."""
+    from pcocc.env import Environment
+
+    entry = pwd.getpwuid(uid)
+    env = Environment(environ=dict(task_env), uid=uid, user=entry.pw_name, home=task_env.get("HOME") or entry.pw_dir)
+    return os.path.join(env.run_dir, f"job_{int(jobid)}")
+
+
+def remove_run_dir(path, uid):
+    """Remove a job's run dir (`<run dir>/job_<N>`) with the rights of its user, uid (idempotent).
+
+    Left alone, with a warning: a path not named job_<N>, or whose parent or itself is not
+    a directory of uid's (a symlink included). The removal runs with uid's effective ids and
+    no supplementary group, so it can remove nothing the user could not; it follows no link.
+    """
+    parent, name = os.path.split(os.path.normpath(path))
+    if not name.startswith("job_") or not name[4:].isdigit():
+        log.warning("not a job run dir, left alone: %s", path)
+        return
+    try:
+        pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as exc:  # a symlink (ELOOP), not a directory...
+        log.warning("run dir %s left alone: its parent: %s", path, exc.strerror)
+        return
+    try:
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        owner = os.fstat(pfd).st_uid
+        if owner != uid or st.st_uid != uid or not stat.S_ISDIR(st.st_mode):
+            log.warning("run dir %s left alone: not a directory of uid %d's", path, uid)
+            return
+        with _as_user(uid, pwd.getpwuid(uid).pw_gid):
+            shutil.rmtree(name, dir_fd=pfd, onerror=lambda fn, p, exc: log.warning("run dir %s: %s: %s", path, p, exc[1]))
+    finally:
+        os.close(pfd)
+
+
+@contextlib.contextmanager
+def _as_user(uid, gid):
+    """File system access with uid's and gid's rights (effective ids, no supplementary groups), then root's again."""
+    if os.geteuid() != 0:
+        yield
+        return
+    groups = os.getgroups()
+    os.setgroups([])
+    os.setegid(gid)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+        os.setgroups(groups)
+
+
 def _nodes_key(user, jobid):
     return state.nodes_prefix(user, jobid)
 
@@ -185,7 +307,7 @@ def _reclaim_dead(ctx, jobid, alive):
         if job != jobid and not alive(job):
             log.info("job %s is gone: undoing what its setup left on this node", job)
             try:
-                log_.replay(job, jobnet.undo_actions(ctx.env.environ, ctx.store))
+                log_.replay(job, undo_actions(ctx))
             except PcoccError as exc:  # its leftovers stay recorded; they only matter if in the way
                 log.warning("%s", exc.message)
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import time
 
 from pcocc.errors import PcoccError
 
@@ -51,14 +52,20 @@ class UndoLog:
         """Record an object of the job before making it."""
         self._write(job, self.entries(job) + [{"kind": kind, "args": args}])
 
-    def replay(self, job, actions):
+    def replay(self, job, actions, deadline=None):
         """Undo the job's objects, newest first, with actions[kind](**args); then drop the log.
 
-        Every entry is tried; the ones that fail stay in the log and UndoError names them.
+        Every entry is tried, until `deadline` (a time.monotonic() value) if given: the
+        ones that fail, and those not tried by then, stay in the log, and UndoError names them.
         """
         entries = self.entries(job)
         failed = []
-        for entry in reversed(entries):
+        for i, entry in enumerate(reversed(entries)):
+            if deadline is not None and time.monotonic() >= deadline:
+                left = list(reversed(entries))[i:]
+                log.warning("job %s: deadline reached, %d object(s) not tried", job, len(left))
+                failed += [(e, "not tried: teardown deadline reached") for e in left]
+                break
             action = actions.get(entry["kind"])
             try:
                 if action is None:

@@ -42,13 +42,29 @@ ReturnToService=2
 SlurmdParameters=config_overrides
 SlurmctldTimeout=30
 SlurmdTimeout=30
-# short enough for quick teardown in tests, long enough for node setup delete (production: 30)
-KillWait=10
+# The end of a job, as a site running pcocc sets it (slurm.conf(5); docs/admin.md):
+# a round trip may take long on a loaded node (default 10)
+MessageTimeout=20
+# SIGTERM to SIGKILL: a VM task stops its VM (ACPI powerdown up to 30 s, then quit up to 5 s)
+# and removes its files (default 30)
+KillWait=45
+# killed processes (qemu freeing its memory) may take a while to go before the node is drained (default 60)
+UnkillableStepTimeout=120
+# the plugin's node teardown runs in the job epilog, bounded by its teardown_timeout (120 s):
+# the epilog's bound must exceed it, or slurmd kills it and drains the node (default: none)
+PrologEpilogTimeout=180
+# microseconds slurmctld needs per epilog completion message (the default)
+EpilogMsgTime=2000
 MinJobAge=5
 NodeName=DEFAULT CPUs=4 RealMemory=4000 State=UNKNOWN
 {nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
+
+
+# the plugin's bounds of `setup create` and `setup delete` (seconds); PrologEpilogTimeout above exceeds the second
+SETUP_TIMEOUT = 300
+TEARDOWN_TIMEOUT = 120
 
 
 def sdir(base):
@@ -69,7 +85,7 @@ def write_config(base, layout, plugin=None, pcocc=None):
         ctld_port=layout.slurmctld_port, munge_sock=munge.paths(base)[1], s=s, nodes=nodes,
     ))
     # slurmd reads this only when it starts; srun/salloc/sbatch on every call
-    plugstack = f"required {plugin} pcocc={pcocc}\n" if plugin else ""
+    plugstack = f"required {plugin} pcocc={pcocc} timeout={SETUP_TIMEOUT} teardown_timeout={TEARDOWN_TIMEOUT}\n" if plugin else ""
     (s / "plugstack.conf").write_text(plugstack)
 
 
@@ -168,8 +184,9 @@ def job_ids(base, timeout=5):
     return out.split()
 
 
-def cancel_all(base, timeout=10):
-    """Cancel every job and wait a little, so the plugin's `setup delete` runs."""
+def cancel_all(base, timeout=60):
+    """Cancel every job and wait a while (at most timeout s), so that the jobs' epilogs
+    (the plugin's `setup delete`) run; down() runs `setup cleanup` on the nodes after."""
     ids = job_ids(base)
     if not ids:
         return
