@@ -538,6 +538,8 @@ def f(ns):
     run(in_netns(ns, ["iptables", "-w", "-L"]))
     run(["nsenter", "--net=/run/netns/x", "unshare", "--uts", "slurmd", "-D"])
     argv = ["frobnicate", "--all"]
+    proc.spawn(state, "munged", ["/usr/sbin/munged", "--foreground"], "out")
+    run(["nsenter", "--net=x", "sh", "-c", 'hostname "$0" && exec slurmctld -D', "n1"])
     shutil.which("sqlite3")
     client.call("exec", argv=["not-on-the-host"])   # an RPC: not a host command
     data = ["ip", "link"]                            # data, not an argv
@@ -559,7 +561,8 @@ sh -c 'quoted-inside --not-seen'
 
 def test_scanner_finds_commands_in_python():
     found = {u.command for u in python_commands(SNIPPET_PY, "snippet.py")}
-    assert {"ovsdb-tool", "qemu-system-x86_64", "iptables", "nsenter", "unshare", "frobnicate", "sqlite3"} <= found
+    assert {"ovsdb-tool", "qemu-system-x86_64", "iptables", "nsenter", "unshare", "slurmd", "frobnicate", "sqlite3",
+            "/usr/sbin/munged", "hostname", "slurmctld"} <= found
     assert "not-on-the-host" not in found and "ip" not in found
 
 
