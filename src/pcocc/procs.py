@@ -1,9 +1,11 @@
-"""Which processes are alive, named for good by (pid, start time).
+"""Which processes are alive, named for good by (pid, start time); dying with one's parent.
 
 A pid alone can be reused by another process after its owner died; the start
 time read from /proc/PID/stat (field 22, clock ticks since boot: proc(5)) makes
 the pair unique until the host reboots.
 """
+
+import os
 
 
 def _stat_fields(pid):
@@ -29,3 +31,28 @@ def pid_alive(pid, start=None):
     except (OSError, IndexError):
         return False
     return fields[0] != "Z" and (start is None or int(fields[19]) == start)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_libc = None
+
+
+def load():
+    """Load libc for set_parent_death_signal: call it before a fork (a preexec_fn must not import)."""
+    import ctypes
+
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def set_parent_death_signal(sig):
+    """Ask the kernel to send `sig` to this process when its parent thread dies (prctl(2)
+    PR_SET_PDEATHSIG). The caller checks os.getppid() afterwards: a parent that died
+    before the call is not signalled. Raises OSError when the kernel refuses."""
+    import ctypes
+
+    if load().prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

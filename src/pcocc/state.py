@@ -1,12 +1,14 @@
 """Where cluster state lives in the store (one place for the key layout).
 
+(The local backend's reservations of a host's cores and memory are not in the
+store, which is per user there, but in files every user reads: batch/hostres.py.)
+
 /pcocc/users/<user>/next-jobid                 local backend job counter
-/pcocc/users/<user>/clusters/<jobid>/info      definition, owner, supervisor, state
+/pcocc/users/<user>/clusters/<jobid>/info      definition, owner, state; local backend: supervisor and holder (pid + start)
 /pcocc/users/<user>/clusters/<jobid>/ca        the cluster CA (cert and key)
 /pcocc/users/<user>/clusters/<jobid>/client    the owner's client credential
 /pcocc/users/<user>/clusters/<jobid>/vms/<n>   one VM: state, host, control address
 /pcocc/users/<user>/clusters/<jobid>/nodes/<host>  one node's setup: state, objects (written by root)
-/pcocc/hosts/<host>/reservations/all           cores and memory the local backend's jobs hold
 /pcocc/global/pools/<name>                     cluster-wide id pools (VXLAN ids, ...), root only
 /pcocc/global/opensm/pkeys/<0xPKEY>/<host>     one node's members of an InfiniBand partition (for pkeyd), root only
 """
@@ -26,10 +28,6 @@ def clusters_prefix(user):
 
 def vm_key(user, jobid, rank):
     return f"{cluster_prefix(user, jobid)}vms/{rank}"
-
-
-def reservations_key(host):
-    return f"/pcocc/hosts/{host}/reservations/all"
 
 
 def nodes_prefix(user, jobid):

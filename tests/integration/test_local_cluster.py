@@ -201,6 +201,6 @@ def test_clusters_that_do_not_fit_are_refused(site):
     r = site.pcocc("batch", "-m", "16", "tiny:500")
     assert r.returncode == ExitStatus.RESOURCES
     assert "not enough cores on this host" in r.stderr
-    r = site.pcocc("batch", "-m", "10000000", "tiny:1")
+    r = site.pcocc("batch", "-m", "1000000", "tiny:1")
     assert r.returncode == ExitStatus.RESOURCES and "not enough memory" in r.stderr
     assert ps(site) == []

@@ -1,163 +1,262 @@
 """The single-host backend: plays salloc/srun on this machine, without SLURM.
 
-`submit` reserves cores and memory on this host in the store, then starts a
-detached supervisor process that forks one process per VM (the same code
-`pcocc internal run` runs under SLURM), waits for them, and cleans up when the
-cluster ends: on cancel (SIGTERM to the supervisor), when every VM stopped,
-or when a batch script finished.
+`submit` records the cluster, reserves cores and memory on this host (for all
+users: `hostres`), then starts a detached supervisor process that forks one
+process per VM (the same code `pcocc internal run` runs under SLURM), waits for
+them, and cleans up when the cluster ends: on cancel (SIGTERM to the
+supervisor), when every VM stopped, when a batch script finished, or when the
+process holding the cluster (`pcocc alloc`, or a `batch` still submitting) is
+gone.
+
+Every process may die at any moment (SIGKILL, SIGHUP, Ctrl-C), so each object
+has an owner whose death is detected, and one reclaim path:
+- the cluster record names its supervisor and, while submitting or for alloc,
+  its holder, each as (pid, start time): when both are gone, the next `ps`,
+  `cancel` or `wait` reclaims it (`_reclaim`: VM processes, qemu, node setup,
+  records, reservation, run dir);
+- a VM process dies with its supervisor, and qemu with its VM process
+  (PR_SET_PDEATHSIG), so a SIGKILLed supervisor leaves no VM running;
+- a VM process that dies without saying why is marked failed by the
+  supervisor, with its exit status.
 """
 
 import contextlib
+import json
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 
 from pcocc import state
 from pcocc.batch.base import Backend
+from pcocc.batch.hostres import HostReservations
 from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, ResourceError, TimeoutExpired
-from pcocc.procs import pid_alive, process_start
+from pcocc.procs import pid_alive, process_start, set_parent_death_signal
 
 log = logging.getLogger("pcocc.local")
 
 SUPERVISOR_START_TIMEOUT = 30
-CANCEL_TIMEOUT = 60
+CANCEL_TIMEOUT = 60  # seconds for the supervisor to stop its VMs (each has 45 s) before it is killed
+VM_STOP_TIMEOUT = 45
 FAILED_LINGER = 2.0  # seconds a cluster whose VM failed stays recorded after it stops, for its waiters
+OWNER_CHECK = 1.0  # seconds between two looks of the supervisor at its holder and record
+FINAL_STATES = ("stopped", "failed")
 
 
 def host_capacity():
-    """(cores usable by us, memory in MiB we allow VMs to take)."""
+    """(cores usable by us, memory in MiB we allow VMs to take: 90% of MemTotal)."""
     cores = sorted(os.sched_getaffinity(0))
     with open("/proc/meminfo") as f:
         total_kb = next(int(l.split()[1]) for l in f if l.startswith("MemTotal:"))
     return cores, int(total_kb / 1024 * 0.9)
 
 
+def _me():
+    return [os.getpid(), process_start(os.getpid())]
+
+
+def _alive(owner):
+    """Whether an owner [pid, start] (or None) still runs."""
+    return bool(owner) and bool(owner[0]) and pid_alive(owner[0], owner[1])
+
+
+def _owner(record, name):
+    """[pid, start] of the process a record names under `name` and `name`_start, or None.
+
+    (Two plain fields rather than a pair, so that scripts read the pid as they always did.)
+    """
+    pid = record.get(name) if record else None
+    return [pid, record.get(f"{name}_start")] if pid else None
+
+
+def _named(name, owner):
+    return {name: owner[0], f"{name}_start": owner[1]}
+
+
+def place(cores, use, overcommit, n_vms, cpus_per_vm):
+    """Cores for n_vms VMs of cpus_per_vm vCPUs each, least used first: [[core, ...] per VM].
+
+    use: {core: vCPUs placed on it already}, updated in place. Raises ResourceError
+    with the free vCPU slots counted before this request (not after part of it).
+    """
+    slots = sum(max(overcommit - use[c], 0) for c in cores)
+    alloc = []
+    for _ in range(n_vms):
+        free = sorted((c for c in cores if use[c] < overcommit), key=lambda c: (use[c], c))
+        if len(free) < cpus_per_vm:
+            raise ResourceError(
+                f"not enough cores on this host: {n_vms} VM(s) of {cpus_per_vm} core(s) do not fit "
+                f"({len(cores)} cores, {overcommit} vCPUs per core at most, {slots} vCPU slots free)"
+            )
+        mine = free[:cpus_per_vm]
+        for c in mine:
+            use[c] += 1
+        alloc.append(mine)
+    return alloc
+
+
 class LocalBackend(Backend):
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.overcommit = ctx.config.batch.settings["cpu-overcommit"]
+        settings = ctx.config.batch.settings
+        self.overcommit = settings["cpu-overcommit"]
+        self.reservations = HostReservations(settings["reservation-dir"])
 
     # -- resources
-    def _reserve(self, jobid, n_vms, cpus_per_vm, mem_per_vm):
+    def _reserve(self, rundir, n_vms, cpus_per_vm, mem_per_vm, owners):
+        """Reserve cores and memory for a cluster (key: its run dir); ([[core] per VM], exclusive)."""
         cores, mem_cap = host_capacity()
-        key = state.reservations_key(self.ctx.hostname)
         placed = {}
 
-        def take(current):
-            live = {j: r for j, r in (current or {}).items() if pid_alive(r["pid"])}
+        def take(live, mine):
             use = {c: 0 for c in cores}
             mem_used = 0
-            for r in live.values():
-                mem_used += r["memory_mb"]
-                for vm_cores in r["cores"]:
+            for _, _, r in live:
+                mem_used += int(r.get("memory_mb") or 0)
+                for vm_cores in r.get("cores") or []:
                     for c in vm_cores:
                         if c in use:
                             use[c] += 1
             if mem_used + n_vms * mem_per_vm > mem_cap:
                 raise ResourceError(
                     f"not enough memory on this host: {n_vms} VM(s) of {mem_per_vm} MiB need {n_vms * mem_per_vm} MiB, "
-                    f"{max(mem_cap - mem_used, 0)} MiB free"
+                    f"{max(mem_cap - mem_used, 0)} MiB free (for all users)"
                 )
-            alloc = []
-            for _ in range(n_vms):
-                free = sorted((c for c in cores if use[c] < self.overcommit), key=lambda c: (use[c], c))
-                if len(free) < cpus_per_vm:
-                    slots = sum(self.overcommit - use[c] for c in cores)
-                    raise ResourceError(
-                        f"not enough cores on this host: {n_vms} VM(s) of {cpus_per_vm} core(s) do not fit "
-                        f"({len(cores)} cores, {self.overcommit} vCPUs per core at most, {slots} vCPU slots free)"
-                    )
-                mine = free[:cpus_per_vm]
-                for c in mine:
-                    use[c] += 1
-                alloc.append(mine)
+            alloc = place(cores, use, self.overcommit, n_vms, cpus_per_vm)
             placed["cores"] = alloc
             # Pinning helps only on cores of one's own: when this job shares any, let the host balance.
             placed["exclusive"] = all(use[c] == 1 for vm_cores in alloc for c in vm_cores)
-            live[str(jobid)] = {"pid": os.getpid(), "cores": alloc, "memory_mb": n_vms * mem_per_vm}
-            return live
+            return {**mine, rundir: {"owners": owners, "cores": alloc, "memory_mb": n_vms * mem_per_vm}}
 
-        self.ctx.store.update(key, take)
+        self.reservations.change(take)
         return placed["cores"], placed["exclusive"]
 
-    def _release(self, jobid):
-        key = state.reservations_key(self.ctx.hostname)
-        self.ctx.store.update(key, lambda cur: {j: r for j, r in (cur or {}).items() if j != str(jobid)} or None)
+    def _release(self, rundir):
+        self.reservations.change(lambda live, mine: {k: v for k, v in mine.items() if k != rundir})
 
-    def _adopt(self, jobid, pid):
-        key = state.reservations_key(self.ctx.hostname)
+    def _adopt(self, rundir, owner):
+        """Add owner [pid, start] to the processes that hold the reservation."""
 
-        def change(cur):
-            cur = dict(cur or {})
-            if str(jobid) in cur:
-                cur[str(jobid)] = {**cur[str(jobid)], "pid": pid}
-            return cur
+        def change(live, mine):
+            if rundir in mine:
+                mine[rundir] = {**mine[rundir], "owners": [*mine[rundir]["owners"], owner]}
+            return mine
 
-        self.ctx.store.update(key, change)
+        self.reservations.change(change)
 
     # -- jobs
     def submit(self, vms, resolved, opts):
         """Start a cluster; return its job id once its supervisor runs.
 
         vms: [VMSpec]; resolved: {template name: Resolved}; opts: dict with
-        name, cpus, mem_per_core, user_data, script (run in vm0), cwd.
+        name, cpus, mem_per_core, user_data, script (run in vm0), cwd, and hold
+        (True for alloc: the cluster ends when this process does).
         """
         store = self.ctx.store
         jobid = store.update(state.user_prefix(self.user) + "next-jobid", lambda v: (v or 0) + 1)
         cpus, mem = opts["cpus"], opts["mem_per_core"] * opts["cpus"]
         rundir = os.path.join(run_root(self.ctx.env), f"job_{jobid}")
+        info = self.cluster_info(jobid, vms, resolved, opts, backend="local", host=self.ctx.hostname, rundir=rundir,
+                                 state="submitting", **_named("holder", _me()))
+        networked = _networked(self.ctx, info)
+        if networked and os.geteuid() != 0:
+            raise PermissionDenied("on the local backend, only root can start VMs on networks (node setup makes "
+                                   "bridges, namespaces and NAT rules): use a resource set without networks")
+        info_key = state.cluster_prefix(self.user, jobid) + "info"
+        # Recorded before anything exists, so that whatever follows has an owner to reclaim it by.
+        store.put(info_key, info)
+        supervisor = None
         try:
-            os.mkdir(rundir, 0o700)
-        except FileExistsError:
-            raise PcoccError(f"{rundir} exists already: another pcocc configuration uses this run directory? Set PCOCC_RUN_DIR") from None
-        try:
-            cores, exclusive = self._reserve(jobid, len(vms), cpus, mem)
-            info = self.cluster_info(jobid, vms, resolved, opts, backend="local", host=self.ctx.hostname, rundir=rundir)
-            networked = _networked(self.ctx, info)
-            if networked and os.geteuid() != 0:
-                raise PermissionDenied("on the local backend, only root can start VMs on networks (node setup makes "
-                                       "bridges, namespaces and NAT rules): use a resource set without networks")
+            try:
+                os.mkdir(rundir, 0o700)
+            except FileExistsError:
+                raise PcoccError(f"{rundir} exists already: another pcocc configuration uses this run directory? "
+                                 "Set PCOCC_RUN_DIR") from None
+            cores, exclusive = self._reserve(rundir, len(vms), cpus, mem, [_me()])
             for vm in info["vms"]:
                 vm.update(cores=cores[vm["rank"]], memory_mb=mem, pin=exclusive)
             self.write_credentials(jobid, [self.ctx.control_host])
-            store.put(state.cluster_prefix(self.user, jobid) + "info", info)
+            store.put(info_key, info)
             if networked:  # the node setup SLURM's plugin would run, as root (checked above); errors reach the user
                 from pcocc.lifecycle import nodesetup
 
-                nodesetup.create(self.ctx, jobid, os.getuid(), len(info["vms"]), networked, [self.ctx.hostname], alive=self.job_alive)
-            self._start_supervisor(jobid)
+                nodesetup.create(self.ctx, jobid, os.getuid(), len(info["vms"]), networked, [self.ctx.hostname],
+                                 alive=self.job_alive)
+            supervisor = self._start_supervisor(jobid, info_key)
+            if not opts.get("hold"):  # submitted: the cluster no longer depends on this process
+                self.ctx.store.update(info_key, lambda i: i and {k: v for k, v in i.items() if k not in ("holder", "holder_start")})
         except BaseException:
-            self._cleanup(jobid, rundir)
+            if supervisor and _alive(supervisor):
+                self._stop_supervisor(jobid, supervisor)  # it owns the cleanup from its start on
+            else:
+                self._reclaim(jobid, self.ctx.store.get(info_key) or info)
             raise
         return jobid
 
-    def _start_supervisor(self, jobid):
+    def _start_supervisor(self, jobid, info_key):
+        """Fork the detached supervisor; its [pid, start] once it has recorded itself."""
         self.ctx.close_store()
+        rfd, wfd = os.pipe()
         pid = os.fork()
-        if pid == 0:  # child: detach, fork the supervisor, exit
+        if pid == 0:  # child: detach, fork the supervisor, tell its pid, exit
             try:
+                os.close(rfd)
                 os.setsid()
-                if os.fork() == 0:
+                sup = os.fork()
+                if sup == 0:
+                    os.close(wfd)
                     _supervise(self.ctx, jobid)  # never returns
+                os.write(wfd, str(sup).encode())
                 os._exit(0)
             except BaseException:
                 os._exit(1)
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as r:
+            data = r.read()
         os.waitpid(pid, 0)
-        info = self.ctx.store.wait(
-            state.cluster_prefix(self.user, jobid) + "info", lambda items: any(v.get("supervisor") for v in items.values()), SUPERVISOR_START_TIMEOUT
-        )
-        if info is None:
+        if not data:
+            raise PcoccError(f"the supervisor of cluster {jobid} could not be started")
+        sup = int(data)
+        supervisor = [sup, process_start(sup)]
+        # The supervisor records itself too; whoever is first, the record names it from now on.
+        self.ctx.store.update(info_key, lambda i: i and (i if i.get("supervisor") else {**i, **_named("supervisor", supervisor)}))
+        ok = self.ctx.store.wait(info_key, lambda items: any(v.get("state") != "submitting" for v in items.values()),
+                                 SUPERVISOR_START_TIMEOUT)
+        if ok is None:
             raise TimeoutExpired(f"the supervisor of cluster {jobid} did not start")
+        return supervisor
+
+    def _stop_supervisor(self, jobid, supervisor, timeout=CANCEL_TIMEOUT):
+        """SIGTERM the supervisor and wait for it to clean; SIGKILL it and reclaim after timeout s."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(supervisor[0], signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(supervisor) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(supervisor):
+            log.warning("cluster %s: its supervisor did not stop in %d s: killing it", jobid, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(supervisor[0], signal.SIGKILL)
+        info = self.ctx.store.get(state.cluster_prefix(self.user, jobid) + "info")
+        if info is not None:  # the supervisor died before cleaning
+            self._reclaim(jobid, info)
+
+    def _reclaim(self, jobid, info):
+        """Remove everything of a cluster whose owners are gone: VM processes and qemu, node setup,
+        records, reservation, run dir. Idempotent: it may run twice, or after a crash."""
+        prefix = state.cluster_prefix(self.user, jobid)
+        _kill_vm_processes(self.ctx.store, prefix)
+        self._cleanup(jobid, info.get("rundir"))
 
     def _cleanup(self, jobid, rundir):
         import shutil
 
         self._undo_setup(jobid)
         self.ctx.store.delete_prefix(state.cluster_prefix(self.user, jobid))
-        self._release(jobid)
         if rundir:
+            self._release(rundir)
             shutil.rmtree(rundir, ignore_errors=True)
 
     def _undo_setup(self, jobid):
@@ -167,12 +266,23 @@ class LocalBackend(Backend):
         if os.geteuid() == 0 and nodesetup.undo_log(self.ctx.env).entries(jobid):
             nodesetup.delete(self.ctx, jobid, os.getuid())
 
-    def _supervisor_alive(self, info):
-        return pid_alive(info.get("supervisor"), info.get("supervisor_start"))
+    def _owners_alive(self, info):
+        """Whether the cluster's supervisor (or, before it has one, its holder) runs."""
+        if info.get("supervisor"):
+            return _alive(_owner(info, "supervisor"))
+        return _alive(_owner(info, "holder"))
 
     def _here(self, info, what):
         if info.get("host") not in (None, self.ctx.hostname):
             raise PcoccError(f"cluster {info['jobid']} runs on {info['host']}: {what} it there")
+
+    def job(self, jobid):
+        """(info, vms) as Backend.job; a cluster of this host whose owners are gone is reclaimed first."""
+        info, vms = super().job(jobid)
+        if info.get("host") == self.ctx.hostname and not self._owners_alive(info):
+            self._reclaim(jobid, info)
+            raise NotFoundError(f"no virtual cluster with job id {jobid} (it ended: its supervisor was gone)", "See 'pcocc ps'.")
+        return info, vms
 
     def jobs(self, user=None):
         prefix = state.clusters_prefix(self.user)
@@ -181,32 +291,35 @@ class LocalBackend(Backend):
             if key.endswith("/info"):
                 jobid = int(key[len(prefix):].split("/")[0])
                 with contextlib.suppress(NotFoundError):
-                    info, vms = self.job(jobid)
-                    if info.get("host") == self.ctx.hostname and info.get("supervisor") and not self._supervisor_alive(info) and info["state"] != "ending":
-                        # The supervisor died without cleaning (SIGKILL, reboot): reclaim now.
-                        self._cleanup(jobid, info["rundir"])
-                        continue
-                    out.append((info, vms))
+                    out.append(self.job(jobid))
         return sorted(out, key=lambda j: j[0]["jobid"])
 
     def job_alive(self, jobid):
         info = self.ctx.store.get(state.cluster_prefix(self.user, jobid) + "info")
-        return info is not None and (info.get("host") != self.ctx.hostname or self._supervisor_alive(info))
+        return info is not None and (info.get("host") != self.ctx.hostname or self._owners_alive(info))
 
     def cancel(self, jobid, wait=True):
         info, _ = self.job(jobid)
         self._here(info, "cancel")
-        if self._supervisor_alive(info):
-            os.kill(info["supervisor"], signal.SIGTERM)
+        supervisor = _owner(info, "supervisor")
+        if not supervisor:  # still submitting: stop the submitting process, then reclaim what it left
+            holder = _owner(info, "holder")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(holder[0], signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while _alive(holder) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            info = self.ctx.store.get(state.cluster_prefix(self.user, jobid) + "info")
+            supervisor = _owner(info, "supervisor")
+            if not supervisor:
+                if info is not None:
+                    self._reclaim(jobid, info)
+                return
         if not wait:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(supervisor[0], signal.SIGTERM)
             return
-        deadline = time.monotonic() + CANCEL_TIMEOUT
-        while self._supervisor_alive(info) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self._supervisor_alive(info):
-            raise TimeoutExpired(f"cluster {jobid} did not stop in {CANCEL_TIMEOUT} s")
-        if self.ctx.store.get(state.cluster_prefix(self.user, jobid) + "info") is not None:
-            self._cleanup(jobid, info["rundir"])  # the supervisor died before cleaning
+        self._stop_supervisor(jobid, supervisor)
 
 
 def run_root(env):
@@ -218,23 +331,43 @@ def run_root(env):
 def _supervise(ctx, jobid):
     """The supervisor process of a local cluster (runs detached; exits when the cluster ends)."""
     status, children, prefix = 1, {}, state.cluster_prefix(ctx.env.user, jobid)
+    info_key = prefix + "info"
+    me = _me()
     try:
-        info = ctx.reopen_store().get(prefix + "info")
-        _detach_stdio(os.path.join(info["rundir"], "supervisor.log"))
         stopping = []
         signal.signal(signal.SIGTERM, lambda s, f: stopping.append(s))
         signal.signal(signal.SIGINT, lambda s, f: stopping.append(s))
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        store = ctx.reopen_store()
+        # Recorded first: from here on this process owns the cluster's cleanup.
+        info = store.update(info_key, lambda i: i and (i if i.get("supervisor") else {**i, **_named("supervisor", me)}))
+        if not info or _owner(info, "supervisor") != me:
+            os._exit(1)  # reclaimed meanwhile (its submitter died), or not ours
+        _detach_stdio(os.path.join(info["rundir"], "supervisor.log"))
         backend = LocalBackend(ctx)
-        backend._adopt(jobid, os.getpid())
+        backend._adopt(info["rundir"], me)
         ctx.close_store()
-        children = {_fork_vm(ctx, jobid, vm["rank"]): vm["rank"] for vm in info["vms"]}
-        ctx.store.put(prefix + "info", {**info, "supervisor": os.getpid(), "supervisor_start": process_start(os.getpid()), "state": "running"})
+        if not stopping:
+            children = {_fork_vm(ctx, jobid, vm["rank"]): vm["rank"] for vm in info["vms"]}
+        store = ctx.store
+        store.update(info_key, lambda i: i and {**i, "state": "running"})
         script = _ScriptRunner(backend, jobid, info) if info.get("script") else None
+        checked = 0.0
         while children and not stopping and not (script and script.done):
-            _reap(children)
+            for pid, code in _reap(children):
+                _vm_process_ended(store, prefix, pid, code)
             if script:
                 script.poll()
+            if time.monotonic() - checked > OWNER_CHECK:
+                checked = time.monotonic()
+                current = store.get(info_key)
+                if current is None:
+                    log.error("cluster %s: its record is gone: stopping", jobid)
+                    break
+                holder = _owner(current, "holder")
+                if holder and not _alive(holder):
+                    log.info("cluster %s: the process holding it (pid %s) is gone: stopping", jobid, holder[0])
+                    break
             time.sleep(0.1)
         status = 0 if script is None or script.status == 0 else 1
     except BaseException as exc:  # noqa: BLE001 - whatever happened, the cluster is cleaned below
@@ -244,7 +377,7 @@ def _supervise(ctx, jobid):
             _stop_vms(ctx, prefix, children)
             if any(vm.get("state") == "failed" for vm in ctx.store.range(prefix + "vms/").values()):
                 time.sleep(FAILED_LINGER)  # so that whoever waits for the cluster (batch --wait) reads why
-            info = ctx.store.get(prefix + "info")  # its cleanup undoes the node setup too
+            info = ctx.store.get(info_key)  # its cleanup undoes the node setup too
             LocalBackend(ctx)._cleanup(jobid, info["rundir"] if info else None)
         except BaseException as exc:  # noqa: BLE001
             log.error("cleanup of cluster %s: %s", jobid, getattr(exc, "message", exc))
@@ -260,7 +393,7 @@ def _networked(ctx, info):
 
 
 def _detach_stdio(logfile):
-    logf = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    logf = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(logf, 1)
@@ -271,14 +404,19 @@ def _detach_stdio(logfile):
 
 
 def _fork_vm(ctx, jobid, rank):
-    """A child process running one VM (the same code as `pcocc internal run`)."""
+    """A child process running one VM (the same code as `pcocc internal run`); it dies with the supervisor."""
     from pcocc.lifecycle.vmrun import run_vm
 
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            # A SIGKILLed supervisor must not leave VMs running: SIGTERM stops this one cleanly.
+            set_parent_death_signal(signal.SIGTERM)
+            if os.getppid() != parent:  # it died before the line above
+                os._exit(1)
             code = run_vm(ctx, jobid, rank)
         except BaseException as exc:  # noqa: BLE001 - the VM process must never raise past here
             log.error("vm%d: %s", rank, getattr(exc, "message", exc))
@@ -288,15 +426,38 @@ def _fork_vm(ctx, jobid, rank):
 
 
 def _reap(children):
+    """[(pid, wait status)] of the children that ended; they leave `children`."""
+    ended = []
     while children:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, code = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             children.clear()
-            return
+            break
         if not pid:
-            return
-        children.pop(pid, None)
+            break
+        if children.pop(pid, None) is not None:
+            ended.append((pid, code))
+    return ended
+
+
+def _exit_reason(code):
+    if os.WIFSIGNALED(code):
+        sig = os.WTERMSIG(code)
+        return f"its process was killed by signal {sig} ({signal.Signals(sig).name})" if sig in signal.valid_signals() else f"its process was killed by signal {sig}"
+    return f"its process exited with status {os.WEXITSTATUS(code)}"
+
+
+def _vm_process_ended(store, prefix, pid, code):
+    """A VM process ended: if it did not say how (SIGKILL, a crash), the VM failed, with the reason."""
+    for key, vm in store.range(prefix + "vms/").items():
+        if vm.get("pid") != pid:
+            continue
+        _kill_qemu(vm)  # its parent-death signal kills it too; this covers a qemu not yet told
+        if vm.get("state") not in FINAL_STATES:
+            reason = _exit_reason(code)
+            log.error("%s: %s", vm.get("name"), reason)
+            store.update(key, lambda cur: cur and (cur if cur.get("state") in FINAL_STATES else {**cur, "state": "failed", "error": reason}))
 
 
 def _stop_vms(ctx, prefix, children):
@@ -306,14 +467,53 @@ def _stop_vms(ctx, prefix, children):
     for pid in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 45
+    deadline = time.monotonic() + VM_STOP_TIMEOUT
     while children and time.monotonic() < deadline:
         _reap(children)
         time.sleep(0.05)
     for pid in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    _kill_leftover_qemu(ctx.store, prefix)
+    _kill_vm_processes(ctx.store, prefix)
+
+
+def _kill_qemu(vm):
+    qemu = _owner(vm, "qemu_pid")
+    if _alive(qemu):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(qemu[0], signal.SIGKILL)
+
+
+def _kill_vm_processes(store, prefix, timeout=10.0):
+    """SIGKILL the VM processes and qemus a cluster's records name (each by pid and start time),
+    and wait until they are gone (bounded), so that none writes to the store after."""
+    procs = []
+    for vm in store.range(prefix + "vms/").values():
+        for owner in (_owner(vm, "pid"), _owner(vm, "qemu_pid")):
+            if _alive(owner):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(owner[0], signal.SIGKILL)
+                procs.append(owner)
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def open_output(path):
+    """Open the batch script's output file for writing, as sbatch's --output would, safely in a
+    shared directory: never through a symlink, never into a file of another user or one with
+    other names (hard links); an existing file of ours is truncated. Raises OSError."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o644)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+            raise PermissionError(1, "not a plain file of yours", path)
+        os.ftruncate(fd, 0)
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class _ScriptRunner:
@@ -331,7 +531,7 @@ class _ScriptRunner:
         if self.thread is not None:
             return
         _, vms = self.backend.job(self.jobid)
-        if any(v["state"] in ("failed", "stopped") for v in vms):
+        if any(v["state"] in FINAL_STATES for v in vms):
             self.status = 1
         elif all(v["state"] == "running" for v in vms):
             import threading
@@ -342,27 +542,17 @@ class _ScriptRunner:
     def _run(self):
         from pcocc.context import Context
 
+        path = os.path.join(self.info.get("cwd") or os.getcwd(), f"pcocc_{self.jobid}.out")
         try:
             backend = LocalBackend(Context(self.backend.ctx.env, self.backend.ctx.config))  # its own store connection
             code, out, err = backend.run_script_in_vm(self.jobid, self.info["script"])
-            with open(os.path.join(self.info.get("cwd") or os.getcwd(), f"pcocc_{self.jobid}.out"), "wb") as f:
+            with open_output(path) as f:
                 f.write(out)
                 f.write(err)
             self.status = code
+        except OSError as exc:
+            log.error("batch script output %s: %s", path, exc.strerror)
+            self.status = 1
         except BaseException as exc:  # noqa: BLE001
             log.error("batch script: %s", getattr(exc, "message", exc))
             self.status = 1
-
-
-def _kill_leftover_qemu(store, prefix):
-    for vm in store.range(prefix + "vms/").values():
-        qpid = vm.get("qemu_pid")
-        if pid_alive(qpid):
-            try:
-                with open(f"/proc/{qpid}/cmdline", "rb") as f:
-                    is_qemu = b"qemu" in f.read()
-            except OSError:
-                is_qemu = False
-            if is_qemu:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(qpid, signal.SIGKILL)

@@ -143,7 +143,7 @@ def _instant(app, resolved, cpus, memory_mb):
     return out or None
 
 
-def _submit_local(app, definition, batch_opts, user_data, script=None, restart_ckpt=None, boot=False):
+def _submit_local(app, definition, batch_opts, user_data, script=None, restart_ckpt=None, boot=False, hold=False):
     from pcocc.cluster import parse_definition
 
     local = _local_options(batch_opts)
@@ -157,7 +157,7 @@ def _submit_local(app, definition, batch_opts, user_data, script=None, restart_c
     opts = {
         "name": local["job_name"], "cpus": cpus, "mem_per_core": local["mem_per_core"], "definition": definition,
         "user_data": os.path.abspath(user_data) if user_data else None, "script": script, "cwd": os.getcwd(),
-        "restart": restart,
+        "restart": restart, "hold": hold,
         "instant": None if restart or boot or user_data else _instant(app, resolved, cpus, mem),
     }
     return backend, backend.submit(vms, resolved, opts), local["job_name"]
@@ -202,7 +202,8 @@ def alloc(app, restart_ckpt, boot, user_data, alloc_script, args):
                                   restart_dir=_slurm_restart(app, restart_ckpt, definition), boot=boot)
         argv = app.ctx.backend().interactive_allocation(n_vms, definition, opts, batch_opts)
         os.execvp(argv[0], argv)
-    backend, jobid, name = _submit_local(app, definition, batch_opts, user_data, restart_ckpt=restart_ckpt, boot=boot)
+    # held: the cluster ends with this process, however it ends (exit, SIGHUP, SIGTERM, SIGKILL)
+    backend, jobid, name = _submit_local(app, definition, batch_opts, user_data, restart_ckpt=restart_ckpt, boot=boot, hold=True)
     try:
         app.info(f"cluster {jobid} starting")
         backend.wait_ready(jobid, _progress(app, jobid))
@@ -242,7 +243,11 @@ def batch(app, restart_ckpt, boot, user_data, batch_script, host_script, wait, a
     app.out(str(jobid))
     app.env.stdout.flush()
     if wait:
-        backend.wait_ready(jobid, _progress(app, jobid), timeout=3600)
+        try:
+            backend.wait_ready(jobid, _progress(app, jobid), timeout=3600)
+        except KeyboardInterrupt:  # as sbatch: the job is submitted, only the waiting stops
+            app.info(f"cluster {jobid} goes on (stop it with 'pcocc cancel -j {jobid}')")
+            raise
 
 
 @click.command()

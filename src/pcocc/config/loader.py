@@ -35,6 +35,9 @@ BATCH_SCHEMA = Struct(
                     "store-path": F(Str(), default="%{homedir}/.pcocc/state.db"),
                     # Ours, local backend: how many vCPUs may share one host core.
                     "cpu-overcommit": F(Int(min=1, max=64), default=2),
+                    # Ours, local backend: the directory shared by all users where each keeps its
+                    # reservations of this host's cores and memory (root-owned, sticky, world-writable).
+                    "reservation-dir": F(Str(), default="/dev/shm"),
                 }
             ),
             default=None,

@@ -3,10 +3,12 @@
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import threading
 import time
 
+from pcocc import procs
 from pcocc.errors import PcoccError
 from pcocc.hypervisor import qemu, seed, topology
 from pcocc.hypervisor.monitor import Monitor
@@ -36,8 +38,13 @@ class VM:
         argv = qemu.command_line(self.config)
         log.debug("qemu: %s", " ".join(argv))
         errlog = open(self.config.path("qemu.err"), "wb")
+        procs.load()
+        parent = os.getpid()
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, start_new_session=True)
+            # qemu dies with the process that runs the VM (SIGKILLed, its task killed by SLURM):
+            # nothing else knows it well enough to stop it.
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, start_new_session=True,
+                                         preexec_fn=lambda: _die_with(parent))
         except FileNotFoundError:
             raise PcoccError(f"qemu binary not found: {argv[0]}") from None
         finally:
@@ -92,6 +99,13 @@ class VM:
 
     def close(self):
         self.monitor.close()
+
+
+def _die_with(parent):
+    """In qemu's child before exec: SIGKILL when the parent dies (and now if it already has)."""
+    procs.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def prepare(config_kwargs, image_rev, overlay_path, seed_data, workdir, disk_from=None):

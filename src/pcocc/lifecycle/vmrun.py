@@ -20,6 +20,7 @@ from pcocc.agent.qga import GuestAgent
 from pcocc.errors import NotFoundError, PcoccError
 from pcocc.hypervisor import accel, seed, topology, vm as vmlib
 from pcocc.networks import jobnet
+from pcocc.procs import process_start
 
 log = logging.getLogger("pcocc.run")
 
@@ -162,8 +163,15 @@ def run_vm(ctx, jobid, rank):
     stop = threading.Event()
     outcome = {"state": "stopped"}
 
+    me = os.getpid()
+    me_start = process_start(me)
+
     def publish(status, **extra):
-        store.put(key, {"rank": rank, "name": f"vm{rank}", "state": status, "host": ctx.hostname, "pid": os.getpid(), **extra})
+        store.put(key, {"rank": rank, "name": f"vm{rank}", "state": status, "host": ctx.hostname, "pid": me, "pid_start": me_start, **extra})
+
+    def publish_end(status, **extra):
+        # Only into a record that still exists: a cluster reclaimed meanwhile keeps no trace of its VMs.
+        store.update(key, lambda cur: cur and {**cur, "state": status, **extra})
 
     def on_signal(signum, frame):
         stop.set()
@@ -179,7 +187,8 @@ def run_vm(ctx, jobid, rank):
         if cfg.incoming:
             publish("restoring")
         vm.start(pin=spec["settings"]["bind-vcpus"] and spec.get("pin", True))
-        publish("qemu-start", qemu_pid=vm.proc.pid)
+        qemu = {"qemu_pid": vm.proc.pid, "qemu_pid_start": process_start(vm.proc.pid)}
+        publish("qemu-start", **qemu)
         agent = GuestAgent(vm.qga_path, timeout=30)
         ca = store.get(state.cluster_prefix(user, jobid) + "ca")
         handler = ControlHandler(vm, agent, rev, ctx.images, cfg.drives)
@@ -192,7 +201,7 @@ def run_vm(ctx, jobid, rank):
 
             instant.give_identity(agent, f"vm{rank}", jobnet.vm_macs(ctx.config, spec["settings"], jobid, rank))
         if not stop.is_set() and vm.proc.poll() is None:
-            publish("running", qemu_pid=vm.proc.pid, control=list(server.address), rundir=rundir)
+            publish("running", **qemu, control=list(server.address), rundir=rundir)
         while not stop.is_set() and vm.proc.poll() is None:
             stop.wait(0.2)
         if vm.proc.poll() is not None and not stop.is_set():
@@ -223,7 +232,7 @@ def run_vm(ctx, jobid, rank):
         if not info.get("rundir"):  # SLURM: the last VM of the job on this node removes the job's dir
             with contextlib.suppress(OSError):
                 os.rmdir(jobdir)
-        _quietly(publish, outcome["state"], **({"error": outcome["error"]} if "error" in outcome else {}))
+        _quietly(publish_end, outcome["state"], **({"error": outcome["error"]} if "error" in outcome else {}))
 
 
 def _quietly(fn, *args, **kwargs):
