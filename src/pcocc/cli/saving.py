@@ -76,9 +76,10 @@ def ckpt(app, jobid, jobname, force, as_json, directory):
     """Checkpoint a whole cluster into DIR (disks and memory), then stop it.
 
     Every VM is paused, then writes its disk changes, a whole copy of its
-    persistent drives and its memory into DIR; the cluster stops once all
-    succeeded (if one fails, the cluster goes on as before and DIR is not
-    written). Restart it with 'pcocc alloc|batch -r DIR DEFINITION', with the
+    persistent drives and its memory into DIR; the cluster stops once the
+    checkpoint is complete and on disk (if anything fails before, or this
+    command is interrupted, the cluster goes on as before and DIR is not
+    written). -F replaces DIR only if it holds a pcocc checkpoint. Restart it with 'pcocc alloc|batch -r DIR DEFINITION', with the
     same definition and resources. VMs with 9p mount points or passthrough
     devices (InfiniBand, PCI) cannot be checkpointed.
 
