@@ -310,8 +310,9 @@ class ControlServer:
                         self._busy -= 1
                         self._idle.notify_all()
         except (OSError, ValueError) as e:  # ssl.SSLError is an OSError; ValueError: socket cut by stop()
-            if not self._stopping:
-                log.info("control endpoint %s: connection from %s ended: %s", _where(self.address), _where(peer), e)
+            if not self._stopping:  # a flood of failed handshakes must not fill the VM's log
+                (log.info if session is not None else log.debug)(
+                    "control endpoint %s: connection from %s ended: %s", _where(self.address), _where(peer), e)
         finally:
             if session is not None:
                 session._close()  # before the socket goes: callbacks may still want the peer's name
