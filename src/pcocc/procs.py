@@ -56,3 +56,20 @@ def set_parent_death_signal(sig):
     if load().prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def dying_with_parent(sig=None):
+    """Popen keyword arguments that make the child get `sig` (default SIGKILL) when the
+    calling thread's process dies, and die at once if it already has (a race with the fork)."""
+    import signal
+
+    sig = signal.SIGKILL if sig is None else sig
+    load()
+    parent = os.getpid()
+
+    def preexec():
+        set_parent_death_signal(sig)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+
+    return {"preexec_fn": preexec}

@@ -9,6 +9,7 @@ store, which is per user there, but in files every user reads: batch/hostres.py.
 /pcocc/users/<user>/clusters/<jobid>/client    the owner's client credential
 /pcocc/users/<user>/clusters/<jobid>/vms/<n>   one VM: state, host, control address
 /pcocc/users/<user>/clusters/<jobid>/nodes/<host>  one node's setup: state, objects (written by root)
+/pcocc/users/<user>/ended/<jobid>              local backend: how a cluster ended, for its waiters (expires)
 /pcocc/global/pools/<name>                     cluster-wide id pools (VXLAN ids, ...), root only
 /pcocc/global/opensm/pkeys/<0xPKEY>/<host>     one node's members of an InfiniBand partition (for pkeyd), root only
 """
@@ -28,6 +29,10 @@ def clusters_prefix(user):
 
 def vm_key(user, jobid, rank):
     return f"{cluster_prefix(user, jobid)}vms/{rank}"
+
+
+def ended_key(user, jobid):
+    return f"/pcocc/users/{user}/ended/{jobid}"
 
 
 def nodes_prefix(user, jobid):

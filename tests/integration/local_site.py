@@ -35,6 +35,13 @@ class LocalSite:
             "PCOCC_RUN_DIR": f"/tmp/pcocc-t{os.getpid()}-{abs(hash(str(root))) % 10**6}",
         }
         self.write(".pcocc/repos.yaml", f"repos:\n  - name: user\n    path: {self.repo}\n")
+        # Each site plays a host of its own: its clusters' reservations of cores and memory are
+        # counted apart from those of the tests that run beside it (they share /dev/shm otherwise).
+        self.reservations = self.root / "reservations"
+        self.reservations.mkdir()
+        self.reservations.chmod(0o1777)
+        (self.root / "etc").mkdir()
+        (self.root / "etc" / "batch.yaml").write_text(f"type: local\nsettings:\n  reservation-dir: {self.reservations}\n")
         self.run_dir = Path(self.environ["PCOCC_RUN_DIR"])
         # the built image goes in as `image build` would put it
         from pcocc.config.models import Repo
@@ -72,8 +79,11 @@ class LocalSite:
         db = self.home / ".pcocc" / "state.db"
         if not db.exists():
             return {}
-        with sqlite3.connect(db) as conn:
-            return dict(conn.execute("SELECT key, value FROM kv"))
+        try:
+            with sqlite3.connect(db) as conn:
+                return dict(conn.execute("SELECT key, value FROM kv"))
+        except sqlite3.OperationalError:  # being created by a command that runs now
+            return {}
 
     def cleanup(self):
         """Cancel whatever is left (a failed test must not leave VMs running)."""

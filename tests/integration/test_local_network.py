@@ -69,7 +69,7 @@ def ovs(tmp_path):
 @pytest.fixture
 def netsite(site, ovs, tmp_path):
     etc = tmp_path / "etc"
-    etc.mkdir()
+    etc.mkdir(exist_ok=True)
     (etc / "networks.yaml").write_text(NETWORKS)
     (etc / "resources.yaml").write_text("default:\n  default: true\n  networks: []\nl3:\n  networks: [lnet]\n")
     site.write(".pcocc/templates.yaml", "tiny:\n  image: user:tiny\nnet:\n  inherits: tiny\n  resource-set: l3\n")

@@ -5,6 +5,7 @@ import uuid
 
 from pcocc import state
 from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, TimeoutExpired
+from pcocc.names import parse_job_id
 
 POLL = 0.2  # seconds between two looks at the store while waiting
 ALIVE_CHECK = 5.0  # seconds between two questions to the batch system
@@ -68,6 +69,10 @@ class Backend:
         self.ctx.store.put(prefix + "ca", {"cert": text(ca_cert), "server_cert": text(server_cert), "server_key": text(server_key)})
         self.ctx.store.put(prefix + "client", {"ca": text(ca_cert), "cert": text(client_cert), "key": text(client_key)})
 
+    def ended(self, jobid):
+        """How a cluster ended ({jobid, error, ended}), while the backend keeps it (local: minutes); or None."""
+        return self.ctx.store.get(state.ended_key(self.user, jobid))
+
     def credentials(self, jobid):
         return self.ctx.store.get(state.cluster_prefix(self.user, jobid) + "client")
 
@@ -99,10 +104,10 @@ class Backend:
             return ids[0]
         env_id = self.ctx.env.environ.get("PCOCC_JOB_ID")
         if env_id:
-            return self.find(int(env_id))
+            return self.find(parse_job_id(env_id, "$PCOCC_JOB_ID"))
         slurm_id = self.ctx.env.environ.get("SLURM_JOB_ID")  # inside an allocation: if it is a cluster
-        if slurm_id and any(i["jobid"] == int(slurm_id) for i, _ in jobs):
-            return int(slurm_id)
+        if slurm_id and any(i["jobid"] == parse_job_id(slurm_id, "$SLURM_JOB_ID") for i, _ in jobs):
+            return parse_job_id(slurm_id, "$SLURM_JOB_ID")
         if len(jobs) == 1:
             return jobs[0][0]["jobid"]
         if not jobs:
@@ -128,6 +133,9 @@ class Backend:
                 seen = True
             except (NotFoundError, PermissionDenied):  # not recorded yet, no account yet (a first job), or gone
                 if not alive(jobid):
+                    ended = self.ended(jobid)
+                    if ended and ended.get("error"):
+                        raise PcoccError(f"cluster {jobid}: {ended['error']}") from None
                     what = "ended before all its VMs ran" if seen else "ended before it started"
                     raise PcoccError(f"cluster {jobid} {what}", self.where_to_look(jobid)) from None
                 info, vms = None, []

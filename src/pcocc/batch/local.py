@@ -40,7 +40,7 @@ log = logging.getLogger("pcocc.local")
 SUPERVISOR_START_TIMEOUT = 30
 CANCEL_TIMEOUT = 60  # seconds for the supervisor to stop its VMs (each has 45 s) before it is killed
 VM_STOP_TIMEOUT = 45
-FAILED_LINGER = 2.0  # seconds a cluster whose VM failed stays recorded after it stops, for its waiters
+ENDED_TTL = 600  # seconds the end of a cluster stays recorded for its waiters (batch --wait, wait_ready)
 OWNER_CHECK = 1.0  # seconds between two looks of the supervisor at its holder and record
 FINAL_STATES = ("stopped", "failed")
 
@@ -248,13 +248,18 @@ class LocalBackend(Backend):
         records, reservation, run dir. Idempotent: it may run twice, or after a crash."""
         prefix = state.cluster_prefix(self.user, jobid)
         _kill_vm_processes(self.ctx.store, prefix)
-        self._cleanup(jobid, info.get("rundir"))
+        self._cleanup(jobid, info.get("rundir"), reason="its supervisor (or the process submitting it) ended without cleaning up")
 
-    def _cleanup(self, jobid, rundir):
+    def _cleanup(self, jobid, rundir, reason=None):
+        """Undo the node setup, record how the cluster ended, delete its records, free its share."""
         import shutil
 
         self._undo_setup(jobid)
-        self.ctx.store.delete_prefix(state.cluster_prefix(self.user, jobid))
+        prefix = state.cluster_prefix(self.user, jobid)
+        failed = [v for v in self.ctx.store.range(prefix + "vms/").values() if v.get("state") == "failed"]
+        error = f"{failed[0].get('name')} failed: {failed[0].get('error', 'unknown reason')}" if failed else reason
+        self.ctx.store.put(state.ended_key(self.user, jobid), {"jobid": jobid, "error": error, "ended": time.time()}, ttl=ENDED_TTL)
+        self.ctx.store.delete_prefix(prefix)
         if rundir:
             self._release(rundir)
             shutil.rmtree(rundir, ignore_errors=True)
@@ -375,8 +380,6 @@ def _supervise(ctx, jobid):
     finally:
         try:
             _stop_vms(ctx, prefix, children)
-            if any(vm.get("state") == "failed" for vm in ctx.store.range(prefix + "vms/").values()):
-                time.sleep(FAILED_LINGER)  # so that whoever waits for the cluster (batch --wait) reads why
             info = ctx.store.get(info_key)  # its cleanup undoes the node setup too
             LocalBackend(ctx)._cleanup(jobid, info["rundir"] if info else None)
         except BaseException as exc:  # noqa: BLE001

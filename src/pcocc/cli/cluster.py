@@ -240,14 +240,14 @@ def batch(app, restart_ckpt, boot, user_data, batch_script, host_script, wait, a
         if host_script:
             raise UsageError("-E/--host-script needs the SLURM backend (on one host, use 'pcocc alloc -E')")
         backend, jobid, _ = _submit_local(app, definition, batch_opts, user_data, script=script, restart_ckpt=restart_ckpt, boot=boot)
-    app.out(str(jobid))
-    app.env.stdout.flush()
-    if wait:
-        try:
+    try:
+        app.out(str(jobid))
+        app.env.stdout.flush()
+        if wait:
             backend.wait_ready(jobid, _progress(app, jobid), timeout=3600)
-        except KeyboardInterrupt:  # as sbatch: the job is submitted, only the waiting stops
-            app.info(f"cluster {jobid} goes on (stop it with 'pcocc cancel -j {jobid}')")
-            raise
+    except KeyboardInterrupt:  # as sbatch: the job is submitted, only the waiting stops
+        app.info(f"cluster {jobid} goes on (stop it with 'pcocc cancel -j {jobid}')")
+        raise
 
 
 @click.command()

@@ -15,6 +15,8 @@ import subprocess
 import tempfile
 import time
 
+from pcocc import procs
+
 PROBE_TIMEOUT = 4.0
 # mov al, 1; out 0xf4, al; hlt  -> qemu exits with status (1 << 1) | 1 = 3
 _BOOT_SECTOR = bytes([0xB0, 0x01, 0xE6, 0xF4, 0xF4]).ljust(510, b"\0") + b"\x55\xaa"
@@ -30,7 +32,8 @@ def _boot_id():
 
 def _run_until(argv, done, timeout):
     """Run argv until done() is true (True), it exits (its status), or timeout (None)."""
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A probe under a KVM that hangs never ends by itself: it dies with its parent, however that ends.
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **procs.dying_with_parent())
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:

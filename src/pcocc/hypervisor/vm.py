@@ -3,7 +3,6 @@
 import contextlib
 import logging
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -38,13 +37,11 @@ class VM:
         argv = qemu.command_line(self.config)
         log.debug("qemu: %s", " ".join(argv))
         errlog = open(self.config.path("qemu.err"), "wb")
-        procs.load()
-        parent = os.getpid()
         try:
             # qemu dies with the process that runs the VM (SIGKILLed, its task killed by SLURM):
             # nothing else knows it well enough to stop it.
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, start_new_session=True,
-                                         preexec_fn=lambda: _die_with(parent))
+                                         **procs.dying_with_parent())
         except FileNotFoundError:
             raise PcoccError(f"qemu binary not found: {argv[0]}") from None
         finally:
@@ -101,13 +98,6 @@ class VM:
         self.monitor.close()
 
 
-def _die_with(parent):
-    """In qemu's child before exec: SIGKILL when the parent dies (and now if it already has)."""
-    procs.set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def prepare(config_kwargs, image_rev, overlay_path, seed_data, workdir, disk_from=None):
     """Build the VMConfig: overlay on the image, seed ISO, persistent drive formats.
 
@@ -118,9 +108,13 @@ def prepare(config_kwargs, image_rev, overlay_path, seed_data, workdir, disk_fro
 
     cfg = qemu.VMConfig(**config_kwargs)
     if image_rev is not None:
+        if not cfg.settings.get("kernel"):  # a VM that cannot boot fails now, in one line, rather than hang
+            problem = image_rev.boot_problem()
+            if problem:
+                raise PcoccError(problem)
         cfg.disk = overlay_from(image_rev, disk_from, overlay_path) if disk_from else create_overlay(image_rev, overlay_path)
-        boot = image_rev.boot_files()
-        if boot and not cfg.settings.get("kernel"):
+        boot = None if cfg.settings.get("kernel") else image_rev.boot_files()
+        if boot:
             cfg.boot = boot
     if seed_data is not None:
         meta, user = seed_data

@@ -1,0 +1,146 @@
+"""The local backend's host-wide accounting and its safe file handling, without VMs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pcocc.batch.hostres import HostReservations
+from pcocc.batch.local import open_output, place
+from pcocc.errors import ResourceError
+from pcocc.procs import pid_alive, process_start
+
+
+def me():
+    return [os.getpid(), process_start(os.getpid())]
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory like /dev/shm (root-owned, sticky, world-writable), reachable by every user
+    (pytest's own tmp_path is under a directory only its user can enter)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(prefix="pcocc-test-shm-", dir="/tmp"))
+    d.chmod(0o1777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_refusal_counts_the_free_slots_before_placing_any_vm():
+    use = {0: 0, 1: 0}
+    with pytest.raises(ResourceError) as exc:
+        place([0, 1], use, 2, 5, 1)  # 4 slots, 5 VMs
+    assert "4 vCPU slots free" in exc.value.message
+
+
+def test_placement_spreads_vms_over_the_least_used_cores():
+    use = {0: 1, 1: 0, 2: 0}
+    assert place([0, 1, 2], use, 2, 2, 1) == [[1], [2]]
+    assert use == {0: 1, 1: 1, 2: 1}
+
+
+def test_a_reservation_counts_while_one_of_its_owners_runs(shared_dir):
+    res = HostReservations(str(shared_dir))
+    res.change(lambda live, mine: {**mine, "a": {"owners": [me()], "cores": [[0]], "memory_mb": 100}})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    res.change(lambda live, mine: {**mine, "b": {"owners": [[dead_pid, 1]], "cores": [[1]], "memory_mb": 100}})
+    live = res.all_live()
+    assert [(k, e["memory_mb"]) for _, k, e in live] == [("a", 100)]
+    # the dead one is pruned at the next write
+    res.change(lambda live, mine: mine)
+    assert set(res.mine()) == {"a"}
+    assert not pid_alive(dead_pid, 1)
+
+
+def _as_nobody(fn):
+    """Run fn() in a child that has become `nobody`; its exit status."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            code = fn() or 0
+        except BaseException as exc:  # noqa: BLE001
+            print(f"child: {type(exc).__name__}: {exc}", file=sys.stderr)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as two users")
+def test_two_users_share_one_host_s_capacity(shared_dir):
+    """Section 4 of issue 12 (r10): reservations are per host, for all users, without a daemon."""
+    root_res = HostReservations(str(shared_dir))
+    root_res.change(lambda live, mine: {**mine, "j1": {"owners": [me()], "cores": [[0], [1]], "memory_mb": 700}})
+
+    def other_user():
+        res = HostReservations(str(shared_dir))
+        seen = {(uid, key): e["memory_mb"] for uid, key, e in res.all_live()}
+        if seen != {(0, "j1"): 700}:
+            return 3
+        # he writes his own file, and cannot touch root's
+        res.change(lambda live, mine: {**mine, "j9": {"owners": [[os.getppid(), process_start(os.getppid())]], "cores": [[0]], "memory_mb": 50}})
+        roots = [n for n in os.listdir(shared_dir) if n.startswith("pcocc-resv.0.")]
+        try:
+            os.unlink(shared_dir / roots[0])
+            return 4
+        except PermissionError:
+            pass
+        return 0
+
+    assert _as_nobody(other_user) == 0
+    seen = {(uid, key): e["memory_mb"] for uid, key, e in root_res.all_live()}
+    assert seen == {(0, "j1"): 700, (65534, "j9"): 50}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as two users")
+def test_a_file_named_for_another_user_counts_as_its_owner_s(shared_dir):
+    """What a file holds counts for the user who owns it, whatever its name says."""
+
+    def liar():
+        path = shared_dir / "pcocc-resv.0.forged.json"
+        path.write_text(json.dumps({"x": {"owners": [[os.getppid(), process_start(os.getppid())]], "cores": [], "memory_mb": 5}}))
+        return 0
+
+    assert _as_nobody(liar) == 0
+    res = HostReservations(str(shared_dir))
+    assert [(uid, key) for uid, key, _ in res.all_live()] == [(65534, "x")]
+    assert res.mine() == {}  # root's own reservations do not include the forged file
+    res.change(lambda live, mine: {**mine, "r": {"owners": [me()], "cores": [], "memory_mb": 1}})
+    assert (shared_dir / "pcocc-resv.0.forged.json").exists()  # not root's to overwrite
+    assert {key for _, key, _ in res.all_live()} == {"x", "r"}
+
+
+def test_batch_output_is_never_written_through_a_link(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    link = tmp_path / "pcocc_1.out"
+    link.symlink_to(victim)
+    with pytest.raises(OSError):
+        open_output(str(link))
+    hard = tmp_path / "pcocc_2.out"
+    os.link(victim, hard)
+    with pytest.raises(OSError):
+        open_output(str(hard))
+    assert victim.read_text() == "precious\n"
+    fifo = tmp_path / "pcocc_3.out"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError):
+        open_output(str(fifo))  # and it does not block
+
+
+def test_batch_output_replaces_an_old_file_of_ours(tmp_path):
+    out = tmp_path / "pcocc_4.out"
+    out.write_text("an older job's output, longer than the new one\n")
+    with open_output(str(out)) as f:
+        f.write(b"new\n")
+    assert out.read_text() == "new\n"
