@@ -303,7 +303,7 @@ static void one_line(char *msg, size_t msglen)
 static int run(char *const argv[], uint32_t job, uint32_t step, uint32_t uid, char **extra, int limit,
 	       char *msg, size_t msglen)
 {
-	int fds[2], status = 0;
+	int fds[2], status = 0, reaped = 0;
 	size_t len = 0;
 	char **env;
 	double deadline = now() + limit;
@@ -337,7 +337,14 @@ static int run(char *const argv[], uint32_t job, uint32_t step, uint32_t uid, ch
 		char chunk[512];
 		ssize_t n;
 
-		if (left <= 0) {
+		if (!reaped && waitpid(pid, &status, WNOHANG) == pid) {
+			/* it is done; a stray of its session may still hold the pipe: read what is there, then end them */
+			reaped = 1;
+			kill(-pid, SIGKILL);
+			deadline = now();
+			left = 0;
+		}
+		if (left <= 0 && !reaped) {
 			kill(-pid, SIGKILL);
 			kill(pid, SIGKILL);
 			waitpid(pid, &status, 0);
@@ -347,13 +354,17 @@ static int run(char *const argv[], uint32_t job, uint32_t step, uint32_t uid, ch
 				 msg[0] ? "; " : "", limit);
 			return -1;
 		}
-		if (poll(&pfd, 1, left) < 0) {
+		/* wake up every second: the command may end while a stray keeps the pipe open */
+		if (poll(&pfd, 1, reaped ? 0 : (left < 1000 ? left : 1000)) < 0) {
 			if (errno == EINTR)
 				continue;
 			break;
 		}
-		if (!pfd.revents)
+		if (!pfd.revents) {
+			if (reaped)
+				break;
 			continue;
+		}
 		n = read(fds[0], chunk, sizeof chunk);
 		if (n < 0 && errno == EINTR)
 			continue;
@@ -374,7 +385,7 @@ static int run(char *const argv[], uint32_t job, uint32_t step, uint32_t uid, ch
 		msg[len] = '\0';
 	}
 	close(fds[0]);
-	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+	while (!reaped && waitpid(pid, &status, 0) < 0 && errno == EINTR)
 		;
 	one_line(msg, msglen);
 	if (WIFEXITED(status))

@@ -50,3 +50,39 @@ def assert_gone(site, jobid, prefix):
         logs = "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text().splitlines()[-20:])
                          for p in sorted((Path(site.tc.base) / "slurm" / "log").glob("slurmd-*.log")))
         raise AssertionError(f"job {jobid} left {left}\n{logs}")
+
+
+def run_dir(site, jobid):
+    """The job's VM run dir on the nodes (they share this host's /tmp), by the rule node setup records."""
+    from pcocc.lifecycle.nodesetup import task_run_dir
+
+    return task_run_dir({"HOME": str(site.home)}, site.pw.pw_uid, jobid)
+
+
+def job_processes(jobid):
+    """pids of the job's VM processes (`pcocc internal run` and qemu), found by their run dir in /proc."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if cmd.split(b"\0")[0].endswith(b"srun") or " Z " in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]:
+                continue  # the step's srun (it names `internal run` too), or a zombie
+            if (b"qemu-system" in cmd and f"/job_{jobid}/".encode() in cmd) or (
+                    b"internal\0run" in cmd and f"SLURM_JOB_ID={jobid}".encode() in env):
+                out.append(int(pid))
+    return out
+
+
+def everything(site, jobid, prefix):
+    """All a job may leave behind: node objects (node_objects), the plugin's markers, VM processes,
+    the run dir, the cluster's keys and its pool entries in the store."""
+    found = node_objects(site, jobid, prefix)
+    for node in site.tc.node_names:
+        found += [f"{node}: {p.name}" for p in Path(site.tc.node_state_dir(node)).glob(f"spank-{jobid}.vm")]
+    found += [f"process {pid}" for pid in job_processes(jobid)]
+    if os.path.lexists(run_dir(site, jobid)):
+        found.append(f"run dir {run_dir(site, jobid)}")
+    found += [f"store {k}" for k in site.keys(f"/pcocc/users/{site.user}/clusters/{jobid}/")]
+    found += [f"pool entry {o}" for o in pool_owners(site) if str(o).startswith(f"{jobid}:")]
+    return found

@@ -86,29 +86,81 @@ def create(ctx, jobid, uid, tasks, ranks=None, step_nodes=None, alive=None, task
     started = time.monotonic()
     alive = alive or liveness(ctx)
     nodes = step_nodes or [ctx.hostname]
+    watch = _interrupt_when_ending(jobid) if ctx.config.batch.type == "slurm" else contextlib.nullcontext()
     try:
-        node_plan = _plan(ctx, jobid, user, ranks, alive, multi_node=len(nodes) > 1)
-        record.update(node_plan.record())
-        ctx.store.put(key, record)
-        peers = {}
-        if node_plan.endpoint:
-            peers = jobnet.wait_peers(ctx.store, _nodes_key(user, jobid), nodes, ctx.hostname, alive, jobid)
-        waited = time.monotonic()
-        with node_lock(ctx.env):
-            _reclaim_dead(ctx, jobid, alive)
-            if task_environ is not None:
-                undo_log(ctx.env).record(jobid, "run-dir", path=task_run_dir(task_environ, uid, jobid), uid=uid)
-            common = dict(jobid=jobid, uid=uid, host=ctx.hostname, nodes=nodes, environ=ctx.env.environ, store=ctx.store,
-                          undo=undo_log(ctx.env), owner_alive=_owner_alive(ctx, alive), nodes_key=_nodes_key(user, jobid),
-                          state_dir=node_state_dir(ctx.env), address=_address(ctx, node_plan))
-            record["objects"] = jobnet.setup_node(node_plan, peers, common)
-        # seconds waiting for the cluster's record and the other nodes, then making things
-        record["timings"] = {"wait": round(waited - started, 3), "create": round(time.monotonic() - waited, 3)}
+        with watch:
+            node_plan = _plan(ctx, jobid, user, ranks, alive, multi_node=len(nodes) > 1)
+            record.update(node_plan.record())
+            ctx.store.put(key, record)
+            peers = {}
+            if node_plan.endpoint:
+                peers = jobnet.wait_peers(ctx.store, _nodes_key(user, jobid), nodes, ctx.hostname, alive, jobid)
+            waited = time.monotonic()
+            with node_lock(ctx.env):
+                _reclaim_dead(ctx, jobid, alive)
+                if task_environ is not None:
+                    undo_log(ctx.env).record(jobid, "run-dir", path=task_run_dir(task_environ, uid, jobid), uid=uid)
+                common = dict(jobid=jobid, uid=uid, host=ctx.hostname, nodes=nodes, environ=ctx.env.environ, store=ctx.store,
+                              undo=undo_log(ctx.env), owner_alive=_owner_alive(ctx, alive), nodes_key=_nodes_key(user, jobid),
+                              state_dir=node_state_dir(ctx.env), address=_address(ctx, node_plan))
+                record["objects"] = jobnet.setup_node(node_plan, peers, common)
+            # seconds waiting for the cluster's record and the other nodes, then making things
+            record["timings"] = {"wait": round(waited - started, 3), "create": round(time.monotonic() - waited, 3)}
     except (PcoccError, OSError) as exc:
         reason = getattr(exc, "message", None) or f"{exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}".rstrip(": ")
         ctx.store.put(key, {**record, "state": "failed", "error": reason})
         raise PcoccError(f"node setup failed on {ctx.hostname}: {reason}") from None
     ctx.store.put(key, {**record, "state": "complete"})
+
+
+class JobEnded(PcoccError):
+    """The job was cancelled (or ended) while its node setup ran."""
+
+
+WATCH_PERIOD = 5.0  # seconds between two looks at the job's state during a node setup
+
+
+@contextlib.contextmanager
+def _interrupt_when_ending(jobid):
+    """Interrupt the main thread (JobEnded, through SIGALRM) once SLURM says the job ends.
+
+    A step's processes are not signalled before its tasks start (slurmstepd has no process
+    container yet), so a scancel would otherwise wait for the whole setup, up to the plugin's
+    timeout. The command under way is killed (subprocess.run kills its child on any exception).
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    done = threading.Event()
+    ended = []
+
+    def expired(signum, frame):
+        if ended:
+            raise JobEnded(f"job {jobid} was cancelled during its node setup ({ended[0]})")
+
+    def watch():
+        while not done.wait(WATCH_PERIOD):
+            try:
+                out = run(["squeue", "-a", "-h", "-j", str(jobid), "-o", "%T"], timeout=30, check=False)
+            except CommandError:
+                continue
+            # a job SLURM does not know (an admin's or a test's own setup) is left alone
+            state = out.stdout.split()[0] if out.stdout.split() else None
+            if state in _ENDING and not done.is_set():
+                ended.append(state)
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
+                return
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    watcher = threading.Thread(target=watch, daemon=True, name="job-watch")
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _plan(ctx, jobid, user, ranks, alive, multi_node):
@@ -236,13 +288,17 @@ def task_environ(environ):
 
 
 def task_run_dir(task_env, uid, jobid):
-    """Where the job's VM tasks of user uid keep their files on this node: <their run dir>/job_<jobid>,
-    by the rule `internal run` follows (Environment.run_dir), applied to their variables."""
-    from pcocc.env import Environment
+    """Where the job's VM tasks of user uid keep their files on this node: <their run dir>/job_<jobid>.
 
-    entry = pwd.getpwuid(uid)
-    env = Environment(environ=dict(task_env), uid=uid, user=entry.pw_name, home=task_env.get("HOME") or entry.pw_dir)
-    return os.path.join(env.run_dir, f"job_{int(jobid)}")
+    Their run dir by the rule of Environment.run_dir (fsutil): $PCOCC_RUN_DIR, else
+    $XDG_RUNTIME_DIR/pcocc when that is a private directory of uid's, else /tmp/pcocc-<uid>;
+    found without creating anything (Environment.run_dir creates it, which root must not do).
+    """
+    from pcocc.fsutil import xdg_runtime_dir
+
+    xdg = xdg_runtime_dir(task_env, uid)
+    base = task_env.get("PCOCC_RUN_DIR") or (os.path.join(xdg, "pcocc") if xdg else f"/tmp/pcocc-{int(uid)}")
+    return os.path.join(base, f"job_{int(jobid)}")
 
 
 def remove_run_dir(path, uid):
@@ -315,6 +371,9 @@ def _reclaim_dead(ctx, jobid, alive):
 # SLURM job states after which nothing of the job runs any more
 _ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
           "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT"}
+
+
+_ENDING = _ENDED | {"COMPLETING"}  # a cancelled job is COMPLETING until its processes and epilogs are done
 
 
 def job_alive(jobid):
