@@ -198,7 +198,7 @@ class ImageStore:
                     os.unlink(tmp)
             return repo.commit(rev.name, rev.layers + (sha,), size or rev.size, self.owner, boot=rev.boot, description=rev.description)
 
-    def save_layer(self, rev, fill, dest=None, full=False, description=None):
+    def save_layer(self, rev, fill, dest=None, full=False, description=None, before_commit=None):
         """Publish the content of a VM disk based on rev as a new revision; return it.
 
         fill(tmp_path, backing) writes the layer: backing is the name of its backing
@@ -206,7 +206,9 @@ class ImageStore:
         (full, or dest in another repository). Without dest: the next revision of
         rev's image; with dest ([REPO:]NAME, which must not exist): its first revision.
         Nothing is published unless fill returned; on any error (Ctrl-C included)
-        its file and the blobs this save added are removed. Raises ImageExists,
+        its file and the blobs this save added are removed. before_commit(), if
+        given, is called at the last moment before the commit, inside the
+        repository's transaction: what it raises aborts the save. Raises ImageExists,
         PermissionDenied, RepositoryFull, RepositoryError, or what fill raised.
         """
         if dest is not None:
@@ -234,6 +236,8 @@ class ImageStore:
                     if rev.boot.get(key):
                         copy_blob(rev.repo, repo, rev.boot[key], added)
             layers = (sha,) if full else rev.layers + (sha,)
+            if before_commit is not None:
+                before_commit()
             return repo.commit(name, layers, rev.size, self.owner, new_image=dest is not None,
                                description=rev.description if description is None else description, boot=rev.boot)
 

@@ -204,6 +204,7 @@ def write_manifest(staging, info, saved, stamps=None, extra=None):
         vms.append(entry)
     manifest = {
         "format": FORMAT, "pcocc": __version__, "jobid": info["jobid"], "name": info["name"], "definition": info["definition"],
+        "uuid": info.get("uuid"),  # a restart is the same cluster, the same cloud-init instance
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "vms": vms, **(extra or {}),
     }
     path = os.path.join(staging, MANIFEST)

@@ -16,13 +16,9 @@ revision's metadata is linked in (see images/repo.py).
 An abandoned save publishes nothing either: ``client_present`` (the control
 endpoint's ``Session.present``) is polled while the copy runs (the backup job
 is cancelled once the client left: Ctrl-C, killed, node lost) and checked again
-once the layer is whole, just before it is handed to the repository to be
-stored and published.  The VM's own disk chain is never changed by a save (a
-backup job reads it), so it stays consistent whatever happens.  The one window
-left is the repository's hashing and commit of the finished layer (a second or
-so for a large full image): a client that leaves during it finds the revision
-published (images/store.py's ``save_layer`` would need a hook just before its
-commit to close it).
+once the layer is whole, and a last time once the repository has stored it,
+just before its commit publishes it.  The VM's own disk chain is never changed
+by a save (a backup job reads it), so it stays consistent whatever happens.
 """
 
 import logging
@@ -111,7 +107,7 @@ def save_disk(vm, agent, rev, images, dest=None, full=False, safe=False, freeze_
         check_client()  # the last moment before the repository stores and publishes it
 
     freeze_started = None
-    new = images.save_layer(rev, fill, dest=dest, full=full, description=None)
+    new = images.save_layer(rev, fill, dest=dest, full=full, description=None, before_commit=check_client)
     report.update(uri=new.uri, repo=new.repo.name, image=new.name, revision=new.revision, base=rev.uri,
                   full=len(new.layers) == 1, seconds=round(time.monotonic() - started, 3))
     return report

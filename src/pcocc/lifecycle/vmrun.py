@@ -10,7 +10,6 @@ import os
 import shlex
 import shutil
 import signal
-import tempfile
 import threading
 import time
 
@@ -157,8 +156,7 @@ def run_vm(ctx, jobid, rank):
     spec = info["vms"][rank]
     jobdir = info.get("rundir") or os.path.join(ctx.env.run_dir, f"job_{jobid}")  # SLURM: this node's
     rundir = os.path.join(jobdir, f"vm{rank}")
-    os.makedirs(rundir, mode=0o700, exist_ok=True)
-    os.chmod(ctx.env.run_dir, 0o700)
+    os.makedirs(rundir, mode=0o700, exist_ok=True)  # under the run dir, private (env.run_dir checks it)
     vm = server = agent = None
     stop = threading.Event()
     outcome = {"state": "stopped"}
@@ -291,7 +289,7 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
         if settings.get(key):
             settings = {**settings, key: expand(settings[key])}
     kernel = settings.get("kernel") or (rev.boot_files()[0] if rev and rev.boot_files() else None)
-    # the answer holds for this host until it reboots: keep it where every user's run can find it
+    # the answer holds for this host until it reboots: cached in the user's private run dir
     chosen = accel.choose(ctx.env.run_dir, settings["qemu-bin"], kernel=kernel, forced=ctx.env.environ.get("PCOCC_ACCEL"))
     if chosen == "tcg" and not ctx.env.environ.get("PCOCC_ACCEL"):
         log.info("vm%d: KVM is not usable here: using TCG (software emulation, slower)", rank)
