@@ -62,10 +62,12 @@ class FakeImages:
         self.tmp = tmp
         self.published = []
 
-    def save_layer(self, rev, fill, dest=None, full=False, description=None):
+    def save_layer(self, rev, fill, dest=None, full=False, description=None, before_commit=None):
         path = os.path.join(self.tmp, "layer.tmp")
         try:
             fill(path, None if full else "../blobs/base")
+            if before_commit is not None:
+                before_commit()
             self.published.append(dest)
             return SimpleNamespace(uri="r:x@1", repo=SimpleNamespace(name="r"), name="x", revision=1, layers=("a", "b"))
         finally:
