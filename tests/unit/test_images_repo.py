@@ -369,3 +369,25 @@ def test_export_to_a_place_it_cannot_write_is_one_line(store, tmp_path, monkeypa
     with pytest.raises(PermissionDenied, match="cannot write .*out.qcow2.kernel.part: permission denied"):
         store.export("user:e", str(tmp_path / "out.qcow2"))
     assert list(tmp_path.glob("out*")) == []
+
+
+def test_a_save_refused_just_before_its_commit_publishes_nothing(store):
+    """before_commit (the VM side: is the client of `pcocc save` still there?) aborts the save."""
+    rev = new_image(store, store.target("user:img")[0], "img")
+
+    class Left(Exception):
+        pass
+
+    def fill(path, backing):
+        qcow2.create_overlay(path, backing, rev.size)
+
+    def gone():
+        raise Left()
+
+    with pytest.raises(Left):
+        store.save_layer(rev, fill, before_commit=gone)
+    repo = rev.repo
+    assert [r.revision for r in repo.revisions("img")] == [rev.revision]
+    assert clean(repo)
+    new = store.save_layer(rev, fill, before_commit=lambda: None)
+    assert new.revision == rev.revision + 1
