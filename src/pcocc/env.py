@@ -58,7 +58,7 @@ class Environment:
         if self._run_dir is None:
             from pcocc.fsutil import default_run_dir, private_dir
 
-            self._run_dir = private_dir(self.environ.get("PCOCC_RUN_DIR") or default_run_dir(self.environ, self.uid))
+            self._run_dir = private_dir(default_run_dir(self.environ, self.uid))
         return self._run_dir
 
     def stderr_is_tty(self):

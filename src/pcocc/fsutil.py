@@ -38,9 +38,13 @@ def xdg_runtime_dir(environ, uid=None):
 
 
 def default_run_dir(environ, uid):
-    """The default run directory of user uid: $XDG_RUNTIME_DIR/pcocc when valid, else /tmp/pcocc-<uid>."""
-    xdg = xdg_runtime_dir(environ)
-    return os.path.join(xdg, "pcocc") if xdg else f"/tmp/pcocc-{uid}"
+    """The run directory of user uid, found without creating anything (root's node setup uses it
+    for a user's tasks): $PCOCC_RUN_DIR, else $XDG_RUNTIME_DIR/pcocc when that is a private
+    directory of uid's, else /tmp/pcocc-<uid>."""
+    if environ.get("PCOCC_RUN_DIR"):
+        return environ["PCOCC_RUN_DIR"]
+    xdg = xdg_runtime_dir(environ, uid)
+    return os.path.join(xdg, "pcocc") if xdg else f"/tmp/pcocc-{int(uid)}"
 
 
 def private_dir(path):

@@ -294,11 +294,9 @@ def task_run_dir(task_env, uid, jobid):
     $XDG_RUNTIME_DIR/pcocc when that is a private directory of uid's, else /tmp/pcocc-<uid>;
     found without creating anything (Environment.run_dir creates it, which root must not do).
     """
-    from pcocc.fsutil import xdg_runtime_dir
+    from pcocc.fsutil import default_run_dir
 
-    xdg = xdg_runtime_dir(task_env, uid)
-    base = task_env.get("PCOCC_RUN_DIR") or (os.path.join(xdg, "pcocc") if xdg else f"/tmp/pcocc-{int(uid)}")
-    return os.path.join(base, f"job_{int(jobid)}")
+    return os.path.join(default_run_dir(task_env, uid), f"job_{int(jobid)}")
 
 
 def remove_run_dir(path, uid):
