@@ -165,3 +165,13 @@ class InfinibandDriver(HostIbDriver):
 
 register(NetworkType("infiniband", ("ib",), SETTINGS, "InfiniBand SR-IOV with a PKey per cluster", InfinibandDriver))
 register(NetworkType("hostib", ("host-infiniband",), HOSTIB_SETTINGS, "InfiniBand SR-IOV without PKey isolation", HostIbDriver))
+
+
+def undo_actions(environ, store):
+    """{kind: undo} of the objects InfiniBand networks record (merged by jobnet.undo_actions):
+    VFs given to VMs, and the node's membership of a PKey (a store key pkeyd reads)."""
+    fs = sysfs.open_host(environ)
+    return {
+        "ib-vf": lambda device, vf, addr, host_driver, group: release_vf(fs, device, vf, addr, host_driver),
+        "pkey-member": lambda key: store.delete(key),
+    }

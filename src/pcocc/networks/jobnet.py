@@ -199,11 +199,11 @@ def licenses(config, settings_list):
 def undo_actions(environ, store):
     """{kind: undo} of every kind of object a node setup records."""
     from pcocc.allocator import Pool
-    from pcocc.networks import hostnet, vfio
+    from pcocc.networks import hostnet, infiniband, vfio
 
     return {**hostnet.undo_actions(environ), "pool": lambda **args: release_pool(store, **args),
             "pool-own": lambda pool, owner: Pool(store, pool, 0, 0).release(owner),  # ids of one node's VMs
-            **vfio.undo_actions(environ, store)}
+            **vfio.undo_actions(environ), **infiniband.undo_actions(environ, store)}
 
 
 def release_pool(store, pool, owner, nodes, host):

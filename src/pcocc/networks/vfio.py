@@ -130,13 +130,9 @@ def vm_device(network, objects, rank):
     return vm
 
 
-def undo_actions(environ, store):
-    """{kind: undo} of the objects the passthrough networks record (merged by jobnet.undo_actions)."""
-    from pcocc.networks import infiniband, sysfs
+def undo_actions(environ):
+    """{kind: undo} of the objects PCI passthrough records (merged by jobnet.undo_actions)."""
+    from pcocc.networks import sysfs
 
     fs = sysfs.open_host(environ)
-    return {
-        "vfio-device": lambda addr, host_driver, group: release(fs, addr, host_driver),
-        "ib-vf": lambda device, vf, addr, host_driver, group: infiniband.release_vf(fs, device, vf, addr, host_driver),
-        "pkey-member": lambda key: store.delete(key),
-    }
+    return {"vfio-device": lambda addr, host_driver, group: release(fs, addr, host_driver)}
