@@ -146,7 +146,7 @@ def test_a_templates_bad_user_data_is_refused_at_submission(site, tmp_path):
     assert "template tiny" in r.stderr and site.backend.submitted == []
 
 
-@pytest.mark.parametrize("data", [b"", b"#cloud-config\nruncmd: [x]\n", gzip.compress(b"#cloud-config\n")])
+@pytest.mark.parametrize("data", [b"", b"#cloud-config\nruncmd: [x]\n", gzip.compress(b"#cloud-config\n", mtime=0)], ids=["empty", "text", "gzip"])
 def test_user_data_cloud_init_takes_is_accepted(site, tmp_path, data):
     (tmp_path / "ud").write_bytes(data)
     r = site("batch", "--user-data", tmp_path / "ud", "tiny:1")
