@@ -32,13 +32,13 @@ import time
 from pcocc import state
 from pcocc.batch.base import Backend
 from pcocc.batch.hostres import HostReservations
-from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, ResourceError, TimeoutExpired
+from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, ResourceError
 from pcocc.procs import pid_alive, process_start, set_parent_death_signal
 
 log = logging.getLogger("pcocc.local")
 
-SUPERVISOR_START_TIMEOUT = 30
-CANCEL_TIMEOUT = 60  # seconds for the supervisor to stop its VMs (each has 45 s) before it is killed
+SUPERVISOR_CHECK = 1.0  # seconds between two looks at a starting supervisor
+CANCEL_TIMEOUT = 90  # seconds for the supervisor to stop its VMs (45 s) and undo its node setup before it is killed
 VM_STOP_TIMEOUT = 45
 ENDED_TTL = 600  # seconds the end of a cluster stays recorded for its waiters (batch --wait, wait_ready)
 OWNER_CHECK = 1.0  # seconds between two looks of the supervisor at its holder and record
@@ -222,10 +222,12 @@ class LocalBackend(Backend):
         supervisor = [sup, process_start(sup)]
         # The supervisor records itself too; whoever is first, the record names it from now on.
         self.ctx.store.update(info_key, lambda i: i and (i if i.get("supervisor") else {**i, **_named("supervisor", supervisor)}))
-        ok = self.ctx.store.wait(info_key, lambda items: any(v.get("state") != "submitting" for v in items.values()),
-                                 SUPERVISOR_START_TIMEOUT)
-        if ok is None:
-            raise TimeoutExpired(f"the supervisor of cluster {jobid} did not start")
+        # No fixed deadline: on a loaded host the start may be slow; it is over when the
+        # supervisor says it runs, or when it is gone.
+        while self.ctx.store.wait(info_key, lambda items: any(v.get("state") != "submitting" for v in items.values()),
+                                  SUPERVISOR_CHECK) is None:
+            if not _alive(supervisor):
+                raise PcoccError(f"the supervisor of cluster {jobid} ended as it started")
         return supervisor
 
     def _stop_supervisor(self, jobid, supervisor, timeout=CANCEL_TIMEOUT):
