@@ -7,7 +7,7 @@ Resolution walks the `inherits` chain and remembers where each value came from.
 
 from dataclasses import dataclass, field
 
-from pcocc.config.schema import Anything, Bool, ByKind, Const, Enum, F, Int, ListOf, MapOf, OneKeyMap, Str, Struct
+from pcocc.config.schema import Anything, Bool, ByKind, Const, Enum, F, Int, ListOf, MapOf, Nullable, OneKeyMap, Str, Struct
 from pcocc.errors import NotFoundError
 
 _CACHE_MODES = ("writeback", "none", "unsafe", "writethrough", "directsync")
@@ -91,12 +91,18 @@ SETTINGS = {
     "append": Setting(Str(), help="kernel command line for 'kernel' (ours)"),
 }
 
-SCHEMA = Struct({name: F(s.kind) for name, s in SETTINGS.items()}, "template (a mapping of settings)")
+# A key written with no value (`custom-args:`) is kept as None: "the default, whatever the parent
+# says" (the original's rule, pcocc-templates.yaml(5) and its template resolution).
+SCHEMA = Struct({name: F(Nullable(s.kind)) for name, s in SETTINGS.items()}, "template (a mapping of settings)")
 
 
 @dataclass
 class Template:
-    """A template as written in one file: only the keys it sets itself."""
+    """A template as written in one file: only the keys it sets itself.
+
+    values: {key: value} of the keys written; a key written with no value is
+    there with None, which resets an inherited value to the key's default.
+    """
 
     name: str
     scope: str  # "system" or "user"
@@ -157,13 +163,21 @@ class TemplateSet:
         return out
 
     def resolve(self, name):
+        """The template with inheritance applied (a Resolved).
+
+        The nearest template of the chain that writes a key gives its value; one
+        that writes it with no value gives the key's default (as the original
+        pcocc does: an empty key is not "inherit"). No resource-set anywhere:
+        the default resource set, if any. Raises NotFoundError for an unknown name.
+        """
         chain = self.chain(name)
         values, origin = {}, {}
         for key, setting in SETTINGS.items():
             values[key], origin[key] = setting.default, None
             for tpl in chain if setting.inheritable else chain[:1]:
-                if tpl.values.get(key) is not None:
-                    values[key], origin[key] = tpl.values[key], tpl.name
+                if key in tpl.values:
+                    value = tpl.values[key]
+                    values[key], origin[key] = (setting.default if value is None else value), tpl.name
                     break
         if values["resource-set"] is None and self.default_resource_set:
             values["resource-set"], origin["resource-set"] = self.default_resource_set, None

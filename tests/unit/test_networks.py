@@ -86,7 +86,7 @@ def test_nic_arguments():
         "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:00:00:03"]
     kernel = ethernet.EthernetDriver(eth(mtu=9000))
     args = kernel.nic_args(12, 3, 1, "virtio-net")
-    assert "vnet_hdr" not in args[1] and args[3].endswith(",host_mtu=9000") and "id=net1" in args[1]
+    assert "vnet_hdr" not in args[1] and args[3].endswith(",host_mtu=8950") and "id=net1" in args[1]
     assert kernel.nic_args(12, 3, 0, "e1000")[3].startswith("e1000,netdev=net0,")
 
 
@@ -120,15 +120,18 @@ def test_l3_addresses_and_dnsmasq_configuration():
         a.vm_ip(253)
     assert a.ext_pool() == ("extip-priv", 1, 65534) and str(a.ext_ip(1)) == "10.201.0.1"
     conf = gateway.dnsmasq_conf(s, a, {0: "52:54:00:00:00:00", 5: "52:54:00:00:00:05"}, "/x/leases").splitlines()
-    for line in ("interface=gw", "dhcp-range=10.200.0.0,static,255.255.255.0,12h", "dhcp-option=option:router,10.200.0.254",
-                 "dhcp-option=option:dns-server,10.200.0.254", "dhcp-option=option:mtu,9000", "domain=my.domain",
+    # leases last as long as the cluster, and the VMs' MTU leaves room for VXLAN (pcocc-networks.yaml(5))
+    for line in ("interface=gw", "dhcp-range=10.200.0.0,static,255.255.255.0,infinite", "dhcp-option=option:router,10.200.0.254",
+                 "dhcp-option=option:dns-server,10.200.0.254", "dhcp-option=option:mtu,8950", "domain=my.domain",
                  "local=/my.domain/", "dhcp-option=option:domain-search,my.domain", "dhcp-option=option:ntp-server,192.0.2.123",
-                 "server=192.0.2.53", "dhcp-host=52:54:00:00:00:05,10.200.0.6,vm5", "host-record=vm5.my.domain,vm5,10.200.0.6",
-                 "dhcp-leasefile=/x/leases"):
+                 "server=192.0.2.53", "no-resolv", "dhcp-host=52:54:00:00:00:05,10.200.0.6,vm5,infinite",
+                 "host-record=vm5.my.domain,vm5,10.200.0.6", "dhcp-leasefile=/x/leases"):
         assert line in conf
-    # no upstream DNS server: answer for the cluster only, never forward
-    bare = gateway.dnsmasq_conf(eth(**{"network-layer": "L3"}).settings, a, {1: "52:54:00:00:00:01"}, "/l").splitlines()
-    assert "no-resolv" in bare and "host-record=vm1,10.200.0.2" in bare and not any(x.startswith("server=") for x in bare)
+    # no upstream DNS server: forward to the host's resolvers; the domain is pcocc.<host's domain>
+    bare = gateway.dnsmasq_conf(eth(**{"network-layer": "L3"}).settings, a, {1: "52:54:00:00:00:01"}, "/l",
+                                getfqdn=lambda: "node7.site.example").splitlines()
+    assert "resolv-file=/etc/resolv.conf" in bare and "no-resolv" not in bare and not any(x.startswith("server=") for x in bare)
+    assert "host-record=vm1.pcocc.site.example,vm1,10.200.0.2" in bare and "domain=pcocc.site.example" in bare
 
 
 def test_ssh_config_names_each_reachable_vm():

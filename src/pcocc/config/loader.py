@@ -5,13 +5,15 @@ PCOCC_USER_CONF_DIR (~/.pcocc). A missing system directory means the embedded
 single-host default: local backend, SQLite store, a user image repository.
 """
 
+import logging
 import os
 import re
 
 from pcocc import networks, pathtpl
+from pcocc.networks import ethernet
 from pcocc.config import yamlfile
 from pcocc.config.models import BatchConfig, Config, Network, Repo, ResourceSet
-from pcocc.config.schema import INVALID, Anything, At, Bool, Enum, F, Int, ListOf, MapOf, Problems, Str, Struct, line_of
+from pcocc.config.schema import INVALID, Anything, At, Bool, Enum, F, Int, ListOf, MapOf, Nullable, Problems, Str, Struct, line_of
 from pcocc.errors import ConfigError
 from pcocc.templates import SCHEMA as TEMPLATE_SCHEMA
 from pcocc.templates import Template, TemplateSet
@@ -48,14 +50,23 @@ BATCH_SCHEMA = Struct(
 
 NETWORK_SCHEMA = Struct({"type": F(Str(), required=True), "settings": F(Anything(), default=None)}, "network definition")
 
+# pcocc-resources.yaml(5): `networks` (empty: no network), ours `default` and `description`.
+# The original ignores other keys: they are warned about, not refused.
 RESOURCE_SCHEMA = Struct(
     {
-        "networks": F(ListOf(Str()), default=[]),
-        "default": F(Bool(), default=False),
-        "description": F(Str(), default=""),
+        "networks": F(Nullable(ListOf(Str()), null=list), default=[]),
+        "default": F(Nullable(Bool(), null=False), default=False),
+        "description": F(Nullable(Str(), null=""), default=""),
     },
     "resource set",
+    unknown_ok=True,
 )
+
+log = logging.getLogger("pcocc.config")
+
+# Why etcd-auth-type: munge is refused (pcocc-batch.yaml(5) lists it).
+MUNGE_REFUSAL = ("'munge' cannot be used: a stock etcd v3 server checks passwords or TLS client certificates, "
+                 "never a munge credential, so every command would fail; use 'password' (see 'pcocc help batch')")
 
 REPOS_SCHEMA = Struct(
     {
@@ -72,6 +83,7 @@ class _Loader:
     def __init__(self, env):
         self.env = env
         self.problems = Problems()
+        self.warnings = []  # "file:line: what": accepted, but worth a word (deprecated forms, ignored keys)
         self.files = []
         self.path_values = {"homedir": env.home, "user": env.user}
 
@@ -85,6 +97,10 @@ class _Loader:
         if data is not None or os.path.exists(path):
             self.files.append(path)
         return data
+
+    def warn(self, text):
+        self.warnings.append(text)
+        log.warning("%s", text)
 
     def at(self, path, data):
         return At(path, line_of(data), "", self.problems)
@@ -118,6 +134,9 @@ class _Loader:
         if settings["store"] is None:
             settings["store"] = "etcd" if settings["etcd-servers"] else "sqlite"
         line = line_of(data.get("settings") if data else None) if data else 1
+        if settings["etcd-auth-type"] == "munge":
+            where = line_of(data.get("settings"), "etcd-auth-type") if data else line
+            self.problems.append(f"{path}:{where}: settings.etcd-auth-type: {MUNGE_REFUSAL}")
         if settings["store"] == "etcd" and not settings["etcd-servers"]:
             self.problems.append(f"{path}:{line}: settings.etcd-servers: required with the etcd store")
         if btype == "slurm" and settings["store"] != "etcd":
@@ -139,6 +158,11 @@ class _Loader:
         for name, net in checked.items():
             raw = data[name]
             line = line_of(data, name)
+            if net["type"] in ethernet.DEPRECATED_TYPES:
+                converted = self._deprecated_network(path, name, raw, net["type"])
+                if converted is not None:
+                    out[name] = converted
+                continue
             ntype = networks.lookup(net["type"]) if isinstance(net["type"], str) else None
             if ntype is None:
                 self.problems.append(
@@ -151,12 +175,33 @@ class _Loader:
                 out[name] = Network(name, ntype.name, settings, path, line)
         return out
 
+    def _deprecated_network(self, path, name, raw, type_name):
+        """A network of a type the original pcocc deprecated (pv, nat): the Network it stands for, or None.
+
+        pv: an L2 `ethernet` network, with a warning that names the new form.
+        nat: refused (no equivalent; see ethernet.NAT_REFUSAL).
+        """
+        where = f"{path}:{line_of(raw, 'type')}: {name}.type"
+        if type_name == "nat":
+            self.problems.append(f"{where}: {ethernet.NAT_REFUSAL}")
+            return None
+        settings = ethernet.PV_SETTINGS.check(raw.get("settings"), At(path, line_of(raw, "settings"), f"{name}.settings", self.problems))
+        if settings is INVALID:
+            return None
+        converted = ethernet.from_pv(settings)
+        self.warn(f"{where}: 'pv' is deprecated: read as type 'ethernet' with network-layer L2 and "
+                  f"dev-prefix {converted['dev-prefix']!r} (write it so to silence this warning)")
+        return Network(name, "ethernet", converted, path, line_of(raw, "type"))
+
     # -- resources.yaml
     def resources(self, sysdir, nets):
         path = os.path.join(sysdir, "resources.yaml")
         data = self.read(path)
         if data is None:
             return {"default": ResourceSet("default", (), True, "(built-in)", 0)}
+        if not isinstance(data, dict):
+            MapOf(RESOURCE_SCHEMA).check(data, self.at(path, data))  # records what was expected
+            return {}
         checked = MapOf(RESOURCE_SCHEMA, key=Str(_NAME, "a resource set name")).check(data, self.at(path, data))
         out = {}
         if checked is INVALID:
@@ -165,9 +210,12 @@ class _Loader:
         if len(defaults) > 1:
             self.problems.append(f"{path}:{line_of(data, defaults[1])}: {defaults[1]}.default: only one resource set may be the default (also: {defaults[0]})")
         for name, rset in checked.items():
+            raw = data[name] if isinstance(data[name], dict) else {}
+            for key in RESOURCE_SCHEMA.unknown_keys(raw):
+                self.warn(f"{path}:{line_of(raw, key)}: {name}.{key}: unknown key, ignored (known keys: {', '.join(sorted(RESOURCE_SCHEMA.fields))})")
             for i, net in enumerate(rset["networks"]):
                 if net not in nets:
-                    line = line_of(data[name].get("networks"), i)
+                    line = line_of(raw.get("networks"), i)
                     self.problems.append(f"{path}:{line}: {name}.networks: unknown network '{net}' (not in networks.yaml)")
             out[name] = ResourceSet(name, tuple(rset["networks"]), rset["default"], path, line_of(data, name))
         return out
@@ -199,13 +247,27 @@ class _Loader:
                     self.problems.append(f"{path}:{line}: {name}: template already defined at {first.file}:{first.line}; choose another name and use 'inherits'")
                     continue
                 raw = data[name]
-                set_values = {k: v for k, v in values.items() if v is not None and k in (raw or {})}
+                set_values = {k: v for k, v in values.items() if k in (raw or {})}  # None: written with no value
                 templates[name] = Template(name, scope, path, line, set_values, dict(getattr(raw, "lines", {})))
         default_rset = next((r.name for r in rsets.values() if r.default), None)
         tset = TemplateSet(templates, default_rset)
         for tpl in templates.values():
             self._check_template(tpl, tset, rsets)
+        self._check_resource_sets(tset, rsets, default_rset)
         return tset
+
+    def _check_resource_sets(self, tset, rsets, default_rset):
+        """Every template needs a resource set when resources.yaml defines sets and none is the
+        default (pcocc-templates.yaml(5): resource-set is the one mandatory parameter, unless
+        a default set exists). Without resources.yaml, the built-in default set stands."""
+        if default_rset or not rsets:
+            return
+        names = ", ".join(sorted(rsets))
+        for tpl in tset.templates.values():
+            if not tset.resolve(tpl.name).values.get("resource-set"):  # a chain stops at a missing parent
+                where = tpl.where("resource-set") if "resource-set" in tpl.values else tpl.where()
+                self.problems.append(f"{where}: {tpl.name}: no resource-set, and resources.yaml marks none as the default: "
+                                     f"set resource-set to one of {names}, or mark one 'default: true'")
 
     def _check_template(self, tpl, tset, rsets):
         parent = tpl.parent
@@ -232,10 +294,10 @@ class _Loader:
             if isinstance(tpl.values.get(key), str):
                 self.check_placeholders(tpl.values[key], tpl.file, tpl.key_lines.get(key, tpl.line), f"{tpl.name}.{key}")
         line = tpl.key_lines.get("mount-points", tpl.line)
-        for tag, mount in tpl.values.get("mount-points", {}).items():
+        for tag, mount in (tpl.values.get("mount-points") or {}).items():
             self.check_placeholders(mount["path"], tpl.file, line, f"{tpl.name}.mount-points.{tag}.path")
         line = tpl.key_lines.get("persistent-drives", tpl.line)
-        for drive in tpl.values.get("persistent-drives", []):
+        for drive in tpl.values.get("persistent-drives") or []:
             self.check_placeholders(drive["path"], tpl.file, line, f"{tpl.name}.persistent-drives")
 
     # -- repos.yaml (user first: it has priority)
@@ -274,4 +336,4 @@ def load_config(env):
     repos = loader.repos(sysdir, userdir)
     if loader.problems:
         raise ConfigError(loader.problems)
-    return Config(sysdir, userdir, batch, nets, rsets, templates, repos, loader.files)
+    return Config(sysdir, userdir, batch, nets, rsets, templates, repos, loader.files, loader.warnings)

@@ -51,3 +51,4 @@ class Config:
     templates: object = None  # pcocc.templates.TemplateSet
     repos: list = field(default_factory=list)  # [Repo], highest priority first
     files: list = field(default_factory=list)  # the files actually read
+    warnings: list = field(default_factory=list)  # "file:line: what" of what was accepted with a warning

@@ -150,11 +150,20 @@ class F:
 
 
 class Struct:
-    """A mapping with known keys; unknown keys are errors."""
+    """A mapping with known keys; unknown keys are errors.
 
-    def __init__(self, fields, what="mapping"):
+    unknown_ok: unknown keys are left out of the result instead (the caller may
+    warn about them: see unknown_keys).
+    """
+
+    def __init__(self, fields, what="mapping", unknown_ok=False):
         self.fields = fields
         self.what = what
+        self.unknown_ok = unknown_ok
+
+    def unknown_keys(self, value):
+        """The keys of a mapping value that are not fields, in file order."""
+        return [k for k in value if k not in self.fields] if isinstance(value, dict) else []
 
     def check(self, value, at):
         if value is None:
@@ -164,7 +173,7 @@ class Struct:
         lines = getattr(value, "lines", {})
         out, bad = {}, False
         for k in value:
-            if k not in self.fields:
+            if k not in self.fields and not self.unknown_ok:
                 known = ", ".join(sorted(self.fields))
                 at.child(k, lines.get(k)).error(f"unknown key (known keys: {known})")
                 bad = True
@@ -207,6 +216,29 @@ class ByKind:
                     return out
                 return self.convert(out)
         return at.error(f"expected {self.what}, got {_kind(value)}")
+
+
+class Nullable:
+    """A value that may also be written as nothing (`key:` or `key: null`), which gives `null`.
+
+    The original pcocc reads a key set to nothing as "not set here": in a template
+    it resets an inherited value to the default (pcocc-templates.yaml(5)), in
+    resources.yaml an empty `networks:` is a set without networks.
+    """
+
+    def __init__(self, kind, null=None):
+        self.kind = kind
+        self.null = null
+
+    def check(self, value, at):
+        if value is None:
+            return self.null() if callable(self.null) else self.null
+        return self.kind.check(value, at)
+
+    def __getattr__(self, name):  # the wrapped checker's attributes (what, choices, ...)
+        if name in ("kind", "null") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.kind, name)
 
 
 class Const:

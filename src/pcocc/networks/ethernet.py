@@ -1,6 +1,11 @@
-"""Private Ethernet between the VMs of a cluster (Open vSwitch + VXLAN), L2 or L3."""
+"""Private Ethernet between the VMs of a cluster (Open vSwitch + VXLAN), L2 or L3.
 
-from pcocc.config.schema import Bool, Enum, F, Int, Str, Struct
+Settings as in the original's pcocc-networks.yaml(5) (`ethernet`), plus a few of
+ours; its deprecated types are read here too: `pv` as an L2 `ethernet` network,
+`nat` refused (see NAT_REFUSAL).
+"""
+
+from pcocc.config.schema import INVALID, At, Bool, Enum, F, Int, Problems, Str, Struct
 from pcocc.errors import PcoccError
 from pcocc.networks import Driver, NetworkType, names, register
 
@@ -13,10 +18,13 @@ SETTINGS = Struct(
         "mtu": F(Int(min=576, max=65535), default=1500),
         "mac-prefix": F(Str(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){0,3}", "1 to 4 hex octets like 52:54:00"), default="52:54:00"),
         "mac-start-offset": F(Int(min=0), default=0),
+        # pcocc-networks.yaml(5): appended to a node's name to find the address of its tunnel endpoint
         "host-if-suffix": F(Str(), default=""),
         "int-network": F(_CIDR, default="10.200.0.0/16"),
         "ext-network": F(_CIDR, default="10.201.0.0/16"),
+        # unset: dnsmasq forwards to the resolvers of resolv-file (the host's)
         "dns-server": F(Str(r"(\d{1,3}(\.\d{1,3}){3})?", "an IPv4 address"), default=""),
+        # unset: pcocc.<the node's DNS domain>, or pcocc (gateway.domain_name)
         "domain-name": F(Str(), default=""),
         "dns-search": F(Str(), default=""),
         "ntp-server": F(Str(), default=""),
@@ -34,8 +42,50 @@ SETTINGS = Struct(
         ),
         # Ours: the Open vSwitch datapath (kernel 'system' in production, 'netdev' where there is no module).
         "datapath-type": F(Enum("system", "netdev"), default="system"),
+        # Ours: the resolver file whose servers the network's DNS forwards to when dns-server is unset.
+        "resolv-file": F(Str(), default="/etc/resolv.conf"),
     }
 )
+
+VXLAN_OVERHEAD = 50  # bytes a VXLAN tunnel adds to each frame (pcocc-networks.yaml(5), `mtu`)
+
+
+def vm_mtu(settings):
+    """The MTU the VMs' interfaces must use on this network, in bytes: the network's `mtu`
+    less the VXLAN encapsulation (pcocc-networks.yaml(5): "set 50 bytes lower than this
+    value"; an L3 network's DHCP hands it out)."""
+    return settings["mtu"] - VXLAN_OVERHEAD
+
+
+# -- the original's deprecated types (pcocc-networks.yaml(5) of pcocc 0.x: "pv" and "nat")
+
+DEPRECATED_TYPES = ("pv", "nat")
+
+NAT_REFUSAL = ("the deprecated type 'nat' is not supported: it put each VM alone behind its own NAT, "
+               "all with the same address and no traffic between VMs, which no network type here does; "
+               "use type 'ethernet' with network-layer L3 (DHCP, DNS, NAT to the outside and reverse-nat "
+               "for ssh, the VMs of a cluster on one private network)")
+
+PV_SETTINGS = Struct(
+    {
+        "mac-prefix": F(Str(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){0,3}", "1 to 4 hex octets like 52:54:00"), default="52:54:00"),
+        "bridge-prefix": F(Str(r"[a-zA-Z][a-zA-Z_0-9]{0,7}", "a device prefix (a letter, then up to 7 letters, digits or _)"),
+                           required=True),
+        "tap-prefix": F(Str(), required=True),  # our devices are all named from one prefix: not used
+        "mtu": F(Int(min=576, max=65535), default=1500),
+        "host-if-suffix": F(Str(), default=""),
+    },
+    "pv network settings",
+)
+
+
+def from_pv(pv):
+    """The `ethernet` settings (a dict, every key set) a checked `pv` settings dict stands for:
+    layer 2 only, devices named from its bridge-prefix, the same MACs, MTU and tunnel suffix."""
+    out = SETTINGS.check({"dev-prefix": pv["bridge-prefix"], "network-layer": "L2", "mac-prefix": pv["mac-prefix"],
+                          "mtu": pv["mtu"], "host-if-suffix": pv["host-if-suffix"]}, At("(pv)", 0, "", Problems()))
+    assert out is not INVALID  # every value was checked by PV_SETTINGS
+    return out
 
 VNI_POOL = ("vxlan", 1000, 16_000_000)  # cluster-wide VXLAN ids; below 1000 left to the site
 
@@ -117,7 +167,7 @@ class EthernetDriver(Driver):
             netdev += ",vnet_hdr=off"  # the userspace datapath forwards partial checksums unfixed: TCP would fail
         device = f"{model},netdev=net{index},mac={vm_mac(s, rank)}"
         if s["mtu"] != 1500 and model.startswith("virtio-net"):
-            device += f",host_mtu={s['mtu']}"  # the guest learns the MTU from the device
+            device += f",host_mtu={vm_mtu(s)}"  # the guest learns its MTU from the device, room left for VXLAN
         return ["-netdev", netdev, "-device", device]
 
 

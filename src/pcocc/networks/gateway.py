@@ -22,14 +22,16 @@ reach this job's external addresses directly.
 
 import hashlib
 import ipaddress
+import logging
 import os
+import socket
 
 from pcocc.errors import PcoccError
 from pcocc.networks import names
 from pcocc.runner import run
 
 LINK_ADDR = "169.254.0.1"  # the node's end of every gateway's uplink (routes, not this address, tell them apart)
-LEASE_TIME = "12h"
+LEASE_TIME = "infinite"  # a VM's lease lasts as long as its cluster (the original's rule): no renewal to miss
 FORWARD_CHAIN = "PCOCC-FORWARD"  # the node's forwarding rules of every job (FORWARD jumps to it first)
 
 
@@ -73,13 +75,63 @@ def hostname(settings, rank):
     return f"vm{rank}"
 
 
-def fqdn(settings, rank):
-    domain = settings["domain-name"].strip(".")
-    return f"vm{rank}.{domain}" if domain else f"vm{rank}"
+def host_domain(getfqdn=socket.getfqdn):
+    """This host's DNS domain: its fully qualified name less the first label ("" when it has none)."""
+    return getfqdn().strip(".").partition(".")[2]
 
 
-def dnsmasq_conf(settings, addressing, macs, lease_file):
-    """dnsmasq's configuration: fixed leases and names for every VM of the cluster (macs: {rank: mac})."""
+def domain_name(settings, getfqdn=socket.getfqdn):
+    """The VMs' DNS domain on this network: `domain-name`, else pcocc.<the host's DNS domain>,
+    or pcocc when the host has none (pcocc-networks.yaml(5), `domain-name`). No trailing dot."""
+    written = settings["domain-name"].strip(".")
+    if written:
+        return written
+    host = host_domain(getfqdn)
+    return f"pcocc.{host}" if host else "pcocc"
+
+
+def fqdn(settings, rank, getfqdn=socket.getfqdn):
+    return f"vm{rank}.{domain_name(settings, getfqdn)}"
+
+
+def upstream_dns(settings):
+    """dnsmasq lines that say where the names outside the cluster are resolved
+    (pcocc-networks.yaml(5), `dns-server`): the given server only; none at all when
+    the VMs may not reach outside (allow-outbound: none), as the original does; else
+    the servers of `resolv-file` (the host's resolvers, /etc/resolv.conf)."""
+    if settings["dns-server"]:
+        return [f"server={settings['dns-server']}", "no-resolv"]
+    if settings["allow-outbound"] == "none":
+        return ["no-resolv"]
+    return [f"resolv-file={settings['resolv-file']}"]
+
+
+def loopback_resolvers(path):
+    """The nameservers of a resolv.conf file that sit on loopback (the gateway's namespace
+    cannot reach them); [] when the file cannot be read."""
+    out = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == "nameserver":
+                    try:
+                        if ipaddress.ip_address(fields[1].split("%")[0]).is_loopback:
+                            out.append(fields[1])
+                    except ValueError:
+                        pass
+    except OSError:
+        pass
+    return out
+
+
+def dnsmasq_conf(settings, addressing, macs, lease_file, getfqdn=socket.getfqdn):
+    """dnsmasq's configuration (the text of its conf file): fixed leases and names for every
+    VM of the cluster (macs: {rank: mac}). As the original does (pcocc-networks.yaml(5)): the
+    VMs get the network's mtu less the VXLAN overhead by DHCP (ethernet.vm_mtu), leases that
+    never expire, the domain of domain_name(), and DNS that forwards as upstream_dns() says."""
+    from pcocc.networks.ethernet import vm_mtu
+
     s, a = settings, addressing
     lines = [
         "interface=gw", "bind-interfaces", "except-interface=lo", "no-hosts", "dhcp-authoritative",
@@ -87,22 +139,20 @@ def dnsmasq_conf(settings, addressing, macs, lease_file):
         f"dhcp-range={a.int_net.network_address},static,{a.int_net.netmask},{LEASE_TIME}",
         f"dhcp-option=option:router,{a.gateway}",
         f"dhcp-option=option:dns-server,{a.gateway}",
-        f"dhcp-option=option:mtu,{s['mtu']}",
+        f"dhcp-option=option:mtu,{vm_mtu(s)}",
     ]
-    domain = s["domain-name"].strip(".")
-    if domain:
-        lines += [f"domain={domain}", f"local=/{domain}/"]
-    search = s["dns-search"] or domain
-    if search:
-        lines.append(f"dhcp-option=option:domain-search,{search.replace(' ', ',')}")
+    domain = domain_name(s, getfqdn)
+    lines += [f"domain={domain}", f"local=/{domain}/"]  # domain= is also DHCP's domain name
+    # dns-search: "in addition to the domain name" (pcocc-networks.yaml(5))
+    search = [domain] + [d for d in s["dns-search"].replace(",", " ").split() if d != domain]
+    lines.append(f"dhcp-option=option:domain-search,{','.join(search)}")
     if s["ntp-server"]:
         lines.append(f"dhcp-option=option:ntp-server,{s['ntp-server']}")
-    lines += [f"server={s['dns-server']}"] if s["dns-server"] else ["no-resolv"]
+    lines += upstream_dns(s)
     for rank, mac in sorted(macs.items()):
         ip = a.vm_ip(rank)
-        lines.append(f"dhcp-host={mac},{ip},{hostname(s, rank)}")
-        names_ = [fqdn(s, rank)] + ([hostname(s, rank)] if domain else [])
-        lines.append(f"host-record={','.join(names_)},{ip}")
+        lines.append(f"dhcp-host={mac},{ip},{hostname(s, rank)},{LEASE_TIME}")
+        lines.append(f"host-record={fqdn(s, rank, getfqdn)},{hostname(s, rank)},{ip}")
     return "\n".join(lines) + "\n"
 
 
@@ -212,6 +262,12 @@ def _dnsmasq(job, network, a, ns, macs):
     """DHCP and DNS for the whole cluster (macs: {rank: MAC} of every VM): the same answers on every node."""
     from pcocc.networks import hostnet
 
+    s = network.settings
+    if not s["dns-server"] and s["allow-outbound"] != "none" and loopback_resolvers(s["resolv-file"]):
+        logging.getLogger("pcocc.setup").warning(
+            "network '%s': %s names resolvers on loopback (%s), which the gateway's namespace cannot reach: "
+            "VMs will not resolve outside names; set dns-server (or resolv-file)", network.name, s["resolv-file"],
+            ", ".join(loopback_resolvers(s["resolv-file"])))
     base = os.path.join(job.state_dir, f"dnsmasq-{job.jobid}-{network.name}")
     for ext in (".conf", ".leases", ".log"):
         job.undo.record(job.jobid, "file", path=base + ext)

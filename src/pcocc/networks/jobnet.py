@@ -47,10 +47,14 @@ class NodePlan:
     networks: dict = field(default_factory=dict)  # name -> (Network, driver, [local ranks]), first use first
     members: dict = field(default_factory=dict)  # name -> [every VM rank of the cluster on it]
     endpoint: str = None
+    endpoints: dict = field(default_factory=dict)  # name -> this node's endpoint on a network with a host-if-suffix
 
     def record(self):
         """What this node publishes for its peers."""
-        return {"networks": list(self.networks), "endpoint": self.endpoint}
+        out = {"networks": list(self.networks), "endpoint": self.endpoint}
+        if self.endpoints:
+            out["endpoints"] = dict(self.endpoints)
+        return out
 
 
 def vm_networks(config, settings):
@@ -95,6 +99,10 @@ def plan(config, info, ranks, environ, host, multi_node=True):
             out.networks[net.name][2].append(rank)
     if multi_node and any(d.needs_peers for _, d, _ in out.networks.values()):
         out.endpoint = tunnel_endpoint(environ, host)
+        for name, (net, driver, _) in out.networks.items():
+            suffix = net.settings.get("host-if-suffix") if driver.needs_peers else None
+            if suffix:
+                out.endpoints[name] = suffixed_endpoint(host, suffix)
     return out
 
 
@@ -103,6 +111,24 @@ def tunnel_endpoint(environ, host):
     if environ.get(TUNNEL_IP_ENV):
         return environ[TUNNEL_IP_ENV]
     return node_address(environ, host)
+
+
+def suffixed_endpoint(host, suffix, resolve=socket.gethostbyname):
+    """This node's tunnel endpoint on a network with a `host-if-suffix`: the address of the
+    node's name with the suffix appended (pcocc-networks.yaml(5): computeXX with suffix -ib is
+    reached at computeXX-ib, e.g. over IPoIB). Returns an IPv4 address as text; raises
+    PcoccError when the name does not resolve."""
+    name = f"{host}{suffix}"
+    try:
+        return resolve(name)
+    except OSError:
+        raise PcoccError(f"cannot resolve {name}, the tunnel endpoint of node {host} (its name and the network's "
+                         f"host-if-suffix {suffix!r})") from None
+
+
+def peer_endpoint(record, network):
+    """A peer's tunnel endpoint on a network, from its node record (its suffixed one if it has one)."""
+    return (record.get("endpoints") or {}).get(network) or record["endpoint"]
 
 
 def node_address(environ, host):
@@ -150,7 +176,7 @@ def setup_node(node_plan, peer_records, common):
     """Create this node's part of each network; common holds the NodeJob fields they share."""
     done = {}
     for name, (net, driver, ranks) in node_plan.networks.items():
-        peers = {h: r["endpoint"] for h, r in peer_records.items() if name in r.get("networks", ())}
+        peers = {h: peer_endpoint(r, name) for h, r in peer_records.items() if name in r.get("networks", ())}
         done[name] = driver.node_setup(NodeJob(ranks=ranks, peers=peers, members=node_plan.members.get(name, ranks), **common))
     return done
 
