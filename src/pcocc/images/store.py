@@ -9,7 +9,7 @@ import shutil
 import stat
 
 from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, ResourceError, UsageError
-from pcocc.images import qcow2, qemuimg, uri
+from pcocc.images import legacy_dir, qcow2, qemuimg, uri
 from pcocc.images.repo import ImageExists, Repository, copy_blob, sha256_file
 
 
@@ -31,7 +31,12 @@ class ImageStore:
         raise NotFoundError(f"no repository named '{name}' (repositories: {', '.join(r.name for r in self.repos)})")
 
     def find(self, text):
-        """The revision an URI names (no repo: first repository that has it; no revision: latest)."""
+        """The revision an URI names (no repo: first repository that has it; no revision: latest).
+
+        A value with a '/' is the original pcocc's image directory (images.legacy_dir).
+        """
+        if legacy_dir.is_dir_form(text):
+            return legacy_dir.find(text)
         u = uri.parse(text)
         if u.repo:
             return self.repo(u.repo).get(u.name, u.revision)
