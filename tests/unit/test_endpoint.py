@@ -287,6 +287,10 @@ def test_stop_lets_a_request_being_served_answer(creds):
 
 # ---- a stranger must not lock the owner out; a request learns that its client left -------------
 
+# The system's python, not the venv's: another user may not be able to enter the checkout
+# (cloned under /root, say); the scripts run as him need nothing but the standard library.
+BASE_PYTHON = os.path.realpath(__import__("sys").executable)
+
 FLOOD = r"""
 import selectors, socket, sys
 port, n = int(sys.argv[1]), int(sys.argv[2])
@@ -334,7 +338,7 @@ def test_another_local_user_flooding_the_endpoint_cannot_lock_the_owner_out(cred
     nobody = pwd.getpwnam("nobody")
     srv = start_server(creds)
     fds = _open_fds()
-    flood = subprocess.Popen([sys.executable, "-c", FLOOD, str(srv.address[1]), "600"], user=nobody.pw_uid, group=nobody.pw_gid,
+    flood = subprocess.Popen([BASE_PYTHON, "-c", FLOOD, str(srv.address[1]), "600"], user=nobody.pw_uid, group=nobody.pw_gid,
                              extra_groups=[], cwd="/", stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert int(flood.stdout.readline()) == 600  # the first wave of connections
@@ -368,7 +372,7 @@ def test_local_peer_uid_names_the_user_of_the_other_end():
         mine.close()
         conn.close()
         hold = "import socket, sys; s = socket.create_connection(('127.0.0.1', int(sys.argv[1]))); sys.stdin.read()"
-        p = subprocess.Popen([sys.executable, "-c", hold, str(listener.getsockname()[1])], user=nobody, cwd="/", stdin=subprocess.PIPE)
+        p = subprocess.Popen([BASE_PYTHON, "-c", hold, str(listener.getsockname()[1])], user=nobody, cwd="/", stdin=subprocess.PIPE)
         try:
             conn, _ = listener.accept()
             assert local_peer_uid(conn) == nobody
