@@ -98,3 +98,22 @@ def write_private(path, data, mode=0o600):
         except OSError:
             pass
         raise
+
+
+def fsync_file(path):
+    """Flush path's data to stable storage (fsync(2)); raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path):
+    """Make the names created, renamed or removed in directory path durable (fsync(2) of the
+    directory, as rename(2) alone does not promise); raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

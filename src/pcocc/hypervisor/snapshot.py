@@ -26,6 +26,7 @@ import shutil
 import time
 
 from pcocc.errors import NotFoundError, PcoccError, TimeoutExpired
+from pcocc.fsutil import fsync_dir, fsync_file  # noqa: F401 - checkpoint and saving call them from here
 from pcocc.runner import run
 
 POLL = 0.05
@@ -84,24 +85,6 @@ def backup(monitor, device, target, sync, fmt="qcow2", job_id=None, on_started=N
     except BaseException:
         _cancel_job(monitor, job_id)
         raise
-
-
-def fsync_file(path):
-    """Flush path's data to stable storage (a file written by qemu or a compressor)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path):
-    """Make the names created, renamed or removed in directory path durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _wait_job(monitor, job_id, timeout, cancelled=None):

@@ -42,6 +42,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from pcocc.errors import CommandError, NotFoundError, PcoccError, PermissionDenied, ResourceError, UsageError
+from pcocc.fsutil import fsync_dir
 from pcocc.images import qcow2
 
 FORMAT_VERSION = 1
@@ -68,14 +69,6 @@ class RepositoryDenied(PermissionDenied):
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
 _NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded")
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path):
@@ -412,7 +405,7 @@ class Repository:
             os.rename(tmpfile, dest)
             if added is not None:
                 added.append(sha)
-            _fsync_dir(self._p("blobs"))
+            fsync_dir(self._p("blobs"))
         return sha
 
     def commit(self, name, layers, size, owner, new_image=False, description="", boot=None):
@@ -450,7 +443,7 @@ class Repository:
                     os.mkdir(d, 0o700 if self.private else 0o777)
                     made_dir = True
                 os.link(tmp, os.path.join(d, f"{rev}.json"))  # fails if it exists: never overwrite
-                _fsync_dir(d)
+                fsync_dir(d)
             except BaseException:
                 if made_dir:
                     with contextlib.suppress(OSError):
@@ -483,7 +476,7 @@ class Repository:
                     os.rename(path, os.path.join(d, HIGH_WATER))  # atomic: the mark replaces the old one
                 else:
                     os.unlink(path)
-            _fsync_dir(d)
+            fsync_dir(d)
             return revs
 
     def _used_blobs(self):

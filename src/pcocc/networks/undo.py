@@ -15,6 +15,7 @@ import re
 import time
 
 from pcocc.errors import PcoccError
+from pcocc.fsutil import fsync_dir
 
 log = logging.getLogger("pcocc.undo")
 
@@ -86,7 +87,7 @@ class UndoLog:
             os.unlink(self.path(job))
         except FileNotFoundError:
             return
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def _write(self, job, entries):
         os.makedirs(self.dir, mode=0o755, exist_ok=True)
@@ -98,16 +99,10 @@ class UndoLog:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
 
 def _describe(args):
     return ",".join(f"{k}={v}" for k, v in args.items())
 
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
