@@ -99,8 +99,13 @@ class _Loader:
         return data
 
     def warn(self, text):
+        """Record a warning and show it on the environment's stderr, as the CLI shows its own."""
         self.warnings.append(text)
-        log.warning("%s", text)
+        stream = getattr(self.env, "stderr", None)
+        if stream is not None:
+            stream.write(f"pcocc: warning: {text}\n")
+        else:
+            log.warning("%s", text)
 
     def at(self, path, data):
         return At(path, line_of(data), "", self.problems)

@@ -113,14 +113,14 @@ def tunnel_endpoint(environ, host):
     return node_address(environ, host)
 
 
-def suffixed_endpoint(host, suffix, resolve=socket.gethostbyname):
+def suffixed_endpoint(host, suffix, resolve=None):
     """This node's tunnel endpoint on a network with a `host-if-suffix`: the address of the
     node's name with the suffix appended (pcocc-networks.yaml(5): computeXX with suffix -ib is
     reached at computeXX-ib, e.g. over IPoIB). Returns an IPv4 address as text; raises
     PcoccError when the name does not resolve."""
     name = f"{host}{suffix}"
     try:
-        return resolve(name)
+        return (resolve or socket.gethostbyname)(name)
     except OSError:
         raise PcoccError(f"cannot resolve {name}, the tunnel endpoint of node {host} (its name and the network's "
                          f"host-if-suffix {suffix!r})") from None
