@@ -47,16 +47,6 @@ SETTINGS = Struct(
     }
 )
 
-VXLAN_OVERHEAD = 50  # bytes a VXLAN tunnel adds to each frame (pcocc-networks.yaml(5), `mtu`)
-
-
-def vm_mtu(settings):
-    """The MTU the VMs' interfaces must use on this network, in bytes: the network's `mtu`
-    less the VXLAN encapsulation (pcocc-networks.yaml(5): "set 50 bytes lower than this
-    value"; an L3 network's DHCP hands it out)."""
-    return settings["mtu"] - VXLAN_OVERHEAD
-
-
 # -- the original's deprecated types (pcocc-networks.yaml(5) of pcocc 0.x: "pv" and "nat")
 
 DEPRECATED_TYPES = ("pv", "nat")
@@ -167,6 +157,8 @@ class EthernetDriver(Driver):
             netdev += ",vnet_hdr=off"  # the userspace datapath forwards partial checksums unfixed: TCP would fail
         device = f"{model},netdev=net{index},mac={vm_mac(s, rank)}"
         if s["mtu"] != 1500 and model.startswith("virtio-net"):
+            from pcocc.networks.gateway import vm_mtu
+
             device += f",host_mtu={vm_mtu(s)}"  # the guest learns its MTU from the device, room left for VXLAN
         return ["-netdev", netdev, "-device", device]
 

@@ -33,6 +33,14 @@ from pcocc.runner import run
 LINK_ADDR = "169.254.0.1"  # the node's end of every gateway's uplink (routes, not this address, tell them apart)
 LEASE_TIME = "infinite"  # a VM's lease lasts as long as its cluster (the original's rule): no renewal to miss
 FORWARD_CHAIN = "PCOCC-FORWARD"  # the node's forwarding rules of every job (FORWARD jumps to it first)
+VXLAN_OVERHEAD = 50  # bytes a VXLAN tunnel adds to each frame (pcocc-networks.yaml(5), `mtu`)
+
+
+def vm_mtu(settings):
+    """The MTU the VMs' interfaces must use on an `ethernet` network, in bytes: the network's
+    `mtu` less the VXLAN encapsulation (pcocc-networks.yaml(5): "set 50 bytes lower than this
+    value"; an L3 network's DHCP hands it out, a virtio NIC is told it as host_mtu)."""
+    return settings["mtu"] - VXLAN_OVERHEAD
 
 
 class Addressing:
@@ -128,10 +136,8 @@ def loopback_resolvers(path):
 def dnsmasq_conf(settings, addressing, macs, lease_file, getfqdn=socket.getfqdn):
     """dnsmasq's configuration (the text of its conf file): fixed leases and names for every
     VM of the cluster (macs: {rank: mac}). As the original does (pcocc-networks.yaml(5)): the
-    VMs get the network's mtu less the VXLAN overhead by DHCP (ethernet.vm_mtu), leases that
+    VMs get the network's mtu less the VXLAN overhead by DHCP (vm_mtu), leases that
     never expire, the domain of domain_name(), and DNS that forwards as upstream_dns() says."""
-    from pcocc.networks.ethernet import vm_mtu
-
     s, a = settings, addressing
     lines = [
         "interface=gw", "bind-interfaces", "except-interface=lo", "no-hosts", "dhcp-authoritative",
