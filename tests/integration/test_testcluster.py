@@ -246,8 +246,9 @@ def test_a_second_cluster_beside_the_first_and_down_leaves_nothing(testcluster, 
     assert tc.down() is True
     assert leftovers(snap) == []
     assert tc.down() is False  # idempotent
-    # the session's cluster is untouched
-    assert slurm.node_states(testcluster.base) == {n: "idle" for n in testcluster.node_names}
+    # the session's cluster is untouched: its nodes are (or, once earlier tests' jobs are done, get back to) idle
+    idle = {n: "idle" for n in testcluster.node_names}
+    wait_for(lambda: slurm.node_states(testcluster.base) == idle, timeout=300, what="the session cluster's nodes idle")
 
 
 def test_down_after_a_failed_up(other_base, monkeypatch):
