@@ -386,3 +386,12 @@ def test_config_show_reports_the_original_keys_with_their_meaning(cli):
     s = r.json["networks"]["nat-rssh"]["settings"]
     assert (s["mtu"], s["network-layer"], s["dns-server"], s["resolv-file"]) == (1500, "L3", "", "/etc/resolv.conf")
     assert json.loads(json.dumps(s)) == s
+
+
+def test_a_resolver_file_dnsmasq_cannot_read_is_detected(tmp_path):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "resolv.conf").write_text("nameserver 192.0.2.1\n")
+    assert not gateway.readable_by_anyone(str(private / "resolv.conf"))  # dnsmasq, no longer root, would not see it
+    assert gateway.readable_by_anyone("/etc/passwd")
+    assert not gateway.readable_by_anyone(str(tmp_path / "missing"))

@@ -133,6 +133,24 @@ def loopback_resolvers(path):
     return out
 
 
+def readable_by_anyone(path):
+    """Whether a file can be read by any user (dnsmasq reads its resolv-file after dropping
+    root): the file readable by others, each directory above it enterable by others."""
+    try:
+        path = os.path.abspath(path)
+        if not os.stat(path).st_mode & 0o004:
+            return False
+        parent = os.path.dirname(path)
+        while True:
+            if not os.stat(parent).st_mode & 0o001:
+                return False
+            if parent == os.path.dirname(parent):
+                return True
+            parent = os.path.dirname(parent)
+    except OSError:
+        return False
+
+
 def dnsmasq_conf(settings, addressing, macs, lease_file, getfqdn=socket.getfqdn):
     """dnsmasq's configuration (the text of its conf file): fixed leases and names for every
     VM of the cluster (macs: {rank: mac}). As the original does (pcocc-networks.yaml(5)): the
@@ -274,6 +292,10 @@ def _dnsmasq(job, network, a, ns, macs):
             "network '%s': %s names resolvers on loopback (%s), which the gateway's namespace cannot reach: "
             "VMs will not resolve outside names; set dns-server (or resolv-file)", network.name, s["resolv-file"],
             ", ".join(loopback_resolvers(s["resolv-file"])))
+    if not s["dns-server"] and s["allow-outbound"] != "none" and not readable_by_anyone(s["resolv-file"]):
+        logging.getLogger("pcocc.setup").warning(
+            "network '%s': dnsmasq cannot read %s once it drops root: VMs will not resolve outside names; "
+            "make it (and its directories) readable by all, or set dns-server", network.name, s["resolv-file"])
     base = os.path.join(job.state_dir, f"dnsmasq-{job.jobid}-{network.name}")
     for ext in (".conf", ".leases", ".log"):
         job.undo.record(job.jobid, "file", path=base + ext)
