@@ -226,3 +226,26 @@ def test_sqlite_store_object_crosses_a_fork(tmp_path):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert s.get("/child") == 2 and s.revision() >= 2
+
+
+def test_sqlite_ctrl_c_inside_a_transaction_leaves_none_open(tmp_path, monkeypatch):
+    """Ctrl-C between BEGIN and the end of a write (seen: the next write of the same process
+    failed with 'cannot start a transaction within a transaction')."""
+    from pcocc.store import sqlite as sqlite_mod
+
+    s = SqliteStore(str(tmp_path / "state.db"))
+    s.put("/a", 1)
+    real_enter = sqlite_mod._Tx.__enter__
+
+    def interrupted(self):
+        real_enter(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sqlite_mod._Tx, "__enter__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        s.put("/a", 2)
+    monkeypatch.setattr(sqlite_mod._Tx, "__enter__", real_enter)
+    s.put("/b", 3)  # the next operation of this process works
+    assert s.get("/a") == 1 and s.get("/b") == 3
+    assert SqliteStore(str(tmp_path / "state.db")).update("/a", lambda v: v + 10) == 11  # and no lock is held
+    s.close()

@@ -184,6 +184,11 @@ class SqliteStore(Store):
                         f"state store {self.path}: still locked by another process after {attempt} attempts "
                         f"in {self.retry_for:g} s ({exc})"
                     ) from None
+            except BaseException:
+                # Ctrl-C (or any error) may land between BEGIN and the context manager's exit:
+                # never leave the connection inside a transaction for the next operation.
+                self._rollback()
+                raise
             # full jitter: waiters that collided do not collide again in step
             time.sleep(random.uniform(0, pause))
             pause = min(BACKOFF_MAX, pause * 2)
