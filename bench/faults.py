@@ -422,8 +422,9 @@ class LocalBench:
             finally:
                 stop(proc)
             jobid = max(jobids) if jobids else self._last_jobid()
-            # alloc held its cluster: it ends without anyone asking (its supervisor sees the holder gone)
-            poll(lambda: not self._live_keys(jobid), CHECK_TIMEOUT, f"cluster {jobid} to end with its alloc", interval=0.5)
+            # alloc held its cluster: it ends by itself (its supervisor sees the holder gone) or, killed
+            # before it had a supervisor, at the next look (ps reclaims it): never does it run on
+            poll(lambda: not self.job_ps(jobid), CHECK_TIMEOUT, f"cluster {jobid} to end with its alloc", interval=1)
             r = self.pcocc("cancel", "-j", jobid)
             if r.returncode == 0:
                 raise CheckFailed(f"cluster {jobid} could still be cancelled after its alloc was killed")
