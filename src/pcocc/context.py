@@ -31,11 +31,16 @@ class Context:
             self._control_host = "127.0.0.1"
             settings = self.config.batch.settings
             if self.config.batch.store == "etcd" and settings["etcd-servers"]:
+                from urllib.parse import urlsplit
+
+                from pcocc.store.etcd import endpoint_urls
+
+                url = urlsplit(endpoint_urls(settings)[0])  # a host, host:port or URL, as the store reads it
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                     try:
-                        s.connect((settings["etcd-servers"][0], settings["etcd-client-port"]))  # no packet is sent
+                        s.connect((url.hostname, url.port or 2379))  # no packet is sent
                         self._control_host = s.getsockname()[0]
-                    except OSError:
+                    except (OSError, ValueError):
                         pass
         return self._control_host
 

@@ -249,3 +249,27 @@ def test_sqlite_ctrl_c_inside_a_transaction_leaves_none_open(tmp_path, monkeypat
     assert s.get("/a") == 1 and s.get("/b") == 3
     assert SqliteStore(str(tmp_path / "state.db")).update("/a", lambda v: v + 10) == 11  # and no lock is held
     s.close()
+
+
+def test_etcd_requests_are_sent_again_while_a_leader_is_elected(monkeypatch):
+    """A member died: etcd answers 'leader changed' for a while; the client waits it out
+    (seen by the faults bench: `pcocc ps` failed at once)."""
+    from pcocc.store import etcd as etcd_mod
+
+    client = etcd_mod.EtcdClient(["http://127.0.0.1:1", "http://127.0.0.1:2"])
+    answers = [etcd_mod.EtcdError("etcd at x refused reading /a: leader changed"),
+               etcd_mod.EtcdError("etcd at x refused reading /a: etcdserver: no leader"), {"kvs": []}]
+
+    def once(path, body, what):
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    monkeypatch.setattr(client, "_call_once", once)
+    monkeypatch.setattr(etcd_mod.time, "sleep", lambda s: None)
+    assert client.call("kv/range", {}) == {"kvs": []}
+    assert client._current == 0  # moved on to the next member at each refusal: twice, back to the first
+    answers[:] = [etcd_mod.EtcdError("etcd at x refused writing /a: permission denied")]
+    with pytest.raises(etcd_mod.EtcdError, match="permission denied"):
+        client.call("kv/put", {})

@@ -13,6 +13,7 @@ int64 fields come back as strings; false, zero and empty fields are omitted.
 import base64
 import json
 import math
+import random
 import threading
 import time
 
@@ -20,6 +21,7 @@ from pcocc.errors import NotAvailableError, PermissionDenied
 from pcocc.store import Store, StoreError, decode, encode
 
 TIMEOUT = 10.0  # seconds for one request (etcd answers in milliseconds when healthy)
+ELECTION_RETRY = 20.0  # seconds a request is retried while etcd elects a leader (several election timeouts)
 CONNECT_TIMEOUT = 3.0  # a dead member costs this much before the next is tried
 
 # gRPC status codes the gateway returns in {"code": ...}
@@ -163,7 +165,30 @@ class EtcdClient:
 
     # -- requests
     def call(self, path, body, what=None):
-        """The JSON answer of POST /v3/<path>; etcd's refusals raise EtcdError (PermissionDenied for access)."""
+        """The JSON answer of POST /v3/<path>; etcd's refusals raise EtcdError (PermissionDenied for access).
+
+        While the members elect a leader (a member died: etcd answers "leader changed" or
+        "no leader", for up to an election timeout or two), the request is sent again, to
+        the next member, with randomized backoff, for up to ELECTION_RETRY seconds. A
+        compare-and-swap that was applied before such an answer then fails its compare,
+        which Store.update and the pools treat as a conflict and read again.
+        """
+        deadline = time.monotonic() + ELECTION_RETRY
+        pause = 0.1
+        while True:
+            try:
+                return self._call_once(path, body, what)
+            except EtcdError as exc:
+                if not _electing(exc.message) or time.monotonic() > deadline:
+                    raise
+            with self._lock:
+                self.close()
+                self._current = (self._current + 1) % len(self.urls)
+                self._token = None  # tokens are per member
+            time.sleep(random.uniform(pause / 2, pause))
+            pause = min(2.0, pause * 2)
+
+    def _call_once(self, path, body, what):
         with self._lock:
             for attempt in (0, 1):
                 if self.user and self._token is None and path != "auth/authenticate":
@@ -293,6 +318,12 @@ class EtcdClient:
             raise StoreError(f"etcd at {self.url}: watch failed: {_reason(exc)}") from None
         finally:
             conn.close()  # cancels the watch on the server
+
+
+def _electing(message):
+    """Whether an etcd refusal means the members are electing a leader (a transient state)."""
+    # etcd's ErrLeaderChanged, ErrNoLeader, ErrTimeoutDueToLeaderFail and ErrTimeout (server/etcdserver/errors.go)
+    return any(t in message for t in ("leader changed", "no leader", "request timed out"))
 
 
 def _reason(exc):
