@@ -16,15 +16,24 @@ def _stat_fields(pid):
 
 def process_start(pid):
     """When pid started (clock ticks since boot), or None when there is no such process."""
+    if not _is_int(pid) or pid <= 0:
+        return None
     try:
         return int(_stat_fields(pid)[19])
     except (OSError, IndexError, ValueError):
         return None
 
 
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def pid_alive(pid, start=None):
-    """True for a running process (a zombie counts as dead); with start, only that very process."""
-    if not pid:
+    """True for a running process (a zombie counts as dead); with start, only that very process.
+
+    pid must be a positive int and start an int or None (anything else is no process: the
+    pair may come from a file another user wrote, and must not name a path)."""
+    if not _is_int(pid) or pid <= 0 or not (start is None or _is_int(start)):
         return False
     try:
         fields = _stat_fields(pid)

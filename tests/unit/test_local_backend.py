@@ -144,3 +144,53 @@ def test_batch_output_replaces_an_old_file_of_ours(tmp_path):
     with open_output(str(out)) as f:
         f.write(b"new\n")
     assert out.read_text() == "new\n"
+
+
+@pytest.mark.parametrize("entry", [
+    {"owners": "x"}, {"owners": 7}, {"owners": [[1, 0]], "memory_mb": "x"}, {"owners": [[1, 0]], "cores": 5},
+    {"owners": [[1, 0]], "cores": [[[0]]]}, {"owners": [["../tmp/x", 0]]}, {"owners": [[True, 0]]},
+    {"owners": [[1, "0"]]}, {"owners": [[1, 0]], "memory_mb": -5}, [1, 2], "text", None,
+])
+def test_a_malformed_reservation_of_another_user_is_ignored(shared_dir, entry):
+    """Reviewer's F1/F2: another user's file must skew the count at most, never break a reader,
+    make it open a path of his choosing (a pid like '../tmp/x' named a FIFO: readers hung), or crash it."""
+    (shared_dir / "pcocc-resv.999.x.json").write_text(json.dumps({"k": entry}))
+    res = HostReservations(str(shared_dir))
+    assert res.all_live() == []
+    new = res.change(lambda live, mine: {**mine, "r": {"owners": [me()], "cores": [[0]], "memory_mb": 1}})
+    assert set(new) == {"r"}
+
+
+def test_pid_alive_takes_only_positive_integers():
+    assert pid_alive(os.getpid()) and pid_alive(os.getpid(), process_start(os.getpid()))
+    for pid in ("1", "../self", 1.0, True, -1, 0, None, [1]):
+        assert not pid_alive(pid)
+    assert not pid_alive(os.getpid(), "0")
+
+
+def test_cleanup_removes_the_run_dir_even_when_the_reservations_stay_locked(tmp_path, monkeypatch):
+    """Reviewer's F3: with the host lock held by another user, the run dir leaked for ever
+    (its records were gone, so nothing named it any more)."""
+    from types import SimpleNamespace
+
+    from pcocc import state
+    from pcocc.batch.local import LocalBackend
+    from pcocc.store.sqlite import SqliteStore
+
+    settings = {"cpu-overcommit": 2, "reservation-dir": str(tmp_path)}
+    ctx = SimpleNamespace(env=SimpleNamespace(user="alice"), store=SqliteStore(str(tmp_path / "s.db")),
+                          config=SimpleNamespace(batch=SimpleNamespace(settings=settings)))
+    backend = LocalBackend(ctx)
+    monkeypatch.setattr(backend, "_undo_setup", lambda jobid: None)
+
+    def locked(fn):
+        raise ResourceError("the host reservations stayed locked")
+
+    monkeypatch.setattr(backend.reservations, "change", locked)
+    rundir = tmp_path / "job_3"
+    (rundir / "vm0").mkdir(parents=True)
+    ctx.store.put(state.cluster_prefix("alice", 3) + "info", {"jobid": 3, "rundir": str(rundir)})
+    backend._cleanup(3, str(rundir))
+    assert not rundir.exists()
+    assert ctx.store.range(state.cluster_prefix("alice", 3)) == {}
+    assert ctx.store.get(state.ended_key("alice", 3))["jobid"] == 3

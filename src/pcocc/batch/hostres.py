@@ -103,17 +103,18 @@ class HostReservations:
                 continue
             uid, entries = got
             for key, entry in entries.items():
-                if isinstance(entry, dict) and _held(entry):
+                entry = valid_entry(entry)
+                if entry is not None and _held(entry):
                     out.append((uid, key, entry))
         return out
 
     def mine(self):
-        """{key: entry} of the calling user's files, held or not."""
+        """{key: entry} of the calling user's files, held or not (malformed entries dropped)."""
         out = {}
         for name in self._own_files():
             got = self._read(name)
             if got:
-                out.update(got[1])
+                out.update({k: e for k, e in ((k, valid_entry(v)) for k, v in got[1].items()) if e is not None})
         return out
 
     def _own_files(self):
@@ -130,7 +131,7 @@ class HostReservations:
     # -- writing (under the lock)
     def write(self, entries):
         """Replace the calling user's reservations by `entries` (dropping those no longer held)."""
-        entries = {k: v for k, v in entries.items() if _held(v)}
+        entries = {k: v for k, v in entries.items() if valid_entry(v) is not None and _held(v)}
         own = self._own_files()
         target = own[0] if own else f"{PREFIX}{self.uid}.{secrets.token_hex(8)}.json"
         tmp = os.path.join(self.path, f"{PREFIX}{self.uid}.{secrets.token_hex(8)}.tmp")
@@ -156,6 +157,27 @@ class HostReservations:
             return new
 
 
+def _int(value, minimum=0):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def valid_entry(entry):
+    """The entry if it has the expected shape, else None: files are written by other users,
+    whose mistakes or lies must skew the count at most, never break or stall a reader.
+
+    Shape: {"owners": [[pid > 0, start >= 0], ...], "cores": [[core >= 0, ...] per VM], "memory_mb": int >= 0}.
+    """
+    if not isinstance(entry, dict):
+        return None
+    owners, cores, memory = entry.get("owners"), entry.get("cores", []), entry.get("memory_mb", 0)
+    if not (isinstance(owners, list) and all(isinstance(o, list) and len(o) == 2 and _int(o[0], 1) and _int(o[1]) for o in owners)):
+        return None
+    if not (isinstance(cores, list) and all(isinstance(c, list) and all(_int(x) for x in c) for c in cores)):
+        return None
+    if not _int(memory):
+        return None
+    return {"owners": owners, "cores": cores, "memory_mb": memory}
+
+
 def _held(entry):
-    owners = entry.get("owners") if isinstance(entry, dict) else None
-    return bool(owners) and any(isinstance(o, list) and len(o) == 2 and pid_alive(o[0], o[1]) for o in owners)
+    return any(pid_alive(pid, start) for pid, start in entry["owners"])

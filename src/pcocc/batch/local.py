@@ -114,8 +114,8 @@ class LocalBackend(Backend):
             use = {c: 0 for c in cores}
             mem_used = 0
             for _, _, r in live:
-                mem_used += int(r.get("memory_mb") or 0)
-                for vm_cores in r.get("cores") or []:
+                mem_used += r["memory_mb"]  # entries checked by hostres.valid_entry
+                for vm_cores in r["cores"]:
                     for c in vm_cores:
                         if c in use:
                             use[c] += 1
@@ -260,11 +260,14 @@ class LocalBackend(Backend):
         prefix = state.cluster_prefix(self.user, jobid)
         failed = [v for v in self.ctx.store.range(prefix + "vms/").values() if v.get("state") == "failed"]
         error = f"{failed[0].get('name')} failed: {failed[0].get('error', 'unknown reason')}" if failed else reason
+        if rundir:  # before the records go: nothing may remain that no record names
+            shutil.rmtree(rundir, ignore_errors=True)
+            try:
+                self._release(rundir)
+            except ResourceError as exc:  # harmless: a reservation whose owners are gone counts for no one
+                log.warning("cluster %s: its reservation stays in the host's files until the next write: %s", jobid, exc.message)
         self.ctx.store.put(state.ended_key(self.user, jobid), {"jobid": jobid, "error": error, "ended": time.time()}, ttl=ENDED_TTL)
         self.ctx.store.delete_prefix(prefix)
-        if rundir:
-            self._release(rundir)
-            shutil.rmtree(rundir, ignore_errors=True)
 
     def _undo_setup(self, jobid):
         """Undo the job's node setup (its networks) if it has one: only root's clusters do."""
@@ -337,7 +340,7 @@ def run_root(env):
 
 def _supervise(ctx, jobid):
     """The supervisor process of a local cluster (runs detached; exits when the cluster ends)."""
-    status, children, prefix = 1, {}, state.cluster_prefix(ctx.env.user, jobid)
+    status, children, prefix, script = 1, {}, state.cluster_prefix(ctx.env.user, jobid), None
     info_key = prefix + "info"
     me = _me()
     try:
@@ -383,7 +386,7 @@ def _supervise(ctx, jobid):
         try:
             _stop_vms(ctx, prefix, children)
             info = ctx.store.get(info_key)  # its cleanup undoes the node setup too
-            LocalBackend(ctx)._cleanup(jobid, info["rundir"] if info else None)
+            LocalBackend(ctx)._cleanup(jobid, info["rundir"] if info else None, reason=script.error if script else None)
         except BaseException as exc:  # noqa: BLE001
             log.error("cleanup of cluster %s: %s", jobid, getattr(exc, "message", exc))
         finally:
@@ -526,7 +529,7 @@ class _ScriptRunner:
 
     def __init__(self, backend, jobid, info):
         self.backend, self.jobid, self.info = backend, jobid, info
-        self.thread, self.status = None, None
+        self.thread, self.status, self.error = None, None, None
 
     @property
     def done(self):
@@ -555,8 +558,9 @@ class _ScriptRunner:
                 f.write(out)
                 f.write(err)
             self.status = code
-        except OSError as exc:
-            log.error("batch script output %s: %s", path, exc.strerror)
+        except OSError as exc:  # kept in the cluster's end record: the user reads it with batch --wait
+            self.error = f"the batch script's output was not written to {path}: {exc.strerror}"
+            log.error("%s", self.error)
             self.status = 1
         except BaseException as exc:  # noqa: BLE001
             log.error("batch script: %s", getattr(exc, "message", exc))

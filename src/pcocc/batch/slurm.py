@@ -65,19 +65,36 @@ class SlurmBackend(Backend):
             self.reclaim(running)
         out = []
         for jobid in sorted(running):
+            job = running[jobid]
             if user != self.user:  # another user's records are not ours to read
-                job = running[jobid]
-                if not job["pcocc"]:
-                    continue
-                out.append(({"jobid": jobid, "name": job["name"], "owner": user, "definition": "?", "state": job["state"].lower(),
-                             "created": None, "vms": [], "nodes": {}, "slurm": job}, []))
+                if job["pcocc"]:
+                    out.append(_as_seen_by_slurm(jobid, job, user))
                 continue
             try:
                 info, vms = self.job(jobid)
             except NotFoundError:
-                continue  # not a pcocc job, or its launcher has not written it yet
-            out.append(({**info, "slurm": running[jobid]}, vms))
+                if job["pcocc"]:  # its launcher has not written its record yet (pending, starting)
+                    out.append(_as_seen_by_slurm(jobid, job, user))
+                continue
+            out.append(({**info, "slurm": job}, vms))
         return out
+
+    def find(self, jobid=None, name=None):
+        """As Backend.find; a job id of ours that SLURM knows as a pcocc job counts before its
+        launcher wrote its record (so that it can be cancelled while pending or starting)."""
+        if jobid is not None:
+            try:
+                self.job(jobid)
+                return jobid
+            except NotFoundError:
+                try:
+                    job = self.squeue(jobid).get(jobid)
+                except CommandError:
+                    job = None
+                if job and job["user"] == self.user and job["pcocc"]:
+                    return jobid
+                raise
+        return super().find(jobid, name)
 
     def reclaim(self, running):
         """Delete the store records of our clusters whose job is gone (a launcher that was killed)."""
@@ -204,3 +221,7 @@ def srun_vms(pcocc_bin, n_vms):
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL, process_group=0)
 
 
+def _as_seen_by_slurm(jobid, job, user):
+    """(info, vms) of a pcocc job known to SLURM only (another user's, or not recorded yet)."""
+    return ({"jobid": jobid, "name": job["name"], "owner": user, "definition": "?", "state": job["state"].lower(),
+             "created": None, "vms": [], "nodes": {}, "slurm": job}, [])

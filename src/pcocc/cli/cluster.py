@@ -197,6 +197,8 @@ def _progress(app, jobid):
 def alloc(app, restart_ckpt, boot, user_data, alloc_script, args):
     batch_opts, definition = _split(args)
     script = os.path.abspath(alloc_script) if alloc_script else None
+    if script and not os.access(script, os.X_OK):  # before anything starts, not once the cluster runs
+        raise UsageError(f"-E/--alloc-script {alloc_script}: not executable (chmod +x it)")
     if app.config.batch.type == "slurm":
         n_vms, opts = _slurm_opts(app, definition, batch_opts, user_data, host_script=script,
                                   restart_dir=_slurm_restart(app, restart_ckpt, definition), boot=boot)
