@@ -31,3 +31,21 @@ def test_allocation_arguments(tmp_path):
     assert argv == ["sbatch", "-J", "vc", "--comment=pcocc", "--exclusive", "-p", "debug", "--mem-per-cpu=256", "-n", "4", "-L", "pkey"]
     argv = launcher_argv("/usr/bin/pcocc", "tiny:4", {"name": "vc", "script": "/s.sh", "user_data": "/u.yaml"})
     assert argv == ["/usr/bin/pcocc", "internal", "launcher", "--definition", "tiny:4", "--name", "vc", "--user-data", "/u.yaml", "--batch-script", "/s.sh"]
+
+
+def test_a_pcocc_job_not_yet_recorded_is_listed_and_can_be_named(tmp_path, monkeypatch):
+    """The faults bench: cancel of a pending job said 'no virtual cluster with job id N'."""
+    import pytest
+
+    from pcocc.errors import NotFoundError
+
+    b = backend(tmp_path)
+    queue = {7: {"name": "vc", "user": "alice", "state": "PENDING", "pcocc": True},
+             8: {"name": "other", "user": "alice", "state": "RUNNING", "pcocc": False}}
+    monkeypatch.setattr(b, "squeue", lambda jobid=None, user=None: {j: v for j, v in queue.items() if jobid in (None, j)})
+    assert [(i["jobid"], i["state"]) for i, _ in b.jobs()] == [(7, "pending")]
+    assert b.find(7) == 7
+    with pytest.raises(NotFoundError):
+        b.find(8)  # not a pcocc job
+    with pytest.raises(NotFoundError):
+        b.find(9)
