@@ -194,3 +194,19 @@ def test_cleanup_removes_the_run_dir_even_when_the_reservations_stay_locked(tmp_
     assert not rundir.exists()
     assert ctx.store.range(state.cluster_prefix("alice", 3)) == {}
     assert ctx.store.get(state.ended_key("alice", 3))["jobid"] == 3
+
+
+def test_the_agent_wait_counts_console_silence_not_time_since_start(tmp_path):
+    """A guest that keeps printing on a loaded host is still booting: its bound restarts."""
+    from pcocc.lifecycle.vmrun import _ConsoleQuiet
+
+    log = tmp_path / "console.log"
+    quiet = _ConsoleQuiet(str(log))
+    first = quiet.since()
+    assert quiet.since() == first  # no file, no change
+    log.write_text("Linux version ...\n")
+    grown = quiet.since()
+    assert grown >= first and quiet.since() == grown
+    with open(log, "a") as f:
+        f.write("more\n")
+    assert quiet.since() >= grown and quiet.size == log.stat().st_size

@@ -23,7 +23,8 @@ from pcocc.procs import process_start
 
 log = logging.getLogger("pcocc.run")
 
-AGENT_TIMEOUT = 300  # a TCG boot of a large image can be slow
+AGENT_TIMEOUT = 300  # seconds of console silence before a VM whose agent does not answer fails
+AGENT_TIMEOUT_MAX = 3600  # seconds in all: a TCG boot of a large image on a loaded host can be slow
 INFO_TIMEOUT = 120
 
 
@@ -241,21 +242,46 @@ def _quietly(fn, *args, **kwargs):
 
 
 def _wait_agent(agent, vm, stop, booting=True):
-    deadline = time.monotonic() + AGENT_TIMEOUT
+    """Wait until the guest agent answers. The bound adapts to a slow host: it fails after
+    AGENT_TIMEOUT s during which the guest printed nothing on its console, and after
+    AGENT_TIMEOUT_MAX s in all (a guest that prints for ever but never starts its agent)."""
+    quiet = _ConsoleQuiet(vm.config.path("console.log"))
+    hard = time.monotonic() + AGENT_TIMEOUT_MAX
+
+    def deadline():
+        return min(hard, quiet.since() + AGENT_TIMEOUT)
+
     # qemu tells when the guest opens the agent's port: talk to the agent from then on
     # (a request sent before is lost), with polling only as a fallback. A restored
     # guest has its port open already.
-    while booting and not stop.is_set() and vm.proc.poll() is None and time.monotonic() < deadline:
-        if vm.monitor.wait_event("VSERPORT_CHANGE", lambda d: d.get("id") == "qga0port" and d.get("open"), min(deadline, time.monotonic() + 1)):
+    while booting and not stop.is_set() and vm.proc.poll() is None and time.monotonic() < deadline():
+        if vm.monitor.wait_event("VSERPORT_CHANGE", lambda d: d.get("id") == "qga0port" and d.get("open"), min(deadline(), time.monotonic() + 1)):
             break
     while not stop.is_set() and vm.proc.poll() is None:
         try:
-            agent.connect(min(deadline, time.monotonic() + 1.0))
+            agent.connect(min(deadline(), time.monotonic() + 1.0))
             agent.ping()
             return
         except PcoccError:
-            if time.monotonic() > deadline:
-                raise PcoccError(f"the guest agent of {vm.config.name} did not answer in {AGENT_TIMEOUT} s (see its console log)") from None
+            if time.monotonic() > deadline():
+                raise PcoccError(f"the guest agent of {vm.config.name} did not answer (the console was silent for "
+                                 f"{AGENT_TIMEOUT} s, or {AGENT_TIMEOUT_MAX} s in all: see its console log)") from None
+
+
+class _ConsoleQuiet:
+    """Since when (time.monotonic()) a console log has not grown."""
+
+    def __init__(self, path):
+        self.path, self.size, self.last = path, -1, time.monotonic()
+
+    def since(self):
+        try:
+            size = os.path.getsize(self.path)
+        except OSError:
+            size = -1
+        if size != self.size:
+            self.size, self.last = size, time.monotonic()
+        return self.last
 
 
 def _vm_config(ctx, info, spec, rank, rundir, jobdir):
