@@ -49,3 +49,22 @@ def test_a_pcocc_job_not_yet_recorded_is_listed_and_can_be_named(tmp_path, monke
         b.find(8)  # not a pcocc job
     with pytest.raises(NotFoundError):
         b.find(9)
+
+
+def test_before_the_first_node_setup_the_queue_is_shown(tmp_path, monkeypatch):
+    """The faults bench: ps and cancel failed with 'etcd rejected the password' until the user's
+    first job registered his account; SLURM's view is shown, and the job can be named."""
+    from pcocc.errors import PermissionDenied
+
+    b = backend(tmp_path)
+
+    class NoAccount:
+        def range(self, prefix):
+            raise PermissionDenied("etcd at x rejected the password of user alice")
+
+        get = range
+
+    b.ctx.store = NoAccount()
+    monkeypatch.setattr(b, "squeue", lambda jobid=None, user=None: {7: {"name": "vc", "user": "alice", "state": "RUNNING", "pcocc": True}})
+    assert [(i["jobid"], i["state"]) for i, _ in b.jobs()] == [(7, "running")]
+    assert b.find(7) == 7

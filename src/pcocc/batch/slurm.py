@@ -16,7 +16,7 @@ import sys
 
 from pcocc import state
 from pcocc.batch.base import Backend
-from pcocc.errors import CommandError, NotFoundError
+from pcocc.errors import CommandError, NotFoundError, PermissionDenied
 from pcocc.runner import run
 
 
@@ -61,12 +61,16 @@ class SlurmBackend(Backend):
         """[(info, vms)] of a user's running pcocc jobs: squeue's view, with the store's for our own."""
         user = user or self.user
         running = self.squeue(user=user)
-        if user == self.user:
-            self.reclaim(running)
+        readable = user == self.user
+        if readable:
+            try:
+                self.reclaim(running)
+            except PermissionDenied:  # no store account yet: the user's first node setup registers it
+                readable = False
         out = []
         for jobid in sorted(running):
             job = running[jobid]
-            if user != self.user:  # another user's records are not ours to read
+            if not readable:  # another user's records are not ours to read (or ours not yet)
                 if job["pcocc"]:
                     out.append(_as_seen_by_slurm(jobid, job, user))
                 continue
@@ -86,7 +90,7 @@ class SlurmBackend(Backend):
             try:
                 self.job(jobid)
                 return jobid
-            except NotFoundError:
+            except (NotFoundError, PermissionDenied):  # not recorded yet, or no store account yet
                 try:
                     job = self.squeue(jobid).get(jobid)
                 except CommandError:
