@@ -140,6 +140,31 @@ def stop(proc, timeout=10):
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout)
 
+def ctrl_c_of_batch_wait(proc, rng):
+    """Ctrl-C a `batch --wait` (proc) at a random moment once it printed its job id; check it
+    stops waiting and says the cluster goes on, as sbatch would. (jobid, variant); CheckFailed."""
+    try:
+        line = proc.stdout.readline()
+        if not line.strip().isdigit():
+            raise CheckFailed(f"batch --wait printed no job id: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}")
+        jobid = int(line)
+        time.sleep(rng.uniform(0, 3))
+        waiting = proc.poll() is None
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=CHECK_TIMEOUT)
+        took = time.monotonic() - sent
+    finally:
+        stop(proc)
+    if waiting and proc.returncode == 0 and took > 5:
+        raise CheckFailed(f"batch --wait went on waiting after Ctrl-C ({took:.0f} s, then exit 0)")
+    if proc.returncode not in (0, 130):
+        raise CheckFailed(f"batch --wait ended with {proc.returncode} on Ctrl-C: {err.strip()}")
+    if proc.returncode == 130 and f"cluster {jobid} goes on" not in err:
+        raise CheckFailed(f"batch --wait's Ctrl-C does not say the cluster goes on: {err.strip()!r}")
+    return jobid, "while waiting" if waiting else "after start"
+
+
 
 # --------------------------------------------------------------------------- tallies
 
@@ -452,27 +477,7 @@ class LocalBench:
         return [k for k in self.site.store_items() if f"/clusters/{jobid}/" in k]
 
     def fault_ctrl_c_batch_wait(self, rng):
-        proc = self.popen("batch", "-m", "256", "--wait", "net:2")
-        try:
-            line = proc.stdout.readline()
-            if not line.strip().isdigit():
-                raise CheckFailed(f"batch --wait printed no job id: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}")
-            jobid = int(line)
-            time.sleep(rng.uniform(0, 3))
-            waiting = proc.poll() is None
-            sent = time.monotonic()
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=CHECK_TIMEOUT)
-            took = time.monotonic() - sent
-        finally:
-            stop(proc)
-        variant = "while waiting" if waiting else "after start"
-        if waiting and proc.returncode == 0 and took > 5:
-            raise CheckFailed(f"batch --wait went on waiting after Ctrl-C ({took:.0f} s, then exit 0)")
-        if proc.returncode not in (0, 130):
-            raise CheckFailed(f"batch --wait ended with {proc.returncode} on Ctrl-C: {err.strip()}")
-        if proc.returncode == 130 and f"cluster {jobid} goes on" not in err:
-            raise CheckFailed(f"batch --wait's Ctrl-C does not say the cluster goes on: {err.strip()!r}")
+        jobid, variant = ctrl_c_of_batch_wait(self.popen("batch", "-m", "256", "--wait", "net:2"), rng)
         if not self.job_ps(jobid):
             raise CheckFailed(f"cluster {jobid} is gone after Ctrl-C of batch --wait")
         self._cancel(jobid)
@@ -844,26 +849,8 @@ class SlurmBench:
 
     def fault_ctrl_c_batch_wait(self, rng):
         proc = self.popen("batch", "-N", "2", "--ntasks-per-node=1", "--mem-per-cpu=256", "--wait", "net:2", session=False)
-        try:
-            line = proc.stdout.readline()
-            if not line.strip().isdigit():
-                raise CheckFailed(f"batch --wait printed no job id: {line!r}")
-            jobid = self._last = int(line)
-            time.sleep(rng.uniform(0, 3))
-            waiting = proc.poll() is None
-            sent = time.monotonic()
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=CHECK_TIMEOUT)
-            took = time.monotonic() - sent
-        finally:
-            stop(proc)
-        variant = "while waiting" if waiting else "after start"
-        if waiting and proc.returncode == 0 and took > 5:
-            raise CheckFailed(f"batch --wait went on waiting after Ctrl-C ({took:.0f} s, then exit 0)")
-        if proc.returncode not in (0, 130):
-            raise CheckFailed(f"batch --wait ended with {proc.returncode} on Ctrl-C: {err.strip()}")
-        if proc.returncode == 130 and f"cluster {jobid} goes on" not in err:
-            raise CheckFailed(f"batch --wait's Ctrl-C does not say the cluster goes on: {err.strip()!r}")
+        jobid, variant = ctrl_c_of_batch_wait(proc, rng)
+        self._last = jobid
         if not self.in_queue(jobid):
             raise CheckFailed(f"job {jobid} is gone after Ctrl-C of batch --wait")
         # its record is written by the launcher, inside the allocation: ps may list it a little later
