@@ -188,10 +188,12 @@ class LocalBackend(Backend):
             if not opts.get("hold"):  # submitted: the cluster no longer depends on this process
                 self.ctx.store.update(info_key, lambda i: i and {k: v for k, v in i.items() if k not in ("holder", "holder_start")})
         except BaseException:
+            current = self.ctx.store.get(info_key)
+            supervisor = supervisor or _owner(current, "supervisor")  # forked, not yet seen running
             if supervisor and _alive(supervisor):
                 self._stop_supervisor(jobid, supervisor)  # it owns the cleanup from its start on
             else:
-                self._reclaim(jobid, self.ctx.store.get(info_key) or info)
+                self._reclaim(jobid, current or info)
             raise
         return jobid
 
