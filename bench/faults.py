@@ -164,6 +164,30 @@ def ctrl_c_of_batch_wait(proc, rng):
         raise CheckFailed(f"batch --wait's Ctrl-C does not say the cluster goes on: {err.strip()!r}")
     return jobid, "while waiting" if waiting else "after start"
 
+def check_killed_part(bench, jobid, rank, field, vm, names_signal):
+    """After vm<rank>'s process or qemu (field: "pid" or "qemu_pid") was killed: the VM is failed in
+    ps with a reason (naming the SIGKILL when names_signal), the other VM and the cluster run on,
+    and a killed VM process takes its qemu with it; then the cluster is cancelled. CheckFailed."""
+
+    def failed_or_gone():
+        j = bench.job_ps(jobid)
+        return "gone" if j is None else (j if j["vm_states"].get(f"vm{rank}") == "failed" else None)
+
+    job = poll(failed_or_gone, CHECK_TIMEOUT, f"vm{rank} failed in ps", interval=0.5)
+    if job == "gone":
+        raise CheckFailed(f"cluster {jobid} ended when vm{rank}'s {field} was killed: it must run on with that VM failed")
+    if job["vm_states"].get(f"vm{1 - rank}") == "failed":
+        raise CheckFailed(f"vm{1 - rank} failed too after vm{rank}'s {field} was killed: {job['errors']}")
+    if not job["errors"].get(f"vm{rank}"):
+        raise CheckFailed(f"ps gives no reason for vm{rank}'s failure")
+    if names_signal and field == "pid" and "signal 9" not in job["errors"][f"vm{rank}"]:
+        raise CheckFailed(f"vm{rank}'s reason does not name the SIGKILL: {job['errors'][f'vm{rank}']!r}")
+    qemu = vm.get("qemu_pid") if field == "pid" else None
+    if qemu:
+        poll(lambda: zombie_or_gone(qemu), CHECK_TIMEOUT, f"vm{rank}'s qemu to die with its VM process")
+    bench._cancel(jobid)
+
+
 
 
 # --------------------------------------------------------------------------- tallies
@@ -401,25 +425,7 @@ class LocalBench:
                  START_TIMEOUT, f"vm{rank} running", interval=0.5)
         vm = poll(lambda: self.vm_with(jobid, field, rank), START_TIMEOUT, f"vm{rank}'s {field}", interval=0.02)
         kill(vm[field])
-
-        def failed_or_gone():
-            j = self.job_ps(jobid)
-            return "gone" if j is None else (j if j["vm_states"].get(f"vm{rank}") == "failed" else None)
-
-        job = poll(failed_or_gone, CHECK_TIMEOUT, f"vm{rank} failed in ps", interval=0.5)
-        if job == "gone":
-            raise CheckFailed(f"cluster {jobid} ended when vm{rank}'s {field} was killed: it must run on with that VM failed")
-        other = job["vm_states"].get(f"vm{1 - rank}")
-        if other == "failed":
-            raise CheckFailed(f"vm{1 - rank} failed too after vm{rank}'s {field} was killed: {job['errors']}")
-        if not job["errors"].get(f"vm{rank}"):
-            raise CheckFailed(f"ps gives no reason for vm{rank}'s failure")
-        if field == "pid" and "signal 9" not in job["errors"][f"vm{rank}"]:
-            raise CheckFailed(f"vm{rank}'s reason does not name the SIGKILL: {job['errors'][f'vm{rank}']!r}")
-        qemu = vm.get("qemu_pid") if field == "pid" else None
-        if qemu:
-            poll(lambda: zombie_or_gone(qemu), CHECK_TIMEOUT, f"vm{rank}'s qemu to die with its VM process")
-        self._cancel(jobid)
+        check_killed_part(self, jobid, rank, field, vm, names_signal=True)
         return jobid, when
 
     def fault_kill_qemu(self, rng):
@@ -800,22 +806,7 @@ class SlurmBench:
             self.wait_running(jobid, (rank,))
         vm = poll(lambda: self.vm_with(jobid, field, rank), START_TIMEOUT, f"vm{rank}'s {field}", interval=0.05)
         kill(vm[field])
-
-        def failed_or_gone():
-            j = self.job_ps(jobid)
-            return "gone" if j is None else (j if j["vm_states"].get(f"vm{rank}") == "failed" else None)
-
-        job = poll(failed_or_gone, CHECK_TIMEOUT, f"vm{rank} failed in ps", interval=0.5)
-        if job == "gone":
-            raise CheckFailed(f"cluster {jobid} ended when vm{rank}'s {field} was killed: it must run on with that VM failed")
-        if job["vm_states"].get(f"vm{1 - rank}") == "failed":
-            raise CheckFailed(f"vm{1 - rank} failed too after vm{rank}'s {field} was killed: {job['errors']}")
-        if not job["errors"].get(f"vm{rank}"):
-            raise CheckFailed(f"ps gives no reason for vm{rank}'s failure")
-        qemu = vm.get("qemu_pid") if field == "pid" else None
-        if qemu:
-            poll(lambda: zombie_or_gone(qemu), CHECK_TIMEOUT, f"vm{rank}'s qemu to die with its VM process")
-        self._cancel(jobid)
+        check_killed_part(self, jobid, rank, field, vm, names_signal=False)
         return jobid, when
 
     def fault_kill_qemu(self, rng):
