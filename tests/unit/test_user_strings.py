@@ -110,3 +110,22 @@ def test_shown_escapes_and_shortens():
     assert names.shown("a\nb") == "'a\\nb'"
     assert names.shown("x" * 500).endswith("...'") and len(names.shown("x" * 500)) < 100
     assert names.one_line("a\x1b[31m\r\n") == "a\\x1b[31m\\r\\n"
+
+
+# A NUL reaches an os call as "ValueError: embedded null byte", an internal error. execve cannot pass
+# one in argv, but a YAML "\0" escape can put one in any config value, and run() callers in argv.
+def test_a_nul_in_a_config_value_is_a_config_error_with_its_line():
+    from pcocc.config import yamlfile
+    from pcocc.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        yamlfile.parse('a:\n  image: "x\\0/y"\n', "templates.yaml")
+    lines = list(err.value.lines())
+    assert lines[0].startswith("templates.yaml:2:") and "NUL" in lines[0], lines
+
+
+def test_a_nul_in_an_image_directory_or_an_argument_is_a_usage_error():
+    from pcocc.images import legacy_dir
+
+    with pytest.raises(UsageError):
+        legacy_dir.find("\x00/")

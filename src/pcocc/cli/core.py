@@ -129,6 +129,9 @@ def run(argv=None, env=None):
     env = env or Environment()
     debug = _debug_requested(argv)
     app = App(env, debug=debug)
+    if any("\x00" in a for a in argv):  # execve cannot pass one; only a caller of run() can
+        env.stderr.write("pcocc: error: an argument holds a NUL character\n")
+        return ExitStatus.USAGE
     try:
         # click prints help and version to sys.stdout: send it where env says.
         with contextlib.redirect_stdout(env.stdout):

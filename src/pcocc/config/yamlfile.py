@@ -58,6 +58,8 @@ def _convert(node, ctor, path, active=frozenset()):
             out.append(_convert(item, ctor, path, active))
             out.lines[i] = item.start_mark.line + 1
         return out
+    if "\x00" in node.value:  # a "\0" escape: no path, name or argument of pcocc may hold one
+        raise ConfigError([f"{path}:{line}: invalid value: it holds a NUL character"])
     try:
         return ctor.construct_object(node, deep=True)
     except yaml.YAMLError as exc:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pcocc.errors import NotFoundError, UsageError
 from pcocc.images import qcow2
 from pcocc.images.repo import Revision
+from pcocc.names import shown
 
 _REV_FILE = re.compile(r"image-rev(\d+)")
 
@@ -77,6 +78,8 @@ def find(text):
     Raises NotFoundError when the directory holds no image or not that revision,
     UsageError when the file is not a qcow2 image (the form the original wrote).
     """
+    if not text.isprintable():  # e.g. a NUL, which no path may hold
+        raise UsageError(f"invalid image directory {shown(text)}: it holds a control character")
     directory, revision = text, None
     m = re.fullmatch(r"(.*)@(\d+)", text)
     if m and not os.path.isdir(text):
