@@ -366,7 +366,7 @@ class _RecordingAgent:
 @pytest.mark.parametrize("user", ["-c id", "--login", "-", "a b", "x;id", "é"])
 def test_vm_side_refuses_user_names_that_are_not_names(user):
     from pcocc.errors import UsageError
-    from pcocc.lifecycle.vmrun import ControlHandler
+    from pcocc.lifecycle.control import ControlHandler
 
     agent = _RecordingAgent()
     with pytest.raises(UsageError):
@@ -375,7 +375,7 @@ def test_vm_side_refuses_user_names_that_are_not_names(user):
 
 
 def test_vm_side_gives_su_the_user_after_double_dash():
-    from pcocc.lifecycle.vmrun import ControlHandler
+    from pcocc.lifecycle.control import ControlHandler
 
     agent = _RecordingAgent()
     ControlHandler(None, agent).op_exec(["id", "-u"], user="alice")

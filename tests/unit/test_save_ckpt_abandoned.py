@@ -12,7 +12,7 @@ from pcocc.agent import pki
 from pcocc.agent.endpoint import ControlClient, ControlServer
 from pcocc.errors import TimeoutExpired
 from pcocc.lifecycle import saving
-from pcocc.lifecycle.vmrun import ControlHandler
+from pcocc.lifecycle.control import ControlHandler
 
 OWNER = "alice"
 
