@@ -15,6 +15,13 @@ class StoreError(PcoccError):
     pass
 
 
+# The most keys one `transact` may compare, and the most it may write (reads count as
+# operations too): etcd's --max-txn-ops, whose default is 128 (etcd.io/docs/v3.4/op-guide/
+# configuration: "Maximum number of operations permitted in a transaction"). Both backends
+# keep it, so that what passes on SQLite passes on etcd.
+MAX_TXN_OPS = 128
+
+
 class Store:
     """The interface; see sqlite.py for the semantics every backend keeps."""
 
@@ -44,6 +51,22 @@ class Store:
 
     def replace(self, key, old, new):
         """Compare and swap: set key to new only if its value is old (None: absent)."""
+        raise NotImplementedError
+
+    def transact(self, expect, writes, reads=()):
+        """Compare several keys and write several keys, all at once or not at all.
+
+        expect: {key: value}, each key's current value compared as JSON, None meaning
+        absent (a key that holds JSON null is present); writes: {key: value}, None
+        deleting the key (no ttl: what a transaction writes stays until deleted);
+        reads: keys whose values come back whatever happens.
+        Returns (done, current): done when every expectation held and the writes were
+        made; current is {key: value or None} of the reads, and on failure also of every
+        expected key, as they were when compared (one consistent read: the caller learns
+        in the same round trip why it failed).
+        Raises StoreError when len(expect), len(writes) + len(reads) or the expected and
+        read keys together exceed MAX_TXN_OPS (etcd's limit), or a key is both written and read.
+        """
         raise NotImplementedError
 
     def revision(self):
@@ -88,6 +111,16 @@ class Store:
             if time.monotonic() >= deadline:
                 return None
             time.sleep(poll)
+
+
+def check_transaction(expect, writes, reads):
+    """StoreError unless a transaction fits etcd's limits (MAX_TXN_OPS; no key both
+    written and read: etcd refuses a txn that names a key twice in its operations)."""
+    if len(expect) > MAX_TXN_OPS or len(writes) + len(reads) > MAX_TXN_OPS or len(set(expect) | set(reads)) > MAX_TXN_OPS:
+        raise StoreError(f"a store transaction of {len(expect)} compares, {len(writes)} writes and {len(reads)} reads "
+                         f"exceeds the limit of {MAX_TXN_OPS} (etcd's --max-txn-ops)")
+    if set(writes) & set(reads) or len(set(reads)) != len(reads):
+        raise StoreError("a store transaction names a key twice in its writes and reads")
 
 
 def encode(value):

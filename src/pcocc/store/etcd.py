@@ -18,7 +18,7 @@ import threading
 import time
 
 from pcocc.errors import NotAvailableError, PermissionDenied
-from pcocc.store import Store, StoreError, decode, encode
+from pcocc.store import Store, StoreError, check_transaction, decode, encode
 
 TIMEOUT = 10.0  # seconds for one request (etcd answers in milliseconds when healthy)
 ELECTION_RETRY = 20.0  # seconds a request is retried while etcd elects a leader (several election timeouts)
@@ -403,6 +403,46 @@ class EtcdStore(Store):
             return done
         # Equal as JSON but not as bytes (1 vs 1.0, written by another tool): pin the revision we compared.
         return self._txn(key, {"target": "MOD", "result": "EQUAL", "mod_revision": current["mod_revision"]}, op)[0]
+
+    def transact(self, expect, writes, reads=()):
+        """Store.transact as one etcd txn (etcd.io/docs/v3.4/learning/api, "Transaction"):
+        an absent key is compared as create_revision == 0, a value by its bytes; success puts
+        and deletes then ranges the reads, failure ranges every expected and read key, all
+        at the revision the compares saw. A value equal as JSON but not as bytes (written by
+        another tool) is compared again by its mod_revision, as `replace` does."""
+        check_transaction(expect, writes, reads)
+        compares = [{"key": _b64(k), "target": "CREATE", "result": "EQUAL", "create_revision": "0"} if v is None
+                    else {"key": _b64(k), "target": "VALUE", "result": "EQUAL", "value": _b64(encode(v))}
+                    for k, v in expect.items()]
+        done, current, kvs = self._transact(compares, writes, reads, expect)
+        if done or not expect:
+            return done, current
+        if not all((k not in kvs) if v is None else (k in kvs and current[k] == v) for k, v in expect.items()):
+            return False, current
+        # every expectation holds as JSON: pin what was compared by revision
+        compares = [{"key": _b64(k), "target": "CREATE", "result": "EQUAL", "create_revision": "0"} if v is None
+                    else {"key": _b64(k), "target": "MOD", "result": "EQUAL", "mod_revision": kvs[k]["mod_revision"]}
+                    for k, v in expect.items()]
+        return self._transact(compares, writes, reads, expect)[:2]
+
+    def _transact(self, compares, writes, reads, expect):
+        """(done, {key: value} of the reads, and of the expected keys on failure, {key: kv} of those found)."""
+        success = [{"request_delete_range": {"key": _b64(k)}} if v is None else {"request_put": self._put_op(k, v, None)}
+                   for k, v in writes.items()]
+        success += [{"request_range": {"key": _b64(k)}} for k in reads]
+        failed_reads = list(dict.fromkeys([*expect, *reads]))
+        failure = [{"request_range": {"key": _b64(k)}} for k in failed_reads]
+        what = f"updating {len(writes)} keys from {next(iter(writes))}" if writes else "a transaction"
+        answer = self._call("kv/txn", {"compare": compares, "success": success, "failure": failure}, what)
+        done = bool(answer.get("succeeded"))
+        names = list(reads) if done else failed_reads
+        answers = answer.get("responses", [])[-len(names):] if names else []
+        kvs = {}
+        for key, response in zip(names, answers):
+            found = (response.get("response_range") or {}).get("kvs")
+            if found:
+                kvs[key] = found[0]
+        return done, {key: _value(kvs[key]) if key in kvs else None for key in names}, kvs
 
     def revision(self):
         # status needs no key permission, unlike a range

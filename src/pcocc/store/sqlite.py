@@ -35,7 +35,7 @@ import threading
 import time
 import weakref
 
-from pcocc.store import Store, StoreError, decode, encode
+from pcocc.store import Store, StoreError, check_transaction, decode, encode
 
 BUSY_TIMEOUT = 5.0  # seconds SQLite's busy handler waits for a lock, per attempt
 RETRY_FOR = 120.0  # seconds of attempts before giving up (a writer holds the lock for milliseconds)
@@ -296,6 +296,26 @@ class SqliteStore(Store):
             new = fn(old)
             self._swap(key, old, new)
             return new
+
+    @_operation
+    def transact(self, expect, writes, reads=()):
+        """Store.transact in one BEGIN IMMEDIATE transaction (never overtaken: a failure means
+        that an expectation was false when the write lock was held)."""
+        check_transaction(expect, writes, reads)
+        with self._tx():
+            self._purge()
+            raw = {key: self._live(key) for key in {*expect, *reads}}
+            current = {key: decode(text) for key, text in raw.items()}
+            if any((raw[key] is not None) if value is None else (raw[key] is None or current[key] != value)
+                   for key, value in expect.items()):
+                return False, current
+            for key, value in writes.items():
+                if value is None:
+                    if self.db.execute("DELETE FROM kv WHERE key=?", (key,)).rowcount:
+                        self._bump()
+                else:
+                    self._write(key, value, None)
+            return True, {key: current[key] for key in reads}
 
     @_operation
     def revision(self):
