@@ -9,7 +9,10 @@
  *   PCOCC_TASK_<VAR> (the tasks' PCOCC_RUN_DIR, XDG_RUNTIME_DIR, TMPDIR and
  *   HOME, from which pcocc finds the VMs' run directory) in its environment.
  *   If it fails, every task fails and srun prints the command's message; its
- *   teardown (below) then runs at once, before any task starts.
+ *   teardown (below) then runs at once, before any task starts, with
+ *   `--failed MESSAGE`: the node is recorded failed, even when the create was
+ *   killed before it could say so, so the job's other nodes and its launcher
+ *   stop waiting for it.
  *   A marker <statedir>/spank-J.vm is written before the create runs.
  *
  * Teardown, in the job epilog (slurm_spank_job_epilog: slurmd runs it as root
@@ -22,6 +25,13 @@
  *   the node, or `pcocc internal setup cleanup`, removes it). The step's own
  *   end does not tear down: slurmstepd's processes are signalled then killed
  *   there (KillWait), and a teardown cut half-way leaves objects behind.
+ *
+ * When a VM task ends killed by a signal, or with a status other than 0 (the VM
+ * stopped) and 1 (it failed and said why), slurmstepd's task_exit hook runs, as root:
+ *     pcocc internal setup task-exit --jobid J --uid U --rank R --status S
+ *   (S: the task's wait status) which marks VM R failed with the reason, unless it
+ *   already said how it ended: nothing else sees a task SIGKILLed or crashed (the
+ *   launcher only sees srun, which goes on with the other tasks).
  *
  * The commands' environment is slurmd's (OVS_RUNDIR, PATH...: in the epilog,
  * read from slurmd's /proc/PID/environ, as slurmd gives its epilogs a
@@ -68,6 +78,8 @@ SPANK_PLUGIN(pcocc, 1);
 #define VM_OPTION_ENV "SPANK__SLURM_SPANK_OPTION_pcocc_vm"
 /* pcocc stops its own teardown this long before the plugin's bound, to log what is left */
 #define DEADLINE_MARGIN 10
+/* seconds `setup task-exit` may take (one store update; slurmstepd waits for it) */
+#define TASK_EXIT_TIMEOUT 30
 
 static int vm_flag;             /* --vm was given (set by the option callback) */
 static char setup_error[MSG_MAX]; /* why setup create failed, for the tasks' stderr */
@@ -482,7 +494,7 @@ static void unmark_job(uint32_t job)
  * `pcocc internal setup delete` for the job on this node, bounded by
  * teardown_timeout; logs what failed or is left. Returns its status (0: done).
  */
-static int teardown(uint32_t job, uint32_t step, uint32_t uid, const char *why)
+static int teardown(uint32_t job, uint32_t step, uint32_t uid, const char *why, const char *failure)
 {
 	char sjob[16], suid[16], sdeadline[16], msg[MSG_MAX];
 	int rc, deadline = teardown_timeout_s > 2 * DEADLINE_MARGIN ? teardown_timeout_s - DEADLINE_MARGIN
@@ -492,8 +504,10 @@ static int teardown(uint32_t job, uint32_t step, uint32_t uid, const char *why)
 	snprintf(sjob, sizeof sjob, "%u", job);
 	snprintf(suid, sizeof suid, "%u", uid);
 	snprintf(sdeadline, sizeof sdeadline, "%d", deadline);
+	/* after a failed create, the node is then recorded failed with why: the other nodes and
+	   the launcher stop waiting for it (a create killed by a signal could not say so itself) */
 	char *argv[] = { pcocc_bin, "internal", "setup", "delete", "--jobid", sjob, "--uid", suid,
-			 "--deadline", sdeadline, NULL };
+			 "--deadline", sdeadline, failure ? "--failed" : NULL, (char *) failure, NULL };
 
 	slurm_info("pcocc: job %u (%s): %s internal setup delete --jobid %s --uid %s --deadline %s",
 		   job, why, pcocc_bin, sjob, suid, sdeadline);
@@ -586,7 +600,7 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 		snprintf(setup_error, sizeof setup_error, "%s", msg[0] ? msg : "no message");
 		slurm_error("pcocc: node setup failed for job %u (status %d): %s", job, rc, setup_error);
 		/* no task will start: undo now, while nothing kills us (the epilog does it again if this fails) */
-		if (teardown(job, step, uid, "failed start") == 0)
+		if (teardown(job, step, uid, "failed start", setup_error) == 0)
 			unmark_job(job);
 	}
 	/*
@@ -611,6 +625,41 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 		fflush(stderr);
 	}
 	return -1;
+}
+
+/*
+ * In slurmstepd, as root, as each task's exit status is collected. A task that said
+ * how its VM ended exits 0 or 1; anything else (a signal, a crash) is told to pcocc.
+ */
+int slurm_spank_task_exit(spank_t sp, int ac, char **av)
+{
+	uint32_t job, step, uid, tasks, rank;
+	int status = 0, rc;
+	char sjob[16], suid[16], srank[16], sstatus[16], msg[MSG_MAX];
+
+	if (spank_context() != S_CTX_REMOTE || !vm_requested(sp) || setup_error[0])
+		return 0;
+	if (configure(ac, av) < 0 || step_ids(sp, &job, &step, &uid, &tasks) < 0)
+		return 0;
+	if (step == SLURM_BATCH_SCRIPT || step == SLURM_EXTERN_CONT || step == SLURM_INTERACTIVE_STEP)
+		return 0;
+	if (spank_get_item(sp, S_TASK_EXIT_STATUS, &status) != ESPANK_SUCCESS
+	    || spank_get_item(sp, S_TASK_GLOBAL_ID, &rank) != ESPANK_SUCCESS) {
+		slurm_error("pcocc: job %u: cannot read a task's exit status or rank", job);
+		return 0;
+	}
+	if (WIFEXITED(status) && (WEXITSTATUS(status) == 0 || WEXITSTATUS(status) == 1))
+		return 0;
+	snprintf(sjob, sizeof sjob, "%u", job);
+	snprintf(suid, sizeof suid, "%u", uid);
+	snprintf(srank, sizeof srank, "%u", rank);
+	snprintf(sstatus, sizeof sstatus, "%d", status);
+	char *argv[] = { pcocc_bin, "internal", "setup", "task-exit", "--jobid", sjob, "--uid", suid,
+			 "--rank", srank, "--status", sstatus, NULL };
+	rc = run(argv, job, step, uid, NULL, TASK_EXIT_TIMEOUT, msg, sizeof msg);
+	if (rc != 0)
+		slurm_error("pcocc: job %u: could not mark vm%u failed (status %d): %s", job, rank, rc, msg[0] ? msg : "no message");
+	return 0;
 }
 
 /*
@@ -645,7 +694,7 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 	asked = getenv(VM_OPTION_ENV) != NULL || spank_option_getopt(sp, &spank_options[0], NULL) == ESPANK_SUCCESS;
 	if (!marked && !asked)
 		return 0;
-	teardown(job, NO_VAL, uid, "job epilog");
+	teardown(job, NO_VAL, uid, "job epilog", NULL);
 	/* what failed stays in the undo log, which the next setup and `setup cleanup` replay */
 	unmark_job(job);
 	/* never fail the epilog: slurmd would drain the node for what pcocc's logs already name */

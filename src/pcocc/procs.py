@@ -82,3 +82,52 @@ def dying_with_parent(sig=None):
             os.kill(os.getpid(), sig)
 
     return {"preexec_fn": preexec}
+
+
+def wait_status_text(status):
+    """How a process ended, from its wait status (os.waitpid's, or SLURM's task exit status):
+    'its process was killed by signal 9 (SIGKILL)' or 'its process exited with status 3'."""
+    import signal
+
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = f" ({signal.Signals(sig).name})" if sig in signal.valid_signals() else ""
+        return f"its process was killed by signal {sig}{name}"
+    return f"its process exited with status {os.WEXITSTATUS(status)}"
+
+
+def kill_processes_naming(path, uid, timeout=30.0):
+    """SIGKILL every process of `uid` whose command line names a file under `path` (a job's
+    run dir: its qemus name their disks and sockets there), and wait until they are gone.
+
+    For the job's end on a node: a qemu whose VM task was SIGKILLed dies by its parent-death
+    signal, but may still be exiting when SLURM's step is over (proctrack/linuxproc loses a
+    child once its parent died). Returns the pids still alive after `timeout` seconds ([] when
+    every one went). Only uid's processes are touched: nothing another user runs.
+    """
+    import signal
+    import time
+
+    needle = os.path.normpath(path).encode() + b"/"
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if needle not in f.read():
+                    continue
+            start = process_start(pid)
+            os.kill(pid, signal.SIGKILL)
+            found.append((pid, start))
+        except OSError:
+            continue
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [pid for pid, start in found if pid_alive(pid, start)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)

@@ -80,9 +80,16 @@ def everything(site, jobid, prefix):
     found = node_objects(site, jobid, prefix)
     for node in site.tc.node_names:
         found += [f"{node}: {p.name}" for p in Path(site.tc.node_state_dir(node)).glob(f"spank-{jobid}.vm")]
-    found += [f"process {pid}" for pid in job_processes(jobid)]
+    found += [f"process {pid} ({_cmdline(pid)})" for pid in job_processes(jobid)]
     if os.path.lexists(run_dir(site, jobid)):
         found.append(f"run dir {run_dir(site, jobid)}")
     found += [f"store {k}" for k in site.keys(f"/pcocc/users/{site.user}/clusters/{jobid}/")]
     found += [f"pool entry {o}" for o in pool_owners(site) if str(o).startswith(f"{jobid}:")]
     return found
+
+
+def _cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120].strip()
+    except OSError:
+        return "gone"

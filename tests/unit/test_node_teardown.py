@@ -90,3 +90,28 @@ def test_end_bound_adds_slurms_limits_with_their_defaults():
                       "MessageTimeout": "20 sec"}) == 365
     # unset PrologEpilogTimeout shows as 65534: no bound in SLURM, 300 s here
     assert end_bound({"PrologEpilogTimeout": "65534"}) == 30 + 60 + 300 + 10
+
+
+def test_processes_naming_a_run_dir_are_killed_before_it_goes_and_only_the_users(tmp_path):
+    """A qemu still exiting at the job's end (its task SIGKILLed) is killed and waited for by the
+    run dir's removal; another uid's process naming the same path is left alone."""
+    import subprocess
+    import sys
+
+    from pcocc.procs import kill_processes_naming, pid_alive
+
+    run_dir = tmp_path / "job_7"
+    (run_dir / "vm0").mkdir(parents=True)
+    argv = [sys.executable, "-c", "import time; time.sleep(600)", str(run_dir / "vm0" / "disk.qcow2")]
+    proc = subprocess.Popen(argv)
+    try:
+        assert kill_processes_naming(str(run_dir), os.getuid() + 4242) == []  # another uid's: untouched
+        assert pid_alive(proc.pid)
+        assert kill_processes_naming(str(tmp_path / "job_70"), os.getuid()) == []  # a prefix is not the dir
+        assert pid_alive(proc.pid)
+        assert kill_processes_naming(str(run_dir), os.getuid()) == []
+        assert proc.wait(30) == -9
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -60,12 +60,27 @@ def setup_create(app, jobid, uid, tasks_on_node, ranks, step_nodes):
 @click.option("--uid", type=int, required=True, help="Uid of the job's owner.")
 @click.option("--deadline", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds this may take; then it stops, and what is left stays in the undo log (named in the error).")
+@click.option("--failed", "failure", default=None,
+              help="The setup failed with this message: record the node failed, after the undo.")
 @pass_app
-def setup_delete(app, jobid, uid, deadline):
+def setup_delete(app, jobid, uid, deadline, failure):
     """Undo a job's setup on this node (the SPANK plugin runs it from the job's epilog)."""
     from pcocc.lifecycle import nodesetup
 
-    nodesetup.delete(app.ctx, jobid, uid, deadline=deadline)
+    nodesetup.delete(app.ctx, jobid, uid, deadline=deadline, failure=failure)
+
+
+@setup.command("task-exit")
+@click.option("-j", "--jobid", type=int, required=True)
+@click.option("--uid", type=int, required=True, help="Uid of the job's owner.")
+@click.option("--rank", type=int, required=True, help="The task's global id: the VM's rank.")
+@click.option("--status", type=int, required=True, help="The task's wait status, as SLURM gives it.")
+@pass_app
+def setup_task_exit(app, jobid, uid, rank, status):
+    """Mark a VM failed whose task ended without saying how (the SPANK plugin's task_exit hook)."""
+    from pcocc.lifecycle import nodesetup
+
+    nodesetup.task_exit(app.ctx, jobid, uid, rank, status)
 
 
 @setup.command("init")

@@ -27,6 +27,7 @@ from pcocc.batch.slurm import SlurmBackend, srun_vms
 from pcocc.cluster import parse_definition
 from pcocc.errors import PcoccError, PermissionDenied
 from pcocc.hypervisor.vm import STOP_TIMEOUT
+from pcocc.lifecycle.nodesetup import VM_FINAL_STATES
 
 log = logging.getLogger("pcocc.lifecycle.launcher")
 
@@ -83,7 +84,13 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
         def progress(running, total):
             info_out(f"cluster {jobid}: {running}/{total} VMs running ({time.monotonic() - start:.1f} s)")
 
-        backend.wait_ready(jobid, progress, alive=lambda jobid: srun.poll() is None and not stopping)
+        failed = wait_started(backend, jobid, progress, alive=lambda: srun.poll() is None and not stopping)
+        for vm in failed:
+            info_out(f"pcocc: warning: cluster {jobid}: {vm['name']} failed: {vm.get('error') or 'no reason given'}")
+        if failed and batch_script:
+            raise PcoccError(f"cluster {jobid}: the batch script runs once every VM runs, and {failed[0]['name']} failed")
+        if failed:
+            info_out(f"cluster {jobid} goes on with {len(vms) - len(failed)} of its {len(vms)} VMs")
         ctx.store.update(prefix + "info", lambda i: {**i, "state": "running"})
         status = 0
         if host_script or interactive:
@@ -105,6 +112,41 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
         if srun is not None:
             stop_vms(srun)
         ctx.store.delete_prefix(prefix)
+
+
+def wait_started(backend, jobid, progress, alive, timeout=3600):
+    """Wait until every VM of the job runs or has ended; return the records of those that
+    ended (failed or stopped), in rank order: the cluster goes on without them, as on the
+    local backend (a VM whose qemu or task was killed is shown failed by ps).
+
+    alive(): whether the VM step still runs. Raises PcoccError when a node's setup failed,
+    when every VM ended, or when the step ended first; TimeoutExpired after timeout s.
+    """
+    from pcocc.batch.base import POLL
+    from pcocc.errors import TimeoutExpired
+
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        info, vms = backend.job(jobid)
+        failed_nodes = [(n, s) for n, s in info["nodes"].items() if s.get("state") == "failed"]
+        if failed_nodes:
+            node, st = failed_nodes[0]
+            raise PcoccError(f"cluster {jobid}: node setup failed on {node}: {st.get('error', 'unknown reason')}")
+        ended = [v for v in vms if v["state"] in VM_FINAL_STATES]
+        running = sum(v["state"] == "running" for v in vms)
+        if vms and len(ended) == len(vms):
+            v = ended[0]
+            raise PcoccError(f"cluster {jobid}: every VM ended before it ran ({v['name']}: {v.get('error') or v['state']})")
+        if running != last:
+            progress(running, len(info["vms"]))
+            last = running
+        if len(vms) == len(info["vms"]) and running + len(ended) == len(vms):
+            return ended
+        if not alive():
+            raise PcoccError(f"cluster {jobid} ended before all its VMs ran")
+        if time.monotonic() > deadline:
+            raise TimeoutExpired(f"cluster {jobid}: not every VM runs after {timeout} s")
+        time.sleep(POLL)
 
 
 def ask_to_stop(srun):

@@ -213,8 +213,13 @@ def _hard_deadline(seconds):
         signal.signal(signal.SIGALRM, previous)
 
 
-def delete(ctx, jobid, uid, deadline=None):
+def delete(ctx, jobid, uid, deadline=None, failure=None):
     """Undo what create did for the job on this node (idempotent).
+
+    failure: the message of a create that failed (the SPANK plugin gives it, also for a
+    create killed before it could record anything): once undone, the node's record says
+    failed with it, so that the job's other nodes and its launcher stop waiting for this
+    one (jobnet.wait_peers, launcher.wait_started); the epilog's delete removes it.
 
     deadline: seconds this may take in all (None: no bound). Once passed, the step
     under way is interrupted (its command killed) and nothing more is tried: what is
@@ -230,7 +235,55 @@ def delete(ctx, jobid, uid, deadline=None):
             ctx.store.delete(_node_key(ctx, user, jobid))
         except PcoccError as exc:  # the store is away: the node's own objects go all the same
             log.warning("job %s: cannot delete this node's record: %s", jobid, exc.message)
-        undo_log(ctx.env).replay(jobid, undo_actions(ctx), deadline=until)
+        try:
+            undo_log(ctx.env).replay(jobid, undo_actions(ctx), deadline=until)
+        finally:
+            if failure:
+                _record_failure(ctx, user, jobid, failure)
+
+
+def _record_failure(ctx, user, jobid, failure):
+    reason = failure  # the bare reason, as create records it: readers say which node failed
+    for prefix in ("pcocc: error: ", f"node setup failed on {ctx.hostname}: "):
+        reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+    try:
+        ctx.store.put(_node_key(ctx, user, jobid), {"state": "failed", "error": reason})
+    except PcoccError as exc:
+        log.warning("job %s: cannot record this node's failure: %s", jobid, exc.message)
+
+
+VM_FINAL_STATES = ("stopped", "failed")
+
+
+def task_exit(ctx, jobid, uid, rank, status):
+    """A VM task ended without saying how (SPANK task_exit: killed by a signal, or a crash).
+
+    Marks VM `rank` of the job failed with the reason from `status` (a wait status), unless
+    its record already holds an end; writes a record if the VM never published one, but
+    only while the cluster's record exists (a cluster already ended keeps no trace).
+    Returns the new record, or None when there was nothing to mark.
+    """
+    from pcocc.procs import wait_status_text
+
+    user = _user(uid)
+    reason = wait_status_text(status)
+    key = state.vm_key(user, jobid, rank)
+
+    def mark(cur):
+        if cur is None:
+            if ctx.store.get(state.cluster_prefix(user, jobid) + "info") is None:
+                return None
+            cur = {"rank": rank, "name": f"vm{rank}", "host": ctx.hostname}
+        if cur.get("state") in VM_FINAL_STATES:
+            return cur
+        return {**cur, "state": "failed", "error": reason}
+
+    before = ctx.store.get(key)
+    after = ctx.store.update(key, mark)
+    if after and after != before and after.get("state") == "failed":
+        log.error("job %s: vm%d: %s", jobid, rank, reason)
+        return after
+    return None
 
 
 def init(ctx):
@@ -300,7 +353,8 @@ def task_run_dir(task_env, uid, jobid):
 
 
 def remove_run_dir(path, uid):
-    """Remove a job's run dir (`<run dir>/job_<N>`) with the rights of its user, uid (idempotent).
+    """Remove a job's run dir (`<run dir>/job_<N>`) with the rights of its user, uid (idempotent),
+    once no process of uid names a file in it (procs.kill_processes_naming: they are killed).
 
     Left alone, with a warning: a path not named job_<N>, or whose parent or itself is not
     a directory of uid's (a symlink included). The removal runs with uid's effective ids and
@@ -310,6 +364,11 @@ def remove_run_dir(path, uid):
     if not name.startswith("job_") or not name[4:].isdigit():
         log.warning("not a job run dir, left alone: %s", path)
         return
+    from pcocc.procs import kill_processes_naming
+
+    left = kill_processes_naming(path, uid)  # a qemu still exiting after its task was killed
+    if left:
+        log.warning("run dir %s: processes %s still there after SIGKILL", path, ", ".join(map(str, left)))
     try:
         pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
