@@ -129,7 +129,7 @@ def test_a_vm_process_killed_while_qemu_starts_fails_the_wait(site):
 
         def vm_process_with_a_child():
             vm = record(site, "vms/0", jobid)
-            if vm and vm["state"] in ("starting", "qemu-start") and _children(vm["pid"]):
+            if vm and vm["state"] in ("starting", "qemu-start", "booting") and _children(vm["pid"]):
                 return vm
             return None
 

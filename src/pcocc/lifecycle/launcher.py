@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from pcocc import state
+from pcocc import phases, state
 from pcocc.batch.slurm import SlurmBackend, srun_vms
 from pcocc.cluster import parse_definition
 from pcocc.errors import PcoccError, PermissionDenied
@@ -81,8 +81,8 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
         backend.write_credentials(jobid, [])
         ctx.store.put(prefix + "info", backend.cluster_info(jobid, vms, resolved, opts, backend="slurm", rundir=None, launcher_host=ctx.hostname))
 
-        def progress(running, total):
-            info_out(f"cluster {jobid}: {running}/{total} VMs running ({time.monotonic() - start:.1f} s)")
+        def progress(vms):
+            info_out(f"cluster {jobid}: {phases.summary(vms)} ({time.monotonic() - start:.1f} s)")
 
         failed = wait_started(backend, jobid, progress, alive=lambda: srun.poll() is None and not stopping)
         for vm in failed:
@@ -119,6 +119,7 @@ def wait_started(backend, jobid, progress, alive, timeout=3600):
     ended (failed or stopped), in rank order: the cluster goes on without them, as on the
     local backend (a VM whose qemu or task was killed is shown failed by ps).
 
+    progress(vms): called with the VM records whenever a VM changes phase (pcocc.phases).
     alive(): whether the VM step still runs. Raises PcoccError when a node's setup failed,
     when every VM ended, or when the step ended first; TimeoutExpired after timeout s.
     """
@@ -137,10 +138,11 @@ def wait_started(backend, jobid, progress, alive, timeout=3600):
         if vms and len(ended) == len(vms):
             v = ended[0]
             raise PcoccError(f"cluster {jobid}: every VM ended before it ran ({v['name']}: {v.get('error') or v['state']})")
-        if running != last:
-            progress(running, len(info["vms"]))
-            last = running
-        if len(vms) == len(info["vms"]) and running + len(ended) == len(vms):
+        now = [v["state"] for v in vms]
+        if now != last:
+            progress(vms)
+            last = now
+        if running + len(ended) == len(vms):
             return ended
         if not alive():
             raise PcoccError(f"cluster {jobid} ended before all its VMs ran")

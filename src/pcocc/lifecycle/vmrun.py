@@ -1,7 +1,9 @@
 """`pcocc internal run`: run one VM of a cluster, serve its control endpoint, clean up.
 
-The VM publishes its state in the store as it goes: starting -> qemu-start ->
-running (its guest agent answered), then stopped or failed (with the reason).
+The VM publishes its state in the store as it goes, one update per phase:
+starting (overlay, seed) -> qemu-start (qemu launched) -> booting (the guest wrote
+to its console) -> running (its guest agent answered), then stopped or failed (with
+the reason). A restored VM goes through restoring instead of booting.
 """
 
 import contextlib
@@ -50,7 +52,8 @@ def run_vm(ctx, jobid, rank):
     me_start = process_start(me)
 
     def publish(status, **extra):
-        store.put(key, {"rank": rank, "name": f"vm{rank}", "state": status, "host": ctx.hostname, "pid": me, "pid_start": me_start, **extra})
+        store.put(key, {"rank": rank, "name": f"vm{rank}", "state": status, "since": round(time.time(), 3), "host": ctx.hostname,
+                        "pid": me, "pid_start": me_start, **extra})
 
     def publish_end(status, **extra):
         # Only into a record that still exists: a cluster reclaimed meanwhile keeps no trace of its VMs.
@@ -77,7 +80,7 @@ def run_vm(ctx, jobid, rank):
         handler = ControlHandler(vm, agent, rev, ctx.images, cfg.drives)
         server = ControlServer(handler, ca_pem=ca["cert"], cert_pem=ca["server_cert"], key_pem=ca["server_key"],
                                owner=info["owner"], host=ctx.control_host).start()
-        _wait_agent(agent, vm, stop, booting=not cfg.incoming)
+        _wait_agent(agent, vm, stop, booting=not cfg.incoming, on_console=lambda: publish("booting", **qemu))
         restored = _restart_of(info, rank) if cfg.incoming else None
         if restored and restored.get("identity") and not stop.is_set():
             from pcocc.lifecycle import instant
@@ -125,11 +128,15 @@ def _quietly(fn, *args, **kwargs):
         log.warning("cleanup: %s: %s: %s", getattr(fn, "__qualname__", fn), type(exc).__name__, exc)
 
 
-def _wait_agent(agent, vm, stop, booting=True):
+def _wait_agent(agent, vm, stop, booting=True, on_console=None):
     """Wait until the guest agent answers. The bound adapts to a slow host: it fails after
     AGENT_TIMEOUT s during which the guest printed nothing on its console, and after
-    AGENT_TIMEOUT_MAX s in all (a guest that prints for ever but never starts its agent)."""
-    quiet = _ConsoleQuiet(vm.config.path("console.log"))
+    AGENT_TIMEOUT_MAX s in all (a guest that prints for ever but never starts its agent).
+
+    on_console(): called once, when the guest first writes to its console (the kernel
+    boots): the VM's "booting" phase, one store update.
+    """
+    quiet = _ConsoleQuiet(vm.config.path("console.log"), on_first_output=on_console if booting else None)
     hard = time.monotonic() + AGENT_TIMEOUT_MAX
 
     def deadline():
@@ -153,10 +160,12 @@ def _wait_agent(agent, vm, stop, booting=True):
 
 
 class _ConsoleQuiet:
-    """Since when (time.monotonic()) a console log has not grown."""
+    """Since when (time.monotonic()) a console log has not grown; on_first_output() is called
+    once, at the first look that finds it not empty."""
 
-    def __init__(self, path):
+    def __init__(self, path, on_first_output=None):
         self.path, self.size, self.last = path, -1, time.monotonic()
+        self.on_first_output = on_first_output
 
     def since(self):
         try:
@@ -165,6 +174,9 @@ class _ConsoleQuiet:
             size = -1
         if size != self.size:
             self.size, self.last = size, time.monotonic()
+        if size > 0 and self.on_first_output is not None:
+            first, self.on_first_output = self.on_first_output, None
+            first()
         return self.last
 
 

@@ -1,0 +1,40 @@
+"""The phases a VM process publishes while it starts (lifecycle.vmrun): one store update per
+phase, "booting" at the guest's first console output."""
+
+from pcocc.lifecycle.vmrun import _ConsoleQuiet
+
+
+def test_first_console_output_is_told_once(tmp_path):
+    log = tmp_path / "console.log"
+    told = []
+    quiet = _ConsoleQuiet(str(log), on_first_output=lambda: told.append(len(told)))
+    quiet.since()  # no file yet
+    log.write_bytes(b"")
+    quiet.since()  # empty: the guest has said nothing
+    assert told == []
+    log.write_bytes(b"Linux version 6.1")
+    quiet.since()
+    log.write_bytes(b"Linux version 6.1\nmore")
+    quiet.since()
+    assert told == [0]
+
+
+def test_the_silence_clock_restarts_on_output(tmp_path):
+    log = tmp_path / "console.log"
+    quiet = _ConsoleQuiet(str(log))
+    first = quiet.since()
+    assert quiet.since() == first  # nothing changed
+    log.write_bytes(b"x")
+    assert quiet.since() >= first
+
+
+def test_summary_counts_phases_and_names_the_slowest():
+    from pcocc.phases import summary
+
+    vms = [{"name": "vm0", "state": "running", "since": 90.0}, {"name": "vm1", "state": "booting", "since": 95.0},
+           {"name": "vm2", "state": "qemu-start", "since": 98.0}, {"name": "vm3", "state": "qemu-start", "since": 88.0}]
+    assert summary(vms, now=100.0) == "1/4 VMs running; qemu-start 2, booting 1; slowest: vm3 qemu-start for 12 s"
+    assert summary([{"name": "vm0", "state": "running"}], now=1.0) == "1/1 VMs running"
+    assert summary([{"name": "vm0", "state": "pending"}], now=1.0) == "0/1 VMs running; pending 1"
+    assert summary([{"name": "vm0", "state": "failed"}, {"name": "vm1", "state": "pending"}], now=1.0) == \
+        "0/2 VMs running; pending 1, failed 1; slowest: vm1 pending"
