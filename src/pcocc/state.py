@@ -9,7 +9,7 @@ store, which is per user there, but in files every user reads: batch/hostres.py.
 /pcocc/users/<user>/clusters/<jobid>/client    the owner's client credential
 /pcocc/users/<user>/clusters/<jobid>/vms/<n>   one VM: state, host, control address
 /pcocc/users/<user>/clusters/<jobid>/nodes/<host>  one node's setup: state, objects (written by root)
-/pcocc/users/<user>/ended/<jobid>              local backend: how a cluster ended, for its waiters (expires)
+/pcocc/users/<user>/history/<jobid>            how an ended cluster ended (pcocc.history: sacct-like; pruned at write)
 /pcocc/global/pools/<name>                     cluster-wide id pools (VXLAN ids, ...), root only
 /pcocc/global/opensm/pkeys/<0xPKEY>/<host>     one node's members of an InfiniBand partition (for pkeyd), root only
 """
@@ -31,8 +31,17 @@ def vm_key(user, jobid, rank):
     return f"{cluster_prefix(user, jobid)}vms/{rank}"
 
 
+def history_prefix(user):
+    return f"/pcocc/users/{user}/history/"
+
+
+def history_key(user, jobid):
+    return f"{history_prefix(user)}{jobid}"
+
+
 def ended_key(user, jobid):
-    return f"/pcocc/users/{user}/ended/{jobid}"
+    """The record of an ended cluster: its history record (kept for its waiters and for `pcocc history`)."""
+    return history_key(user, jobid)
 
 
 def nodes_prefix(user, jobid):

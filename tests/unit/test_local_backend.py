@@ -193,7 +193,7 @@ def test_cleanup_removes_the_run_dir_even_when_the_reservations_stay_locked(tmp_
     backend._cleanup(3, str(rundir))
     assert not rundir.exists()
     assert ctx.store.range(state.cluster_prefix("alice", 3)) == {}
-    assert ctx.store.get(state.ended_key("alice", 3))["jobid"] == 3
+    assert ctx.store.get(state.history_key("alice", 3))["jobid"] == 3
 
 
 def test_the_agent_wait_counts_console_silence_not_time_since_start(tmp_path):

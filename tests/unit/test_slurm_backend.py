@@ -22,7 +22,10 @@ def test_records_of_dead_jobs_are_reclaimed(tmp_path):
     b.ctx.store.put(state.cluster_prefix("bob", 5) + "info", {"jobid": 5})
     b.reclaim({6: {"state": "RUNNING"}})
     assert sorted(b.ctx.store.range("/pcocc/users/")) == [
-        state.cluster_prefix("alice", 6) + "info", state.cluster_prefix("alice", 6) + "vms/0", state.cluster_prefix("bob", 5) + "info"]
+        state.cluster_prefix("alice", 6) + "info", state.cluster_prefix("alice", 6) + "vms/0", state.history_key("alice", 5),
+        state.cluster_prefix("bob", 5) + "info"]
+    ended = b.ctx.store.get(state.history_key("alice", 5))  # a killed launcher's cluster: in the history, FAILED
+    assert ended["state"] == "FAILED" and ended["jobid"] == 5 and ended["vms"][0]["state"] == "running"
 
 
 def test_allocation_arguments(tmp_path):

@@ -4,8 +4,8 @@ import time
 import uuid
 
 from pcocc import state
-from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, TimeoutExpired
-from pcocc.names import parse_job_id
+from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, TimeoutExpired, UsageError
+from pcocc.names import one_line, parse_job_id
 
 POLL = 0.2  # seconds between two looks at the store while waiting
 ALIVE_CHECK = 5.0  # seconds between two questions to the batch system
@@ -23,6 +23,29 @@ class Backend:
 
     def cancel(self, jobid, wait=True):
         raise NotImplementedError
+
+    def wait_gone(self, jobid):
+        """Wait until a cluster asked to stop (cancel(wait=False)) is gone; NotFoundError if it was."""
+        self.cancel(jobid)
+
+    def cancel_many(self, jobids):
+        """Stop several clusters at once, as scancel(1) with several job ids: ask each to stop,
+        then wait for each. Returns {jobid: None when stopped, or the PcoccError it raised}."""
+        out = {}
+        for jobid in jobids:
+            try:
+                self.cancel(jobid, wait=False)
+                out[jobid] = None
+            except PcoccError as exc:
+                out[jobid] = exc
+        for jobid in [j for j, e in out.items() if e is None]:
+            try:
+                self.wait_gone(jobid)
+            except NotFoundError:
+                pass  # gone already: what was asked
+            except PcoccError as exc:
+                out[jobid] = exc
+        return out
 
     def job_alive(self, jobid):
         """Whether the job still runs (its supervisor, or its SLURM job)."""
@@ -70,8 +93,61 @@ class Backend:
         self.ctx.store.put(prefix + "client", {"ca": text(ca_cert), "cert": text(client_cert), "key": text(client_key)})
 
     def ended(self, jobid):
-        """How a cluster ended ({jobid, error, ended}), while the backend keeps it (local: minutes); or None."""
-        return self.ctx.store.get(state.ended_key(self.user, jobid))
+        """How a cluster ended: its history record (pcocc.history: state, reason, error, ...), or None."""
+        from pcocc import history
+
+        return history.get(self.ctx.store, self.user, jobid)
+
+    def record_end(self, jobid, end_state, reason=None, exit_code=None):
+        """Record the end of a cluster in the user's history (pcocc.history.record_cluster), from its
+        live records, which must still exist. Never raises: a history that cannot be written is
+        logged, the cluster's end goes on. Returns the record, or None."""
+        from pcocc import history
+
+        try:
+            return history.record_cluster(self.ctx.store, self.user, jobid, end_state, reason, exit_code)
+        except Exception as exc:  # noqa: BLE001 - the end of a cluster must not fail for its history
+            import logging
+
+            logging.getLogger("pcocc.history").warning("cluster %s: its end was not recorded in the history: %s",
+                                                       jobid, getattr(exc, "message", exc))
+            return None
+
+    def check_images(self, vms, resolved, visible_only=False):
+        """Check, at submission, that the image of every VM's template exists (what the VM would
+        fail on once started). Images whose name holds a path template (%{...}) known only in the
+        job are left to the VM. visible_only (SLURM: repositories may be mounted on the compute
+        nodes only): an image is checked only when every repository it may be in exists on this
+        host. Raises NotFoundError naming the template (exit status 4)."""
+        import os
+
+        from pcocc import pathtpl
+        from pcocc.errors import ConfigError, UsageError
+        from pcocc.images import legacy_dir, uri
+
+        images = self.ctx.images()
+        env = self.ctx.env
+        for name in sorted({v.template for v in vms}):
+            image = resolved[name].values.get("image")
+            if not isinstance(image, str) or not image:
+                continue
+            values = {"homedir": env.home, "user": env.user, "vm_rank": 0, "clusterdir": None, "jobid": None}
+            try:
+                text = os.path.expanduser(pathtpl.expand(image, values, env.environ))
+            except ConfigError:
+                continue  # known only once the cluster runs
+            if visible_only and not legacy_dir.is_dir_form(text):
+                try:
+                    repo = uri.parse(text).repo
+                except UsageError:
+                    repo = None
+                where = [r for r in images.repos if repo is None or r.name == repo]
+                if not where or not all(os.path.isdir(r.path) for r in where):
+                    continue
+            try:
+                images.find(text)
+            except NotFoundError as exc:
+                raise NotFoundError(f"template {name}: image {text}: {exc.message}", "See 'pcocc image list'.") from None
 
     def credentials(self, jobid):
         return self.ctx.store.get(state.cluster_prefix(self.user, jobid) + "client")
@@ -112,7 +188,8 @@ class Backend:
             return jobs[0][0]["jobid"]
         if not jobs:
             raise NotFoundError("you have no running virtual cluster", "Start one with 'pcocc batch' or 'pcocc alloc'.")
-        raise PcoccError(f"you have {len(jobs)} virtual clusters: choose one with -j JOBID or -J NAME")
+        listed = ", ".join(f"{i['jobid']} ({one_line(i['name'])})" for i, _ in jobs[:20]) + (", ..." if len(jobs) > 20 else "")
+        raise UsageError(f"you have {len(jobs)} virtual clusters: {listed}: choose one with -j JOBID or -J NAME")
 
     def wait_ready(self, jobid, progress=None, timeout=3600, alive=None):
         """Wait until every VM runs; raise with the first node's or VM's failure."""
@@ -134,8 +211,9 @@ class Backend:
             except (NotFoundError, PermissionDenied):  # not recorded yet, no account yet (a first job), or gone
                 if not alive(jobid):
                     ended = self.ended(jobid)
-                    if ended and ended.get("error"):
-                        raise PcoccError(f"cluster {jobid}: {ended['error']}") from None
+                    if ended and (ended.get("error") or ended.get("state") == "CANCELLED"):
+                        raise PcoccError(f"cluster {jobid}: {ended.get('error') or ended.get('reason') or 'cancelled'}",
+                                         f"See 'pcocc history -j {jobid}'.") from None
                     what = "ended before all its VMs ran" if seen else "ended before it started"
                     raise PcoccError(f"cluster {jobid} {what}", self.where_to_look(jobid)) from None
                 info, vms = None, []

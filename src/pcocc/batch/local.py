@@ -29,7 +29,7 @@ import stat
 import sys
 import time
 
-from pcocc import state
+from pcocc import history, state
 from pcocc.batch.base import Backend
 from pcocc.batch.hostres import HostReservations
 from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, ResourceError
@@ -40,7 +40,6 @@ log = logging.getLogger("pcocc.local")
 SUPERVISOR_CHECK = 1.0  # seconds between two looks at a starting supervisor
 CANCEL_TIMEOUT = 90  # seconds for the supervisor to stop its VMs (45 s) and undo its node setup before it is killed
 VM_STOP_TIMEOUT = 45
-ENDED_TTL = 600  # seconds the end of a cluster stays recorded for its waiters (batch --wait, wait_ready)
 OWNER_CHECK = 1.0  # seconds between two looks of the supervisor at its holder and record
 FINAL_STATES = ("stopped", "failed")
 
@@ -154,6 +153,8 @@ class LocalBackend(Backend):
         name, cpus, mem_per_core, user_data, script (run in vm0), cwd, and hold
         (True for alloc: the cluster ends when this process does).
         """
+        if not opts.get("restart"):  # a restart boots the checkpoint's revisions, checked by check_restart
+            self.check_images(vms, resolved)
         store = self.ctx.store
         jobid = store.update(state.user_prefix(self.user) + "next-jobid", lambda v: (v or 0) + 1)
         cpus, mem = opts["cpus"], opts["mem_per_core"] * opts["cpus"]
@@ -192,8 +193,8 @@ class LocalBackend(Backend):
             supervisor = supervisor or _owner(current, "supervisor")  # forked, not yet seen running
             if supervisor and _alive(supervisor):
                 self._stop_supervisor(jobid, supervisor)  # it owns the cleanup from its start on
-            else:
-                self._reclaim(jobid, current or info)
+            else:  # refused or interrupted before it ran: the caller gets the error, the history no record
+                self._reclaim(jobid, current or info, record=False)
             raise
         return jobid
 
@@ -247,28 +248,55 @@ class LocalBackend(Backend):
         if info is not None:  # the supervisor died before cleaning
             self._reclaim(jobid, info)
 
-    def _reclaim(self, jobid, info):
+    def _reclaim(self, jobid, info, record=True):
         """Remove everything of a cluster whose owners are gone: VM processes and qemu, node setup,
-        records, reservation, run dir. Idempotent: it may run twice, or after a crash."""
+        records, reservation, run dir. Idempotent: it may run twice, or after a crash. record:
+        whether its end goes to the history (not for a submission that failed: its caller says why)."""
         prefix = state.cluster_prefix(self.user, jobid)
         _kill_vm_processes(self.ctx.store, prefix)
-        self._cleanup(jobid, info.get("rundir"), reason="its supervisor (or the process submitting it) ended without cleaning up")
+        self._cleanup(jobid, info.get("rundir"), reason="its supervisor (or the process submitting it) ended without cleaning up",
+                      record=record)
 
-    def _cleanup(self, jobid, rundir, reason=None):
-        """Undo the node setup, record how the cluster ended, delete its records, free its share."""
+    def _cleanup(self, jobid, rundir, reason=None, end_state=None, exit_code=None, record=True):
+        """Undo the node setup, record how the cluster ended (pcocc.history, and the batch script's
+        output file), delete its records, free its share.
+
+        end_state: one of history.END_STATES (None: COMPLETED, or FAILED with a reason); a failed
+        VM makes a COMPLETED end FAILED; a cancel's request (info["end_request"], written by
+        cancel()) wins over a plain signal's CANCELLED.
+        """
         import shutil
 
         self._undo_setup(jobid)
         prefix = state.cluster_prefix(self.user, jobid)
-        failed = [v for v in self.ctx.store.range(prefix + "vms/").values() if v.get("state") == "failed"]
-        error = f"{failed[0].get('name')} failed: {failed[0].get('error', 'unknown reason')}" if failed else reason
+        items = self.ctx.store.range(prefix)
+        info = items.get(prefix + "info") or {}
+        vms = [v for k, v in items.items() if k.startswith(prefix + "vms/")]
+        failed = [v for v in vms if v.get("state") == "failed"]
+        request = info.get("end_request") or {}
+        if request and end_state in (None, history.CANCELLED):
+            end_state, reason = request.get("state", history.CANCELLED), request.get("reason") or reason
+            exit_code = request.get("exit_code", exit_code)
+        if end_state is None:
+            end_state = history.FAILED if reason else history.COMPLETED
+        if failed and end_state == history.COMPLETED:
+            end_state = history.FAILED
+        if failed and end_state == history.FAILED:
+            why = f"{failed[0].get('name')} failed: {failed[0].get('error', 'unknown reason')}"
+            reason = why if not reason or reason == "every VM stopped" else f"{reason}; {why}"
+        if record and info.get("script") and info.get("cwd"):
+            _append_end(os.path.join(info["cwd"], f"pcocc_{jobid}.out"), jobid, end_state, reason)
         if rundir:  # before the records go: nothing may remain that no record names
             shutil.rmtree(rundir, ignore_errors=True)
             try:
                 self._release(rundir)
             except ResourceError as exc:  # harmless: a reservation whose owners are gone counts for no one
                 log.warning("cluster %s: its reservation stays in the host's files until the next write: %s", jobid, exc.message)
-        self.ctx.store.put(state.ended_key(self.user, jobid), {"jobid": jobid, "error": error, "ended": time.time()}, ttl=ENDED_TTL)
+        try:
+            if record:
+                history.record(self.ctx.store, self.user, history.make_record({**info, "jobid": jobid}, vms, end_state, reason, exit_code))
+        except Exception as exc:  # noqa: BLE001 - the cluster's end must not stop for its history
+            log.warning("cluster %s: its end was not recorded in the history: %s", jobid, getattr(exc, "message", exc))
         self.ctx.store.delete_prefix(prefix)
 
     def _undo_setup(self, jobid):
@@ -306,13 +334,43 @@ class LocalBackend(Backend):
                     out.append(self.job(jobid))
         return sorted(out, key=lambda j: j[0]["jobid"])
 
+    def all_jobs(self):
+        """[(info, vms)] of every user's clusters on this host (ps -a): the caller's own from its
+        store; other users' (whose stores are theirs) as their reservations of this host's cores
+        and memory show them: job id, owner, number of VMs, state "running"."""
+        import pwd
+
+        out = self.jobs()
+        mine = {os.path.realpath(i.get("rundir") or "") for i, _ in out}
+        for uid, key, entry in self.reservations.all_live():
+            if uid == os.getuid() and os.path.realpath(key) in mine:
+                continue
+            try:
+                user = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                user = str(uid)
+            base = os.path.basename(str(key))
+            jobid = int(base[4:]) if base.startswith("job_") and base[4:].isdigit() else None
+            n = len(entry["cores"])
+            info = {"jobid": jobid, "name": "?", "owner": user, "definition": "?", "state": "running", "host": self.ctx.hostname,
+                    "created": None, "vms": [{} for _ in range(n)], "nodes": {}}
+            out.append((info, [{"rank": r, "name": f"vm{r}", "state": "?", "host": self.ctx.hostname} for r in range(n)]))
+        return out
+
     def job_alive(self, jobid):
         info = self.ctx.store.get(state.cluster_prefix(self.user, jobid) + "info")
         return info is not None and (info.get("host") != self.ctx.hostname or self._owners_alive(info))
 
-    def cancel(self, jobid, wait=True):
+    def cancel(self, jobid, wait=True, end_state="CANCELLED", reason=None, exit_code=None):
+        """Stop a cluster (SIGTERM to its supervisor, which stops its VMs and cleans up); with wait,
+        until it is gone. end_state, reason, exit_code: how its history records the end (default:
+        CANCELLED, "cancelled by <user>"; alloc records its shell's end)."""
         info, _ = self.job(jobid)
         self._here(info, "cancel")
+        request = {"state": end_state, "reason": reason or f"cancelled by {self.user}", "exit_code": exit_code}
+        with contextlib.suppress(Exception):  # best effort: without it, the end is recorded as a plain CANCELLED
+            self.ctx.store.update(state.cluster_prefix(self.user, jobid) + "info",
+                                  lambda i: i and (i if i.get("end_request") else {**i, "end_request": request}))
         supervisor = _owner(info, "supervisor")
         if not supervisor:  # still submitting: stop the submitting process, then reclaim what it left
             holder = _owner(info, "holder")
@@ -343,6 +401,7 @@ def run_root(env):
 def _supervise(ctx, jobid):
     """The supervisor process of a local cluster (runs detached; exits when the cluster ends)."""
     status, children, prefix, script = 1, {}, state.cluster_prefix(ctx.env.user, jobid), None
+    end_state, reason, exit_code = history.FAILED, "its supervisor failed", None
     info_key = prefix + "info"
     me = _me()
     try:
@@ -362,9 +421,11 @@ def _supervise(ctx, jobid):
         if not stopping:
             children = {_fork_vm(ctx, jobid, vm["rank"]): vm["rank"] for vm in info["vms"]}
         store = ctx.store
-        store.update(info_key, lambda i: i and {**i, "state": "running"})
+        started = time.time()
+        store.update(info_key, lambda i: i and {**i, "state": "running", "started": started})
         script = _ScriptRunner(backend, jobid, info) if info.get("script") else None
         checked = 0.0
+        end_state, reason = None, None
         while children and not stopping and not (script and script.done):
             for pid, code in _reap(children):
                 _vm_process_ended(store, prefix, pid, code)
@@ -375,24 +436,57 @@ def _supervise(ctx, jobid):
                 current = store.get(info_key)
                 if current is None:
                     log.error("cluster %s: its record is gone: stopping", jobid)
+                    end_state, reason = history.FAILED, "its record in the store was gone"
                     break
                 holder = _owner(current, "holder")
                 if holder and not _alive(holder):
                     log.info("cluster %s: the process holding it (pid %s) is gone: stopping", jobid, holder[0])
+                    end_state, reason = history.CANCELLED, f"the process holding it (pid {holder[0]}) ended"
                     break
             time.sleep(0.1)
         status = 0 if script is None or script.status == 0 else 1
+        if end_state is None:
+            end_state, reason, exit_code = _end_of(stopping, script, children)
     except BaseException as exc:  # noqa: BLE001 - whatever happened, the cluster is cleaned below
         log.error("supervisor of cluster %s: %s", jobid, getattr(exc, "message", exc))
+        end_state, reason = history.FAILED, f"its supervisor failed: {getattr(exc, 'message', exc)}"
     finally:
         try:
             _stop_vms(ctx, prefix, children)
             info = ctx.store.get(info_key)  # its cleanup undoes the node setup too
-            LocalBackend(ctx)._cleanup(jobid, info["rundir"] if info else None, reason=script.error if script else None)
+            LocalBackend(ctx)._cleanup(jobid, info["rundir"] if info else None, reason=reason, end_state=end_state,
+                                       exit_code=exit_code)
         except BaseException as exc:  # noqa: BLE001
             log.error("cleanup of cluster %s: %s", jobid, getattr(exc, "message", exc))
         finally:
             os._exit(status)
+
+
+def _end_of(stopping, script, children):
+    """(end state, reason, script exit status) of a supervisor's loop that ended by itself."""
+    if stopping:
+        name = signal.Signals(stopping[0]).name if stopping[0] in signal.valid_signals() else str(stopping[0])
+        return history.CANCELLED, f"its supervisor got {name}", None
+    if script is not None and script.done:
+        if script.error:
+            return history.FAILED, script.error, script.code
+        if script.code is None:
+            return history.FAILED, "the batch script did not run: a VM ended first", None
+        state_ = history.COMPLETED if script.code == 0 else history.FAILED
+        return state_, f"the batch script exited with status {script.code}", script.code
+    if not children:
+        return history.COMPLETED, "every VM stopped", None
+    return history.FAILED, "its supervisor stopped", None
+
+
+def _append_end(path, jobid, end_state, reason):
+    """Append the cluster's end to its batch script's output file (pcocc_<jobid>.out), safely (open_output)."""
+    line = f"pcocc: cluster {jobid} ended: {end_state}" + (f" ({reason})" if reason else "") + "\n"
+    try:
+        with open_output(path, truncate=False) as f:
+            f.write(line.encode("utf-8", "backslashreplace"))
+    except OSError as exc:
+        log.warning("cluster %s: its end was not written to %s: %s", jobid, path, exc.strerror or exc)
 
 
 def _networked(ctx, info):
@@ -509,17 +603,19 @@ def _kill_vm_processes(store, prefix, timeout=10.0):
         time.sleep(0.02)
 
 
-def open_output(path):
+def open_output(path, truncate=True):
     """Open the batch script's output file for writing, as sbatch's --output would, safely in a
     shared directory: never through a symlink, never into a file of another user or one with
-    other names (hard links); an existing file of ours is truncated. Raises OSError."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    other names (hard links); an existing file of ours is truncated (truncate=False: appended
+    to). Raises OSError."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (0 if truncate else os.O_APPEND)
     fd = os.open(path, flags, 0o644)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
             raise PermissionError(1, "not a plain file of yours", path)
-        os.ftruncate(fd, 0)
+        if truncate:
+            os.ftruncate(fd, 0)
         return os.fdopen(fd, "wb")
     except BaseException:
         os.close(fd)
@@ -532,6 +628,7 @@ class _ScriptRunner:
     def __init__(self, backend, jobid, info):
         self.backend, self.jobid, self.info = backend, jobid, info
         self.thread, self.status, self.error = None, None, None
+        self.code = None  # the script's own exit status, once it ran
 
     @property
     def done(self):
@@ -556,6 +653,7 @@ class _ScriptRunner:
         try:
             backend = LocalBackend(Context(self.backend.ctx.env, self.backend.ctx.config))  # its own store connection
             code, out, err = backend.run_script_in_vm(self.jobid, self.info["script"])
+            self.code = code
             with open_output(path) as f:
                 f.write(out)
                 f.write(err)
@@ -566,4 +664,5 @@ class _ScriptRunner:
             self.status = 1
         except BaseException as exc:  # noqa: BLE001
             log.error("batch script: %s", getattr(exc, "message", exc))
+            self.error = f"the batch script could not run in vm0: {getattr(exc, 'message', exc)}"
             self.status = 1

@@ -26,11 +26,15 @@ log = logging.getLogger("pcocc.batch.slurm")
 
 
 class SlurmBackend(Backend):
-    def squeue(self, jobid=None, user=None):
-        """{jobid: {name, state, nodes, partition, time}} of running or pending jobs."""
+    def squeue(self, jobid=None, user=None, all_users=False):
+        """{jobid: {name, user, state, nodes, partition, time, timelimit, pcocc}} of running or pending
+        jobs: one job, a user's (default: ours), or every user's (all_users)."""
         # -a: hidden partitions too (their jobs are alive); the name last: it may hold a '|'
         argv = ["squeue", "-a", "-h", "-o", "%i|%u|%T|%N|%P|%M|%l|%k|%j"]
-        argv += ["-j", str(jobid)] if jobid else ["-u", user or self.user]
+        if jobid:
+            argv += ["-j", str(jobid)]
+        elif not all_users:
+            argv += ["-u", user or self.user]
         try:
             out = run(argv).stdout
         except CommandError as exc:
@@ -83,6 +87,16 @@ class SlurmBackend(Backend):
             out.append(({**info, "slurm": job}, vms))
         return out
 
+    def all_jobs(self):
+        """[(info, vms)] of every user's pcocc jobs (ps -a): ours as jobs() shows them, other users'
+        as squeue(1) shows them (their store records are theirs to read)."""
+        out = self.jobs()
+        seen = {i["jobid"] for i, _ in out}
+        for jobid, job in sorted(self.squeue(all_users=True).items()):
+            if jobid not in seen and job["pcocc"]:
+                out.append(_as_seen_by_slurm(jobid, job, job["user"]))
+        return sorted(out, key=lambda j: j[0]["jobid"])
+
     def find(self, jobid=None, name=None):
         """As Backend.find; a job id of ours that SLURM knows as a pcocc job counts before its
         launcher wrote its record (so that it can be cancelled while pending or starting)."""
@@ -101,10 +115,15 @@ class SlurmBackend(Backend):
         return super().find(jobid, name)
 
     def reclaim(self, running):
-        """Delete the store records of our clusters whose job is gone (a launcher that was killed)."""
+        """Delete the store records of our clusters whose job is gone (a launcher that was killed),
+        recording each end in the history (FAILED) first."""
+        from pcocc import history
+
         prefix = state.clusters_prefix(self.user)
         gone = {int(k[len(prefix):].split("/")[0]) for k in self.ctx.store.range(prefix)} - set(running)
         for jobid in gone:
+            if history.get(self.ctx.store, self.user, jobid) is None:  # its launcher did not record its end
+                self.record_end(jobid, history.FAILED, "its job ended without its launcher recording the end (killed?)")
             self.ctx.store.delete_prefix(state.cluster_prefix(self.user, jobid))
 
     def cancel(self, jobid, wait=True):
@@ -112,16 +131,20 @@ class SlurmBackend(Backend):
         at most end_bound() seconds."""
         run(["scancel", str(jobid)])
         if wait:
-            import time
+            self.wait_gone(jobid)
 
-            deadline = time.monotonic() + end_bound()
-            while time.monotonic() < deadline:
-                try:
-                    if not self.squeue(jobid):
-                        return
-                except CommandError as exc:  # a busy slurmctld: ask again
-                    log.warning("squeue: %s", exc.message)
-                time.sleep(0.5)
+    def wait_gone(self, jobid):
+        """Wait until SLURM forgets a cancelled job, at most end_bound() seconds."""
+        import time
+
+        deadline = time.monotonic() + end_bound()
+        while time.monotonic() < deadline:
+            try:
+                if not self.squeue(jobid):
+                    return
+            except CommandError as exc:  # a busy slurmctld: ask again
+                log.warning("squeue: %s", exc.message)
+            time.sleep(0.5)
 
     def allocation_argv(self, command, n_vms, opts, passthrough):
         """salloc/sbatch arguments: admin's batch-args, the user's options, one task per VM."""
@@ -134,8 +157,19 @@ class SlurmBackend(Backend):
         return argv
 
 
+    def check_definition(self, definition, restart=False):
+        """What can be checked before sbatch/salloc: every template's image exists (Backend.check_images)."""
+        if restart:
+            return
+        from pcocc.cluster import parse_definition
+
+        tset = self.ctx.config.templates
+        vms = parse_definition(definition, tset)
+        self.check_images(vms, {n: tset.resolve(n) for n in {v.template for v in vms}}, visible_only=True)
+
     def submit_batch(self, n_vms, definition, opts, passthrough):
         """sbatch a job whose script is the launcher; its job id."""
+        self.check_definition(definition, bool(opts.get("restart_dir")))
         base = self.allocation_argv("sbatch", n_vms, self.with_licenses(definition, opts), passthrough)
         argv = base[:1] + ["--parsable", "--signal=15", "-o", "pcocc_%j.out", "-e", "pcocc_%j.err"] + base[1:]
         out = run(argv + ["--wrap", quote(launcher_argv(_pcocc_bin(), definition, opts))]).stdout
@@ -145,6 +179,7 @@ class SlurmBackend(Backend):
         """The salloc command line that runs the launcher (then the user's shell or script)."""
         if shutil.which("salloc") is None:
             raise NotFoundError("salloc not found: is SLURM's client installed on this host?")
+        self.check_definition(definition, bool(opts.get("restart_dir")))
         extra = [] if opts.get("host_script") else ["--interactive"]
         argv = self.allocation_argv("salloc", n_vms, self.with_licenses(definition, opts), passthrough)
         return argv + launcher_argv(_pcocc_bin(), definition, opts) + extra

@@ -9,8 +9,8 @@ import click
 
 from pcocc.cli import params
 from pcocc.cli.core import pass_app
-from pcocc.cli.render import dump_json, table
-from pcocc.errors import ConfigError, NotFoundError, UsageError
+from pcocc.cli.render import colour, colour_enabled, dump_json, table, table_lines
+from pcocc.errors import ConfigError, NotFoundError, PcoccError, UsageError
 
 
 _COMMON = [
@@ -104,6 +104,30 @@ def _check_user_data(app, user_data, vms, resolved):
             raise ConfigError([f"template {vm.template}: {exc.message}"]) from None
 
 
+def _parse_definition(definition, tset):
+    """cluster.parse_definition, with a suggestion for a mistyped template name (difflib)."""
+    from pcocc.cluster import parse_definition
+
+    try:
+        return parse_definition(definition, tset)
+    except NotFoundError as exc:
+        import re
+
+        m = re.fullmatch(r"no template named '(.*)'", exc.message, re.S)
+        close = difflib_close(m.group(1), tset.names()) if m else None
+        if close:
+            raise NotFoundError(f"{exc.message}: did you mean '{close}'?", exc.hint) from None
+        raise
+
+
+def difflib_close(word, choices):
+    """The choice closest to a mistyped word (difflib's ratio at least 0.6), or None."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return close[0] if close else None
+
+
 def _split(args):
     if not args:
         raise UsageError("missing the cluster DEFINITION (e.g. tiny:3)")
@@ -115,12 +139,10 @@ def _restart(app, restart_ckpt, definition, cpus=None, memory_mb=None):
     if not restart_ckpt:
         return None
     from pcocc.lifecycle import checkpoint
-    from pcocc.cluster import parse_definition
-
     directory = os.path.abspath(restart_ckpt)
     manifest = checkpoint.load(directory)
     tset = app.config.templates
-    vms = parse_definition(definition, tset)
+    vms = _parse_definition(definition, tset)
     resolved = {name: tset.resolve(name) for name in {v.template for v in vms}}
     checkpoint.check_restart(manifest, directory, vms, resolved, cpus, memory_mb)
     return {"dir": directory, "manifest": manifest}
@@ -144,11 +166,9 @@ def _instant(app, resolved, cpus, memory_mb):
 
 
 def _submit_local(app, definition, batch_opts, user_data, script=None, restart_ckpt=None, boot=False, hold=False):
-    from pcocc.cluster import parse_definition
-
     local = _local_options(batch_opts)
     tset = app.config.templates
-    vms = parse_definition(definition, tset)
+    vms = _parse_definition(definition, tset)
     resolved = {name: tset.resolve(name) for name in {v.template for v in vms}}
     cpus, mem = local["cpus_per_vm"], local["mem_per_core"] * local["cpus_per_vm"]
     _check_user_data(app, user_data, vms, resolved)
@@ -171,10 +191,8 @@ def _slurm_restart(app, restart_ckpt, definition):
 
 def _slurm_opts(app, definition, batch_opts, user_data, **launcher_opts):
     """(number of VMs, launcher options) for a SLURM submission; checks the definition first."""
-    from pcocc.cluster import parse_definition
-
     tset = app.config.templates
-    vms = parse_definition(definition, tset)
+    vms = _parse_definition(definition, tset)
     name = _slurm_name(batch_opts) or "pcocc"
     _check_user_data(app, user_data, vms, {n: tset.resolve(n) for n in {v.template for v in vms}})
     return len(vms), {"name": name, "user_data": os.path.abspath(user_data) if user_data else None, **launcher_opts}
@@ -206,6 +224,7 @@ def alloc(app, restart_ckpt, boot, user_data, alloc_script, args):
         os.execvp(argv[0], argv)
     # held: the cluster ends with this process, however it ends (exit, SIGHUP, SIGTERM, SIGKILL)
     backend, jobid, name = _submit_local(app, definition, batch_opts, user_data, restart_ckpt=restart_ckpt, boot=boot, hold=True)
+    end = None
     try:
         app.info(f"cluster {jobid} starting")
         backend.wait_ready(jobid, _progress(app, jobid))
@@ -214,10 +233,16 @@ def alloc(app, restart_ckpt, boot, user_data, alloc_script, args):
         if not script:
             app.info(f"cluster {jobid} ready: a shell in its allocation; exit it to end the cluster")
         code = subprocess.call(argv, env=env)
+        what = "script" if script else "shell"
+        end = {"end_state": "COMPLETED" if code == 0 else "FAILED", "exit_code": code,
+               "reason": f"the allocation's {what} exited with status {code}"}
     finally:
         app.info(f"cluster {jobid}: stopping")
         with contextlib.suppress(NotFoundError):  # it may have ended already: keep the first error
-            backend.cancel(jobid)
+            if end:
+                backend.cancel(jobid, **end)
+            else:
+                backend.cancel(jobid)
     if code:
         raise click.exceptions.Exit(code)
 
@@ -252,33 +277,122 @@ def batch(app, restart_ckpt, boot, user_data, batch_script, host_script, wait, a
         raise
 
 
-@click.command()
-@click.option("-u", "--user", type=params.USER_NAME, help="Another user's clusters (what the batch system shows of them).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@pass_app
-def ps(app, user, as_json):
-    """List your running virtual clusters."""
-    backend = app.ctx.backend()
-    if user and user != app.env.user and app.config.batch.type != "slurm":
-        raise UsageError("-u needs the SLURM backend: on one host, each user sees only their own clusters")
-    jobs = backend.jobs(user) if user else backend.jobs()
+PS_FIELDS = {  # name -> header; squeue(1)-like names where it has one
+    "jobid": "JOBID", "name": "NAME", "user": "USER", "host": "HOST", "definition": "DEFINITION", "vms": "VMS",
+    "state": "STATE", "time": "DURATION",
+}
+PS_DEFAULT = "jobid,name,user,host,definition,vms,state,time"
+VM_FIELDS = {"jobid": "JOBID", "vm": "VM", "host": "HOST", "state": "STATE", "uptime": "UPTIME", "ssh_port": "SSH", "error": "ERROR"}
+VM_DEFAULT = "jobid,vm,host,state,uptime,ssh_port"
+_STATE_COLOURS = {"running": "green", "starting": "yellow", "pending": "yellow", "qemu-start": "yellow",
+                  "temporary-disk": "yellow", "failed": "red", "stopped": "dim"}
+
+
+def _hosts(info, vms):
+    """The hosts of a cluster, in rank order: its VMs' hosts, else its own (local), else SLURM's node list."""
+    hosts = []
+    for v in vms:
+        if v.get("host") and v["host"] not in hosts:
+            hosts.append(v["host"])
+    if not hosts:
+        slurm_nodes = (info.get("slurm") or {}).get("nodes")
+        if info.get("host"):
+            hosts = [info["host"]]
+        elif slurm_nodes:
+            hosts = [slurm_nodes]
+    return hosts
+
+
+def _cluster_row(info, vms, now):
+    return {
+        "jobid": info["jobid"], "name": info["name"], "user": info["owner"], "host": info.get("host"),
+        "definition": info["definition"], "vms": len(vms), "state": info["state"],
+        "vm_states": {v["name"]: v["state"] for v in vms},
+        "errors": {v["name"]: v["error"] for v in vms if v.get("error")},
+        "duration": int(now - info["created"]) if info.get("created") else None,
+        "hosts": _hosts(info, vms),
+    }
+
+
+def _vm_rows(info, vms, now):
+    """One row per VM: jobid, vm, host, state, uptime (s, since it runs: its record's "since", else
+    the cluster's start), ssh_port (its reverse-NATed host port, or None), error."""
+    from pcocc.lifecycle.remote import port_map
+
+    ports = port_map(info, vms)
     rows = []
-    for info, vms in jobs:
-        rows.append({
-            "jobid": info["jobid"], "name": info["name"], "user": info["owner"], "host": info.get("host"),
-            "definition": info["definition"], "vms": len(vms), "state": info["state"],
-            "vm_states": {v["name"]: v["state"] for v in vms},
-            "errors": {v["name"]: v["error"] for v in vms if v.get("error")},
-            "duration": int(time.time() - info["created"]) if info.get("created") else None,
-        })
+    for v in vms:
+        since = v.get("since") or info.get("started") or info.get("created")
+        running = v.get("state") == "running"
+        rows.append({"jobid": info["jobid"], "vm": v.get("name", f"vm{v.get('rank')}"), "host": v.get("host"),
+                     "state": v.get("state"), "uptime": int(now - since) if running and since else None,
+                     "ssh_port": ports[v["rank"]][1] if v.get("rank") in ports else None, "error": v.get("error")})
+    return rows
+
+
+def _jobs_for_ps(app, backend, user, all_users):
+    if all_users:
+        if not hasattr(backend, "all_jobs"):
+            raise UsageError("-a/--all is not available with this batch backend")
+        return backend.all_jobs()
+    if user and user != app.env.user:
+        if app.config.batch.type != "slurm":
+            raise UsageError("-u needs the SLURM backend: on one host, each user sees only their own clusters (use -a)")
+        return backend.jobs(user)
+    return backend.jobs()
+
+
+@click.command()
+@click.option("-j", "--jobs", "jobids", type=params.JOB_IDS, multiple=True, metavar="JOBID[,JOBID...]",
+              help="Only these job ids (repeat or separate with commas).")
+@click.option("-n", "--name", "names_", type=params.JOB_NAME, multiple=True, help="Only clusters of this job name (repeatable).")
+@click.option("-t", "--state", "states", multiple=True, metavar="STATE[,STATE...]",
+              help="Only clusters in this state (submitting, running, ending, or SLURM's pending...; case ignored).")
+@click.option("-u", "--user", type=params.USER_NAME, help="Another user's clusters (SLURM: what the batch system shows of them).")
+@click.option("-a", "--all", "all_users", is_flag=True,
+              help="Every user's clusters: yours in full, other users' as the batch system shows them (SLURM: squeue; "
+                   "one host: their reservations of its cores and memory).")
+@click.option("--vms", "per_vm", is_flag=True, help="One line per VM: its host, state, uptime and ssh port (colour on a terminal).")
+@click.option("-o", "--format", "fmt", metavar="FIELD[,FIELD...]",
+              help=f"Columns to show: {', '.join(PS_FIELDS)} (default: {PS_DEFAULT}); with --vms: {', '.join(VM_FIELDS)} (default: {VM_DEFAULT}).")
+@click.option("--noheader", is_flag=True, help="No header lines (as squeue -h).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts (a stable interface: see 'pcocc help json').")
+@pass_app
+def ps(app, jobids, names_, states, user, all_users, per_vm, fmt, noheader, as_json):
+    """List your running virtual clusters (ended ones: 'pcocc history')."""
+    fields = _fields(fmt or (VM_DEFAULT if per_vm else PS_DEFAULT), VM_FIELDS if per_vm else PS_FIELDS, "--format")
+    backend = app.ctx.backend()
+    jobs = _jobs_for_ps(app, backend, user, all_users)
+    ids = {j for group in jobids for j in group}
+    wanted_states = {s.strip().lower() for group in states for s in group.split(",") if s.strip()}
+    jobs = [(i, v) for i, v in jobs if (not ids or i["jobid"] in ids) and (not names_ or i["name"] in names_)
+            and (not wanted_states or str(i["state"]).lower() in wanted_states)]
+    now = time.time()
+    if per_vm:
+        rows = [r for info, vms in jobs for r in _vm_rows(info, vms, now)]
+        if as_json:
+            return dump_json(app, rows)
+        if not rows:
+            app.info("No running virtual cluster.")
+            return
+        bright = colour_enabled(app)
+        show = {"state": lambda r: colour(str(r["state"]), _STATE_COLOURS.get(r["state"], ""), bright),
+                "uptime": lambda r: _duration(r["uptime"]), "ssh_port": lambda r: r["ssh_port"] or "-",
+                "host": lambda r: one_line(r["host"]) or "-", "error": lambda r: one_line(r["error"]) or ""}
+        table(app, [VM_FIELDS[f] for f in fields], [[show.get(f, lambda r, f=f: r[f])(r) for f in fields] for r in rows],
+              header=not noheader)
+        return
+    rows = [_cluster_row(info, vms, now) for info, vms in jobs]
     if as_json:
         return dump_json(app, rows)
     if not rows:
         app.info("No running virtual cluster.")
         return
-    table(app, ["JOBID", "NAME", "USER", "DEFINITION", "VMS", "STATE", "DURATION"],
-          [[r["jobid"], one_line(r["name"]), one_line(r["user"]), one_line(r["definition"]), _vm_summary(r["vm_states"]), r["state"],
-            _duration(r["duration"])] for r in rows])
+    show = {"name": lambda r: one_line(r["name"]), "user": lambda r: one_line(r["user"]),
+            "host": lambda r: one_line(",".join(r["hosts"])) or "-", "definition": lambda r: one_line(r["definition"]),
+            "vms": lambda r: _vm_summary(r["vm_states"]) or r["vms"], "time": lambda r: _duration(r["duration"])}
+    table(app, [PS_FIELDS[f] for f in fields], [[show.get(f, lambda r, f=f: r[f])(r) for f in fields] for r in rows],
+          header=not noheader)
     for r in rows:  # names and errors are data (SLURM job names are anyone's): one line each
         for vm, err in r["errors"].items():
             app.out(f"{r['jobid']}/{vm}: {one_line(err)}")
@@ -305,14 +419,168 @@ def _duration(seconds):
 
 
 @click.command()
-@click.option("-j", "--jobid", type=params.JOB_ID, help="Job id of the cluster.")
+@click.argument("job_args", nargs=-1, type=params.JOB_ID, metavar="[JOBID]...")
+@click.option("-j", "--jobid", "jobids", type=params.JOB_IDS, multiple=True, metavar="JOBID[,JOBID...]",
+              help="Job id of a cluster to stop (repeat or separate with commas).")
 @click.option("-J", "--jobname", type=params.JOB_NAME, help="Job name of the cluster.")
+@click.option("--all", "all_", is_flag=True, help="Stop all your clusters.")
 @pass_app
-def cancel(app, jobid, jobname):
-    """Stop a virtual cluster (by default: your only one)."""
+def cancel(app, job_args, jobids, jobname, all_):
+    """Stop virtual clusters, as scancel does: JOBID..., -j, -J, --all, or by default your only one.
+
+    Every cluster named is stopped, even when another is not found; then the
+    not-found ones are reported (exit status 4).
+    """
     backend = app.ctx.backend()
-    jobid = backend.find(jobid, jobname)
-    backend.cancel(jobid)
-    app.info(f"cluster {jobid} stopped")
+    ids = list(dict.fromkeys([*job_args, *(j for group in jobids for j in group)]))
+    if all_:
+        if ids or jobname:
+            raise UsageError("--all stops every cluster of yours: give no job id or name with it")
+        ids = [info["jobid"] for info, _ in backend.jobs()]
+        if not ids:
+            app.info("You have no running virtual cluster.")
+            return
+    elif not ids:
+        ids = [backend.find(None, jobname)]
+    elif jobname:
+        ids.append(backend.find(None, jobname))
+    missing, errors, known = [], [], []
+    for jobid in ids:
+        try:
+            backend.find(jobid)
+            known.append(jobid)
+        except NotFoundError:
+            missing.append(jobid)
+    if len(ids) == 1 and known:
+        backend.cancel(known[0])
+        results = {known[0]: None}
+    elif hasattr(backend, "cancel_many"):
+        results = backend.cancel_many(known)
+    else:  # a backend without it: one after the other
+        results = {}
+        for jobid in known:
+            try:
+                backend.cancel(jobid)
+                results[jobid] = None
+            except PcoccError as exc:
+                results[jobid] = exc
+    for jobid, exc in results.items():
+        if exc is None:
+            app.info(f"cluster {jobid} stopped")
+        elif isinstance(exc, NotFoundError):
+            missing.append(jobid)
+        else:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+    if missing:
+        what = ", ".join(map(str, missing))
+        raise NotFoundError(f"no virtual cluster with job id {what}", "See 'pcocc ps'.")
 
 
+def _when(epoch):
+    """A time as sacct(1) prints it (YYYY-MM-DDTHH:MM:SS, local time), or Unknown."""
+    if not isinstance(epoch, (int, float)):
+        return "Unknown"
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(epoch))
+
+
+def _elapsed(start, end):
+    if not isinstance(start, (int, float)) or not isinstance(end, (int, float)):
+        return "-"
+    seconds = max(int(end - start), 0)
+    days, rem = divmod(seconds, 86400)
+    text = _duration(rem)
+    return f"{days}-{text}" if days else text
+
+
+HISTORY_FIELDS = {  # name -> (header, value of a record): sacct(1)'s field names where it has one
+    "jobid": ("JOBID", lambda r: r.get("jobid")),
+    "jobname": ("NAME", lambda r: one_line(r.get("name"))),
+    "user": ("USER", lambda r: one_line(r.get("user"))),
+    "definition": ("DEFINITION", lambda r: one_line(r.get("definition"))),
+    "state": ("STATE", lambda r: r.get("state")),
+    "exitcode": ("EXITCODE", lambda r: "-" if r.get("exit_code") is None else r.get("exit_code")),
+    "submit": ("SUBMIT", lambda r: _when(r.get("submitted"))),
+    "start": ("START", lambda r: _when(r.get("started"))),
+    "end": ("END", lambda r: _when(r.get("ended"))),
+    "elapsed": ("ELAPSED", lambda r: _elapsed(r.get("started") or r.get("submitted"), r.get("ended"))),
+    "nodelist": ("HOST", lambda r: one_line(r.get("host")) or "-"),
+    "reason": ("REASON", lambda r: one_line(r.get("reason")) or "-"),
+}
+HISTORY_DEFAULT = "jobid,jobname,definition,state,exitcode,start,end,elapsed,reason"
+
+
+def _fields(spec, known, option):
+    """[field name] of a comma-separated --format value, checked against `known` (UsageError)."""
+    out = []
+    for name in spec.split(","):
+        name = name.strip().lower()
+        if not name:
+            continue
+        if name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UsageError(f"{option}: unknown field {one_line(name)!r}{hint}; fields: {', '.join(known)}")
+        out.append(name)
+    if not out:
+        raise UsageError(f"{option}: no field given; fields: {', '.join(known)}")
+    return out
+
+
+@click.command()
+@click.option("-j", "--jobs", "jobids", type=params.JOB_IDS, multiple=True, metavar="JOBID[,JOBID...]",
+              help="Only these job ids (repeat or separate with commas).")
+@click.option("-S", "--starttime", type=params.TIME, help="Only clusters that ran at or after this time (sacct -S's formats: "
+              "YYYY-MM-DD[THH:MM[:SS]], HH:MM[:SS], MM/DD[/YY], now-N[smhdw]). Default: 7 days ago, all the history keeps.")
+@click.option("-E", "--endtime", type=params.TIME, help="Only clusters that ran at or before this time (same formats).")
+@click.option("-s", "--state", "states", multiple=True, type=click.Choice(["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"], case_sensitive=False),
+              help="Only clusters that ended in this state (repeatable).")
+@click.option("--name", type=params.JOB_NAME, help="Only clusters of this job name.")
+@click.option("-o", "--format", "fmt", metavar="FIELD[,FIELD...]", help=f"Columns to show (default: {HISTORY_DEFAULT}; all: {', '.join(HISTORY_FIELDS)}).")
+@click.option("-l", "--long", "long_", is_flag=True, help="One more line per VM: its host, end state and error.")
+@click.option("-n", "--noheader", is_flag=True, help="No header lines (as sacct -n).")
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON for scripts (see 'pcocc help history').")
+@pass_app
+def history(app, jobids, starttime, endtime, states, name, fmt, long_, noheader, as_json):
+    """List your ended virtual clusters, as sacct lists ended jobs.
+
+    Each cluster ended COMPLETED (its script or shell ended with status 0, or
+    every VM stopped), FAILED (a VM or its setup failed, its script ended
+    with another status, or its owner died), CANCELLED or TIMEOUT; REASON
+    says why. The history keeps 7 days and at most 1,000 clusters per user
+    (older ones are dropped when a cluster ends). Running clusters are in
+    'pcocc ps'.
+    """
+    from pcocc import history as hist
+
+    fields = _fields(fmt or HISTORY_DEFAULT, HISTORY_FIELDS, "--format")
+    ids = [j for group in jobids for j in group] or None
+    records = hist.list_records(app.ctx.store, app.env.user, jobids=ids, since=starttime, until=endtime,
+                                states=states or None, name=name)
+    if as_json:
+        return dump_json(app, records)
+    if ids and not records:
+        raise NotFoundError(f"no ended virtual cluster with job id {', '.join(map(str, ids))} in the history",
+                            "Running clusters are in 'pcocc ps'; the history keeps 7 days.")
+    if not records:
+        app.info("No ended virtual cluster in the history.")
+        return
+    rows = []
+    for r in records:
+        rows.append([HISTORY_FIELDS[f][1](r) for f in fields])
+    lines = table_lines([HISTORY_FIELDS[f][0] for f in fields], rows, header=not noheader)
+    vm_lines = {}
+    if long_:
+        for r in records:
+            vm_lines[r.get("jobid")] = [f"  {r.get('jobid')}/{one_line(v.get('name'))}: {one_line(v.get('host')) or '-'} "
+                                        f"{v.get('state')}" + (f": {one_line(v.get('error'))}" if v.get("error") else "")
+                                        for v in r.get("vms") or []]
+    skip = 0 if noheader else 2
+    for i, line in enumerate(lines):
+        app.out(line)
+        if long_ and i >= skip:
+            for extra in vm_lines.get(records[i - skip].get("jobid"), []):
+                app.out(extra)

@@ -80,3 +80,70 @@ class Path(click.Path):
         if isinstance(value, str) and "\0" in value:
             self.fail(f"{names.shown(value)}: a path cannot hold a NUL byte", param, ctx)
         return super().convert(value, param, ctx)
+
+
+class Time(click.ParamType):
+    """A point in time as sacct(1)'s -S/-E take it, as epoch seconds (float), in local time:
+    YYYY-MM-DD[THH:MM[:SS]], HH:MM[:SS] (today), MM/DD[/YY], now, now-N[s|m|h|d|w] (default unit:
+    seconds, as sacct), or a bare epoch number of at least 9 digits."""
+
+    name = "time"
+    _REL = {"": 1, "s": 1, "sec": 1, "seconds": 1, "m": 60, "min": 60, "minutes": 60, "h": 3600, "hours": 3600,
+            "d": 86400, "days": 86400, "w": 604800, "weeks": 604800}
+
+    def convert(self, value, param, ctx):
+        import datetime
+        import re
+        import time as _time
+
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        text = str(value).strip()
+        m = re.fullmatch(r"now(?:([-+])(\d{1,9})([a-z]*))?", text, re.ASCII | re.IGNORECASE)
+        if m:
+            now = _time.time()
+            if not m.group(1):
+                return now
+            unit = self._REL.get(m.group(3).lower())
+            if unit is None:
+                self.fail(f"{names.shown(text)}: unknown unit (s, m, h, d, w)", param, ctx)
+            delta = int(m.group(2)) * unit
+            return now - delta if m.group(1) == "-" else now + delta
+        if re.fullmatch(r"\d{9,12}", text, re.ASCII):
+            return float(text)
+        today = datetime.date.today()
+        for fmt, fix in (("%Y-%m-%dT%H:%M:%S", None), ("%Y-%m-%dT%H:%M", None), ("%Y-%m-%d", None),
+                         ("%H:%M:%S", "today"), ("%H:%M", "today"), ("%m/%d/%y", None), ("%m/%d", "year")):
+            try:
+                parsed = datetime.datetime.strptime(text, fmt)
+            except ValueError:
+                continue
+            if fix == "today":
+                parsed = parsed.replace(year=today.year, month=today.month, day=today.day)
+            elif fix == "year":
+                parsed = parsed.replace(year=today.year)
+            return parsed.timestamp()
+        self.fail(f"{names.shown(text)}: not a time (YYYY-MM-DD[THH:MM[:SS]], HH:MM[:SS], MM/DD[/YY], now-N[smhdw])", param, ctx)
+
+
+TIME = Time()
+
+
+class JobIds(click.ParamType):
+    """One or more job ids, comma-separated (sacct -j 5,6; scancel 5 6): a list of ints."""
+
+    name = "jobid[,jobid...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        out = []
+        for part in str(value).split(","):
+            try:
+                out.append(names.parse_job_id(part))
+            except UsageError as exc:
+                self.fail(exc.message, param, ctx)
+        return out
+
+
+JOB_IDS = JobIds()
