@@ -186,3 +186,56 @@ def test_an_alloc_script_that_cannot_run_is_refused_before_anything_starts(site,
     _clean_error(r, ExitStatus.USAGE)
     assert "not executable" in r.stderr
     assert site.backend.submitted == []
+
+
+# ---- options for the batch system reach it intact (issue 14; pallets/click#602; repro 05)
+
+def _slurm_site(cli, tmp_path, monkeypatch):
+    """A SLURM config (its store never reached) and a stand-in sbatch on PATH that records its argv."""
+    cli.write("etc/batch.yaml", "type: slurm\nsettings:\n  etcd-servers: [127.0.0.1]\n  etcd-client-port: 1\n  etcd-auth-type: none\n")
+    cli.write("user/repos.yaml", f"repos:\n  - name: r\n    path: {tmp_path}/repo\n")
+    cli.write("user/templates.yaml", "tiny:\n  image: r:tiny\n")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    sbatch = bindir / "sbatch"
+    sbatch.write_text(f"#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done > {tmp_path}/sbatch.args\necho 4242\n")
+    sbatch.chmod(0o755)
+    cli.environ["PATH"] = f"{bindir}:{cli.environ['PATH']}"
+    monkeypatch.setenv("PATH", cli.environ["PATH"])  # the command runner's PATH is the process's
+    return tmp_path / "sbatch.args"
+
+
+@pytest.mark.parametrize("opts", [["-pbatch"], ["-Jmyjob"], ["-p", "batch", "-Jmyjob"], ["-tbatch"], ["-ebatch"],
+                                  ["-Abatch", "--qos=x", "-N2"], ["--partition", "batch"], ["-Cbig"], ["-wnode[1-2]"]])
+def test_attached_short_options_reach_sbatch_intact(cli, tmp_path, monkeypatch, opts):
+    recorded = _slurm_site(cli, tmp_path, monkeypatch)
+    r = cli("batch", *opts, "tiny:2")
+    assert r.status == 0, r.stderr
+    assert r.stdout.strip() == "4242"
+    got = recorded.read_text().splitlines()
+    wrap = got.index("--wrap")
+    passed = got[:wrap]
+    i = passed.index(opts[0])
+    assert passed[i:i + len(opts)] == opts, passed
+    if "-Jmyjob" in opts:
+        assert "--name" in got[wrap + 1] and "myjob" in got[wrap + 1]
+
+
+def test_pcocc_s_own_options_still_work_beside_the_batch_system_s(cli, tmp_path, monkeypatch):
+    recorded = _slurm_site(cli, tmp_path, monkeypatch)
+    script = tmp_path / "s.sh"
+    script.write_text("#!/bin/sh\ntrue\n")
+    r = cli("batch", "-pbatch", f"-b{script}", "-Jjob", "--user-data", script, "tiny:1")
+    assert r.status == 0, r.stderr
+    got = recorded.read_text().splitlines()
+    assert "-pbatch" in got and "-Jjob" in got and f"--batch-script {script}" in got[-1]
+    assert "--" not in got and "tiny:1" not in got[: got.index("--wrap")]
+
+
+def test_local_backend_takes_an_attached_job_name(site):
+    r = site("batch", "-m", "256", "-Jrun1", "tiny:1")
+    assert r.status == 0, r.stderr
+    assert site.backend.submitted[0][1]["name"] == "run1"
+    r = site("batch", "-pbatch", "tiny:1")
+    assert r.status == ExitStatus.USAGE and "-p" in r.stderr and "the local backend takes -c, -m and -J" in r.stderr, r.stderr
+    assert "atch'" not in r.stderr

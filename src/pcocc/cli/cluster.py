@@ -207,7 +207,7 @@ def _progress(app, jobid):
     return show
 
 
-@click.command(context_settings=_PASSTHROUGH, help="Run a virtual cluster and a shell in its allocation; the cluster ends with the shell.\n" + _ALLOC_HELP.format(cmd="salloc"))
+@click.command(cls=params.PassthroughCommand, context_settings=_PASSTHROUGH, help="Run a virtual cluster and a shell in its allocation; the cluster ends with the shell.\n" + _ALLOC_HELP.format(cmd="salloc"))
 @common_options
 @click.option("-E", "--alloc-script", type=params.Path(exists=True, dir_okay=False), help="Run this script on the host instead of a shell; the cluster ends with it.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[BATCH_OPTIONS]... DEFINITION")
@@ -247,7 +247,7 @@ def alloc(app, restart_ckpt, boot, user_data, alloc_script, args):
         raise click.exceptions.Exit(code)
 
 
-@click.command(context_settings=_PASSTHROUGH, help="Submit a virtual cluster as a batch job and print its job id.\n" + _ALLOC_HELP.format(cmd="sbatch"))
+@click.command(cls=params.PassthroughCommand, context_settings=_PASSTHROUGH, help="Submit a virtual cluster as a batch job and print its job id.\n" + _ALLOC_HELP.format(cmd="sbatch"))
 @common_options
 @click.option("-b", "--batch-script", type=params.Path(exists=True, dir_okay=False), help="Run this script in vm0 once the cluster runs; the cluster ends with it.")
 @click.option("-E", "--host-script", type=params.Path(exists=True, dir_okay=False), help="Run this script on the first host once the cluster runs (SLURM); the cluster ends with it.")

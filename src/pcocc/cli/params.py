@@ -147,3 +147,52 @@ class JobIds(click.ParamType):
 
 
 JOB_IDS = JobIds()
+
+
+class PassthroughCommand(click.Command):
+    """A command whose unknown options go, intact, to the batch system (salloc/sbatch).
+
+    click's ignore_unknown_options tears attached short options apart (pallets/click#602):
+    `-pbatch` became -p (unknown), then -b (ours) taking "atch". Here the command line is
+    sorted before click sees it: pcocc's own options (with their values) first, then "--",
+    then everything else in its order (the batch system's options, their values, the
+    DEFINITION). A token is ours when it is one of our long options (--opt or --opt=value)
+    or a short option whose first letter is one of ours (-b FILE, -bFILE); every other
+    letter, attached value and long option reaches the batch system as typed. After a "--"
+    typed by the user, nothing is ours.
+    """
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, self.sort_args(ctx, list(args)))
+
+    def sort_args(self, ctx, args):
+        takes_value = {}
+        for param in self.get_params(ctx):
+            if isinstance(param, click.Option):
+                for name in [*param.opts, *param.secondary_opts]:
+                    takes_value[name] = not (param.is_flag or param.count)
+        own, rest = [], []
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            if arg == "--":
+                rest.extend(args[i + 1:])
+                break
+            if arg.startswith("--"):
+                name = arg.split("=", 1)[0]
+                if name in takes_value:
+                    own.append(arg)
+                    if takes_value[name] and "=" not in arg and i + 1 < len(args):
+                        own.append(args[i + 1])
+                        i += 1
+                else:
+                    rest.append(arg)
+            elif arg.startswith("-") and len(arg) > 1 and arg[:2] in takes_value:
+                own.append(arg)
+                if takes_value[arg[:2]] and len(arg) == 2 and i + 1 < len(args):
+                    own.append(args[i + 1])
+                    i += 1
+            else:
+                rest.append(arg)
+            i += 1
+        return own + (["--", *rest] if rest else [])
