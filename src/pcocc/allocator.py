@@ -29,11 +29,16 @@ Failed attempts pause for a randomized, doubling time (full jitter) and are boun
 Ids are never freed by time (no lease): an etcd outage longer than any TTL must
 not give a running job's VXLAN id or PKey to another job. They are freed by
 `release` (the node's undo log), or, for jobs that ended without it, when the
-batch system says the owner's job is dead: a full pool reclaims dead owners at
-once, a probe that meets a dead owner's id reclaims that owner, and every
-allocation that is given `alive` sweeps the pool of dead owners when the last
-sweep is older than SWEEP_PERIOD (so while a pool is in use, a dead job's ids
-are back within SWEEP_PERIOD plus one allocation; `sweep` does it on demand).
+batch system says the owner's job is dead (`alive`, as given by node setup):
+- a scanned pool (small, or found nearly full) sees every owner in its scan and
+  releases the dead ones at once, as the former single-key pools did;
+- a probe that meets a dead owner's id releases that owner;
+- a probed pool is swept of dead owners by the first allocation given `alive`
+  once the last sweep is older than SWEEP_PERIOD (one range read of its owner
+  keys, O(owners)); the sweep marker is read in the allocation's own transaction.
+So while a pool is in use, a dead job's ids are back within SWEEP_PERIOD (30 s)
+plus the time to the next allocation; `sweep(store, alive)` does every pool on
+demand (for a periodic cleanup: then within a minute whatever the traffic).
 
 Migration: a pool whose old table key exists is migrated by whoever meets it
 first (every transaction here expects it absent, so none can act on a pool
@@ -65,9 +70,12 @@ SWEEPS = "/pcocc/global/pool-sweeps/"
 # read of at most this many small keys, and keep the former "lowest free id first" order.
 SCAN_SIZE = 1024
 # Probing turns to a scan when more than this share of the probed ids was taken (a pool
-# nearly full: random draws would mostly miss), or after PROBE_ROUNDS failed rounds.
+# nearly full: random draws would mostly miss), or after PROBE_ROUNDS failed rounds. A
+# failed round keeps the candidates that were free and draws again only for the taken ones,
+# so at a share p taken, k ids need about log(k)/log(1/p) + 1 rounds (p = 0.25, k = 16:
+# 3 on average), not 1/(1-p)^k.
 FULL_SHARE = 0.5
-PROBE_ROUNDS = 4
+PROBE_ROUNDS = 16
 # New ids per transaction: etcd allows MAX_TXN_OPS (128) compares and 128 operations; an
 # allocation compares the old table, the owner key and each candidate, and writes each
 # candidate, the owner key and reads the sweep marker.
@@ -135,9 +143,11 @@ class Pool:
         seen = False  # whether `held` was read, not guessed
         taken = {}  # id -> owner, of ids found taken by others during this call
         probed = hits = 0
-        scan = self.size <= SCAN_SIZE
+        small = scan = self.size <= SCAN_SIZE
         conflicts, pause = 0, BACKOFF_FIRST
         swept_at = None
+        checked = alive is None  # whether the owners met in a scan were checked against `alive`
+        keep = []  # candidates of the last failed round that were free then
         while True:
             mine = list(held["ids"]) if held else []
             need = count - len(mine)
@@ -147,11 +157,13 @@ class Pool:
             if need > 0:
                 if scan:
                     taken = self._scan()
-                candidates = self._pick(min(need, BATCH), mine, taken, scan, random_order=conflicts > 0)
+                    if not checked:  # a scan sees every owner: the dead ones are reclaimed as we go
+                        checked = True
+                        if self._reclaim_dead(taken, owner, alive):
+                            continue
+                candidates = self._pick(min(need, BATCH), mine, taken, scan, random_order=conflicts > 0, keep=keep)
                 if candidates is None:  # not enough free ids
                     if scan:
-                        if alive is not None and self._reclaim_dead(taken, owner, alive):
-                            continue
                         raise ResourceError(f"no free {self.name} left ({self.first}-{self.last}: {len(taken)} in use)")
                     scan = True
                     continue
@@ -160,7 +172,7 @@ class Pool:
             if candidates:
                 writes = {**{id_key(self.name, i): _mark(owner) for i in candidates},
                           okey: {"owner": owner, "ids": sorted(mine + candidates)}}
-            reads = [sweep_key(self.name)] if alive is not None else []
+            reads = [sweep_key(self.name)] if alive is not None and not small else []
             done, current = self.store.transact(expect, writes, reads)
             if alive is not None:
                 swept_at = current.get(sweep_key(self.name))
@@ -177,6 +189,7 @@ class Pool:
             lost = {i: (current.get(id_key(self.name, i)) or {}).get("owner") for i in candidates
                     if current.get(id_key(self.name, i)) is not None}
             taken.update(lost)
+            keep = [i for i in candidates if i not in lost]
             others = {i: o for i, o in lost.items() if o != owner}
             probed += len(candidates)
             hits += len(others)
@@ -197,7 +210,7 @@ class Pool:
                 raise StoreError(f"too much contention on pool {self.name}: {conflicts} transactions failed")
             time.sleep(random.uniform(0, pause))
             pause = min(BACKOFF_MAX, pause * 2)
-        if alive is not None:
+        if alive is not None and not small:
             self._maybe_sweep(alive, owner, swept_at)
         return sorted(held["ids"])[:count]
 
@@ -215,8 +228,9 @@ class Pool:
             found[i] = value.get("owner") if isinstance(value, dict) else None
         return found
 
-    def _pick(self, n, mine, taken, scan, random_order):
-        """n free ids (not mine, not known taken), or None when the pool cannot have n."""
+    def _pick(self, n, mine, taken, scan, random_order, keep=()):
+        """n free ids (not mine, not known taken), or None when the pool cannot have n;
+        probing starts from `keep` (ids found free by the last attempt)."""
         excluded = set(mine) | set(taken)
         if scan:
             free = [i for i in range(self.first, self.last + 1) if i not in excluded]
@@ -225,7 +239,10 @@ class Pool:
             return sorted(random.sample(free, n)) if random_order else free[:n]
         if self.size - len(excluded) < n:
             return None
-        picked = set()
+        picked = {i for i in keep if i not in excluded}
+        picked = set(sorted(picked)[:n])
+        if len(picked) == n:
+            return sorted(picked)
         for _ in range(20 * n + 20):  # rejection sampling: the known-taken are few (else we scan)
             i = random.randint(self.first, self.last)
             if i not in excluded and i not in picked:
@@ -297,8 +314,6 @@ class Pool:
         """Release the ids of every owner whose job is dead (alive(owner) False); returns
         those owners. One range read of the pool's owner keys (O(owners)), then one release
         per dead owner."""
-        if self.store.get(self.key) is not None:
-            self._migrate()
         owners = sorted({(v or {}).get("owner") for v in self.store.range(self.owners_prefix).values()} - {None})
         dead = [o for o in owners if not alive(o)]
         for o in dead:
@@ -367,14 +382,15 @@ class Pool:
 
 
 def sweep(store, alive):
-    """Sweep every pool this module has swept or allocated from with `alive` (the pools
-    with a sweep marker); {pool name: [dead owners released]}. For a periodic cleanup
-    (e.g. `pcocc internal setup cleanup`)."""
+    """Release the ids of every dead owner (alive(owner) False) in every pool; returns
+    {pool name: [owners released]}. One range read of every owner key (O(owners of all
+    pools), never the ids), then one release per dead owner. For a periodic cleanup
+    (e.g. `pcocc internal setup cleanup`, or a cron job of the SLURM controller's host)."""
     out = {}
-    for key in store.range(SWEEPS):
-        name = key[len(SWEEPS):]
-        store.put(key, {"at": time.time()})
-        dead = Pool(store, name, 0, 0).sweep(alive)
-        if dead:
-            out[name] = dead
+    for key, value in store.range(OWNERS).items():
+        name = key[len(OWNERS):].split("/", 1)[0]
+        owner = (value or {}).get("owner") if isinstance(value, dict) else None
+        if owner is not None and not alive(owner):
+            Pool(store, name, 0, 0).release(owner)
+            out.setdefault(name, []).append(owner)
     return out

@@ -60,6 +60,77 @@ def test_create_and_replace_are_compare_and_swap(store):
     assert store.replace("/k", 7, {"a": [1]}) and store.replace("/k", {"a": [1]}, "s")
 
 
+def test_transact_compares_and_writes_several_keys_at_once(store):
+    store.put("/t/a", {"owner": "x"})
+    # every expectation holds: the writes are made (None deletes), the reads come back
+    done, current = store.transact({"/t/a": {"owner": "x"}, "/t/b": None}, {"/t/b": 1, "/t/a": None}, reads=["/t/c"])
+    assert done and current == {"/t/c": None}
+    assert store.range("/t/") == {"/t/b": 1}
+    # one fails: nothing is written, and the current value of every expected and read key comes back
+    store.put("/t/c", "seen")
+    done, current = store.transact({"/t/b": 1, "/t/a": None, "/t/d": None, "/t/e": 5}, {"/t/x": 1, "/t/y": 2}, reads=["/t/c"])
+    assert not done and current == {"/t/b": 1, "/t/a": None, "/t/d": None, "/t/e": None, "/t/c": "seen"}
+    assert store.get("/t/x") is None and store.get("/t/y") is None
+    store.put("/t/a", None)  # JSON null is present: it does not meet "absent"
+    assert not store.transact({"/t/a": None}, {"/t/z": 1})[0]
+    assert store.transact({}, {"/t/z": 1})[0] and store.get("/t/z") == 1  # no expectation: always done
+    assert store.transact({"/t/z": 1}, {})[0]  # and no write: a consistent check
+
+
+def test_transact_refuses_what_etcd_refuses(store):
+    from pcocc.store import MAX_TXN_OPS
+
+    with pytest.raises(StoreError, match="exceeds the limit of 128"):
+        store.transact({f"/l/{i}": None for i in range(MAX_TXN_OPS + 1)}, {})
+    with pytest.raises(StoreError, match="exceeds the limit"):
+        store.transact({}, {f"/l/{i}": 1 for i in range(MAX_TXN_OPS)}, reads=["/r"])
+    with pytest.raises(StoreError, match="twice"):
+        store.transact({}, {"/l/1": 1}, reads=["/l/1"])
+    done, _ = store.transact({f"/l/{i}": None for i in range(MAX_TXN_OPS)}, {f"/l/{i}": i for i in range(MAX_TXN_OPS)})
+    assert done and len(store.range("/l/")) == MAX_TXN_OPS
+
+
+def test_transact_is_atomic_under_contention(store, connect):
+    """Threads race to take the same keys, a batch each: every key is taken once, and no
+    batch is taken in part."""
+    won = {}
+
+    def worker(n):
+        s = connect()
+        for batch in range(20):
+            keys = [f"/c/{(batch * 3 + k) % 30}" for k in range(3)]
+            if s.transact({k: None for k in keys}, {k: n for k in keys})[0]:
+                won.setdefault(n, []).append(keys)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    taken = store.range("/c/")
+    for n, batches in won.items():
+        for keys in batches:
+            assert all(taken[k] == n for k in keys)
+    assert sum(len(b) for b in won.values()) * 3 == len(taken) == 30
+
+
+def test_transact_compares_json_not_bytes(store):
+    """A value written by another tool (different spacing or key order) still meets an
+    expectation equal as JSON."""
+    if isinstance(store, SqliteStore):
+        store.db.execute("INSERT INTO kv VALUES ('/j', '{ \"b\": 1, \"a\": [1, 2] }', NULL)")
+    else:
+        store.client.call("kv/put", {"key": _b64("/j"), "value": _b64('{ "b": 1, "a": [1, 2] }')})
+    assert store.transact({"/j": {"a": [1, 2], "b": 1}}, {"/j": "new"})[0]
+    assert store.get("/j") == "new"
+
+
+def _b64(text):
+    import base64
+
+    return base64.b64encode(text.encode()).decode()
+
+
 def test_revision_grows_with_changes(store):
     first = store.revision()
     store.put("/r", 1)
