@@ -3,13 +3,24 @@
 A template names an image, a resource set and qemu tuning. User templates
 (~/.pcocc) may inherit system templates (/etc/pcocc), never the reverse.
 Resolution walks the `inherits` chain and remembers where each value came from.
+
+Per-image templates (the original pcocc's rule): when resources.yaml marks a
+resource set as the default, every VM image of the repositories is also a
+template of the same name, `image: REPO:NAME` (the first repository, in search
+order, that holds it) and nothing else, unless a template of that name is
+written in a file (which wins). `pcocc image import disk.qcow2 user:centos`
+then `pcocc alloc centos:3` works with no templates.yaml. Such a template is
+looked up only when a name is not a written template (one image's metadata
+read per repository), never listed unless asked (names(images=True)).
 """
 
+import re
 from dataclasses import dataclass, field
 
 from pcocc.config.schema import Anything, Bool, ByKind, Const, Enum, F, Int, ListOf, MapOf, Nullable, OneKeyMap, Str, Struct
-from pcocc.errors import NotFoundError
+from pcocc.errors import NotFoundError, PcoccError
 
+_TEMPLATE_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")  # as the config loader and cluster definitions accept
 _CACHE_MODES = ("writeback", "none", "unsafe", "writethrough", "directsync")
 
 
@@ -135,22 +146,69 @@ class Resolved:
         return self.origin.get(key) not in (None, self.name)
 
 
+IMAGE_SCOPE = "image"  # the scope of a per-image template
+
+
 class TemplateSet:
-    def __init__(self, templates, default_resource_set=None):
+    """The templates of the configuration, and the per-image ones (see the module's docstring)."""
+
+    def __init__(self, templates, default_resource_set=None, repos=None):
+        """templates: {name: Template} as written in the files; default_resource_set:
+        the name of the set resources.yaml marks default (None: no per-image
+        templates); repos: the config's Repo list, highest priority first (also
+        settable later with use_repositories())."""
         self.templates = templates  # name -> Template
         self.default_resource_set = default_resource_set
+        self.repos = repos
+        self._images = {}  # name -> Template or None: per-image templates looked up so far
+
+    def use_repositories(self, repos):
+        """Give the repositories whose images are per-image templates (the config loader calls it)."""
+        self.repos = repos
+        self._images = {}
 
     def __contains__(self, name):
-        return name in self.templates
+        return name in self.templates or self._image_template(name) is not None
 
-    def names(self):
-        return sorted(self.templates)
+    def names(self, images=False):
+        """Names of the written templates, sorted; images=True adds the per-image templates (reads every repository)."""
+        names = set(self.templates)
+        if images and self.default_resource_set and self.repos:
+            from pcocc.images.store import ImageStore
+
+            problems = []
+            for rev in ImageStore(self.repos, "").list(problems=problems):
+                if rev.name not in names and self._image_template(rev.name) is not None:
+                    names.add(rev.name)
+        return sorted(names)
 
     def get(self, name):
-        try:
-            return self.templates[name]
-        except KeyError:
-            raise NotFoundError(f"no template named '{name}'", "See 'pcocc template list'.") from None
+        """The Template of that name: written in a file, else per-image. Raises NotFoundError."""
+        tpl = self.templates.get(name) or self._image_template(name)
+        if tpl is None:
+            hint = "See 'pcocc template list'."
+            if self.repos and not self.default_resource_set:
+                hint += " (An image is a template of its name only when resources.yaml marks a resource set 'default: true'.)"
+            raise NotFoundError(f"no template named '{name}'", hint)
+        return tpl
+
+    def _image_template(self, name):
+        """The per-image template of name, or None (no default resource set, no such image, not a template name)."""
+        if name in self.templates or not self.default_resource_set or not self.repos or not _TEMPLATE_NAME.fullmatch(name or ""):
+            return None
+        if name not in self._images:
+            from pcocc.images.store import ImageStore
+
+            try:
+                found = ImageStore(self.repos, "").find_image(name)
+            except PcoccError:
+                found = None
+            tpl = None
+            if found is not None:
+                repo, image = found
+                tpl = Template(name, IMAGE_SCOPE, f"(image {repo.name}:{image})", 0, {"image": f"{repo.name}:{image}"})
+            self._images[name] = tpl
+        return self._images[name]
 
     def chain(self, name):
         """The template and its ancestors, nearest first (the loader rejected cycles)."""

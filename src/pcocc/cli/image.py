@@ -35,8 +35,15 @@ def image():
 @click.argument("regex", required=False)
 @pass_app
 def list_(app, repo, regex, as_json):
-    """List images (latest revision of each), optionally matching REGEX."""
-    revs = _store(app).list(repo, regex)
+    """List images (latest revision of each), optionally matching REGEX.
+
+    Repositories of the original pcocc (layout version 2) are listed too; one
+    that cannot be read is named on stderr and the others are listed.
+    """
+    problems = []
+    revs = _store(app).list(repo, regex, problems=problems)
+    for exc in problems:
+        app.warn(exc.message + (f" ({exc.hint})" if exc.hint else ""))
     if as_json:
         return dump_json(app, [r.to_json() for r in revs])
     if not revs:
@@ -56,7 +63,8 @@ def show(app, image_uri, as_json):
     revs = rev.repo.revisions(rev.name)
     if as_json:
         return dump_json(app, {**rev.to_json(), "revisions": [r.to_json() for r in revs]})
-    app.out(f"Image {rev.name} in repository {rev.repo.name} ({rev.repo.path})")
+    fmt = " (the original pcocc's layout)" if rev.repo.layout != "pcocc" else ""
+    app.out(f"Image {rev.name} in repository {rev.repo.name} ({rev.repo.path}){fmt}")
     app.out(f"  latest: {revs[-1].uri}, {len(rev.layers)} layer(s), virtual size {_size(rev.size)}")
     if rev.boot.get("kernel"):
         app.out(f"  boots its own kernel: {rev.boot.get('append', '')}")
@@ -193,18 +201,36 @@ def repo():
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @pass_app
 def repo_list(app, as_json):
-    """List the configured repositories, in search order."""
-    rows = [{"name": r.name, "path": r.path, "scope": r.scope, "writable": r.writable(), "images": len(r.image_names())} for r in _store(app).repos]
+    """List the configured repositories, in search order.
+
+    FORMAT is pcocc's own layout or 'pcocc-0.7' (the original pcocc's layout
+    version 2, read and written in place). IMAGES is '-' for a repository that
+    cannot be read (the reason goes to stderr).
+    """
+    rows = []
+    for r in _store(app).repos:
+        try:
+            count = len(r.image_names())
+        except PcoccError as exc:
+            app.warn(exc.message + (f" ({exc.hint})" if exc.hint else ""))
+            count = None
+        rows.append({"name": r.name, "path": r.path, "scope": r.scope, "format": r.layout, "writable": r.writable(), "images": count})
     if as_json:
         return dump_json(app, rows)
-    table(app, ["NAME", "PATH", "SCOPE", "WRITABLE", "IMAGES"], [[r["name"], r["path"], r["scope"], "yes" if r["writable"] else "no", r["images"]] for r in rows])
+    table(app, ["NAME", "PATH", "SCOPE", "FORMAT", "WRITABLE", "IMAGES"],
+          [[r["name"], r["path"], r["scope"], r["format"], "yes" if r["writable"] else "no", "-" if r["images"] is None else r["images"]] for r in rows])
 
 
 @repo.command("gc")
 @click.argument("name", required=False)
 @pass_app
 def repo_gc(app, name):
-    """Remove blobs no image uses, and leftovers of interrupted writes."""
+    """Remove blobs no image uses, and leftovers of interrupted writes.
+
+    In a repository of the original pcocc, an unused blob or work file younger
+    than a day stays: the original writes its data before its metadata, without
+    a lock, so it may be a write of the original in flight.
+    """
     r = _store(app).repo(name)
     files, freed = r.gc()
     app.info(f"{r.name}: removed {files} file(s), {_size(freed)} freed")

@@ -4,7 +4,7 @@ import click
 
 from pcocc.cli.core import pass_app
 from pcocc.cli.render import dump_json, table
-from pcocc.templates import SETTINGS
+from pcocc.templates import IMAGE_SCOPE, SETTINGS
 
 
 @click.group()
@@ -22,24 +22,40 @@ def _summary(tset, name):
         "image": r["image"] if r["image"] is not False else None,
         "resource-set": r["resource-set"],
         "inherits": tpl.parent,
-        "file": f"{tpl.file}:{tpl.line}",
+        "file": _where(tpl),
     }
+
+
+def _where(tpl):
+    """file:line of a written template; for a per-image template, the image it stands for."""
+    return tpl.file if tpl.scope == IMAGE_SCOPE else f"{tpl.file}:{tpl.line}"
+
+
+_ORDER = {"user": 0, "system": 1, IMAGE_SCOPE: 2}
 
 
 @template.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("-a", "--all", "show_all", is_flag=True,
+              help="Also list the per-image templates (every image is a template of its name when a resource set is the default).")
 @pass_app
-def list_(app, as_json):
-    """List the templates you can use (user templates first)."""
+def list_(app, as_json, show_all):
+    """List the templates you can use (user templates first).
+
+    As in the original pcocc, when resources.yaml marks a resource set as the
+    default, every image of the repositories is also a template of the same
+    name (unless a template of that name is written): those are listed with
+    --all only, since it reads every repository.
+    """
     tset = app.config.templates
-    rows = [_summary(tset, n) for n in tset.names()]
-    rows.sort(key=lambda r: (r["scope"] != "user", r["name"]))
+    rows = [_summary(tset, n) for n in tset.names(images=show_all)]
+    rows.sort(key=lambda r: (_ORDER.get(r["scope"], 3), r["name"]))
     if as_json:
         return dump_json(app, rows)
     if not rows:
         app.info("No templates defined (see 'pcocc help templates').")
         return
-    for scope, title in (("user", "User templates"), ("system", "System templates")):
+    for scope, title in (("user", "User templates"), ("system", "System templates"), (IMAGE_SCOPE, "Image templates")):
         part = [r for r in rows if r["scope"] == scope]
         if part:
             app.out(title)
@@ -64,8 +80,11 @@ def show(app, name, as_json, show_all):
             continue
         settings.append({"key": key, "value": value, "from": origin or "default", "inherited": resolved.inherited(key)})
     if as_json:
-        return dump_json(app, {"name": name, "scope": tpl.scope, "file": f"{tpl.file}:{tpl.line}", "chain": [t.name for t in tset.chain(name)], "settings": settings})
-    app.out(f"Template {name} ({tpl.scope}, {tpl.file}:{tpl.line})")
+        return dump_json(app, {"name": name, "scope": tpl.scope, "file": _where(tpl), "chain": [t.name for t in tset.chain(name)], "settings": settings})
+    if tpl.scope == IMAGE_SCOPE:
+        app.out(f"Template {name} (per-image: {tpl.file[1:-1]}, with the default resource set)")
+    else:
+        app.out(f"Template {name} ({tpl.scope}, {tpl.file}:{tpl.line})")
     rows = []
     for s in settings:
         for key, text in _lines(s["key"], s["value"]):

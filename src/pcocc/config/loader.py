@@ -339,6 +339,7 @@ def load_config(env):
     rsets = loader.resources(sysdir, nets)
     templates = loader.templates(sysdir, userdir, rsets)
     repos = loader.repos(sysdir, userdir)
+    templates.use_repositories(repos)  # per-image templates (templates.py) are looked up in them
     if loader.problems:
         raise ConfigError(loader.problems)
     return Config(sysdir, userdir, batch, nets, rsets, templates, repos, loader.files, loader.warnings)

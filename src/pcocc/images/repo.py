@@ -24,8 +24,9 @@ with the process's umask and keeps whatever mode the admin gives it. Blobs and
 metadata files are read-only, readable by whom the repository's root lets read
 (0400 under a 0700 root, 0444 under 0755).
 
-pcocc has no reader of upstream pcocc's repository layout (`.config`, `data/`,
-`meta/<name>@<rev>`): the never-reused revision rule applies to this layout only.
+The original pcocc's layout (`.config`, `data/`, `meta/<name>@<rev>`) is read
+and written in place by images/upstream.py, with the original's rules: the
+never-reused revision rule applies to this layout only.
 """
 
 import contextlib
@@ -148,6 +149,10 @@ class Revision:
 
 
 class Repository:
+    """A repository in pcocc's own layout (see the module's docstring)."""
+
+    layout = "pcocc"
+
     def __init__(self, name, path, scope="user"):
         self.name = name
         self.path = path
@@ -214,6 +219,10 @@ class Repository:
 
     def blob_path(self, sha):
         return self._p("blobs", sha)
+
+    def layer_backing(self, sha):
+        """The backing file name of a layer on blob sha: relative, valid from blobs/ and from tmp/."""
+        return f"../blobs/{sha}"
 
     def exists(self):
         return os.path.isfile(self._p(".pcocc-repo"))

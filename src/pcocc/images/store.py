@@ -9,14 +9,23 @@ import shutil
 import stat
 
 from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, ResourceError, UsageError
-from pcocc.images import legacy_dir, qcow2, qemuimg, uri
+from pcocc.images import legacy_dir, qcow2, qemuimg, upstream, uri
 from pcocc.images.repo import ImageExists, Repository, copy_blob, sha256_file
+
+
+def open_repository(name, path, scope="user"):
+    """The repository at path, in the layout found there: the original pcocc's
+    (a `.config` file: images.upstream.UpstreamRepository) or pcocc's own
+    (images.repo.Repository, also for a path that does not exist yet)."""
+    if upstream.is_upstream(path):
+        return upstream.UpstreamRepository(name, path, scope)
+    return Repository(name, path, scope)
 
 
 class ImageStore:
     def __init__(self, repos, owner):
-        """repos: config Repo objects, highest priority first."""
-        self.repos = [Repository(r.name, r.path, r.scope) for r in repos]
+        """repos: config Repo objects, highest priority first; owner: the user name written in new revisions."""
+        self.repos = [open_repository(r.name, r.path, r.scope) for r in repos]
         self.owner = owner
 
     def repo(self, name=None):
@@ -52,14 +61,43 @@ class ImageStore:
             raise UsageError(f"'{text}': a destination cannot name a revision")
         return self.repo(u.repo), u.name
 
-    def list(self, repo=None, regex=None):
+    def list(self, repo=None, regex=None, problems=None):
+        """The latest revision of each image (of repo, or of every repository), names matching regex.
+
+        problems: a list to which the one-line error of a repository that cannot
+        be read is appended (the others are still listed); without it, that error
+        is raised (RepositoryError, e.g. the original's version-1 layout).
+        """
         pattern = re.compile(regex) if regex else None
         out = []
         for r in [self.repo(repo)] if repo else self.repos:
-            for name in r.image_names():
+            try:
+                names = r.image_names()
+            except PcoccError as exc:
+                if problems is None or repo:
+                    raise
+                problems.append(exc)
+                continue
+            for name in names:
                 if pattern is None or pattern.search(name):
-                    out.append(r.get(name))
+                    with contextlib.suppress(NotFoundError):  # deleted meanwhile
+                        out.append(r.get(name))
         return out
+
+    def find_image(self, name):
+        """(repository, name) of the first repository holding a VM image of that name, or None.
+
+        Reads only that image's metadata, repository by repository (no listing of
+        every image); a repository that cannot be read is skipped. Used for the
+        original's per-image templates (templates.TemplateSet).
+        """
+        for r in self.repos:
+            try:
+                if r.revisions(name):
+                    return r, name
+            except PcoccError:
+                continue
+        return None
 
     # -- operations
     def import_(self, src, dest, fmt=None, progress=None, description="", boot=None, boot_files=True):
@@ -169,11 +207,17 @@ class ImageStore:
         boot_shas = [v for k, v in rev.boot.items() if k in ("kernel", "initrd") and v]
         with repo.transaction(f"copying {rev.uri} to {repo.name}:{name}") as added:  # until the commit: gc must not take the new blobs
             shas = list(rev.layers) + boot_shas
+            layers = []
             for i, sha in enumerate(shas):
-                copy_blob(rev.repo, repo, sha, added)
+                if i < len(rev.layers) and layers and rev.repo.layer_backing(sha) != repo.layer_backing(sha):
+                    layers.append(_copy_rebased(rev.repo, repo, sha, layers[-1], added))  # another layout: another backing name
+                else:
+                    copy_blob(rev.repo, repo, sha, added)
+                    if i < len(rev.layers):
+                        layers.append(sha)
                 if progress:
                     progress(100.0 * (i + 1) / len(shas))
-            return repo.commit(name, rev.layers, rev.size, self.owner, new_image=True, description=rev.description, boot=rev.boot)
+            return repo.commit(name, layers, rev.size, self.owner, new_image=True, description=rev.description, boot=rev.boot)
 
     def delete(self, text):
         """Delete the revisions an URI names (one with @REV, else all); return them. See Repository.delete."""
@@ -188,7 +232,7 @@ class ImageStore:
         rev = self.find(text)
         if size < rev.size:
             raise UsageError(f"cannot shrink '{rev.uri}' ({rev.size} bytes) to {size} bytes")
-        return self.add_layer(rev, lambda path: qemuimg.create_layer(path, f"../blobs/{rev.layers[-1]}", size), size)
+        return self.add_layer(rev, lambda path: qemuimg.create_layer(path, rev.repo.layer_backing(rev.layers[-1]), size), size)
 
     def add_layer(self, rev, fill, size=None):
         """A new revision of rev's image with one more layer written by fill(tmp_path)."""
@@ -231,7 +275,7 @@ class ImageStore:
         with repo.transaction(f"saving a revision of {repo.name}:{name}") as added:  # until the commit: gc must not take the new blob
             tmp = repo.tmp_path("save")
             try:
-                fill(tmp, None if full else f"../blobs/{rev.layers[-1]}")  # tmp/ and blobs/ are siblings
+                fill(tmp, None if full else repo.layer_backing(rev.layers[-1]))  # valid from the tmp dir and from the blob's
                 sha = repo.store_blob(tmp, added)
             finally:
                 if os.path.exists(tmp):
@@ -245,6 +289,27 @@ class ImageStore:
                 before_commit()
             return repo.commit(name, layers, rev.size, self.owner, new_image=dest is not None,
                                description=rev.description if description is None else description, boot=rev.boot)
+
+
+def _copy_rebased(src_repo, dst_repo, sha, parent, added):
+    """Copy layer sha into dst_repo with its backing file renamed to parent's name there; return its new hash.
+
+    Between pcocc's layout and the original's, the same chain has other backing
+    names (`../blobs/H` and `../../data/xx/H`), so a copied layer is a new blob.
+    Call inside dst_repo.transaction() (added: its list).
+    """
+    tmp = dst_repo.tmp_path("copy")
+    try:
+        shutil.copyfile(src_repo.blob_path(sha), tmp)
+        if sha256_file(tmp) != sha:
+            raise PcoccError(f"blob {sha[:12]} of repository '{src_repo.name}' does not match its hash",
+                             f"Run 'pcocc image verify -R {src_repo.name}'.")
+        os.chmod(tmp, 0o600)
+        qemuimg.rebase_unsafe(tmp, dst_repo.layer_backing(parent))
+        return dst_repo.store_blob(tmp, added)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 BOOT_FORMAT = 1
