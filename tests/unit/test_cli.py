@@ -239,3 +239,91 @@ def test_local_backend_takes_an_attached_job_name(site):
     r = site("batch", "-pbatch", "tiny:1")
     assert r.status == ExitStatus.USAGE and "-p" in r.stderr and "the local backend takes -c, -m and -J" in r.stderr, r.stderr
     assert "atch'" not in r.stderr
+
+
+# ---- every status of `pcocc help exit-codes` is what a real failure of its kind returns
+
+def _documented_statuses():
+    from importlib import resources
+
+    text = resources.files("pcocc.help").joinpath("exit-codes.txt").read_text()
+    return {int(m.group(1)) for m in re.finditer(r"^\s+(\d+)\s+\S", text, re.M)}
+
+
+@pytest.fixture
+def real_site(cli, tmp_path):
+    """The local backend for real (its store, its reservations), with a small image r:tiny and no VM ever started."""
+    import subprocess
+
+    from pcocc.config.models import Repo
+    from pcocc.images.store import ImageStore
+
+    res = tmp_path / "resv"
+    res.mkdir()
+    res.chmod(0o1777)
+    cli.write("etc/batch.yaml", f"type: local\nsettings: {{store: sqlite, store-path: {tmp_path}/state.db, reservation-dir: {res}}}\n")
+    cli.write("user/repos.yaml", f"repos:\n  - name: r\n    path: {tmp_path}/repo\n")
+    cli.write("user/templates.yaml", "tiny:\n  image: r:tiny\nnoimg:\n  image: r:nothere\n")
+    cli.environ.update(PCOCC_RUN_DIR=str(tmp_path / "run"), PCOCC_NODE_STATE_DIR=str(tmp_path / "node"))
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1M"], check=True)
+    ImageStore([Repo("r", str(tmp_path / "repo"), "user")], "tester").import_(str(disk), "r:tiny", "qcow2")
+    return cli
+
+
+def test_the_exit_status_table_matches_real_failures(real_site, tmp_path, monkeypatch):
+    cli = real_site
+    (tmp_path / "text").write_text("not a disk\n")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "ckpt.json").write_text("{}")
+    (tmp_path / "link").symlink_to(tmp_path)
+    cases = {
+        0: lambda: cli("help", "exit-codes"),
+        1: lambda: cli("batch", "-r", tmp_path / "ckpt", "tiny:1"),  # the operation failed: not a checkpoint it can read
+        2: lambda: cli("imgae", "list"),
+        4: lambda: cli("cancel", "-j", "99"),
+        5: lambda: cli("batch", "-c", "1000", "tiny:1"),  # more cores than this host has
+        6: lambda: cli("display", "vm0"),
+        8: lambda: cli("image", "import", "-t", "qcow2", tmp_path / "text", "r:other"),  # qemu-img refuses it
+    }
+    seen = {}
+    for status, run_it in cases.items():
+        r = run_it()
+        seen[status] = r.status
+        assert r.status == status, (status, r.stderr)
+        if status:
+            assert r.stderr.startswith("pcocc: error: ") and "Traceback" not in r.stderr, r.stderr
+    assert "did you mean 'image'" in cli("imgae").stderr.lower()
+    r = cli("batch", "noimg:1")
+    assert r.status == 4 and "template noimg: image r:nothere" in r.stderr
+    r = cli("batch", "tny:1")
+    assert r.status == 4 and "did you mean 'tiny'" in r.stderr
+    r = cli("history", "-j", "5")
+    assert r.status == 4
+    r = cli("ps", "-j", "5")
+    assert r.status == 4 and "pcocc history -j 5" in r.stderr
+    # 3: a broken configuration file, for a command that needs it
+    cli.write("user/templates.yaml", "tiny: [\n")
+    seen[3] = cli("template", "list").status
+    # 7: a run directory that is a link (another user could own where it points)
+    cli.write("user/templates.yaml", "tiny:\n  image: r:tiny\n")
+    cli.environ["PCOCC_RUN_DIR"] = str(tmp_path / "link")
+    seen[7] = cli("batch", "tiny:1").status
+    cli.environ["PCOCC_RUN_DIR"] = str(tmp_path / "run")
+    # 9 and 130: a wait that runs out of time, a Ctrl-C while waiting (the wait itself is Backend.wait_ready's)
+    from pcocc.batch.base import Backend
+    from pcocc.errors import TimeoutExpired
+
+    def timeout(self, jobid, progress=None, timeout=3600, alive=None):
+        raise TimeoutExpired(f"cluster {jobid}: not every VM runs after {timeout} s")
+
+    def interrupt(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pcocc.batch.local.LocalBackend._start_supervisor", lambda self, jobid, key: [os.getpid(), 0])
+    monkeypatch.setattr("pcocc.batch.local.LocalBackend.cancel", lambda self, jobid, wait=True, **k: None)
+    monkeypatch.setattr(Backend, "wait_ready", timeout)
+    seen[9] = cli("batch", "--wait", "tiny:1").status
+    monkeypatch.setattr(Backend, "wait_ready", interrupt)
+    seen[130] = cli("batch", "--wait", "tiny:1").status
+    assert seen == {s: s for s in _documented_statuses()}

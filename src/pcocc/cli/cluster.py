@@ -367,6 +367,9 @@ def ps(app, jobids, names_, states, user, all_users, per_vm, fmt, noheader, as_j
     wanted_states = {s.strip().lower() for group in states for s in group.split(",") if s.strip()}
     jobs = [(i, v) for i, v in jobs if (not ids or i["jobid"] in ids) and (not names_ or i["name"] in names_)
             and (not wanted_states or str(i["state"]).lower() in wanted_states)]
+    if ids and not jobs:  # as squeue -j: a job id that is not running is an error (ended ones: the history)
+        shown = ", ".join(map(str, sorted(ids)))
+        raise NotFoundError(f"no running virtual cluster with job id {shown}", f"Ended clusters: 'pcocc history -j {shown.replace(' ', '')}'.")
     now = time.time()
     if per_vm:
         rows = [r for info, vms in jobs for r in _vm_rows(info, vms, now)]

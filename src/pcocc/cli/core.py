@@ -55,6 +55,18 @@ class LazyGroup(click.Group):
         module, attr, _ = COMMANDS[name]
         return getattr(importlib.import_module(f"pcocc.cli.{module}"), attr)
 
+    def resolve_command(self, ctx, args):
+        """click's, with a suggestion for a mistyped command (difflib): the lazy list is ours to search."""
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and name not in COMMANDS and not ctx.resilient_parsing:
+            import difflib
+
+            visible = [n for n in COMMANDS if n not in HIDDEN]
+            close = difflib.get_close_matches(name, visible, n=1)
+            if close:
+                ctx.fail(f"No such command {name!r}. Did you mean {close[0]!r}?")
+        return super().resolve_command(ctx, args)
+
     def format_commands(self, ctx, formatter):
         rows = [(name, short) for name, (_, _, short) in COMMANDS.items() if name not in HIDDEN]
         with formatter.section("Commands"):
