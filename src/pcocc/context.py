@@ -17,10 +17,13 @@ class Context:
 
     @property
     def config(self):
+        """The configuration, loaded once. Invalid template files do not stop it (a warning; the
+        templates raise their ConfigError when used: config.loader.load_config(strict=False)),
+        so that ps, cancel, exec, console, ssh and image work with a broken templates.yaml."""
         if self._config is None:
             from pcocc.config.loader import load_config
 
-            self._config = load_config(self.env)
+            self._config = load_config(self.env, strict=False)
         return self._config
 
     @property

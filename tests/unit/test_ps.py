@@ -176,3 +176,48 @@ def test_cancel_stops_the_known_and_reports_the_unknown(site):
     assert site("ps", "--json").json == []
     assert site("cancel", "--all").status == 0  # nothing to stop is not an error
     assert site("cancel", "--all", "-j", "1").status == ExitStatus.USAGE
+
+
+BROKEN = "tiny:\n  image: r:tiny\n  resource-set: nope\nbad: [\n"
+
+
+def test_a_broken_templates_yaml_does_not_stop_commands_that_do_not_need_it(site):
+    site.add(1, "alpha")
+    site.add(2, "beta")
+    site.cli.write("user/templates.yaml", "tiny:\n  image: r:tiny\n  imagee: typo\n")
+    for argv in (("ps",), ("ps", "--vms"), ("history",), ("image", "list"), ("cancel", "2")):
+        r = site(*argv)
+        assert r.status == 0, (argv, r.stderr)
+        assert r.stderr.startswith("pcocc: warning: the templates are ignored: 1 problem(s)"), r.stderr
+        assert "templates.yaml:3" in r.stderr and "config validate" in r.stderr
+    r = site("exec", "-j", "9", "hostname")  # exec (cli/access.py) gets it from the context: not a config error
+    assert r.status == ExitStatus.NOT_FOUND, r.stderr
+    for argv in (("template", "list"), ("batch", "tiny:1"), ("config", "show")):
+        r = site(*argv)
+        assert r.status == ExitStatus.CONFIG, (argv, r.stderr)
+        assert "templates.yaml:3: tiny.imagee" in r.stderr or "imagee" in r.stderr
+    assert [x["jobid"] for x in site("ps", "--json").json] == [1]
+
+
+def test_config_validate_still_reports_every_problem(site):
+    site.cli.write("user/templates.yaml", "tiny:\n  image: r:tiny\n  imagee: typo\nother:\n  inherits: ghost\n")
+    r = site("config", "validate")
+    assert r.status == ExitStatus.CONFIG
+    errors = [l for l in r.stderr.splitlines() if l.startswith("pcocc: error: ")]
+    assert any("tiny.imagee" in l for l in errors) and any("ghost" in l for l in errors)
+    r = site("config", "validate", "--json")
+    assert r.status == ExitStatus.CONFIG
+    data = r.json
+    assert data["valid"] is False and len(data["problems"]) == 2
+    first = data["problems"][0]
+    assert set(first) == {"file", "line", "key", "message"}
+    assert first["file"].endswith("templates.yaml") and first["line"] == 3 and first["key"] == "tiny.imagee"
+    assert data["problems"][1]["key"] == "other.inherits" and "ghost" in data["problems"][1]["message"]
+    site.cli.write("user/templates.yaml", "tiny:\n  image: r:tiny\n")
+    r = site("config", "validate", "--json")
+    assert r.status == 0 and r.json["valid"] is True and r.stderr == ""
+
+
+def test_a_broken_batch_yaml_still_stops_every_command(site):
+    site.cli.write("etc/batch.yaml", "type: nope\n")
+    assert site("ps").status == ExitStatus.CONFIG

@@ -15,10 +15,26 @@ def config():
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @pass_app
 def validate(app, as_json):
-    """Check every configuration file and report every problem found."""
-    cfg = app.config  # raises ConfigError listing every problem
+    """Check every configuration file and report every problem found (exit status 3).
+
+    With --json, on stdout: {"valid": true, "files": [...], "warnings": [...]} or
+    {"valid": false, "problems": [{"file", "line", "key", "message"}]} (a part a problem
+    lacks is null), a stable interface for scripts.
+    """
+    import click as _click
+
+    from pcocc.config.loader import load_config, problem_fields
+    from pcocc.errors import ConfigError, ExitStatus
+
+    try:
+        cfg = load_config(app.env, strict=True)  # every problem, templates' too
+    except ConfigError as exc:
+        if not as_json:
+            raise
+        dump_json(app, {"valid": False, "problems": [problem_fields(p) for p in exc.problems]})
+        raise _click.exceptions.Exit(ExitStatus.CONFIG) from None
     if as_json:
-        return dump_json(app, {"valid": True, "files": cfg.files})
+        return dump_json(app, {"valid": True, "files": cfg.files, "warnings": list(cfg.warnings)})
     app.out(f"configuration is valid ({len(cfg.files)} files read)")
     for f in cfg.files:
         app.out(f"  {f}")

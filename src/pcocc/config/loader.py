@@ -330,16 +330,63 @@ class _Loader:
         return out
 
 
-def load_config(env):
-    """Load the whole configuration; raise ConfigError listing every problem."""
+class BrokenTemplates:
+    """Stands for the templates when their files are invalid (load_config(strict=False)): any use
+    raises the ConfigError that lists their problems (exit status 3), so that a command that needs
+    templates fails as before, and one that does not (ps, cancel, exec, image list) works."""
+
+    def __init__(self, error):
+        self._error = error
+
+    @property
+    def error(self):
+        return self._error
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise self._error
+
+    def __contains__(self, name):
+        raise self._error
+
+
+def load_config(env, strict=True):
+    """Load the whole configuration; raise ConfigError listing every problem.
+
+    strict=False (what commands get through Context.config): problems in the template files
+    alone (templates.yaml, templates.d/*.yaml, and the checks of their templates) do not
+    stop the load: they are shown as one warning, and config.templates is a BrokenTemplates
+    that raises them when a command uses templates. Problems anywhere else still raise.
+    `pcocc config validate` loads strictly and reports every problem.
+    """
     loader = _Loader(env)
     sysdir, userdir = env.system_conf_dir, env.user_conf_dir
     batch = loader.batch(sysdir)
     nets = loader.networks(sysdir)
     rsets = loader.resources(sysdir, nets)
+    before = len(loader.problems)
     templates = loader.templates(sysdir, userdir, rsets)
+    template_problems = loader.problems[before:]
     repos = loader.repos(sysdir, userdir)
     templates.use_repositories(repos)  # per-image templates (templates.py) are looked up in them
-    if loader.problems:
+    if loader.problems and (strict or len(template_problems) != len(loader.problems)):
         raise ConfigError(loader.problems)
+    if template_problems:
+        error = ConfigError(template_problems, "Run 'pcocc config validate' for every problem.")
+        templates = BrokenTemplates(error)
+        loader.warn(f"the templates are ignored: {len(template_problems)} problem(s) in their files, the first: "
+                    f"{error.problems[0]} (commands that need templates fail; see 'pcocc config validate')")
     return Config(sysdir, userdir, batch, nets, rsets, templates, repos, loader.files, loader.warnings)
+
+
+_PROBLEM = re.compile(r"(?P<file>[^:]*?):(?P<line>\d+)(?::\d+)?: (?:(?P<key>[^\s:][^:]*?): )?(?P<message>.*)", re.S)
+
+
+def problem_fields(text):
+    """A problem line ("file:line: key: message") as {file, line, key, message}; the parts it
+    lacks are None (line: int). For `config validate --json`."""
+    m = _PROBLEM.fullmatch(text)
+    if not m:
+        return {"file": None, "line": None, "key": None, "message": text}
+    return {"file": m["file"], "line": int(m["line"]), "key": m["key"], "message": m["message"]}
