@@ -159,3 +159,39 @@ def prune(store, user, now=None, max_age=None, max_entries=None):
     for key in gone:
         store.delete(key)
     return len(gone)
+
+
+def script_end(status, what):
+    """(end state, reason, exit code) of a cluster that ended with its script or shell.
+
+    status: the script's exit status (int; negative: killed by that signal, as subprocess
+    reports it); what: its name in the reason ("batch script", "allocation's shell", ...).
+    """
+    if status is not None and status < 0:
+        return FAILED, f"the {what} was killed by signal {-status}", status
+    return (COMPLETED if status == 0 else FAILED), f"the {what} exited with status {status}", status
+
+
+def launcher_end(signals=(), error=None, script=None, status=None):
+    """(end state, reason, exit code) of a SLURM cluster, from what its launcher saw.
+
+    signals: the signals it got (scancel: SIGTERM; Ctrl-C: SIGINT; salloc revoked: SIGHUP), in
+    order; error: the PcoccError message that ended it, or None; script: the name of its script
+    or shell ("batch script", "host script", "allocation's shell") when one ran to its end, with
+    its exit status; status: that status, or for a cluster without a script srun's.
+    A signal wins (CANCELLED: scancel(1) and the time limit both send it), then an error
+    (FAILED), then the script's status; a cluster without one COMPLETED when srun ended with 0.
+    """
+    import signal as _signal
+
+    if signals:
+        sig = signals[0]
+        name = _signal.Signals(sig).name if sig in _signal.valid_signals() else str(sig)
+        return CANCELLED, f"its launcher got {name} (scancel, the time limit, or Ctrl-C)", None
+    if error:
+        return FAILED, error, None
+    if script:
+        return script_end(status, script)
+    if status == 0:
+        return COMPLETED, "every VM stopped", None
+    return FAILED, f"the VMs' step ended with status {status}", None

@@ -188,3 +188,13 @@ def test_history_errors(site, argv, status):
 def test_history_h_is_help(site):
     r = site("history", "-h")
     assert r.status == 0 and r.stdout.startswith("Usage:")
+
+
+def test_the_end_a_launcher_records():
+    assert history.launcher_end(signals=[15]) == ("CANCELLED", "its launcher got SIGTERM (scancel, the time limit, or Ctrl-C)", None)
+    assert history.launcher_end(error="vm1 failed: boom")[:2] == ("FAILED", "vm1 failed: boom")
+    assert history.launcher_end(script="batch script", status=0) == ("COMPLETED", "the batch script exited with status 0", 0)
+    assert history.launcher_end(script="host script", status=2)[0] == "FAILED"
+    assert history.launcher_end(script="allocation's shell", status=-9)[1] == "the allocation's shell was killed by signal 9"
+    assert history.launcher_end(status=0) == ("COMPLETED", "every VM stopped", None)
+    assert history.launcher_end(status=1)[0] == "FAILED"

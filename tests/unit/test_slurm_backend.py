@@ -71,3 +71,52 @@ def test_before_the_first_node_setup_the_queue_is_shown(tmp_path, monkeypatch):
     monkeypatch.setattr(b, "squeue", lambda jobid=None, user=None: {7: {"name": "vc", "user": "alice", "state": "RUNNING", "pcocc": True}})
     assert [(i["jobid"], i["state"]) for i, _ in b.jobs()] == [(7, "running")]
     assert b.find(7) == 7
+
+
+def test_ps_all_shows_every_users_pcocc_jobs_as_squeue_does(tmp_path, monkeypatch):
+    b = backend(tmp_path)
+    queue = {7: {"name": "mine", "user": "alice", "state": "RUNNING", "nodes": "n1", "pcocc": True},
+             8: {"name": "theirs", "user": "bob", "state": "PENDING", "nodes": "", "pcocc": True},
+             9: {"name": "plain", "user": "bob", "state": "RUNNING", "nodes": "n2", "pcocc": False}}
+
+    def squeue(jobid=None, user=None, all_users=False):
+        return {j: v for j, v in queue.items() if (jobid in (None, j)) and (all_users or jobid or v["user"] == (user or "alice"))}
+
+    monkeypatch.setattr(b, "squeue", squeue)
+    got = [(i["jobid"], i["owner"], i["state"]) for i, _ in b.all_jobs()]
+    assert got == [(7, "alice", "running"), (8, "bob", "pending")]  # not 9: not a virtual cluster
+
+
+def test_cancel_many_scancels_each_then_waits(tmp_path, monkeypatch):
+    import pcocc.batch.slurm as slurm
+
+    b = backend(tmp_path)
+    calls = []
+    monkeypatch.setattr(slurm, "run", lambda argv, **kw: calls.append(argv))
+    monkeypatch.setattr(b, "wait_gone", lambda jobid: calls.append(["wait", jobid]))
+    assert b.cancel_many([5, 6]) == {5: None, 6: None}
+    assert calls == [["scancel", "5"], ["scancel", "6"], ["wait", 5], ["wait", 6]]
+
+
+def test_the_image_check_skips_repositories_this_host_cannot_see(tmp_path):
+    """Repositories may be mounted on the compute nodes only: an image there is left to the job."""
+    import pytest
+
+    from pcocc.config.models import Repo
+    from pcocc.errors import NotFoundError
+    from pcocc.images.store import ImageStore
+
+    b = backend(tmp_path)
+    (tmp_path / "seen").mkdir()
+    repos = [Repo("seen", str(tmp_path / "seen"), "user"), Repo("far", str(tmp_path / "far"), "user")]
+    b.ctx.images = lambda: ImageStore(repos, "alice")
+    b.ctx.env = SimpleNamespace(user="alice", home=str(tmp_path), environ={})
+    vm = SimpleNamespace(template="t")
+
+    def check(image):
+        b.check_images([vm], {"t": SimpleNamespace(values={"image": image})}, visible_only=True)
+
+    check("far:img")  # not checked: its repository is not here
+    check("img")  # not checked: it may be in 'far'
+    with pytest.raises(NotFoundError, match="template t: image seen:img"):
+        check("seen:img")
