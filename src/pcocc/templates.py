@@ -14,6 +14,7 @@ looked up only when a name is not a written template (one image's metadata
 read per repository), never listed unless asked (names(images=True)).
 """
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 
@@ -176,10 +177,12 @@ class TemplateSet:
         if images and self.default_resource_set and self.repos:
             from pcocc.images.store import ImageStore
 
-            problems = []
+            problems = []  # repositories that cannot be read: their images are not listed
             for rev in ImageStore(self.repos, "").list(problems=problems):
-                if rev.name not in names and self._image_template(rev.name) is not None:
-                    names.add(rev.name)
+                if rev.name not in names:
+                    with contextlib.suppress(PcoccError):
+                        if self._image_template(rev.name) is not None:
+                            names.add(rev.name)
         return sorted(names)
 
     def get(self, name):
@@ -193,16 +196,17 @@ class TemplateSet:
         return tpl
 
     def _image_template(self, name):
-        """The per-image template of name, or None (no default resource set, no such image, not a template name)."""
+        """The per-image template of name, or None (no default resource set, no such image, not a template name).
+
+        Raises RepositoryError (one line) when a repository searched before the
+        one holding the image cannot be read (e.g. the original's version 1).
+        """
         if name in self.templates or not self.default_resource_set or not self.repos or not _TEMPLATE_NAME.fullmatch(name or ""):
             return None
         if name not in self._images:
             from pcocc.images.store import ImageStore
 
-            try:
-                found = ImageStore(self.repos, "").find_image(name)
-            except PcoccError:
-                found = None
+            found = ImageStore(self.repos, "").find_image(name)  # a repository that cannot be read says so
             tpl = None
             if found is not None:
                 repo, image = found

@@ -312,6 +312,14 @@ def test_the_first_repository_holding_the_image_gives_it(orig, tmp_path):
     assert t.resolve("centos")["image"] == "first:centos"
 
 
+def test_an_unreadable_repository_before_the_image_says_so_rather_than_skipping_it(orig, tmp_path):
+    Original(tmp_path / "old", version=1)
+    t = tset([R("old", tmp_path / "old"), R("orig", orig.root)])
+    with pytest.raises(RepositoryError, match="version-1"):
+        t.get("centos")
+    assert t.names(images=True) == []
+
+
 def test_image_templates_are_looked_up_only_when_resolved(orig, monkeypatch):
     calls = []
     real = ImageStore.find_image

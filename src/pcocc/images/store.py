@@ -88,15 +88,14 @@ class ImageStore:
         """(repository, name) of the first repository holding a VM image of that name, or None.
 
         Reads only that image's metadata, repository by repository (no listing of
-        every image); a repository that cannot be read is skipped. Used for the
+        every image), in search order: a repository that cannot be read before
+        one that holds the image raises its error (RepositoryError), so that a
+        lower one's image of the same name is never taken instead. Used for the
         original's per-image templates (templates.TemplateSet).
         """
         for r in self.repos:
-            try:
-                if r.revisions(name):
-                    return r, name
-            except PcoccError:
-                continue
+            if r.revisions(name):
+                return r, name
         return None
 
     # -- operations
