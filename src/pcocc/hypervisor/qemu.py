@@ -88,9 +88,13 @@ def _disks(vm):
     if model == "virtio-scsi":
         args += ["-device", "virtio-scsi-pci,id=scsi0"]
     disks = ([(vm.disk, s["disk-cache"], "qcow2")] if vm.disk else []) + list(vm.drives)
+    # a persistent drive with mmp: cluster is written by several VMs of the cluster at once (a
+    # cluster file system in the guests): qemu's image locking must let them share it (share-rw)
+    shared = [False] * (1 if vm.disk else 0) + [d.get("mmp") == "cluster" for d in s.get("persistent-drives") or []]
     for i, (path, cache, fmt) in enumerate(disks):
         args += ["-drive", f"file={_q(path)},if=none,id=disk{i},cache={cache},format={fmt}"]
         bus = ",bus=scsi0.0" if model == "virtio-scsi" else ""
         boot = ",bootindex=1" if i == 0 else ""
-        args += ["-device", f"{_DISK_DEVICES[model]},drive=disk{i}{bus}{boot}"]
+        share = ",share-rw=on" if i < len(shared) and shared[i] else ""
+        args += ["-device", f"{_DISK_DEVICES[model]},drive=disk{i}{bus}{boot}{share}"]
     return args

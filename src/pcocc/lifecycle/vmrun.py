@@ -19,6 +19,7 @@ from pcocc.agent.endpoint import ControlServer
 from pcocc.agent.qga import GuestAgent
 from pcocc.errors import NotFoundError, PcoccError
 from pcocc.hypervisor import accel, seed, topology, vm as vmlib
+from pcocc.lifecycle import drives
 from pcocc.lifecycle.control import ControlHandler
 from pcocc.networks import jobnet
 from pcocc.procs import process_start
@@ -45,6 +46,7 @@ def run_vm(ctx, jobid, rank):
     rundir = os.path.join(jobdir, f"vm{rank}")
     os.makedirs(rundir, mode=0o700, exist_ok=True)  # under the run dir, private (env.run_dir checks it)
     vm = server = agent = None
+    locked = []
     stop = threading.Event()
     outcome = {"state": "stopped"}
 
@@ -70,6 +72,10 @@ def run_vm(ctx, jobid, rank):
         vm = vmlib.VM(cfg)
         if stop.is_set():
             return 0
+        # its persistent drives, protected against a second attachment (mmp) before qemu opens them
+        locked = drives.take(store, user, jobid, rank, [(path, d.get("mmp", True)) for (path, _, _), d in
+                                                        zip(cfg.drives, spec["settings"]["persistent-drives"])],
+                             ctx.backend().job_alive)
         if cfg.incoming:
             publish("restoring")
         vm.start(pin=spec["settings"]["bind-vcpus"] and spec.get("pin", True))
@@ -114,6 +120,8 @@ def run_vm(ctx, jobid, rank):
             _quietly(vm.close)
         if agent is not None:
             _quietly(agent.close)
+        if locked:  # once qemu is gone: the drives are closed
+            _quietly(drives.release, store, user, jobid, rank, locked)
         shutil.rmtree(rundir, ignore_errors=True)
         if not info.get("rundir"):  # SLURM: the last VM of the job on this node removes the job's dir
             with contextlib.suppress(OSError):
