@@ -103,3 +103,22 @@ def test_an_image_is_a_template_of_its_name_with_no_templates_entry(site):
         assert sh(site, job, "hostname").strip() == "vm0"
     finally:
         site.pcocc("cancel", "-j", job)
+
+
+def test_a_layered_image_copies_between_the_two_layouts(site):
+    """Backing names differ (../blobs/H, ../../data/xx/H): each copied layer is rebased, and both repositories verify."""
+    top = json.loads(site.pcocc("image", "show", "--json", "orig:otiny", check=True).stdout)
+    assert len(top["layers"]) == 2, "needs the revision saved by the test above"
+    site.pcocc("image", "copy", "orig:otiny", "user:ocopy", check=True)
+    mine = json.loads(site.pcocc("image", "show", "--json", "user:ocopy", check=True).stdout)
+    assert mine["layers"][0] == top["layers"][0] and mine["layers"][1] != top["layers"][1] and mine["revision"] == 0
+    site.pcocc("image", "copy", "user:ocopy", "orig:back", check=True)
+    back = json.loads(site.pcocc("image", "show", "--json", "orig:back", check=True).stdout)
+    assert back["layers"][0] == top["layers"][0] and len(back["layers"]) == 2
+    tops = [site.orig / "data" / top["layers"][1][:2] / top["layers"][1], site.repo / "blobs" / mine["layers"][1],
+            site.orig / "data" / back["layers"][1][:2] / back["layers"][1]]
+    for other in tops[1:]:
+        r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(tops[0]), str(other)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr  # the same guest content through either chain
+    r = site.pcocc("image", "verify")
+    assert r.returncode == 0, r.stdout + r.stderr

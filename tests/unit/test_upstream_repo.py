@@ -355,3 +355,19 @@ def test_cli_lists_other_repositories_when_one_is_version_1(cli, orig, tmp_path)
     assert r.status == 0 and [x["name"] for x in r.json] == ["centos"] and "pcocc image repo gc old" in r.stderr
     r = cli("image", "show", "centos")
     assert r.status == ExitStatus.ERROR and "version-1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_verify_works_where_the_lock_files_cannot_be_created(store, monkeypatch):
+    """A repository the user may only read (a site's shared one): no lock file of pcocc there, none creatable."""
+    from pcocc.errors import PermissionDenied
+
+    repo = store.repo("orig")
+
+    def denied(which):
+        raise PermissionDenied(f"repository '{repo.name}' is read-only for you")
+
+    monkeypatch.setattr(repo, "_lock_fd", denied)
+    assert repo.verify() == [] and repo.leftovers() == []
+    with pytest.raises(PermissionDenied):
+        repo.delete("centos", 1)
+    assert [r.revision for r in repo.revisions("centos")] == [0, 1]

@@ -470,8 +470,14 @@ class UpstreamRepository(Repository):
         return removed, freed
 
     def leftovers(self):
-        """What `repo gc` would remove now (paths relative to the repository)."""
-        with self.io("listing leftovers"), self._meta_lock():
+        """What `repo gc` would remove now (paths relative to the repository).
+
+        Takes no lock (the original takes none either), so that `image verify`
+        works on a repository the caller may only read.
+        """
+        with self.io("listing leftovers"):
+            if self._unreadable_metas():
+                return []  # gc would refuse: it removes nothing
             return [what for _, what in self._collectable(self._used_blobs(), time.time())]
 
     def verify(self):
