@@ -233,9 +233,16 @@ def alloc(app, restart_ckpt, boot, user_data, alloc_script, args):
         if not script:
             app.info(f"cluster {jobid} ready: a shell in its allocation; exit it to end the cluster")
         code = subprocess.call(argv, env=env)
-        what = "script" if script else "shell"
-        end = {"end_state": "COMPLETED" if code == 0 else "FAILED", "exit_code": code,
-               "reason": f"the allocation's {what} exited with status {code}"}
+        from pcocc.history import script_end
+
+        state_, reason, _ = script_end(code, "allocation's script" if script else "allocation's shell")
+        end = {"end_state": state_, "exit_code": code, "reason": reason}
+    except PcoccError as exc:  # e.g. a VM failed to start: the history says so, not "cancelled"
+        end = {"end_state": "FAILED", "reason": exc.message}
+        raise
+    except KeyboardInterrupt:
+        end = {"end_state": "CANCELLED", "reason": "alloc was interrupted (Ctrl-C)"}
+        raise
     finally:
         app.info(f"cluster {jobid}: stopping")
         with contextlib.suppress(NotFoundError):  # it may have ended already: keep the first error

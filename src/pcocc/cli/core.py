@@ -146,6 +146,24 @@ def run(argv=None, env=None):
         env.stderr.write("pcocc: error: an argument holds a NUL character\n")
         return ExitStatus.USAGE
     try:
+        return _run(app, argv, env, debug)
+    finally:
+        _warn_ignored_templates(app, env)
+
+
+def _warn_ignored_templates(app, env):
+    """A command that worked while the template files are invalid says so (config.loader.BrokenTemplates)."""
+    from pcocc.config.loader import BrokenTemplates
+
+    templates = getattr(app.ctx._config, "templates", None)
+    if isinstance(templates, BrokenTemplates) and not templates.used and app.verbosity >= -1:
+        with contextlib.suppress(Exception):
+            for text in [*templates.other_warnings, templates.warning()]:
+                env.stderr.write(f"pcocc: warning: {text}\n")
+
+
+def _run(app, argv, env, debug):
+    try:
         # click prints help and version to sys.stdout: send it where env says.
         with contextlib.redirect_stdout(env.stdout):
             rv = program.main(argv, prog_name="pcocc", standalone_mode=False, obj=app)

@@ -99,13 +99,18 @@ class _Loader:
         return data
 
     def warn(self, text):
-        """Record a warning and show it on the environment's stderr, as the CLI shows its own."""
+        """Record a warning; show_warnings() shows them once the load succeeded (a failed load
+        prints its errors alone: one line per problem)."""
         self.warnings.append(text)
+
+    def show_warnings(self):
+        """Show the warnings on the environment's stderr, as the CLI shows its own."""
         stream = getattr(self.env, "stderr", None)
-        if stream is not None:
-            stream.write(f"pcocc: warning: {text}\n")
-        else:
-            log.warning("%s", text)
+        for text in self.warnings:
+            if stream is not None:
+                stream.write(f"pcocc: warning: {text}\n")
+            else:
+                log.warning("%s", text)
 
     def at(self, path, data):
         return At(path, line_of(data), "", self.problems)
@@ -335,20 +340,31 @@ class BrokenTemplates:
     raises the ConfigError that lists their problems (exit status 3), so that a command that needs
     templates fails as before, and one that does not (ps, cancel, exec, image list) works."""
 
-    def __init__(self, error):
+    def __init__(self, error, warnings=()):
         self._error = error
+        self.used = False  # whether a command tried them (then it failed with their problems)
+        self.other_warnings = list(warnings)  # the load's other warnings, shown with this one
 
     @property
     def error(self):
         return self._error
 
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
+    def warning(self):
+        """The one-line warning for a command that worked without them."""
+        return (f"the templates were ignored: {len(self._error.problems)} problem(s) in their files, the first: "
+                f"{self._error.problems[0]} (commands that need templates fail; see 'pcocc config validate')")
+
+    def _fail(self):
+        self.used = True
         raise self._error
 
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        self._fail()
+
     def __contains__(self, name):
-        raise self._error
+        self._fail()
 
 
 def load_config(env, strict=True):
@@ -356,8 +372,8 @@ def load_config(env, strict=True):
 
     strict=False (what commands get through Context.config): problems in the template files
     alone (templates.yaml, templates.d/*.yaml, and the checks of their templates) do not
-    stop the load: they are shown as one warning, and config.templates is a BrokenTemplates
-    that raises them when a command uses templates. Problems anywhere else still raise.
+    stop the load: config.templates is a BrokenTemplates that raises them when a command uses
+    templates (the CLI warns, at the end of a command that did not: BrokenTemplates.warning). Problems anywhere else still raise.
     `pcocc config validate` loads strictly and reports every problem.
     """
     loader = _Loader(env)
@@ -373,10 +389,10 @@ def load_config(env, strict=True):
     if loader.problems and (strict or len(template_problems) != len(loader.problems)):
         raise ConfigError(loader.problems)
     if template_problems:
-        error = ConfigError(template_problems, "Run 'pcocc config validate' for every problem.")
-        templates = BrokenTemplates(error)
-        loader.warn(f"the templates are ignored: {len(template_problems)} problem(s) in their files, the first: "
-                    f"{error.problems[0]} (commands that need templates fail; see 'pcocc config validate')")
+        error = ConfigError(template_problems)  # every problem there is: the rest of the files are valid
+        templates = BrokenTemplates(error, loader.warnings)  # shown by the CLI, if the command works
+    else:
+        loader.show_warnings()
     return Config(sysdir, userdir, batch, nets, rsets, templates, repos, loader.files, loader.warnings)
 
 
