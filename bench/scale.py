@@ -188,14 +188,16 @@ class Run:
         self.endpoints, self.procs, self.threads, self.cap = endpoints, procs, threads, cap
         self.ctx = multiprocessing.get_context("fork")  # the parent has no threads when it forks
 
-    def once(self, design, jobs, hosts_per_job):
-        """Set up then tear down `jobs` jobs of `hosts_per_job` hosts at once; the figures."""
+    def once(self, design, jobs, hosts_per_job, clean=True, job_base=100):
+        """Set up then tear down `jobs` jobs of `hosts_per_job` hosts at once; the figures.
+        clean: first delete every pool key (so that runs are independent)."""
         from pcocc.store.etcd import EtcdStore
 
         admin = EtcdStore(self.endpoints)
-        for prefix in ("/pcocc/global/pools/", "/pcocc/global/pool-owners/"):
-            admin.delete_prefix(prefix)
-        tasks = [(100 + j, j * hosts_per_job + h, h == 0) for h in range(hosts_per_job) for j in range(jobs)]
+        if clean:
+            for prefix in ("/pcocc/global/pools/", "/pcocc/global/pool-owners/"):
+                admin.delete_prefix(prefix)
+        tasks = [(job_base + j, j * hosts_per_job + h, h == 0) for h in range(hosts_per_job) for j in range(jobs)]
         procs = min(self.procs, len(tasks))
         threads = max(1, min(self.threads, len(tasks) // procs))
         slots = procs * threads
@@ -206,6 +208,7 @@ class Run:
             c.start()
         try:
             time.sleep(0.5)  # let the children open their connections: the clock starts at `go`
+            load0 = os.getloadavg()[0]
             t0 = time.perf_counter()
             go.set()
             ups = 0
@@ -226,11 +229,17 @@ class Run:
         finally:
             go.set()
             go_down.set()
+            # a child exits only once its queue is read: drain it while they finish
+            deadline = time.monotonic() + 60
+            while any(c.is_alive() for c in children) and time.monotonic() < deadline:
+                try:
+                    out.get(timeout=0.2)
+                except Exception:  # noqa: BLE001 - queue.Empty, or a half-written item of a killed child
+                    pass
             for c in children:
-                c.join(30)
                 if c.is_alive():
                     os.kill(c.pid, signal.SIGKILL)
-                    c.join()
+                c.join()
         got = {k: v for r in reports for k, v in r["got"].items()}
         left = len(admin.range("/pcocc/global/pools/")) + len(admin.range("/pcocc/global/pool-owners/"))
         admin.close()
@@ -242,7 +251,7 @@ class Run:
             "errors": [e for r in reports for e in r["errors"]],
             "not_done": [sum(r["undone"][0] for r in reports), sum(r["undone"][1] for r in reports)],
             "duplicates": duplicates(got, hosts_per_job), "hosts_done": len(got), "keys_left": left,
-            "keys_at_peak": keys, "db_bytes_at_peak": int(size),
+            "keys_at_peak": keys, "db_bytes_at_peak": int(size), "loadavg": [load0, os.getloadavg()[0]],
         }
 
     @staticmethod
@@ -277,14 +286,22 @@ def main():
     ap.add_argument("--hosts", default="10,100,1000")
     ap.add_argument("--reps", type=int, default=int(os.environ.get("BENCH_REPS", "3")))
     ap.add_argument("--workers", default="8x16", help="PROCESSESxTHREADS: concurrent clients")
-    ap.add_argument("--cap", type=float, default=150.0, help="seconds per phase before cutting a run")
+    ap.add_argument("--cap", type=float, default=60.0, help="seconds per phase before cutting a run")
     ap.add_argument("--designs", default="old,new")
     ap.add_argument("--jobs32", action=argparse.BooleanOptionalAction, default=True, help="the 32 jobs x 32 hosts case")
+    ap.add_argument("--churn", type=int, default=320, help="jobs that come and go (8 at once, 4 hosts each) before "
+                    "counting keys and the database size after a compaction and defragmentation (0: skip)")
     ap.add_argument("--out", default=report.RESULTS)
     ap.add_argument("--etcd-dir", default=None, help="where the members keep their data (default: a new dir under $TMPDIR)")
+    ap.add_argument("--render", metavar="JSON", help="only write the Markdown and the plot again from a scale.json")
     args = ap.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            data = json.load(f)
+        write(data["results"], args.out, data.get("clients", 0), data.get("cap", args.cap), data.get("churn"))
+        return
     procs, threads = map(int, args.workers.split("x"))
-    sizes = [int(h) for h in args.hosts.split(",")]
+    sizes = [int(h) for h in args.hosts.split(",") if h]
     designs = args.designs.split(",")
 
     from pcocc.testcluster.etcd3 import Etcd3
@@ -298,7 +315,7 @@ def main():
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
-    results = []
+    results, churn = [], None
     try:
         cluster.start()
         run = Run(cluster.endpoints, procs, threads, args.cap)
@@ -314,21 +331,60 @@ def main():
                 print(f"{design:3} {jobs}x{hosts} hosts run {r + 1}/{reps}: set-up {fig['setup_s']:.2f} s, "
                       f"teardown {fig['teardown_s']:.2f} s, {fig['requests'] / fig['vms']:.2f}+{fig['requests_down'] / fig['vms']:.2f} requests/VM, "
                       f"{len(fig['errors'])} errors, not done {fig['not_done']}, {fig['duplicates']} duplicates, "
-                      f"{fig['keys_left']} keys left", flush=True)
+                      f"{fig['keys_left']} keys left, load average {fig['loadavg'][0]:.0f}", flush=True)
                 for e in fig["errors"][:3]:
                     print("   ", e)
             results.append({"design": design, "jobs": jobs, "hosts_per_job": hosts, "runs": runs})
+        if args.churn and "new" in designs:
+            churn = churn_run(run, cluster, args.churn)
     finally:
         cluster.close()
         shutil.rmtree(base, ignore_errors=True)
-    write(results, args.out, procs * threads, args.cap)
+    write(results, args.out, procs * threads, args.cap, churn)
+
+
+def churn_run(run, cluster, jobs):
+    """`jobs` jobs of 4 hosts come and go, 8 at once, on the new layout (pools not cleaned
+    between them): keys and database size before and after, each after a compaction and
+    defragmentation."""
+    from pcocc.store.etcd import EtcdStore
+
+    def measure():
+        after = cluster.compact_and_defrag()
+        admin = EtcdStore(cluster.endpoints)
+        keys = int(admin.client.call("kv/range", {"key": "AA==", "range_end": "AA==", "count_only": True}).get("count", 0))
+        pools = len(admin.range("/pcocc/global/pools/")) + len(admin.range("/pcocc/global/pool-owners/"))
+        admin.close()
+        return {"keys": keys, "pool_keys": pools, "db_bytes": max(m["db_bytes"] for m in after)}
+
+    before = measure()
+    errors = duplicates = 0
+    t0 = time.perf_counter()
+    requests = 0
+    for k in range(0, jobs, 8):
+        fig = run.once("new", 8, 4, clean=False, job_base=10_000 + k)
+        errors += len(fig["errors"]) + sum(fig["not_done"])
+        duplicates += fig["duplicates"]
+        requests += fig["requests"] + fig["requests_down"]
+    elapsed = time.perf_counter() - t0
+    after = measure()
+    out = {"jobs": jobs, "vms": jobs * 4 * VMS, "seconds": elapsed, "errors": errors, "duplicates": duplicates,
+           "requests_per_vm": requests / (jobs * 4 * VMS), "before": before, "after": after}
+    print(f"churn: {jobs} jobs in {elapsed:.1f} s: keys {before['keys']} -> {after['keys']}, pool keys "
+          f"{before['pool_keys']} -> {after['pool_keys']}, db {before['db_bytes']} -> {after['db_bytes']} bytes", flush=True)
+    return out
+
+
+def _per_vm_ms(run):
+    """Set-up milliseconds per VM, over the VMs whose host was done (a cut run: its rate)."""
+    return run["setup_s"] / max(1, run["hosts_done"] * VMS) * 1000
 
 
 def _median(runs, key):
     return statistics.median(r[key] for r in runs)
 
 
-def write(results, out, clients, cap):
+def write(results, out, clients, cap, churn=None):
     report.RESULTS = out
     rows, prev = [], {}
     for res in results:
@@ -336,7 +392,8 @@ def write(results, out, clients, cap):
         complete = [r for r in runs if not r["errors"] and r["not_done"] == [0, 0]]
         setup, down = _median(runs, "setup_s"), _median(runs, "teardown_s")
         vms = runs[0]["vms"]
-        per_vm = setup / vms * 1000
+        per_vm = statistics.median(_per_vm_ms(r) for r in runs)
+        done = statistics.median(r["hosts_done"] for r in runs)
         case = f"{res['jobs']} x {res['hosts_per_job']}" if res["jobs"] > 1 else f"{res['hosts_per_job']}"
         growth = ""
         if res["jobs"] == 1 and design in prev:
@@ -346,14 +403,16 @@ def write(results, out, clients, cap):
             prev[design] = (setup, per_vm, res["hosts_per_job"])
         errors = sum(len(r["errors"]) for r in runs)
         not_done = sum(sum(r["not_done"]) for r in runs)
-        rows.append([design, case, vms, f"{len(complete)}/{len(runs)}", f"{setup:.2f}", f"{per_vm:.3f}", growth or "-",
+        setup_text = f"{setup:.2f}" if done == runs[0]["hosts"] else f"cut at {setup:.0f} ({done:.0f}/{runs[0]['hosts']} hosts done)"
+        rows.append([design, case, vms, f"{len(complete)}/{len(runs)}", setup_text, f"{per_vm:.3f}", growth or "-",
                      f"{_median(runs, 'requests') / vms:.2f}", f"{down:.2f}", f"{_median(runs, 'requests_down') / vms:.2f}",
                      errors, not_done,
                      sum(r["duplicates"] for r in runs), max(r["keys_left"] for r in runs),
-                     f"{_median(runs, 'keys_at_peak'):.0f}", f"{_median(runs, 'db_bytes_at_peak') / 2**20:.1f}"])
+                     f"{_median(runs, 'keys_at_peak'):.0f}", f"{_median(runs, 'db_bytes_at_peak') / 2**20:.1f}",
+                     f"{statistics.median(r['loadavg'][0] for r in runs):.0f}"])
     headers = ["design", "hosts (jobs x hosts)", "VMs", "complete runs", "set-up s (median)", "ms per VM",
                "growth vs previous size", "etcd requests per VM (set-up)", "teardown s", "etcd requests per VM (teardown)", "errors", "hosts cut at cap",
-               "duplicate ids", "pool keys left after teardown", "keys at peak", "etcd db MiB at peak"]
+               "duplicate ids", "pool keys left after teardown", "keys at peak", "etcd db MiB at peak", "load average at start"]
     notes = {
         "setup": f"3-member etcd (pcocc.testcluster.etcd3) on this host; {clients} concurrent clients (each its own connection); "
                  f"each host: the job's VXLAN id, 16 external addresses (/16), 16 host ports (pool of 100 per host), as node setup asks; "
@@ -361,11 +420,19 @@ def write(results, out, clients, cap):
         "old": "one key per pool holding {id: owner}, rewritten by compare-and-swap (Store.update, 100 attempts)",
         "new": "one key per taken id created in a transaction with the owner's key (src/pcocc/allocator.py)",
     }
+    if churn:
+        notes["churn"] = (f"{churn['jobs']} jobs of 4 hosts x 16 VMs came and went (8 at once) in {churn['seconds']:.1f} s, "
+                          f"{churn['errors']} errors, {churn['duplicates']} duplicate ids, "
+                          f"{churn['requests_per_vm']:.2f} etcd requests per VM (set-up + teardown); after a compaction and "
+                          f"defragmentation: keys {churn['before']['keys']} before -> {churn['after']['keys']} after "
+                          f"(pool keys {churn['before']['pool_keys']} -> {churn['after']['pool_keys']}; the rest are the "
+                          f"pools' sweep markers), database {churn['before']['db_bytes'] / 2**20:.2f} -> "
+                          f"{churn['after']['db_bytes'] / 2**20:.2f} MiB")
     report.write("scale", "Id allocation at cluster scale: single-key pools (old) against one key per id (new)",
                  headers, rows, extra=notes)
     with open(os.path.join(out, "scale.json"), "w") as f:
         json.dump({"benchmark": "scale", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "headers": headers, "rows": rows,
-                   "notes": notes, "results": results}, f, indent=1)
+                   "notes": notes, "results": results, "churn": churn, "clients": clients, "cap": cap}, f, indent=1)
     plot(results, os.path.join(out, "scale.png"))
 
 
@@ -385,11 +452,13 @@ def plot(results, path):
             continue
         xs = [h for h, _ in pts]
         left.plot(xs, [_median(runs, "setup_s") for _, runs in pts], style, label=design)
-        right.plot(xs, [_median(runs, "setup_s") / runs[0]["vms"] * 1000 for _, runs in pts], style, label=design)
+        right.plot(xs, [statistics.median(_per_vm_ms(r) for r in runs) for _, runs in pts], style, label=design)
         for h, runs in pts:
             if any(r["errors"] or any(r["not_done"]) for r in runs):
-                left.annotate("errors/cut", (h, _median(runs, "setup_s")), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    for ax, title in ((left, "set-up wall time (s)"), (right, "set-up time per VM (ms)")):
+                done = statistics.median(r["hosts_done"] for r in runs)
+                left.annotate(f"cut: {done:.0f}/{h} hosts done", (h, _median(runs, "setup_s")), textcoords="offset points",
+                              xytext=(-60, 8), fontsize=8)
+    for ax, title in ((left, "set-up wall time (s)"), (right, "set-up time per VM done (ms)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("hosts (16 VMs each)")

@@ -91,14 +91,17 @@ SWEEP_PERIOD = 30.0
 
 
 def id_key(name, i):
+    """The key of id i (int) of pool name: present while the id is taken."""
     return f"{POOLS}{name}/{int(i)}"
 
 
 def owner_key(name, owner):
+    """The key listing the ids owner holds in pool name (the owner URL-quoted: no "/")."""
     return f"{OWNERS}{name}/{quote(str(owner), safe=':@-_.,')}"
 
 
 def sweep_key(name):
+    """The key holding when pool name was last swept of dead owners."""
     return f"{SWEEPS}{name}"
 
 
@@ -123,6 +126,7 @@ class Pool:
 
     @property
     def size(self):
+        """How many ids the pool has (0 for the Pool(store, name, 0, 0) of a release)."""
         return max(0, self.last - self.first + 1)
 
     # ------------------------------------------------------------------ allocate
@@ -215,6 +219,7 @@ class Pool:
         return sorted(held["ids"])[:count]
 
     def owners_key(self, owner):
+        """owner_key of this pool."""
         return owner_key(self.name, owner)
 
     def _scan(self):

@@ -37,6 +37,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -235,6 +236,38 @@ class Etcd3:
             except (OSError, ValueError):
                 continue
         return None
+
+    def _post(self, member, path, body, timeout=60):
+        req = urllib.request.Request(f"{member.client_url}/v3/{path}", data=json.dumps(body).encode(), method="POST")
+        with _NO_PROXY.open(req, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def status(self):
+        """[{"member", "db_bytes", "revision"}] of each running member (/v3/maintenance/status:
+        dbSize is the size of the member's backend file, free pages included)."""
+        out = []
+        for m in self.members:
+            if m.pid:
+                st = self._post(m, "maintenance/status", {})
+                out.append({"member": m.name, "db_bytes": int(st.get("dbSize", 0)), "revision": int(st["header"]["revision"])})
+        return out
+
+    def compact_and_defrag(self):
+        """Compact the history up to the current revision, then defragment every running
+        member (what an administrator does, as root: etcd.io/docs/v3.4/op-guide/maintenance);
+        returns status() after. Defragmenting blocks a member for its duration: not under load."""
+        running = [m for m in self.members if m.pid]
+        if not running:
+            raise RuntimeError("etcd3: no member runs")
+        revision = int(self._post(running[0], "maintenance/status", {})["header"]["revision"])
+        try:
+            self._post(running[0], "kv/compaction", {"revision": str(revision), "physical": True})
+        except urllib.error.HTTPError as exc:  # already compacted to this revision
+            if b"compacted" not in exc.read():
+                raise
+        for m in running:
+            self._post(m, "maintenance/defragment", {})
+        return self.status()
 
     def tail(self, m, lines=5):
         try:
