@@ -122,3 +122,16 @@ def test_a_layered_image_copies_between_the_two_layouts(site):
         assert r.returncode == 0, r.stdout + r.stderr  # the same guest content through either chain
     r = site.pcocc("image", "verify")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_resize_and_delete_follow_the_originals_numbering(site):
+    site.pcocc("image", "import", "-t", "qcow2", site.orig / "data" / site.base[:2] / site.base, "orig:sized", check=True)
+    size = json.loads(site.pcocc("image", "show", "--json", "orig:sized", check=True).stdout)["size"]
+    site.pcocc("image", "resize", "orig:sized", size + 2**30, check=True)
+    show = json.loads(site.pcocc("image", "show", "--json", "orig:sized", check=True).stdout)
+    assert show["revision"] == 1 and show["size"] == size + 2**30 and len(show["layers"]) == 2
+    site.pcocc("image", "delete", "orig:sized@1", check=True)
+    site.pcocc("image", "resize", "orig:sized", size + 2**31, check=True)  # the original gives number 1 again
+    assert sorted(p.name for p in (site.orig / "meta").glob("sized@*")) == ["sized@0", "sized@1"]
+    r = site.pcocc("image", "verify")
+    assert r.returncode == 0, r.stdout + r.stderr

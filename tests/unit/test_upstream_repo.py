@@ -273,6 +273,16 @@ def test_verify_finds_a_corrupt_blob_and_a_broken_chain(store, orig):
     assert any("broken@0" in p and "backed by" in p for p in problems)
 
 
+def test_a_blob_name_that_is_not_a_digest_is_never_used(store, orig):
+    orig.meta("escape", 0, [orig.l0, "../../../../etc/passwd"])
+    orig.meta("kern", 0, [orig.l0], custom={upstream.BOOT_KEY: {"kernel": "../../x", "append": ""}})
+    for name in ("escape", "kern"):
+        with pytest.raises(NotFoundError):
+            store.find(f"orig:{name}")
+    problems = store.repo("orig").verify()
+    assert any("escape@0" in p and "not a sha256" in p for p in problems) and any("kern@0" in p for p in problems)
+
+
 def test_a_repository_path_that_does_not_exist_stays_pcocc_s_own_layout(tmp_path):
     assert open_repository("x", str(tmp_path / "none")).layout == "pcocc"
 

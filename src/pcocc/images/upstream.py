@@ -110,6 +110,14 @@ def blob_hash(ref):
     return ref.split(":", 1)[1] if ref.startswith("sha256:") else ref
 
 
+def _hashes_only(meta):
+    """Whether every blob a VM revision names (data_blobs, boot files) is a sha256 digest."""
+    custom = meta.get("custom_meta") or {}
+    boot = custom.get(BOOT_KEY) if isinstance(custom.get(BOOT_KEY), dict) else {}
+    refs = [blob_hash(b) for b in meta["data_blobs"]] + [boot.get(k) for k in ("kernel", "initrd") if boot.get(k)]
+    return all(isinstance(r, str) and _HEX.fullmatch(r) for r in refs)
+
+
 class UpstreamRepository(Repository):
     """A repository in the original pcocc's layout version 2, with the interface of Repository.
 
@@ -258,8 +266,13 @@ class UpstreamRepository(Repository):
         return sorted(n for n in entries if any(m["kind"] == KIND_VM for m in self._all_revisions(n, entries)))
 
     def revisions(self, name):
-        """The readable revisions of VM image name, oldest first ([] if none)."""
-        return [self._revision(m) for m in self._all_revisions(name) if m["kind"] == KIND_VM and m["data_blobs"]]
+        """The readable revisions of VM image name, oldest first ([] if none).
+
+        A revision whose data_blobs or boot files are not sha256 digests is left
+        out (`image verify` names it): a name like '../../x' would point outside
+        the repository.
+        """
+        return [self._revision(m) for m in self._all_revisions(name) if m["kind"] == KIND_VM and m["data_blobs"] and _hashes_only(m)]
 
     def get(self, name, revision=None):
         """One revision (the latest without revision). Raises NotFoundError, or UsageError for a container image."""
@@ -514,6 +527,8 @@ class UpstreamRepository(Repository):
             found += self._verify_blob(uri, blob_hash(ref), sound)
         if meta["kind"] != KIND_VM:
             return found
+        if not _hashes_only(meta):
+            return found + [f"{uri}: a blob it names is not a sha256 digest: pcocc does not use this revision"]
         rev = self._revision(meta)
         for key in ("kernel", "initrd"):
             if rev.boot.get(key) and rev.boot[key] not in meta["data_blobs"]:
