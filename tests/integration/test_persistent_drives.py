@@ -49,3 +49,31 @@ def test_a_drive_is_attached_by_one_cluster_at_a_time(site):
         assert set(job["vm_states"].values()) == {"running"}
     finally:
         site.pcocc("cancel", "-j", fourth)
+
+
+def test_save_i_copies_a_running_vms_drive_to_its_backup_and_replaces_it_whole(site):
+    drive, backup = site.root / "data.raw", site.root / "backups" / "data.raw"
+    drive.write_bytes(b"written-before-the-start".ljust(2**20, b"\0"))
+    backup.parent.mkdir(exist_ok=True)
+    backup.write_bytes(b"previous backup")
+    site.write(".pcocc/templates.yaml", (site.home / ".pcocc/templates.yaml").read_text() +
+               f"backed:\n  image: user:tiny\n  persistent-drives:\n    - {drive}:\n        backup: {backup}\n")
+    r, jobid = batch(site, "backed:1")
+    try:
+        assert r.returncode == 0, r.stderr
+        # qemu copies what the running VM sees of its drive (without a guest agent freeze if none answers)
+        r = site.pcocc("save", "-j", jobid, "-i", "0", "--json")
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout)
+        assert res["target"] == str(backup) and res["bytes"] == 2**20
+        assert backup.read_bytes()[:24] == b"written-before-the-start"
+        assert not list(backup.parent.glob("*.pcocc-tmp"))
+        # errors: a drive the VM does not have; a drive with no backup and no -d
+        r = site.pcocc("save", "-j", jobid, "-i", "3")
+        assert r.returncode != 0 and "no persistent drive 3" in r.stderr, r.stderr
+        other = site.root / "elsewhere.raw"
+        r = site.pcocc("save", "-j", jobid, "-i", "0", "-d", other)
+        assert r.returncode == 0, r.stderr
+        assert other.read_bytes()[:24] == b"written-before-the-start"
+    finally:
+        site.pcocc("cancel", "-j", jobid)

@@ -19,10 +19,12 @@ from pcocc.errors import NotFoundError, PcoccError
 @click.option("-d", "--dest", metavar="[REPO:]NAME", help="Save as a new image instead of a new revision of the VM's image.")
 @click.option("--full", is_flag=True, help="Write a standalone image (no backing layers); always so for -d in another repository.")
 @click.option("-s", "--safe", is_flag=True, help="Wait as long as it takes for the guest agent to freeze the file systems (and fail if it cannot).")
+@click.option("-i", "--drive", "drive", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Copy persistent drive N (0: the first of its template) instead, to its 'backup' path or to -d PATH.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was saved as JSON.")
 @click.argument("vm", default="vm0")
 @pass_app
-def save(app, jobid, jobname, dest, full, safe, as_json, vm):
+def save(app, jobid, jobname, dest, full, safe, drive, as_json, vm):
     """Save the disk of VM (default vm0) as a new revision of its image.
 
     Only what the VM changed is written: a new layer on the revision the VM
@@ -30,8 +32,13 @@ def save(app, jobid, jobname, dest, full, safe, as_json, vm):
     the image use. The guest's file systems are frozen through its agent
     while the copy starts (a few milliseconds to seconds); without the agent,
     the disk is saved anyway, with a warning. Persistent drives are used in
-    place and are not part of the image ('pcocc ckpt' copies them whole).
+    place and are not part of the image ('pcocc ckpt' copies them whole);
+    with -i N, drive N is copied whole, while the VM runs, to the drive's
+    'backup' path in its template (or -d PATH), which the copy replaces only
+    once it is complete.
     """
+    if drive is not None:
+        return _save_drive(app, jobid, jobname, drive, dest, full, safe, as_json, vm)
     if dest is not None:  # checked here first, for a plain answer (the VM's side checks again)
         from pcocc.images.repo import ImageExists
 
@@ -57,6 +64,29 @@ def save(app, jobid, jobname, dest, full, safe, as_json, vm):
     app.info(f"{name}: disk saved as {res['uri']} ({_size(res['layer_bytes'])} written in {res['seconds']:.1f} s"
              f"{', standalone' if res['full'] else ', on ' + res['base']})")
     app.out(res["uri"])
+
+
+def _save_drive(app, jobid, jobname, drive, dest, full, safe, as_json, vm):
+    """save -i N: a copy of persistent drive N, written on the VM's host."""
+    if full:
+        raise click.UsageError("--full is for image disks: a drive copy (-i) is always whole")
+    targets = Targets(app, jobid, jobname, vm)
+    if len(targets.ranks) != 1:
+        raise click.BadParameter("save one VM at a time", param_hint="'VM'")
+    name = targets.vms[targets.ranks[0]]["name"]
+    target = os.path.abspath(dest) if dest else None
+    app.info(f"{name}: copying persistent drive {drive}...")
+    try:
+        res = targets.call_one("save_drive", index=drive, target=target, safe=safe)
+    except KeyboardInterrupt:
+        app.warn(f"{name}: copy interrupted: the VM abandons it, the previous backup stays as it was")
+        raise
+    for w in res.get("warnings", []):
+        app.warn(f"{name}: {w}")
+    if as_json:
+        return dump_json(app, res)
+    app.info(f"{name}: drive {drive} ({res['path']}) copied to {res['target']} ({_size(res['bytes'])} in {res['seconds']:.1f} s)")
+    app.out(res["target"])
 
 
 def _size(n):

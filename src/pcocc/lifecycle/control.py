@@ -68,6 +68,17 @@ class ControlHandler:
         with self._exclusive():
             return save_disk(self.vm, self.agent, self.rev, self.images(), dest=dest, full=full, safe=safe, client_present=present)
 
+    def op_save_drive(self, index, target=None, safe=False, session=None):
+        """Copy persistent drive `index` (pcocc save -i), published only while the client is still connected."""
+        from pcocc.lifecycle.saving import save_drive
+
+        present = session.present if session is not None else None
+        index = int(index)
+        entries = self.vm.config.settings.get("persistent-drives") or []
+        with self._exclusive():
+            return save_drive(self.vm, self.agent, index, entries[index] if 0 <= index < len(entries) else {},
+                              target=target, safe=safe, client_present=present)
+
     def op_ckpt_pause(self, session=None):
         """Pause for a checkpoint; resumed by ckpt_resume, or when this client's connection
         ends before ckpt_quit (the CLI killed or its node lost)."""

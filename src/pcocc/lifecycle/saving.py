@@ -21,6 +21,7 @@ just before its commit publishes it.  The VM's own disk chain is never changed
 by a save (a backup job reads it), so it stays consistent whatever happens.
 """
 
+import contextlib
 import logging
 import os
 import time
@@ -61,53 +62,125 @@ def save_disk(vm, agent, rev, images, dest=None, full=False, safe=False, freeze_
 
     started = time.monotonic()
     report = {"vm": vm.config.name, "frozen": False, "warnings": []}
-    state = {"thawed": True}
-
-    def freeze():
-        try:
-            count = agent.fsfreeze(timeout=SAFE_FREEZE_TIMEOUT if safe else freeze_timeout)
-            report["frozen"] = True
-            report["frozen_filesystems"] = count
-        except AgentError as exc:
-            if safe:
-                raise PcoccError(f"{vm.config.name}: the guest agent could not freeze the file systems: {exc.message}") from None
-            report["warnings"].append(f"could not freeze the file systems ({exc.message}): saved without freezing them")
-        finally:
-            state["thawed"] = False  # a freeze that timed out may still happen: thaw in any case
-
-    def thaw():
-        if state["thawed"]:
-            return
-        state["thawed"] = True
-        try:
-            agent.fsthaw(timeout=THAW_TIMEOUT)
-            report["frozen_seconds"] = round(time.monotonic() - freeze_started, 3)
-        except AgentError as exc:
-            report["warnings"].append(f"could not thaw the file systems: {exc.message}")
-            log.warning("%s: thaw failed: %s", vm.config.name, exc.message)
+    freezer = _Freezer(vm, agent, report, safe, freeze_timeout)
 
     def fill(path, backing):
-        nonlocal freeze_started
         check_client()
         if backing is None:
             qemuimg.create(path, rev.size)
         else:
             qcow2.create_overlay(path, backing, rev.size)
-        freeze_started = time.monotonic()
-        freeze()
+        freezer.freeze()
         try:
-            snapshot.backup(vm.monitor, "disk0", path, "full" if backing is None else "top", on_started=thaw, cancelled=abandoned)
+            snapshot.backup(vm.monitor, "disk0", path, "full" if backing is None else "top", on_started=freezer.thaw, cancelled=abandoned)
         except snapshot.SnapshotError:
             check_client()  # abandoned: say so, rather than how the copy was stopped
             raise
         finally:
-            thaw()
+            freezer.thaw()
         snapshot.fsync_file(path)
         report["layer_bytes"] = os.path.getsize(path)
         check_client()  # the last moment before the repository stores and publishes it
 
-    freeze_started = None
     new = images.save_layer(rev, fill, dest=dest, full=full, description=None, before_commit=check_client)
     report.update(uri=new.uri, repo=new.repo.name, image=new.name, revision=new.revision, base=rev.uri,
                   full=len(new.layers) == 1, seconds=round(time.monotonic() - started, 3))
     return report
+
+
+def save_drive(vm, agent, index, settings_drive, target=None, safe=False, freeze_timeout=FREEZE_TIMEOUT, client_present=None):
+    """`pcocc save -i N`: a point-in-time copy of the VM's persistent drive N, while it runs.
+
+    settings_drive: the template's entry of that drive ({path, format, backup, ...});
+    target: where to write the copy (a path on this host), default the drive's `backup`
+    setting. The guest's file systems are frozen while the copy starts (as for a disk
+    save); qemu copies the whole drive (drive-backup, sync=full) into a new file beside
+    the target, which replaces the target only once whole and on disk (a failed or
+    abandoned copy leaves the previous backup as it was). Returns {vm, drive, path,
+    target, bytes, seconds, frozen, warnings}. Raises UsageError (no such drive, no
+    target), PcoccError (the copy), SaveAbandoned (the client left).
+    """
+    import tempfile
+
+    drives = vm.config.drives
+    if not 0 <= index < len(drives):
+        raise UsageError(f"{vm.config.name} has no persistent drive {index} (it has {len(drives)}: -i 0 to {len(drives) - 1})"
+                         if drives else f"{vm.config.name} has no persistent drive")
+    path, _, fmt = drives[index]
+    target = target or settings_drive.get("backup")
+    if not target:
+        raise UsageError(f"persistent drive {index} of {vm.config.name} ({path}) has no 'backup' in its template",
+                         "Give the copy's path with -d PATH, or set 'backup: PATH' on the drive.")
+    target = os.path.abspath(os.path.expanduser(target))
+    if os.path.realpath(target) == os.path.realpath(path):
+        raise UsageError(f"the backup of {path} cannot be the drive itself")
+    device = f"disk{index + (1 if vm.config.disk else 0)}"
+    size = _virtual_size(vm.monitor, device)
+    started = time.monotonic()
+    report = {"vm": vm.config.name, "drive": index, "path": path, "target": target, "frozen": False, "warnings": []}
+    freezer = _Freezer(vm, agent, report, safe, freeze_timeout)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".pcocc-tmp", dir=os.path.dirname(target))
+    os.close(fd)
+    try:
+        qemuimg.create(tmp, size, fmt)
+        freezer.freeze()
+        try:
+            snapshot.backup(vm.monitor, device, tmp, "full", fmt=fmt, job_id=f"pcocc-drive-{index}", on_started=freezer.thaw,
+                            cancelled=lambda: client_present is not None and not client_present())
+        finally:
+            freezer.thaw()
+        if client_present is not None and not client_present():
+            raise SaveAbandoned(f"{vm.config.name}: backup of drive {index} abandoned (its client left): {target} is unchanged")
+        snapshot.fsync_file(tmp)
+        os.replace(tmp, target)
+        tmp = None
+        from pcocc.fsutil import fsync_dir
+
+        fsync_dir(os.path.dirname(target))
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    report.update(bytes=os.path.getsize(target), seconds=round(time.monotonic() - started, 3))
+    return report
+
+
+def _virtual_size(monitor, device):
+    """Bytes of drive `device`, as qemu sees it (QMP query-block)."""
+    for block in monitor.cmd("query-block"):
+        if block.get("device") == device and block.get("inserted"):
+            return block["inserted"]["image"]["virtual-size"]
+    raise PcoccError(f"qemu has no drive {device}")
+
+
+class _Freezer:
+    """Freeze the guest's file systems through its agent, then thaw them (once)."""
+
+    def __init__(self, vm, agent, report, safe, timeout):
+        self.vm, self.agent, self.report, self.safe, self.timeout = vm, agent, report, safe, timeout
+        self.thawed, self.since = True, None
+
+    def freeze(self):
+        self.since = time.monotonic()
+        try:
+            self.report["frozen_filesystems"] = self.agent.fsfreeze(timeout=SAFE_FREEZE_TIMEOUT if self.safe else self.timeout)
+            self.report["frozen"] = True
+        except AgentError as exc:
+            if self.safe:
+                raise PcoccError(f"{self.vm.config.name}: the guest agent could not freeze the file systems: {exc.message}") from None
+            self.report["warnings"].append(f"could not freeze the file systems ({exc.message}): saved without freezing them")
+        finally:
+            self.thawed = False  # a freeze that timed out may still happen: thaw in any case
+
+    def thaw(self):
+        if self.thawed:
+            return
+        self.thawed = True
+        try:
+            self.agent.fsthaw(timeout=THAW_TIMEOUT)
+            self.report["frozen_seconds"] = round(time.monotonic() - self.since, 3)
+        except AgentError as exc:
+            self.report["warnings"].append(f"could not thaw the file systems: {exc.message}")
+            log.warning("%s: thaw failed: %s", self.vm.config.name, exc.message)
+
+

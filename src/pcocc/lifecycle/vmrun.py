@@ -218,6 +218,9 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
     for key in ("kernel", "initrd"):  # paths like any other: ~ and path templates
         if settings.get(key):
             settings = {**settings, key: expand(settings[key])}
+    if any(d.get("backup") for d in settings["persistent-drives"]):  # save -i's targets, likewise
+        settings = {**settings, "persistent-drives": [{**d, "backup": expand(d["backup"]) if d.get("backup") else None}
+                                                      for d in settings["persistent-drives"]]}
     kernel = settings.get("kernel") or (rev.boot_files()[0] if rev and rev.boot_files() else None)
     # the answer holds for this host until it reboots: cached in the user's private run dir
     chosen = accel.choose(ctx.env.run_dir, settings["qemu-bin"], kernel=kernel, forced=ctx.env.environ.get("PCOCC_ACCEL"))
