@@ -43,7 +43,7 @@ def list_(app, repo, regex, as_json):
     problems = []
     revs = _store(app).list(repo, regex, problems=problems)
     for exc in problems:
-        app.warn(exc.message + (f" ({exc.hint})" if exc.hint else ""))
+        app.warn(exc.message + (f". {exc.hint}" if exc.hint else ""))
     if as_json:
         return dump_json(app, [r.to_json() for r in revs])
     if not revs:
@@ -212,7 +212,7 @@ def repo_list(app, as_json):
         try:
             count = len(r.image_names())
         except PcoccError as exc:
-            app.warn(exc.message + (f" ({exc.hint})" if exc.hint else ""))
+            app.warn(exc.message + (f". {exc.hint}" if exc.hint else ""))
             count = None
         rows.append({"name": r.name, "path": r.path, "scope": r.scope, "format": r.layout, "writable": r.writable(), "images": count})
     if as_json:
