@@ -293,6 +293,7 @@ def main():
                     "counting keys and the database size after a compaction and defragmentation (0: skip)")
     ap.add_argument("--out", default=report.RESULTS)
     ap.add_argument("--etcd-dir", default=None, help="where the members keep their data (default: a new dir under $TMPDIR)")
+    ap.add_argument("--keep", metavar="JSON", help="keep the results of the designs not run now from this scale.json")
     ap.add_argument("--render", metavar="JSON", help="only write the Markdown and the plot again from a scale.json")
     args = ap.parse_args()
     if args.render:
@@ -340,6 +341,10 @@ def main():
     finally:
         cluster.close()
         shutil.rmtree(base, ignore_errors=True)
+    if args.keep:
+        with open(args.keep) as f:
+            kept = [r for r in json.load(f)["results"] if r["design"] not in designs]
+        results = sorted(kept + results, key=lambda r: (r["jobs"] > 1, r["design"] != "old"))
     write(results, args.out, procs * threads, args.cap, churn)
 
 
@@ -399,6 +404,8 @@ def write(results, out, clients, cap, churn=None):
         if res["jobs"] == 1 and design in prev:
             p_setup, p_vm, p_hosts = prev[design]
             growth = f"x{setup / p_setup:.1f} total, x{per_vm / p_vm:.2f} per VM (hosts x{res['hosts_per_job'] / p_hosts:g})"
+            if done != runs[0]["hosts"]:
+                growth = f"x{per_vm / p_vm:.2f} per VM, at the rate of the hosts done"
         if res["jobs"] == 1:
             prev[design] = (setup, per_vm, res["hosts_per_job"])
         errors = sum(len(r["errors"]) for r in runs)
@@ -408,11 +415,10 @@ def write(results, out, clients, cap, churn=None):
                      f"{_median(runs, 'requests') / vms:.2f}", f"{down:.2f}", f"{_median(runs, 'requests_down') / vms:.2f}",
                      errors, not_done,
                      sum(r["duplicates"] for r in runs), max(r["keys_left"] for r in runs),
-                     f"{_median(runs, 'keys_at_peak'):.0f}", f"{_median(runs, 'db_bytes_at_peak') / 2**20:.1f}",
-                     f"{statistics.median(r['loadavg'][0] for r in runs):.0f}"])
+                     f"{_median(runs, 'keys_at_peak'):.0f}", f"{statistics.median(r['loadavg'][0] for r in runs):.0f}"])
     headers = ["design", "hosts (jobs x hosts)", "VMs", "complete runs", "set-up s (median)", "ms per VM",
                "growth vs previous size", "etcd requests per VM (set-up)", "teardown s", "etcd requests per VM (teardown)", "errors", "hosts cut at cap",
-               "duplicate ids", "pool keys left after teardown", "keys at peak", "etcd db MiB at peak", "load average at start"]
+               "duplicate ids", "pool keys left after teardown", "keys at peak", "load average at start"]
     notes = {
         "setup": f"3-member etcd (pcocc.testcluster.etcd3) on this host; {clients} concurrent clients (each its own connection); "
                  f"each host: the job's VXLAN id, 16 external addresses (/16), 16 host ports (pool of 100 per host), as node setup asks; "

@@ -19,8 +19,8 @@ seen (a fresh owner: absent) and each candidate id absent, and writes the
 candidates and the owner key. On failure the store says in the same round trip
 which expectation failed, so the next attempt knows the owner's ids (another node
 of the same job won: nothing more to take) and which candidates are taken.
-Candidates are drawn at random over the range (a free id costs no read: one round
-trip for a fresh owner); pools of at most SCAN_SIZE ids, or pools that probing finds
+Candidates are drawn at random over the range, several ids as an aligned block (a
+free id costs no read: one round trip for a fresh owner); pools of at most SCAN_SIZE ids, or pools that probing finds
 mostly full, read their taken ids (one range read, O(taken), never the whole range
 key by key) and take the lowest free ones first, random free ones after a conflict.
 Failed attempts pause for a randomized, doubling time (full jitter) and are bounded
@@ -248,6 +248,20 @@ class Pool:
         picked = set(sorted(picked)[:n])
         if len(picked) == n:
             return sorted(picked)
+        if not picked and n > 1:
+            # a first draw of several ids: an aligned block at random. Owners that take the
+            # same count tile the pool, so a draw meets another owner's block as a whole or
+            # not at all: at a share p taken, it succeeds with probability about 1 - p rather
+            # than (1 - p)**n for n scattered ids (a node's 16 addresses: 0.76 against 0.01
+            # with a /16 a quarter full). A node's VMs also get neighbouring addresses.
+            align = 1 << (n - 1).bit_length()
+            blocks = self.size // align
+            if blocks >= 2:
+                start = self.first + align * random.randrange(blocks)
+                block = [i for i in range(start, start + n) if i not in excluded]
+                if len(block) == n:
+                    return block
+                picked.update(block)
         for _ in range(20 * n + 20):  # rejection sampling: the known-taken are few (else we scan)
             i = random.randint(self.first, self.last)
             if i not in excluded and i not in picked:
