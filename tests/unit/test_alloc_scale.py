@@ -221,3 +221,14 @@ def test_a_transaction_applied_twice_changes_nothing(store):
     assert vni == [1000] and Pool(store, "vxlan", 0, 0).owners() == {1000: "5:priv"}
     pool.release("5:net:h")
     assert check_layout(store, "extip-twice") == {}
+
+
+def test_a_nodes_ids_are_drawn_as_one_aligned_block(store):
+    """Several ids of one owner from a probed pool: an aligned block when it is free (owners
+    of the same count tile the pool: a draw meets another's block whole, or not at all)."""
+    pool = Pool(store, "extip-blocks", 1, 65534)
+    got = pool.allocate("1:net:h", 16)  # a fresh pool: the first block drawn is free
+    assert got == list(range(got[0], got[0] + 16)) and (got[0] - 1) % 16 == 0
+    for n in range(2, 21):  # the next ones too unless they drew a taken block: unique in any case
+        pool.allocate(f"{n}:net:h", 16)
+    assert len(check_layout(store, "extip-blocks")) == 320
