@@ -59,11 +59,14 @@ def run_dir(site, jobid):
     return task_run_dir({"HOME": str(site.home)}, site.pw.pw_uid, jobid)
 
 
-def job_processes(jobid):
-    """pids of the job's VM processes (`pcocc internal run` and qemu), found by their run dir in /proc."""
+def job_processes(jobid, uid=None):
+    """pids of the job's VM processes (`pcocc internal run` and qemu), found by their run dir in /proc;
+    with uid, only that user's (job ids of other test clusters and benches on this machine repeat)."""
     out = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):
+            if uid is not None and os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             if cmd.split(b"\0")[0].endswith(b"srun") or " Z " in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]:
@@ -80,7 +83,7 @@ def everything(site, jobid, prefix):
     found = node_objects(site, jobid, prefix)
     for node in site.tc.node_names:
         found += [f"{node}: {p.name}" for p in Path(site.tc.node_state_dir(node)).glob(f"spank-{jobid}.vm")]
-    found += [f"process {pid} ({_cmdline(pid)})" for pid in job_processes(jobid)]
+    found += [f"process {pid} ({_cmdline(pid)})" for pid in job_processes(jobid, site.pw.pw_uid)]
     if os.path.lexists(run_dir(site, jobid)):
         found.append(f"run dir {run_dir(site, jobid)}")
     found += [f"store {k}" for k in site.keys(f"/pcocc/users/{site.user}/clusters/{jobid}/")]

@@ -90,7 +90,7 @@ def test_scancel_while_the_vms_run_leaves_nothing(site):
     """scancel signals srun too, which SIGKILLs the VM tasks: their run dir is removed by the epilog."""
     jobid = submit(site, "-J", "tdrun", "-N", "2", "--ntasks-per-node=1", "l3:2")
     assert os.path.isdir(leftovers.run_dir(site, jobid))
-    assert leftovers.node_objects(site, jobid, PREFIX) and leftovers.job_processes(jobid)  # the checks see a live job
+    assert leftovers.node_objects(site, jobid, PREFIX) and leftovers.job_processes(jobid, site.pw.pw_uid)  # the checks see a live job
     site.tc.run(["scancel", str(jobid)], user=site.user, check=True)
     wait_end(site, jobid)
     assert_nothing_left(site, jobid)

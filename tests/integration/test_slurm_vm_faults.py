@@ -71,6 +71,13 @@ def test_a_killed_vm_task_is_shown_failed_and_the_cluster_runs_on(site):
         site.tc.run(["scancel", str(jobid)])
     wait_end(site, jobid)
     assert_nothing_left(site, jobid)
+    # the history keeps how it ended: cancelled, with vm1's failure (written by its launcher)
+    r = site.pcocc("history", "-j", jobid, "--json")
+    assert r.returncode == 0, r.stderr
+    (entry,) = json.loads(r.stdout)
+    assert entry["state"] == "CANCELLED", entry
+    vm1 = [v for v in entry["vms"] if v["name"] == "vm1"][0]
+    assert vm1["state"] == "failed" and "signal 9" in vm1["error"], entry
 
 
 def test_a_killed_qemu_fails_its_vm_only(site):

@@ -64,6 +64,7 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
     pcocc_bin = os.path.join(os.path.dirname(sys.executable), "pcocc")
     srun = None
     stopping = []
+    ended = {"error": None, "script": None, "status": None}  # how it ended, for its history record
 
     def on_signal(signum, frame):
         stopping.append(signum)
@@ -96,22 +97,39 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
         if host_script or interactive:
             child_env = dict(env, PCOCC_JOB_ID=str(jobid), PCOCC_JOB_NAME=name, PCOCC_ALLOCATION="1")
             argv = [host_script] if host_script else [env.get("SHELL") or "/bin/sh"]
+            ended["script"] = "host script" if host_script else "allocation's shell"
             status = subprocess.call(argv, env=child_env)
         elif batch_script:
+            ended["script"] = "batch script"
             status, out, err = backend.run_script_in_vm(jobid, batch_script)
             sys.stdout.buffer.write(out)
             sys.stderr.buffer.write(err)
             sys.stdout.flush()
         else:
             status = srun.wait()
+        ended["status"] = status
         return status
     except PcoccError as exc:
+        ended["error"] = exc.message
         info_out(f"pcocc: error: {exc.message}")
         return 1
     finally:
         if srun is not None:
             stop_vms(srun)
+        _record_end(ctx, jobid, stopping, ended)
         ctx.store.delete_prefix(prefix)
+
+
+def _record_end(ctx, jobid, signals, ended):
+    """The cluster's history record (pcocc history), from what the launcher saw; a store
+    error is logged (the cluster's records go all the same)."""
+    from pcocc import history
+
+    end_state, reason, code = history.launcher_end(signals, error=ended["error"], script=ended["script"], status=ended["status"])
+    try:
+        history.record_cluster(ctx.store, ctx.env.user, jobid, end_state, reason, code)
+    except PcoccError as exc:
+        log.warning("cluster %s: its end could not be recorded in the history: %s", jobid, exc.message)
 
 
 def wait_started(backend, jobid, progress, alive, timeout=3600):
