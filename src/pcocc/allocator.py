@@ -222,10 +222,11 @@ class Pool:
         """owner_key of this pool."""
         return owner_key(self.name, owner)
 
-    def _scan(self):
-        """{id: owner} of every taken id (one range read: O(taken ids), never the whole range)."""
+    def _scan(self, stale_ok=True):
+        """{id: owner} of every taken id (one range read: O(taken ids), never the whole range).
+        A hint by default (the transaction that follows checks every id it takes)."""
         found = {}
-        for key, value in self.store.range(self.prefix).items():
+        for key, value in self.store.range(self.prefix, stale_ok=stale_ok).items():
             try:
                 i = int(key[len(self.prefix):])
             except ValueError:
@@ -283,7 +284,7 @@ class Pool:
         """Free every id owner holds (none: nothing to do); idempotent. Raises StoreError."""
         owner = str(owner)
         okey = self.owners_key(owner)
-        held = self.store.get(okey)
+        held = self.store.get(okey, stale_ok=True)  # checked by the transaction
         for _attempt in range(MAX_ATTEMPTS):
             ids = sorted((held or {}).get("ids", []))
             chunk, rest = ids[:BATCH], ids[BATCH:]
@@ -320,7 +321,7 @@ class Pool:
         """{id (int): owner} of every taken id (migrating the old table first)."""
         if self.store.get(self.key) is not None:
             self._migrate()
-        return dict(sorted(self._scan().items()))
+        return dict(sorted(self._scan(stale_ok=False).items()))
 
     def held(self, owner):
         """The ids owner holds, sorted."""
@@ -333,7 +334,7 @@ class Pool:
         """Release the ids of every owner whose job is dead (alive(owner) False); returns
         those owners. One range read of the pool's owner keys (O(owners)), then one release
         per dead owner."""
-        owners = sorted({(v or {}).get("owner") for v in self.store.range(self.owners_prefix).values()} - {None})
+        owners = sorted({(v or {}).get("owner") for v in self.store.range(self.owners_prefix, stale_ok=True).values()} - {None})
         dead = [o for o in owners if not alive(o)]
         for o in dead:
             log.info("pool %s: reclaiming the ids of %s (its job has ended)", self.name, o)

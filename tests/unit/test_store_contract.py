@@ -31,6 +31,15 @@ def test_put_get_range_delete(store):
     assert store.range("/p/") == {} and store.get("/q/1") == "other"
 
 
+def test_reads_that_may_lag_see_what_one_connection_wrote(store):
+    """stale_ok reads (etcd: serializable, from the member asked) see at least what was
+    written before on the same connection once it has settled; a single member: at once."""
+    store.put("/s/1", {"x": 1})
+    assert store.get("/s/1", stale_ok=True) == {"x": 1}
+    assert store.range("/s/", stale_ok=True) == {"/s/1": {"x": 1}}
+    assert store.get("/s/2", stale_ok=True) is None
+
+
 def test_range_is_sorted_and_exact_on_prefix(store):
     for key in ("/u/b/2", "/u/b/1", "/u/b0", "/u/bb", "/u/a", "/u/b/é"):
         store.put(key, key)

@@ -25,12 +25,15 @@ MAX_TXN_OPS = 128
 class Store:
     """The interface; see sqlite.py for the semantics every backend keeps."""
 
-    def get(self, key):
-        """The value of key, or None."""
+    def get(self, key, stale_ok=False):
+        """The value of key, or None. stale_ok: the caller checks what it read in a later
+        transaction, so the answer may lag the latest write a little (etcd: a serializable
+        read from the member asked, without the leader's ReadIndex round; SQLite: no
+        difference)."""
         raise NotImplementedError
 
-    def range(self, prefix):
-        """{key: value} of every key starting with prefix, sorted by key."""
+    def range(self, prefix, stale_ok=False):
+        """{key: value} of every key starting with prefix, sorted by key (stale_ok: as get)."""
         raise NotImplementedError
 
     def put(self, key, value, ttl=None):

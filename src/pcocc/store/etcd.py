@@ -350,18 +350,22 @@ class EtcdStore(Store):
     def _call(self, path, body, what):
         return self.client.call(path, body, what)
 
-    def _range(self, prefix):
-        answer = self._call("kv/range", _range_of(prefix), f"reading {prefix}")
+    def _range(self, prefix, stale_ok=False):
+        # serializable: served by the member asked, without a ReadIndex round through the
+        # leader (etcd.io/docs/v3.4/learning/api, "Range": linearizable by default)
+        body = {**_range_of(prefix), **({"serializable": True} if stale_ok else {})}
+        answer = self._call("kv/range", body, f"reading {prefix}")
         items = {_unb64(kv["key"]): _value(kv) for kv in answer.get("kvs", [])}
         return items, int(answer["header"]["revision"])
 
-    def get(self, key):
-        answer = self._call("kv/range", {"key": _b64(key)}, f"reading {key}")
+    def get(self, key, stale_ok=False):
+        body = {"key": _b64(key), **({"serializable": True} if stale_ok else {})}
+        answer = self._call("kv/range", body, f"reading {key}")
         kvs = answer.get("kvs")
         return _value(kvs[0]) if kvs else None
 
-    def range(self, prefix):
-        return self._range(prefix)[0]
+    def range(self, prefix, stale_ok=False):
+        return self._range(prefix, stale_ok)[0]
 
     def _put_op(self, key, value, ttl):
         op = {"key": _b64(key), "value": _b64(encode(value))}

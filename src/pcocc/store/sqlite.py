@@ -226,11 +226,11 @@ class SqliteStore(Store):
 
     # -- the interface
     @_operation
-    def get(self, key):
+    def get(self, key, stale_ok=False):
         return decode(self._live(key))
 
     @_operation
-    def range(self, prefix):
+    def range(self, prefix, stale_ok=False):
         now = time.time()
         rows = self.db.execute(
             "SELECT key, value FROM kv WHERE key >= ? AND key < ? AND (expires IS NULL OR expires > ?) ORDER BY key",
