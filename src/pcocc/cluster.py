@@ -7,11 +7,11 @@ from pcocc.errors import UsageError
 from pcocc.names import shown
 
 _PART = re.compile(r"([a-zA-Z0-9][a-zA-Z0-9_.-]*)(?::([0-9]+))?", re.ASCII)
-_VMSET = re.compile(r"vm(?:([0-9]+)|\[([0-9,\-]+)\])|(\S)", re.ASCII)
+_VMNAME = re.compile(r"vm([0-9]+)", re.ASCII)
 MAX_VMS = 4096  # VMs of one cluster (documented in 'pcocc batch --help')
 MAX_DEFINITION = 4096  # characters of a cluster definition or of a VM list
 _HOW = "Write TEMPLATE[:COUNT][,TEMPLATE[:COUNT]...], e.g. tiny:3."
-_HOW_VMS = "Write vm0, vm[0-3,5] or all."
+_HOW_VMS = "Write vm0, vm[0-3,5], vm[0-7]!vm3 (clush's node sets) or all."
 
 
 @dataclass(frozen=True)
@@ -61,40 +61,45 @@ def parse_definition(text, templates):
     return vms
 
 
-def parse_vmset(text, count):
-    """Ranks named by 'vm0', 'vm[0-3,5]', 'all' or '-' within a cluster of count VMs.
+def parse_vmset(text, count, exclude=None):
+    """Ranks named by a node set within a cluster of count VMs: sorted, each once.
 
-    Sorted, each once. Ranges are checked against count before they are
-    expanded. Raises UsageError.
+    text: 'all' or '-' (every VM), or a node set in clush's syntax, read by ClusterShell's
+    NodeSet (clush(1), nodeset(1)): vm0, vm[0-3,5], vm0,vm2, vm[0-7]!vm3 (minus),
+    vm[0-7]&vm[4-9] (and), vm[0-3]^vm[2-5] (xor). exclude: another node set to leave out
+    (clush's -x). Every name must be vmN with ASCII digits (vm001 is vm1), and every number
+    written must name a VM of the cluster: that is checked on the text, before any range is
+    expanded. Raises UsageError (bad syntax, no such VM, nothing left).
     """
-    if text in ("all", "-"):
-        return list(range(count))
-    if not isinstance(text, str) or len(text) > MAX_DEFINITION:
-        raise UsageError(f"invalid VM list {shown(text)}", _HOW_VMS)
-    ranks = set()
+    ranks = _vmset(text, count, allow_all=True)
+    if exclude:
+        ranks -= _vmset(exclude, count, allow_all=False)
+        if not ranks:
+            raise UsageError(f"no VM left in {shown(text)} once {shown(exclude)} is excluded", _HOW_VMS)
+    return sorted(ranks)
 
-    def rank(digits):
+
+def _vmset(text, count, allow_all):
+    if allow_all and text in ("all", "-"):
+        return set(range(count))
+    if not isinstance(text, str) or not text or len(text) > MAX_DEFINITION or not text.isascii():
+        raise UsageError(f"invalid VM list {shown(text)}", _HOW_VMS)
+    for digits in re.findall(r"[0-9]+", text):  # bounds first: vm[0-99999999999] is never expanded
         if len(digits.lstrip("0")) > len(str(max(count, 1))) or int(digits) >= count:
             raise UsageError(f"no VM vm{digits.lstrip('0') or '0'} in this cluster "
                              + (f"(it has vm0 to vm{count - 1})" if count else "(it has no VM)"))
-        return int(digits)
+    from ClusterShell.NodeSet import NodeSet, NodeSetException  # lazily: pcocc --help stays fast
 
-    for m in _VMSET.finditer(text.replace(",vm", " vm")):
-        if m[3]:
-            if m[3] in ", ":
-                continue
-            raise UsageError(f"invalid VM list {shown(text)}", _HOW_VMS)
-        if m[1]:
-            ranks.add(rank(m[1]))
-        else:
-            for piece in m[2].split(","):
-                lo, _, hi = piece.partition("-")
-                if not lo.isdigit() or (hi and not hi.isdigit()) or "-" in hi:
-                    raise UsageError(f"invalid VM list {shown(text)}", _HOW_VMS)
-                first, last = rank(lo), rank(hi or lo)
-                if last < first:
-                    raise UsageError(f"invalid VM list {shown(text)}: vm{first} comes after vm{last}", _HOW_VMS)
-                ranks.update(range(first, last + 1))
+    try:
+        names = list(NodeSet(text))
+    except (NodeSetException, ValueError, TypeError) as exc:
+        raise UsageError(f"invalid VM list {shown(text)}: {exc}", _HOW_VMS) from None
+    ranks = set()
+    for name in names:
+        m = _VMNAME.fullmatch(name)
+        if not m:
+            raise UsageError(f"invalid VM list {shown(text)}: {shown(name)} is not a VM name", _HOW_VMS)
+        ranks.add(int(m[1]))
     if not ranks:
         raise UsageError(f"invalid VM list {shown(text)}", _HOW_VMS)
-    return sorted(ranks)
+    return ranks

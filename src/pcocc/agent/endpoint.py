@@ -13,7 +13,23 @@ connection, each answered in order::
     <- {"ok": false, "error": "message", "kind": "permission|notfound|timeout|error"}
 
 An op NAME (``[a-z][a-z0-9_]*``) calls ``handler.op_NAME(**args)``; whatever that
-returns must be JSON-serialisable and becomes ``result``.  Bytes travel as base64
+returns must be JSON-serialisable and becomes ``result``.
+
+A *streaming* op (its method decorated with ``@streaming``) answers with any number of
+events before its final answer, and the client may send messages while it runs::
+
+    -> {"op": "exec_stream", "args": {"argv": [...], "stdin": true}}
+    <- {"ok": true, "more": true, "event": {"started": true, ...}}
+    -> {"stdin_b64": "..."}                  (only after the first event)
+    <- {"ok": true, "more": true, "event": {"out_b64": "..."}}
+    <- {"ok": true, "result": {...}}         (or an error answer, as above)
+
+The method gets a ``Stream`` as its ``stream`` argument: ``stream.send(event)`` sends an
+event, ``stream.receive(timeout)`` returns the client's next message (a JSON object) or
+None, and raises ClientGone once the client closed its side.  The client sends nothing
+before the first event (so that no message of its sits in the server's request buffer),
+and a streaming op is the last request of its connection: the server closes it after the
+final answer.  ``ControlClient.stream`` is the client's side.  Bytes travel as base64
 strings under keys ending in ``_b64`` (``stdout_b64``, ``input_b64``): use
 ``encode_bytes`` and ``decode_bytes`` on both sides.  A PcoccError raised by the
 handler is sent with its message (and ``"hint"`` if it has one), and its kind
@@ -92,6 +108,101 @@ class AgentError(PcoccError):
 
 class ClientGone(AgentError):
     """The client of a request closed its connection (Ctrl-C, killed, node lost) before the answer."""
+
+
+def streaming(method):
+    """Marks an ``op_*`` method as a streaming op (see the module's docstring): it takes a
+    ``stream`` argument, given by the server, and its connection ends with its answer."""
+    method.streaming = True
+    return method
+
+
+class _Channel:
+    """JSON lines over a connected (TLS) socket, with a receive that waits at most a given time.
+
+    One thread at a time: OpenSSL does not allow a TLS connection to be read and written
+    concurrently, so the thread that sends also polls for what the peer sent.
+    """
+
+    def __init__(self, sock, buffered=b""):
+        self.sock = sock
+        self._buf = bytearray(buffered)
+        self.closed = False  # the peer closed its side
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def send(self, obj):
+        self.sock.sendall(_encode(obj))
+
+    def ready(self):
+        """True when a receive() would not wait: a whole line, bytes TLS decrypted, or the end."""
+        return b"\n" in self._buf or self.closed or (hasattr(self.sock, "pending") and self.sock.pending() > 0)
+
+    def receive(self, timeout):
+        """The next JSON object from the peer, or None after timeout seconds (0: do not wait,
+        None: wait as long as it takes).
+
+        Raises ClientGone when the peer closed the connection, AgentError for a line that is
+        not a JSON object or longer than MAX_LINE.
+        """
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        while True:
+            end = self._buf.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buf[:end])
+                del self._buf[:end + 1]
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    obj = None
+                if not isinstance(obj, dict):
+                    raise AgentError("bad message: not a JSON object")
+                return obj
+            if len(self._buf) > MAX_LINE:
+                raise AgentError(f"message larger than {MAX_LINE} bytes")
+            if self.closed:
+                raise ClientGone("the other end closed the connection")
+            pending = self.sock.pending() if hasattr(self.sock, "pending") else 0
+            if not pending:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready, _, _ = select.select([self.sock], [], [], remaining)
+                if not ready:
+                    return None
+            self.sock.setblocking(False)
+            try:
+                data = self.sock.recv(65536)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+                data = None
+            except OSError as e:
+                raise ClientGone(f"the connection failed: {e.strerror or e}") from None
+            finally:
+                self.sock.setblocking(True)
+            if data == b"":
+                self.closed = True
+            elif data:
+                self._buf += data
+            elif deadline is not None and time.monotonic() >= deadline:
+                return None
+
+
+class Stream:
+    """A streaming op's side of its connection (see the module's docstring)."""
+
+    def __init__(self, channel):
+        self._channel = channel
+        self.used = False  # given to a streaming op
+
+    def send(self, event):
+        """Sends one event (a JSON-serialisable dict) to the client; raises ClientGone if it left."""
+        try:
+            self._channel.send({"ok": True, "more": True, "event": event})
+        except (OSError, ValueError) as e:
+            raise ClientGone(f"the client left: {e}") from None
+
+    def receive(self, timeout=0.0):
+        """The client's next message (a dict), or None after timeout seconds; raises ClientGone."""
+        return self._channel.receive(timeout)
 
 
 class Session:
@@ -304,11 +415,14 @@ class ControlServer:
                 with self._lock:
                     self._busy += 1
                 try:
-                    conn.sendall(self._respond(line, cn, session))
+                    stream = Stream(_Channel(conn))
+                    conn.sendall(self._respond(line, cn, session, stream))
                 finally:
                     with self._lock:
                         self._busy -= 1
                         self._idle.notify_all()
+                if stream.used:
+                    break  # a streaming op is the last request of its connection
         except (OSError, ValueError) as e:  # ssl.SSLError is an OSError; ValueError: socket cut by stop()
             if not self._stopping:  # a flood of failed handshakes must not fill the VM's log
                 (log.info if session is not None else log.debug)(
@@ -323,10 +437,10 @@ class ControlServer:
                 self._conns.pop(threading.current_thread(), None)
                 self._pending.pop(threading.current_thread(), None)
 
-    def _respond(self, line, cn, session=None):
+    def _respond(self, line, cn, session=None, stream=None):
         """The answer line to one request line: never raises."""
         try:
-            response = {"ok": True, "result": self._dispatch(line, cn, session)}
+            response = {"ok": True, "result": self._dispatch(line, cn, session, stream)}
         except PcoccError as e:
             response = _error_response(e)
         except Exception as e:  # a bug in one op must not take the VM's endpoint down
@@ -338,7 +452,7 @@ class ControlServer:
             log.error("control endpoint %s: result is not JSON: %s", _where(self.address), e)
             return _encode({"ok": False, "error": f"internal error: result is not JSON-serialisable: {e}", "kind": "error"})
 
-    def _dispatch(self, line, cn, session=None):
+    def _dispatch(self, line, cn, session=None, stream=None):
         if cn != self.owner:  # checked first: a stranger's request is not even parsed
             raise PermissionDenied(f"permission denied: this VM belongs to {self.owner}")
         try:
@@ -355,10 +469,16 @@ class ControlServer:
         method = getattr(self.handler, f"op_{op}", None)
         if method is None:
             raise AgentError(f"unknown operation {op!r}")
-        if "session" in args:
-            raise AgentError(f"bad arguments for {op!r}: 'session' is given by the server")
+        for given in ("session", "stream"):
+            if given in args:
+                raise AgentError(f"bad arguments for {op!r}: {given!r} is given by the server")
         if "session" in inspect.signature(method).parameters:
             args = {**args, "session": session}
+        if getattr(method, "streaming", False):
+            if stream is None:
+                raise AgentError(f"{op!r} is a streaming op")
+            stream.used = True
+            args = {**args, "stream": stream}
         try:  # a wrong argument is the caller's error, not an internal one
             inspect.signature(method).bind(**args)
         except TypeError as e:
@@ -448,6 +568,30 @@ class ControlClient:
         cls = {"permission": PermissionDenied, "notfound": NotFoundError, "timeout": TimeoutExpired}.get(kind, AgentError)
         raise cls(str(error), response.get("hint"))
 
+    def stream(self, op, **args):
+        """Starts the streaming op ``op`` and returns its ClientStream, once its first event came
+        (raises from the error kind if the op failed before any event).  The connection is the
+        stream's: close the client when it is done."""
+        with self._lock:
+            self.connect()
+            channel = _Channel(self._sock)
+            try:
+                channel.send({"op": op, "args": args})
+            except OSError as e:
+                self.close()
+                raise self._failure(e) from None
+        stream = ClientStream(self, channel)
+        kind, value = stream.receive(self.timeout)
+        if kind is None:
+            self.close()
+            raise TimeoutExpired(f"no answer from the control endpoint at {_where(self.address)} to {op!r} within {self.timeout:g} s")
+        if kind == "result":
+            stream.first = None
+            stream.result = value
+        else:
+            stream.first = value
+        return stream
+
     def _failure(self, e):
         where = _where(self.address)
         if isinstance(e, ssl.SSLError):
@@ -459,6 +603,57 @@ class ControlClient:
         if isinstance(e, TimeoutError):
             return AgentError(f"cannot reach the control endpoint at {where}: timed out")
         return AgentError(f"connection to the control endpoint at {where} failed: {e.strerror or e}")
+
+
+class ClientStream:
+    """The client's side of a streaming op (ControlClient.stream): first is its first event,
+    receive() the next ones, send() a message to the op, result its final result."""
+
+    def __init__(self, client, channel):
+        self.client = client
+        self._channel = channel
+        self.first = None
+        self.result = None
+        self.done = False
+
+    def fileno(self):
+        return self._channel.fileno()
+
+    def ready(self):
+        """True when receive(0) has something (a line decrypted and buffered, or the end)."""
+        return self._channel.ready()
+
+    def send(self, message):
+        """Sends a message (a JSON object) to the op; raises AgentError if the connection failed."""
+        try:
+            self._channel.send(message)
+        except OSError as e:
+            raise self.client._failure(e) from None
+
+    def receive(self, timeout=0.0):
+        """("event", dict), ("result", value) at the end, or (None, None) after timeout seconds.
+
+        Raises PermissionDenied, NotFoundError, TimeoutExpired or AgentError for an error
+        answer (from its kind), AgentError when the endpoint closed the connection first.
+        """
+        where = _where(self.client.address)
+        try:
+            msg = self._channel.receive(timeout)
+        except ClientGone:
+            self.done = True
+            raise AgentError(f"the control endpoint at {where} closed the connection") from None
+        if msg is None:
+            return None, None
+        if msg.get("more") is True and msg.get("ok") is True and isinstance(msg.get("event"), dict):
+            return "event", msg["event"]
+        self.done = True
+        if msg.get("ok") is True:
+            self.result = msg.get("result")
+            return "result", self.result
+        if msg.get("ok") is False:
+            cls = {"permission": PermissionDenied, "notfound": NotFoundError, "timeout": TimeoutExpired}.get(msg.get("kind"), AgentError)
+            raise cls(str(msg.get("error")), msg.get("hint"))
+        raise AgentError(f"the control endpoint at {where} sent an invalid answer")
 
 
 def call_many(targets, op, args, *, ca_pem, cert_pem, key_pem, timeout=DEFAULT_TIMEOUT, parallel=16):

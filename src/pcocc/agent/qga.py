@@ -19,11 +19,15 @@ Usage::
     with GuestAgent("/run/vm0/qga.sock", timeout=10) as agent:
         agent.connect(timeout=120)           # waits for the VM to boot
         code, out, err = agent.exec(["hostname"])
+
+``StreamingExec`` runs a command whose output comes as it is written, with no size
+limit, over the standard agent only (guest-exec, guest-file-*): see docs/exec.md.
 """
 
 import base64
 import json
 import random
+import secrets
 import shlex
 import socket
 import threading
@@ -358,3 +362,368 @@ class GuestAgent:
     def shutdown(self, mode="powerdown"):
         """Ask the guest to shut down (mode: powerdown, halt or reboot); does not wait."""
         self.execute("guest-shutdown", {"mode": mode}, reply=False)
+
+
+# ---- streamed exec -----------------------------------------------------------------------------
+# The design (docs/exec.md): guest-exec runs RUNNER under setsid (so the command's processes form
+# one session and process group, which the host kills with one `kill -KILL -PID`), with the
+# command's stdout and stderr piped into two relays, each a `dd` loop that writes the stream into
+# numbered segment files of a private directory. The host reads each segment as it grows with
+# guest-file-read (regular files: a read at the end returns what is there, with eof true, and
+# the next read returns what came since) and moves to segment k+1 once it exists (the relay
+# created it: segment k is complete). A relay that writes segment k waits first until the host
+# acknowledged segment k-2 (a line in a FIFO that the host holds open read-write, so that neither
+# side's open blocks), and then empties it: the guest holds at most two segments per stream, and
+# a fast writer blocks on its pipe rather than filling the guest's memory. qemu-ga cannot read a
+# FIFO: its guest-file-read is an fread() of `count` bytes on a non-blocking descriptor, which fails
+# with EAGAIN (losing what it read) whenever less than `count` bytes are waiting.
+# stdin goes the other way: the host writes segment files (at most two ahead) and names each in
+# the FIFO .in; a feeder `cat`s them, in order, into the command's stdin and empties each. The
+# feeder runs outside the command's job (the runner does not wait for it: a command that ends
+# without reading its stdin ends the exec, as with ssh) and ends when the host closes the FIFO;
+# its descriptors are set with exec in a subshell: a redirection on a function call would make
+# dash keep a copy of the runner's stderr, whose end qemu-ga waits for before it says "exited".
+# Only POSIX sh, dd with status=none, cat, mkdir, mkfifo (coreutils) and setsid (util-linux) are
+# needed in the guest: any stock cloud image has them.
+EXEC_SEGMENT_READS = 64  # dd reads (each at most 64 KiB, a pipe's capacity) per output segment: <= 4 MiB
+EXEC_READ = 1024 * 1024  # bytes asked by one guest-file-read of output (qemu-ga's cap is 48 MiB)
+STDIN_SEGMENT = 1024 * 1024  # bytes of stdin per segment file; two segments at most in the guest
+PROBE_INTERVAL = 0.5  # seconds between two looks for the next segment of a stream with nothing new
+EXEC_TMP = "/tmp"  # where each VM's private exec directory is made (mode 0700, a random name)
+
+_EXEC_RUNNER = r'''B=$1 P=$1/$2 N=$3 IN=$4; shift 4
+umask 077
+if [ -L "$B" ] || { [ -e "$B" ] && ! [ -O "$B" ]; }; then echo "pcocc-exec: $B is not this user's" >&2; exit 124; fi
+[ -d "$B" ] || mkdir -m 700 -- "$B" || exit 124
+: > "$P.o.0" && : > "$P.e.0" && : > "$P.st" || exit 124
+waitfifo() { until [ -p "$1" ]; do sleep 0.1 2>/dev/null || sleep 1; done; }
+relay() {
+  i=0
+  while :; do
+    dd bs=65536 count="$N" status=none > "$P.$1.$i" || return 1
+    [ -s "$P.$1.$i" ] || return 0
+    i=$((i + 1))
+    : > "$P.$1.$i"
+    if [ "$i" -ge 2 ]; then
+      waitfifo "$P.$1.ack"
+      read -r _ < "$P.$1.ack" || return 1
+      : > "$P.$1.$((i - 2))"
+    fi
+  done
+}
+feed() {
+  waitfifo "$P.in"
+  exec 6< "$P.in" || return 1
+  k=0
+  while read -r m <&6 && [ "$m" = "$k" ]; do
+    cat -- "$P.i.$k" || return 1
+    : > "$P.i.$k"
+    k=$((k + 1))
+  done
+}
+run() { "$@" 2>&3 3>&- 4>&-; echo $? >&4; }
+if [ "$IN" = 1 ]; then
+  { (exec 2>/dev/null 3>&- 4>&- && feed) & } | { { run "$@" | relay o 3>&- 4>&-; } 3>&1 | relay e 4>&-; } 4>"$P.st" &
+  job=$!
+  mkfifo "$P.o.ack" "$P.e.ack" "$P.in" || exit 124
+else
+  { { run "$@" | relay o 3>&- 4>&-; } 3>&1 | relay e 4>&-; } 4>"$P.st" < /dev/null &
+  job=$!
+  mkfifo "$P.o.ack" "$P.e.ack" || exit 124
+fi
+wait "$job"
+read -r st < "$P.st" && [ -n "$st" ] && exit "$st"
+exit 125
+'''
+
+
+class _Segments:
+    """The host's side of one output stream: the segment it reads, and the acks it owes."""
+
+    def __init__(self, prefix):
+        self.prefix = prefix  # path of the stream's segments in the guest, without the number
+        self.k = 0
+        self.handle = None
+        self.acks = 0  # segments read whole and not yet acknowledged
+        self.ack_handle = None
+        self.fresh = False  # data came since the last look for segment k+1
+        self.probed = 0.0  # time.monotonic() of that look
+
+
+class ExecResult:
+    """How a streamed command ended: status (0-255: its exit status, 128+N: killed by signal N,
+    as sh reports it), killed (True when StreamingExec.kill ended it) and diagnostic (what the
+    runner itself said on stderr, e.g. a guest without mkfifo)."""
+
+    def __init__(self, status, killed=False, diagnostic=""):
+        self.status = status
+        self.killed = killed
+        self.diagnostic = diagnostic
+
+    def __repr__(self):
+        return f"ExecResult(status={self.status}, killed={self.killed})"
+
+
+class StreamingExec:
+    """One command run in the guest with its stdout and stderr read as they are written.
+
+    agent: a GuestAgent (only its execute() is used); argv: the command (searched in the
+    guest's PATH); base: the private directory of this VM's execs in the guest (see
+    new_exec_base; made by the first exec, and again after a guest reboot); stdin: True
+    to feed the command's stdin with write_stdin/close_stdin, else it reads /dev/null.
+
+    Use: start(), then poll() until it returns with .result set; write_stdin() while
+    stdin_room() > 0; kill() to end it (SIGKILL to its whole process group); cleanup()
+    last.  Every method raises AgentError (AgentTimeout, AgentCommandError).  The
+    protocol in the guest is in docs/exec.md; qemu-ga commands per the QAPI schema
+    qga/qapi-schema.json (guest-exec, guest-exec-status, guest-file-open/read/write/close).
+    """
+
+    def __init__(self, agent, argv, base, *, stdin=False, segment_reads=EXEC_SEGMENT_READS,
+                 read_size=EXEC_READ, stdin_segment=STDIN_SEGMENT):
+        self.agent = agent
+        self.argv = [str(a) for a in argv]
+        if not self.argv:
+            raise AgentError("guest agent: exec of an empty command")
+        self.base = base
+        self.id = secrets.token_hex(8)
+        self.prefix = f"{base}/{self.id}"
+        self.stdin = stdin
+        self.segment_reads = int(segment_reads)
+        self.read_size = int(read_size)
+        self.stdin_segment = int(stdin_segment)
+        self.pid = None
+        self.result = None
+        self.killed = False
+        self._streams = {"out": _Segments(f"{self.prefix}.o"), "err": _Segments(f"{self.prefix}.e")}
+        self._in = b""  # stdin accepted, not yet in the guest
+        self._in_k = 0  # next stdin segment number
+        self._in_consumed = 0  # stdin segments known to be emptied by the feeder
+        self._in_eof = False  # close_stdin called
+        self._in_eof_sent = False
+        self._in_handle = None  # the .in FIFO, opened read-write
+
+    # ---- life ---------------------------------------------------------------------------
+
+    def start(self):
+        """Starts the command in the guest (one guest-exec); returns self."""
+        args = ["sh", "-c", _EXEC_RUNNER, "pcocc-exec", self.base, self.id, str(self.segment_reads),
+                "1" if self.stdin else "0", *self.argv]
+        self.pid = self.agent.execute("guest-exec", {"path": "setsid", "arg": args, "capture-output": True})["pid"]
+        return self
+
+    def poll(self):
+        """One round of reads: [(\"out\"|\"err\", bytes)] that came since the last round.
+
+        When the command has ended and everything it wrote was read, sets .result
+        (an ExecResult).  A round with nothing new is the caller's cue to wait a little.
+        """
+        chunks = []
+        for name, seg in self._streams.items():
+            data = self._read_stream(seg)
+            if data:
+                chunks.append((name, data))
+        self._send_acks()
+        if self.stdin:
+            self._flush_stdin()
+        if not chunks:
+            status = self.agent.execute("guest-exec-status", {"pid": self.pid})
+            if status.get("exited"):
+                for name, seg in self._streams.items():  # every segment is final now
+                    data = self._read_stream(seg, final=True)
+                    if data:
+                        chunks.append((name, data))
+                self.result = self._result(status)
+        return chunks
+
+    def kill(self):
+        """SIGKILL to the command's process group (the runner's session: every process it
+        started that did not leave it); the next polls see the end."""
+        self.killed = True
+        if self.pid is not None and self.result is None:
+            self.agent.execute("guest-exec", {"path": "sh", "arg": ["-c", f"kill -KILL -{int(self.pid)} 2>/dev/null"]})
+
+    def cleanup(self):
+        """Closes the host's handles and removes the command's files in the guest (does not wait)."""
+        handles = [h for seg in self._streams.values() for h in (seg.handle, seg.ack_handle)] + [self._in_handle]
+        for h in handles:
+            if h is not None:
+                try:
+                    self.agent.execute("guest-file-close", {"handle": h})
+                except AgentError:
+                    pass
+        for seg in self._streams.values():
+            seg.handle = seg.ack_handle = None
+        if self.stdin and self._in_handle is None and not self.killed and self._fifo():
+            self._close(self._in_handle)  # a feeder waiting for a writer gets one, then the end
+        self._in_handle = None
+        self.agent.execute("guest-exec", {"path": "sh", "arg": ["-c", 'rm -f -- "$0".*', self.prefix]})
+
+    # ---- stdin ------------------------------------------------------------------------------
+
+    @property
+    def stdin_queued(self):
+        """Bytes of stdin accepted and not yet in the guest."""
+        return len(self._in)
+
+    @property
+    def stdin_closed(self):
+        return self._in_eof
+
+    def stdin_room(self):
+        """Bytes write_stdin may take now without holding more than two segments on the host."""
+        if not self.stdin or self._in_eof:
+            return 0
+        return max(0, 2 * self.stdin_segment - len(self._in))
+
+    def write_stdin(self, data):
+        """Queues bytes for the command's stdin (sent to the guest by the next polls)."""
+        if not self.stdin or self._in_eof:
+            raise AgentError("guest agent: this command's stdin is closed")
+        self._in += bytes(data)
+        self._flush_stdin()
+
+    def close_stdin(self):
+        """The end of the command's stdin, once what is queued arrived."""
+        if self.stdin:
+            self._in_eof = True
+            self._flush_stdin()
+
+    def _flush_stdin(self):
+        while self._in and self.result is None:
+            if self._in_k - self._in_consumed >= 2 and not self._stdin_consumed():
+                return  # the feeder has not emptied segment k-2 yet
+            if not self._fifo():
+                return
+            chunk, self._in = self._in[: self.stdin_segment], self._in[self.stdin_segment:]
+            self._write_file(f"{self.prefix}.i.{self._in_k}", chunk)
+            self._fifo_write(f"{self._in_k}\n".encode())
+            self._in_k += 1
+        if self._in_eof and not self._in and not self._in_eof_sent and self.result is None and self._fifo():
+            self._fifo_write(b"eof\n")
+            self._in_eof_sent = True
+
+    def _stdin_consumed(self):
+        """True (and the count advanced) once the feeder emptied the oldest stdin segment in flight."""
+        path = f"{self.prefix}.i.{self._in_consumed}"
+        try:
+            handle = self.agent.execute("guest-file-open", {"path": path, "mode": "r"})
+        except AgentCommandError:
+            return False
+        try:
+            got = self.agent.execute("guest-file-read", {"handle": handle, "count": 1})
+        finally:
+            self.agent.execute("guest-file-close", {"handle": handle})
+        if got.get("count"):
+            return False
+        self._in_consumed += 1
+        return True
+
+    def _fifo(self):
+        if self._in_handle is None:
+            try:  # read-write: never blocks, and the feeder's open for reading does not either
+                self._in_handle = self.agent.execute("guest-file-open", {"path": f"{self.prefix}.in", "mode": "r+"})
+            except AgentCommandError:
+                return False  # not made yet
+        return True
+
+    def _fifo_write(self, data):
+        done = self.agent.execute("guest-file-write", {"handle": self._in_handle, "buf-b64": base64.b64encode(data).decode()})
+        if done.get("count") != len(data):
+            raise AgentError("guest agent: the command's stdin feeder stopped reading")
+
+    def _write_file(self, path, data):
+        handle = self.agent.execute("guest-file-open", {"path": path, "mode": "w"})
+        try:
+            for start in range(0, len(data), CHUNK):
+                chunk = data[start:start + CHUNK]
+                done = self.agent.execute("guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(chunk).decode()})
+                if done.get("count") != len(chunk):
+                    raise AgentError(f"guest agent: short write to {path} ({done.get('count')} of {len(chunk)} bytes)")
+        finally:
+            self.agent.execute("guest-file-close", {"handle": handle})
+
+    # ---- output -----------------------------------------------------------------------------
+
+    def _open(self, path, mode="r"):
+        try:
+            return self.agent.execute("guest-file-open", {"path": path, "mode": mode})
+        except AgentCommandError:
+            return None  # not there (yet)
+
+    def _read_stream(self, seg, final=False):
+        """What the stream's segments hold past what was read; with final, all of it."""
+        parts = []
+        while True:
+            if seg.handle is None:
+                seg.handle = self._open(f"{seg.prefix}.{seg.k}")
+                if seg.handle is None:
+                    break
+            got = self._read(seg.handle)
+            parts.append(got)
+            if len(got) == self.read_size and not final and sum(map(len, parts)) < 4 * self.read_size:
+                continue  # more is waiting, but let the other stream and stdin have their turn
+            if len(got) == self.read_size:
+                continue
+            seg.fresh = seg.fresh or bool(got)
+            if not final and not seg.fresh and time.monotonic() - seg.probed < PROBE_INTERVAL:
+                break  # the relay moves to segment k+1 only after writing to k: no need to look each round
+            seg.fresh, seg.probed = False, time.monotonic()
+            nxt = self._open(f"{seg.prefix}.{seg.k + 1}")
+            if nxt is None:
+                break
+            # segment k+1 exists: the relay finished k, whose end we may not have read yet
+            while len(last := self._read(seg.handle)) > 0:
+                parts.append(last)
+            self._close(seg.handle)
+            seg.handle, seg.k, seg.acks = nxt, seg.k + 1, seg.acks + 1
+        return b"".join(parts)
+
+    def _read(self, handle):
+        got = self.agent.execute("guest-file-read", {"handle": handle, "count": self.read_size})
+        try:
+            return base64.b64decode(got.get("buf-b64", ""), validate=True)
+        except (TypeError, ValueError) as exc:
+            raise AgentError(f"guest agent: a malformed guest-file-read reply: {exc}") from None
+
+    def _close(self, handle):
+        try:
+            self.agent.execute("guest-file-close", {"handle": handle})
+        except AgentError:
+            pass
+
+    def _send_acks(self):
+        for seg in self._streams.values():
+            if not seg.acks or self.result is not None:
+                continue
+            if seg.ack_handle is None:
+                seg.ack_handle = self._open(f"{seg.prefix}.ack", "r+")
+                if seg.ack_handle is None:
+                    continue  # the runner makes it just after starting the command
+            done = self.agent.execute("guest-file-write", {"handle": seg.ack_handle, "buf-b64": base64.b64encode(b"\n" * seg.acks).decode()})
+            seg.acks -= int(done.get("count") or 0)
+
+    def _result(self, status):
+        try:
+            err = base64.b64decode(status.get("err-data", ""), validate=True).decode(errors="replace").strip()
+            if status.get("exitcode") is not None:
+                code = int(status["exitcode"])
+            else:
+                code = 128 + int(status.get("signal", 9))
+        except (TypeError, ValueError) as exc:
+            raise AgentError(f"guest agent: a malformed guest-exec-status reply: {exc}") from None
+        if self.killed:
+            return ExecResult(code, killed=True, diagnostic=err)
+        if code in (124, 125) and err:
+            raise AgentError(f"guest agent: the exec runner failed in the guest ({code}): {err.splitlines()[-1][:300]}")
+        return ExecResult(code, diagnostic=err)
+
+
+def new_exec_base():
+    """A new path for a VM's private exec directory in the guest: EXEC_TMP/pcocc-exec.<128 random bits>.
+
+    The runner makes it (mkdir -m 700) if it is missing and refuses it if it is a link or
+    belongs to another user: its name is unguessable until made, and a user of the guest
+    cannot rename or replace root's directory in a sticky /tmp.
+    """
+    return f"{EXEC_TMP}/pcocc-exec.{secrets.token_hex(16)}"

@@ -19,20 +19,44 @@ def job_options(f):
     return click.option("-j", "--jobid", type=params.JOB_ID, help="Job id of the cluster (default: $PCOCC_JOB_ID, or your only cluster).")(f)
 
 
+EXEC_START_WAIT = 300.0  # seconds exec waits for VMs still starting (a Debian guest takes about 50 s under emulation)
+EXEC_KILL_WAIT = 2.0  # seconds exec waits, after Ctrl-C, for each VM to confirm the command was killed
+EXEC_FAILED = 255  # exec's status when pcocc itself failed on a VM (ssh's rule, ssh(1) EXIT STATUS)
+_STARTING = ("pending", "submitting", "starting", "temporary-disk", "qemu-start")
+
+
 class Targets:
     """The VMs a command acts on, with the credentials to reach their endpoints."""
 
-    def __init__(self, app, jobid, jobname, vmset):
+    def __init__(self, app, jobid, jobname, vmset, exclude=None):
         from pcocc.cluster import parse_vmset
 
-        backend = app.ctx.backend()
-        self.jobid = backend.find(jobid, jobname)
-        self.info, self.vms = backend.job(self.jobid)
-        self.ranks = parse_vmset(vmset, len(self.vms))
-        self.creds = backend.credentials(self.jobid)
+        self.backend = app.ctx.backend()
+        self.jobid = self.backend.find(jobid, jobname)
+        self.info, self.vms = self.backend.job(self.jobid)
+        self.ranks = parse_vmset(vmset, len(self.vms), exclude=exclude)
+        self.creds = self.backend.credentials(self.jobid)
 
     def _not_running(self, vm):
         return f"{vm['name']} is not running (state: {vm.get('state')}{', ' + vm['error'] if vm.get('error') else ''})"
+
+    def wait_started(self, app, limit=EXEC_START_WAIT):
+        """Waits (at most limit seconds, saying so on stderr) while a target VM is still starting."""
+        import time
+
+        deadline = time.monotonic() + limit
+        said = False
+        while True:
+            starting = [self.vms[r] for r in self.ranks
+                        if self.vms[r].get("state") in _STARTING or (self.vms[r].get("state") == "running" and not self.vms[r].get("control"))]
+            if not starting or time.monotonic() >= deadline:
+                return
+            if not said:
+                names = ", ".join(f"{vm['name']} ({vm.get('state')})" for vm in starting[:4]) + (" ..." if len(starting) > 4 else "")
+                app.info(f"pcocc: waiting for VMs still starting: {names}")
+                said = True
+            time.sleep(0.5)
+            self.info, self.vms = self.backend.job(self.jobid)
 
     def call_all(self, op, args, timeout=None):
         """{vm name: (ok, result or error message)}, for every target VM (not running: an error)."""
@@ -58,35 +82,58 @@ class Targets:
         with ControlClient(tuple(vm["control"]), ca_pem=self.creds["ca"], cert_pem=self.creds["cert"], key_pem=self.creds["key"], timeout=None) as c:
             return c.call(op, **args)
 
+    def client(self, rank, timeout):
+        """A ControlClient of the VM of that rank; raises PcoccError when it is not running."""
+        from pcocc.agent.endpoint import ControlClient
+
+        vm = self.vms[rank]
+        if vm.get("state") != "running" or not vm.get("control"):
+            raise PcoccError(self._not_running(vm))
+        return ControlClient(tuple(vm["control"]), ca_pem=self.creds["ca"], cert_pem=self.creds["cert"], key_pem=self.creds["key"], timeout=timeout)
+
 
 def _fold(names):
-    """['vm0', 'vm1', 'vm2', 'vm5'] -> 'vm[0-2,5]' (clush style)."""
-    from pcocc.hypervisor.topology import format_cpulist
+    """['vm0', 'vm1', 'vm2', 'vm5'] -> 'vm[0-2,5]' (clush style, through ClusterShell's NodeSet)."""
+    from ClusterShell.NodeSet import NodeSet
 
-    ranks = [int(n[2:]) for n in names]
-    return f"vm{ranks[0]}" if len(ranks) == 1 else f"vm[{format_cpulist(ranks)}]"
+    return str(NodeSet.fromlist(names))
 
 
-@click.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.command("exec", context_settings={"allow_interspersed_args": False})
 @job_options
-@click.option("-w", "--vms", "vmset", default="all", show_default=True, help="VMs to run on: vm0, vm[0-3,5] or all.")
+@click.option("-w", "--vms", "vmset", default="all", show_default=True, help="VMs to run on, a clush node set: vm0, vm[0-3,5], vm[0-7]!vm3, or all.")
+@click.option("-x", "--exclude", help="VMs to leave out (a node set, as clush -x).")
 @click.option("-i", "--index", type=params.Count("VM index", 0), help="Run on this VM only (upstream's option; same as -w vmN).")
 @click.option("-u", "--user", type=params.USER_NAME, help="Run as this user in the VMs (default: root); a POSIX portable name, not starting with '-'.")
-@click.option("-s", "--script", is_flag=True, help="CMD is a local script: copy it to the VMs and run it.")
-@click.option("-t", "--timeout", type=float, default=None, help="Give up after this many seconds.")
+@click.option("-s", "--script", is_flag=True, help="CMD is a local script: copy it to the VMs and run it with its own interpreter (its #! line; /bin/sh without one).")
+@click.option("-t", "--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Kill the command after this many seconds (exit status 9).")
+@click.option("-b", "--gather", is_flag=True, help="Print each distinct output once at the end, with the VMs that gave it (clush -b).")
+@click.option("-n", "--no-stdin", is_flag=True, help="Read no stdin (else, when it is not a terminal, it goes to the command in every VM).")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @pass_app
-def exec_(app, jobid, jobname, vmset, index, user, script, timeout, cmd):
-    """Run CMD in VMs through their guest agent; output is grouped like 'clush -b'.
+def exec_(app, jobid, jobname, vmset, exclude, index, user, script, timeout, gather, no_stdin, cmd):
+    """Run CMD in VMs through their guest agents, with its output as it comes.
 
-    The exit status is the highest of the VMs' statuses (non-zero if any failed).
+    CMD runs through the guest's shell (sh -c, its words joined by spaces, as ssh does).
+    With several VMs each line is prefixed 'vmN: ', and a non-zero exit status is told
+    on stderr as 'vmN: exited with status S'; with one VM its output is passed as it is.
+    stdin goes to every VM unless it is a terminal or -n is given.  Ctrl-C or -t kills
+    the command and its children in every VM.
+
+    Exit status: the highest of the commands' statuses; 255 when pcocc could not run or
+    follow it in some VM (as ssh); 9 when -t ran out; 130 after Ctrl-C (docs/exec.md).
     """
-    from pcocc.agent.endpoint import decode_bytes, encode_bytes
+    import sys
+
     from pcocc.agent.qga import MAX_SCRIPT, run_script_argv
 
-    targets = Targets(app, jobid, jobname, f"vm{index}" if index is not None else vmset)
+    targets = Targets(app, jobid, jobname, f"vm{index}" if index is not None else vmset, exclude)
+    targets.wait_started(app)
     args = {"user": user}
+    stdin = None
     if script:
+        from pcocc.agent.endpoint import encode_bytes
+
         try:
             with open(cmd[0], "rb") as f:
                 data = f.read(MAX_SCRIPT + 1)
@@ -95,42 +142,256 @@ def exec_(app, jobid, jobname, vmset, index, user, script, timeout, cmd):
         if len(data) > MAX_SCRIPT:
             raise UsageError(f"script {cmd[0]}: larger than {MAX_SCRIPT} bytes: copy big files with 'pcocc scp' and run a small script")
         # the script goes to a private directory of a random name in each VM (mktemp -d, as the
-        # user it runs as), never to a predictable path a guest user could plant a link at
-        args.update(argv=run_script_argv(cmd[1:]), input_b64=encode_bytes(data))
+        # user it runs as), and is executed there: the kernel runs its #! line, sh runs a script without one
+        args.update(argv=run_script_argv(cmd[1:], interpreter=None), input_b64=encode_bytes(data))
     else:
-        args["argv"] = ["/bin/sh", "-c", " ".join(cmd)] if len(cmd) == 1 else list(cmd)
+        args["argv"] = ["/bin/sh", "-c", " ".join(cmd)]
+        stream_in = getattr(app.env, "stdin", None) or sys.stdin
+        try:
+            fd = stream_in.fileno()
+        except (AttributeError, ValueError, OSError):
+            fd = None
+        if not no_stdin and fd is not None and not os.isatty(fd):
+            stdin = fd
     if timeout:
         args["timeout"] = timeout
-    results = targets.call_all("exec", args, timeout=(timeout + 10) if timeout else 10**7)
-    many = len(results) > 1
-    if not many:  # one VM: its stdout and stderr as they are, its status as ours
-        ((name, (ok, res)),) = results.items()
-        if not ok:
-            raise PcoccError(f"{name}: {res}")
-        app.env.stdout.write(decode_bytes(res["stdout_b64"]).decode(errors="replace"))
-        app.env.stderr.write(decode_bytes(res["stderr_b64"]).decode(errors="replace"))
-        app.env.stdout.flush()
-        code = res["exit"]
-        if code:
-            raise click.exceptions.Exit(min(code if code > 0 else 128 - code, 255))
-        return
-    groups, worst = {}, 0
-    for name, (ok, res) in results.items():
-        if ok:
-            text = (decode_bytes(res["stdout_b64"]) + decode_bytes(res["stderr_b64"])).decode(errors="replace")
-            code = res["exit"]
+    status = _ExecRun(app, targets, args, stdin, gather).run()
+    if status:
+        raise click.exceptions.Exit(status)
+
+
+class _ExecRun:
+    """One streamed exec over the target VMs: a single thread multiplexes their streams,
+    the local stdin and Ctrl-C (see docs/exec.md)."""
+
+    def __init__(self, app, targets, args, stdin_fd, gather):
+        self.app = app
+        self.targets = targets
+        self.args = {**args, "stdin": stdin_fd is not None}
+        self.stdin_fd = stdin_fd
+        self.gather = gather
+        self.names = [targets.vms[r]["name"] for r in targets.ranks]
+        self.many = len(self.names) > 1
+        self.streams = {}  # name -> ClientStream still running
+        self.credit = {}  # name -> stdin bytes it may still take
+        self.status = {}  # name -> its command's status
+        self.failed = {}  # name -> pcocc's error message
+        self.timed_out = set()
+        self.partial = {}  # (name, fd) -> the start of a line not yet printed
+        self.gathered = {}  # name -> its whole stdout (with -b)
+        self.interrupted = 0
+
+    # ---- output ---------------------------------------------------------------------------------
+
+    def _write(self, err, data):
+        stream = self.app.env.stderr if err else self.app.env.stdout
+        buf = getattr(stream, "buffer", None)
+        if buf is not None:
+            stream.flush()
+            buf.write(data)
+            buf.flush()
         else:
-            text, code = f"pcocc: error: {res}\n", 255
-        worst = max(worst, code if code >= 0 else 128 - code)
-        key = (text, code)
-        groups.setdefault(key, []).append(name)
-    for (text, code), names in groups.items():
-        label = f"{_fold(names)} ({len(names)})" + (f" exit {code}" if code else "")
-        app.out("-" * 15 + "\n" + label + "\n" + "-" * 15)
-        app.env.stdout.write(text if text.endswith("\n") or not text else text + "\n")
-    app.env.stdout.flush()
-    if worst:
-        raise click.exceptions.Exit(min(worst, 255))
+            stream.write(data.decode(errors="replace"))
+            stream.flush()
+
+    def _output(self, name, err, data):
+        if self.gather and not err:
+            self.gathered[name] = self.gathered.get(name, b"") + data
+            return
+        if not self.many:
+            self._write(err, data)
+            return
+        key = (name, err)
+        text = self.partial.pop(key, b"") + data
+        lines = text.split(b"\n")
+        if lines[-1]:
+            self.partial[key] = lines[-1]
+        whole = lines[:-1]
+        if whole:
+            prefix = name.encode() + b": "
+            self._write(err, b"".join(prefix + line + b"\n" for line in whole))
+
+    def _flush_partial(self, name):
+        for err in (False, True):
+            rest = self.partial.pop((name, err), None)
+            if rest:
+                self._write(err, name.encode() + b": " + rest + b"\n")
+
+    def _say(self, text):
+        self._write(True, (text + "\n").encode())
+
+    # ---- life -----------------------------------------------------------------------------------
+
+    def _start(self):
+        """Opens every VM's stream at once (TLS handshakes in parallel threads)."""
+        import concurrent.futures
+
+        def one(rank):
+            client = self.targets.client(rank, timeout=60.0)
+            try:
+                stream = client.stream("exec_stream", **self.args)
+            except BaseException:
+                client.close()
+                raise
+            client.set_timeout(None)
+            return stream
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(16, len(self.names))), thread_name_prefix="pcocc-exec") as pool:
+            futures = {self.targets.vms[r]["name"]: pool.submit(one, r) for r in self.targets.ranks}
+            for name, fut in futures.items():
+                try:
+                    stream = fut.result()
+                except PcoccError as exc:
+                    self._fail(name, exc.message)
+                    continue
+                if stream.first is None:  # ended before any event
+                    self._end(name, stream.result)
+                    stream.client.close()
+                    continue
+                self.streams[name] = stream
+                self.credit[name] = int(stream.first.get("stdin_window") or 0)
+
+    def _fail(self, name, message):
+        self.failed[name] = message
+        self._flush_partial(name)
+        self._say(f"pcocc: error: {message if message.startswith(name + ' ') else name + ': ' + message}")
+        stream = self.streams.pop(name, None)
+        if stream is not None:
+            stream.client.close()
+
+    def _end(self, name, result):
+        result = result if isinstance(result, dict) else {}
+        self._flush_partial(name)
+        self.streams.pop(name, None)
+        if result.get("timed_out"):
+            self.timed_out.add(name)
+        code = int(result.get("status", 0) or 0)
+        self.status[name] = code
+        if result.get("timed_out"):
+            self._say(f"{name}: killed after the timeout")
+        elif code and self.many and not self.interrupted:
+            self._say(f"{name}: exited with status {code}")
+
+    def run(self):
+        """The exit status (see exec's help)."""
+        import signal
+
+        def on_signal(signum, frame):
+            self.interrupted += 1
+            if self.interrupted > 1:
+                raise KeyboardInterrupt
+
+        saved = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            self._start()
+            self._loop()
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+            for stream in self.streams.values():
+                stream.client.close()
+        if self.gather:
+            self._print_gathered()
+        if self.interrupted:
+            return 130
+        if self.failed:
+            return EXEC_FAILED
+        if self.timed_out:
+            return 9  # ExitStatus.TIMEOUT
+        return min(max(self.status.values(), default=0), 255)
+
+    def _loop(self):
+        import select
+        import time
+
+        stdin_open = self.stdin_fd is not None and any(self.credit.values())
+        if self.stdin_fd is not None and not stdin_open:
+            self.stdin_fd = None
+        killed_at = None
+        while self.streams:
+            if self.interrupted and killed_at is None:
+                killed_at = time.monotonic()
+                for name, stream in list(self.streams.items()):
+                    try:
+                        stream.send({"signal": "KILL"})
+                    except PcoccError as exc:
+                        self._fail(name, exc.message)
+            if killed_at is not None and time.monotonic() - killed_at > EXEC_KILL_WAIT:
+                for name in list(self.streams):
+                    self._fail(name, "no confirmation that the command was killed")
+                break
+            readers = [s for s in self.streams.values() if not s.ready()]
+            ready_now = [s for s in self.streams.values() if s.ready()]
+            want_stdin = self.stdin_fd is not None and not self.interrupted and all(self.credit.get(n, 0) > 0 for n in self.streams)
+            fds = readers + ([self.stdin_fd] if want_stdin else [])
+            if not ready_now:
+                try:
+                    readable, _, _ = select.select(fds, [], [], 0.1)
+                except InterruptedError:
+                    continue
+            else:
+                readable = []
+            if want_stdin and self.stdin_fd in readable:
+                self._pass_stdin()
+            for name, stream in list(self.streams.items()):
+                if stream in readable or stream.ready():
+                    self._receive(name, stream)
+
+    def _receive(self, name, stream):
+        while name in self.streams:
+            try:
+                kind, value = stream.receive(0)
+            except PcoccError as exc:
+                self._fail(name, exc.message)
+                return
+            if kind is None:
+                return
+            if kind == "result":
+                self._end(name, value)
+                stream.client.close()
+                return
+            if "out_b64" in value or "err_b64" in value:
+                from pcocc.agent.endpoint import decode_bytes
+
+                err = "err_b64" in value
+                try:
+                    data = decode_bytes(value["err_b64" if err else "out_b64"])
+                except ValueError:
+                    self._fail(name, "the VM sent malformed output")
+                    return
+                self._output(name, err, data)
+            elif "stdin_credit" in value:
+                self.credit[name] = self.credit.get(name, 0) + int(value["stdin_credit"])
+
+    def _pass_stdin(self):
+        from pcocc.agent.endpoint import encode_bytes
+
+        room = min(self.credit.get(n, 0) for n in self.streams)
+        try:
+            data = os.read(self.stdin_fd, min(room, 256 * 1024))
+        except OSError as exc:
+            self._say(f"pcocc: warning: reading stdin: {exc.strerror}")
+            data = b""
+        message = {"stdin_b64": encode_bytes(data)} if data else {"stdin_eof": True}
+        for name, stream in list(self.streams.items()):
+            try:
+                stream.send(message)
+            except PcoccError as exc:
+                self._fail(name, exc.message)
+                continue
+            self.credit[name] = self.credit.get(name, 0) - len(data)
+        if not data:
+            self.stdin_fd = None
+
+    def _print_gathered(self):
+        groups = {}
+        for name in self.names:
+            out = self.gathered.get(name, b"")
+            if out:
+                groups.setdefault(out, []).append(name)
+        for out, names in groups.items():
+            header = f"{_fold(names)} ({len(names)})"
+            self._write(False, ("-" * 15 + "\n" + header + "\n" + "-" * 15 + "\n").encode() + out + (b"" if out.endswith(b"\n") else b"\n"))
 
 
 @click.command()

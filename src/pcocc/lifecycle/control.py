@@ -6,10 +6,15 @@ import os
 import shlex
 import threading
 
-from pcocc.agent.endpoint import decode_bytes, encode_bytes
+from pcocc.agent.endpoint import ClientGone, decode_bytes, encode_bytes, streaming
 from pcocc.errors import PcoccError
 
 log = logging.getLogger("pcocc.run")
+
+EXEC_POLL_MAX = 0.1  # seconds between two looks at an idle command's output (the latency of a line after a silence)
+_EXEC_BASE_LOCK = threading.Lock()
+EXEC_POLL_IDLE = 0.3  # the same after five seconds of silence
+STDIN_CREDIT = 64 * 1024  # stdin bytes passed on to the guest before the client is told it may send more
 
 
 class ControlHandler:
@@ -28,13 +33,107 @@ class ControlHandler:
         self.agent.ping()
         return {"pong": True}
 
-    def op_exec(self, argv, user=None, input_b64=None, timeout=None):
+    @staticmethod
+    def _as_user(argv, user):
         if user and user != "root":  # a name, never an option of su (checked here too: any client may call)
             from pcocc.names import check_user_name
 
             argv = ["su", "-s", "/bin/sh", "--", check_user_name(user), "-c", shlex.join(argv)]
+        return argv
+
+    def op_exec(self, argv, user=None, input_b64=None, timeout=None):
+        """argv run to its end by guest-exec; its output whole in the answer (qemu-ga keeps 16 MiB)."""
+        argv = self._as_user(argv, user)
         code, out, err = self.agent.exec(argv, input=decode_bytes(input_b64) if input_b64 else None, timeout=timeout or 10**9)
         return {"exit": code, "stdout_b64": encode_bytes(out), "stderr_b64": encode_bytes(err)}
+
+    @streaming
+    def op_exec_stream(self, stream, argv, user=None, stdin=False, input_b64=None, timeout=None):
+        """argv run in the guest with its output streamed (agent.qga.StreamingExec, docs/exec.md).
+
+        Events: {"started": true, "stdin_window": bytes} first; then {"out_b64"} and
+        {"err_b64"} chunks as they come, and {"stdin_credit": bytes} as the client's stdin
+        reaches the guest.  Messages: {"stdin_b64"} (at most the window not yet credited),
+        {"stdin_eof": true}, {"signal": "KILL"} (kills the command's process group).
+        input_b64: the whole stdin, given with the request (then stdin is closed after it).
+        timeout: seconds, then killed.  Result: {"status": 0-255 (128+N: signal N),
+        "killed": bool, "timed_out": bool}.  A client that leaves kills the command.
+        """
+        from pcocc.agent import qga
+
+        argv = self._as_user(argv, user)
+        feed = bool(stdin) or input_b64 is not None
+        ex = qga.StreamingExec(self.agent, argv, self._exec_base(), stdin=feed, segment_reads=qga.EXEC_SEGMENT_READS,
+                               stdin_segment=qga.STDIN_SEGMENT)
+        ex.start()
+        try:
+            return self._stream_exec(stream, ex, input_b64, timeout)
+        except qga.AgentError:
+            self._exec_dir = None  # e.g. the directory was taken in the guest: the next exec makes another
+            raise
+        except ClientGone:
+            log.info("%s: the client of an exec left: killing the command", self.vm.config.name)
+            ex.kill()
+            raise
+        finally:
+            try:
+                if ex.result is None and not ex.killed:
+                    ex.kill()
+                ex.cleanup()
+            except PcoccError as exc:
+                log.warning("%s: cleaning up after an exec: %s", self.vm.config.name, exc.message)
+
+    def _stream_exec(self, stream, ex, input_b64, timeout):
+        import time
+
+        if input_b64 is not None:
+            ex.write_stdin(decode_bytes(input_b64))
+            ex.close_stdin()
+        window = ex.stdin_room() if ex.stdin and input_b64 is None else 0
+        stream.send({"started": True, "stdin_window": window})
+        deadline = time.monotonic() + float(timeout) if timeout else None
+        received = credited = 0  # stdin bytes from the client, and given back as credit
+        timed_out = False
+        wait = 0.0
+        quiet_since = time.monotonic()
+        while ex.result is None:
+            chunks = ex.poll()
+            for name, data in chunks:
+                stream.send({f"{name}_b64": encode_bytes(data)})
+            passed = received - ex.stdin_queued - credited if window else 0
+            if passed >= STDIN_CREDIT or (passed > 0 and not ex.stdin_queued):
+                stream.send({"stdin_credit": passed})
+                credited += passed
+            if deadline is not None and not ex.killed and time.monotonic() >= deadline:
+                timed_out = True
+                ex.kill()
+            if chunks:
+                wait, quiet_since = 0.0, time.monotonic()
+            else:  # a long silence is polled less often: each look costs the guest some CPU
+                quiet = time.monotonic() - quiet_since
+                wait = min(max(wait * 2, 0.005), EXEC_POLL_MAX if quiet < 5 else EXEC_POLL_IDLE)
+            msg = stream.receive(wait)
+            while msg is not None:
+                if "stdin_b64" in msg and window and not ex.stdin_closed:
+                    data = decode_bytes(msg["stdin_b64"])
+                    received += len(data)
+                    ex.write_stdin(data)
+                elif msg.get("stdin_eof") and window:
+                    ex.close_stdin()
+                elif msg.get("signal") and not ex.killed:
+                    ex.kill()
+                msg = stream.receive(0)
+        res = ex.result
+        return {"status": res.status, "killed": res.killed and not timed_out, "timed_out": timed_out}
+
+    def _exec_base(self):
+        """This VM's private exec directory in the guest (one random name per VM process)."""
+        from pcocc.agent.qga import new_exec_base
+
+        with _EXEC_BASE_LOCK:
+            if getattr(self, "_exec_dir", None) is None:
+                self._exec_dir = new_exec_base()
+            return self._exec_dir
 
     def op_writefile(self, path, data_b64, mode=None):
         self.agent.write_file(path, decode_bytes(data_b64), mode)

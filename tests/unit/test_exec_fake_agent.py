@@ -1,0 +1,134 @@
+"""A fake qemu-ga (no tests here: a helper of test_exec_stream.py) that runs guest-exec as real local processes and guest-file-* on real files,
+with qemu-ga's semantics (qga/commands-posix.c, qga/commands.c of qemu 7.2):
+
+* guest-exec spawns argv[0] searched in PATH, stdin /dev/null, stdout/stderr captured when
+  capture-output is true; guest-exec-status says exited only once the process was reaped
+  and both captured pipes reached their end;
+* guest-file-open opens with fopen()'s mode (blocking open), then sets O_NONBLOCK;
+* guest-file-read is fread(count): it loops until count bytes, the end of the file or an
+  error; an error (EAGAIN on a FIFO with less than count bytes waiting) fails the command and
+  what was read is lost;
+* guest-file-write is fwrite: a short count on a full non-blocking pipe.
+
+So a StreamingExec runs its real runner script (sh, dd, setsid...) on this host.
+"""
+
+import base64
+import fcntl
+import os
+import subprocess
+import threading
+
+from pcocc.agent.qga import AgentCommandError
+
+_MODES = {"r": os.O_RDONLY, "rb": os.O_RDONLY, "r+": os.O_RDWR, "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+          "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND}
+
+
+class _Proc:
+    def __init__(self, popen, capture):
+        self.popen = popen
+        self.out = bytearray()
+        self.err = bytearray()
+        self.threads = []
+        if capture:
+            for pipe, buf in ((popen.stdout, self.out), (popen.stderr, self.err)):
+                t = threading.Thread(target=self._drain, args=(pipe, buf), daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    @staticmethod
+    def _drain(pipe, buf):
+        while data := pipe.read1(65536) if hasattr(pipe, "read1") else pipe.read(65536):
+            buf.extend(data)
+        pipe.close()
+
+
+class LocalAgent:
+    """execute(command, arguments) as qemu-ga would answer, on this host."""
+
+    def __init__(self):
+        self.procs = {}
+        self.files = {}
+        self.next_handle = 1000
+        self.log = []  # (command, arguments) of every call
+        self.lock = threading.Lock()
+
+    def execute(self, command, arguments=None, timeout=None, reply=True):
+        args = arguments or {}
+        with self.lock:
+            self.log.append((command, args))
+            return getattr(self, "_" + command.replace("-", "_"))(**{k.replace("-", "_"): v for k, v in args.items()})
+
+    def _guest_exec(self, path, arg=(), capture_output=False, input_data=None, env=None):
+        out = subprocess.PIPE if capture_output else subprocess.DEVNULL
+        try:
+            p = subprocess.Popen([path, *arg], stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        except OSError as e:
+            raise AgentCommandError("guest-exec", {"desc": str(e)}) from None
+        self.procs[p.pid] = _Proc(p, capture_output)
+        return {"pid": p.pid}
+
+    def _guest_exec_status(self, pid):
+        proc = self.procs[pid]
+        code = proc.popen.poll()
+        if code is None or any(t.is_alive() for t in proc.threads):
+            return {"exited": False}
+        res = {"exited": True}
+        if code < 0:
+            res["signal"] = -code
+        else:
+            res["exitcode"] = code
+        if proc.threads:
+            res["out-data"] = base64.b64encode(bytes(proc.out)).decode()
+            res["err-data"] = base64.b64encode(bytes(proc.err)).decode()
+        return res
+
+    def _guest_file_open(self, path, mode="r"):
+        try:
+            fd = os.open(path, _MODES[mode], 0o600)
+        except OSError as e:
+            raise AgentCommandError("guest-file-open", {"desc": f"failed to open file '{path}' (mode: '{mode}'): {e.strerror}"}) from None
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        self.next_handle += 1
+        self.files[self.next_handle] = fd
+        return self.next_handle
+
+    def _guest_file_read(self, handle, count=4096):
+        fd = self.files[handle]
+        buf = b""
+        eof = False
+        while len(buf) < count:
+            try:
+                got = os.read(fd, count - len(buf))
+            except BlockingIOError:
+                raise AgentCommandError("guest-file-read", {"desc": "failed to read file: Resource temporarily unavailable"}) from None
+            if not got:
+                eof = True
+                break
+            buf += got
+        return {"count": len(buf), "buf-b64": base64.b64encode(buf).decode(), "eof": eof}
+
+    def _guest_file_write(self, handle, buf_b64, count=None):
+        data = base64.b64decode(buf_b64)
+        try:
+            n = os.write(self.files[handle], data)
+        except BlockingIOError:
+            n = 0
+        return {"count": n, "eof": False}
+
+    def _guest_file_close(self, handle):
+        os.close(self.files.pop(handle))
+        return {}
+
+    def close(self):
+        for fd in self.files.values():
+            os.close(fd)
+        self.files.clear()
+        for proc in self.procs.values():
+            if proc.popen.poll() is None:
+                try:
+                    os.killpg(proc.popen.pid, 9)
+                except OSError:
+                    proc.popen.kill()
+            proc.popen.wait()

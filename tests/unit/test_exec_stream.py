@@ -1,0 +1,279 @@
+"""Streamed exec end to end without a VM: the CLI's exec loop, the mutual-TLS endpoint's
+streaming op, the VM side's handler and the real runner script, run on this host by a fake
+qemu-ga (test_exec_fake_agent.LocalAgent, which keeps qemu-ga's semantics). The guest's own
+behaviour is tested on real VMs in tests/integration/test_exec_stream.py."""
+
+import hashlib
+import io
+import os
+import signal
+import tempfile
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from test_exec_fake_agent import LocalAgent
+from pcocc.agent import pki, qga
+from pcocc.agent.endpoint import ControlClient, ControlServer
+from pcocc.cli.access import _ExecRun
+from pcocc.lifecycle.control import ControlHandler
+
+OWNER = "alice"
+
+
+@pytest.fixture(scope="module")
+def creds():
+    ca = pki.make_ca("cluster-1")
+    return {"ca": ca, "server": pki.issue(*ca, "vm0", server=True, ips=("127.0.0.1",)), "owner": pki.issue(*ca, OWNER)}
+
+
+class Out(io.TextIOWrapper):
+    """A stdout/stderr whose bytes the test reads, and that calls on_line(line) for each line written."""
+
+    def __init__(self, on_line=None):
+        super().__init__(io.BytesIO(), write_through=True)
+        self.on_line = on_line
+        self.seen = b""
+
+    def bytes(self):
+        self.flush()
+        return self.buffer.getvalue()
+
+    def poll(self):
+        data = self.bytes()
+        new, self.seen = data[len(self.seen):], data
+        if self.on_line:
+            for line in new.splitlines():
+                self.on_line(line)
+
+
+class Buffer(io.BytesIO):
+    def __init__(self, owner):
+        super().__init__()
+        self.owner = owner
+
+    def write(self, data):
+        n = super().write(data)
+        if self.owner.on_line:
+            for line in bytes(data).splitlines():
+                self.owner.on_line(line)
+        return n
+
+
+class Stream(io.TextIOWrapper):
+    def __init__(self, on_line=None):
+        self.on_line = on_line
+        super().__init__(Buffer(self), write_through=True)
+
+    def bytes(self):
+        self.flush()
+        return self.buffer.getvalue()
+
+
+class Cluster:
+    """n fake VMs, each with its own endpoint, handler and local agent; run() is `pcocc exec`'s loop."""
+
+    def __init__(self, creds, n):
+        self.creds = creds
+        self.agents, self.servers = [], []
+        for rank in range(n):
+            agent = LocalAgent()
+            vm = SimpleNamespace(config=SimpleNamespace(name=f"vm{rank}"))
+            cert, key = creds["server"]
+            server = ControlServer(ControlHandler(vm, agent), ca_pem=creds["ca"][0], cert_pem=cert, key_pem=key, owner=OWNER).start()
+            self.agents.append(agent)
+            self.servers.append(server)
+        self.vms = [{"name": f"vm{r}", "state": "running", "control": list(s.address)} for r, s in enumerate(self.servers)]
+
+    def client(self, rank, timeout):
+        cert, key = self.creds["owner"]
+        return ControlClient(tuple(self.vms[rank]["control"]), ca_pem=self.creds["ca"][0], cert_pem=cert, key_pem=key, timeout=timeout)
+
+    def run(self, command, ranks=None, stdin=None, gather=False, on_out=None, on_err=None, **args):
+        """(status, stdout bytes, stderr bytes) of an exec of command (a shell command line)."""
+        ranks = list(range(len(self.vms))) if ranks is None else ranks
+        targets = SimpleNamespace(vms=self.vms, ranks=ranks, client=self.client)
+        out, err = Stream(on_out), Stream(on_err)
+        app = SimpleNamespace(env=SimpleNamespace(stdout=out, stderr=err))
+        argv = command if isinstance(command, list) else ["/bin/sh", "-c", command]
+        status = _ExecRun(app, targets, {"argv": argv, "user": None, **args}, stdin, gather).run()
+        return status, out.bytes(), err.bytes()
+
+    def close(self):
+        for s in self.servers:
+            s.stop()
+        for a in self.agents:
+            a.close()
+
+
+@pytest.fixture
+def one(creds):
+    c = Cluster(creds, 1)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def three(creds):
+    c = Cluster(creds, 3)
+    yield c
+    c.close()
+
+
+def processes_with(marker):
+    """pids of live processes whose command line holds marker (zombies have none)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        found.append(int(pid))
+            except OSError:
+                pass
+    return found
+
+
+def test_one_vm_output_is_passed_byte_for_byte_with_its_status(one):
+    status, out, err = one.run(r"printf 'a\000b\nno newline'; printf 'oops' >&2; exit 3")
+    assert (status, out, err) == (3, b"a\x00b\nno newline", b"oops")
+
+
+def test_lines_arrive_as_they_come(one, tmp_path):
+    """The command prints its second line only once the user saw the first: without streaming
+    it would wait for ever (bounded here by -t, whose status 9 would fail the test)."""
+    flag = tmp_path / "seen-first"
+
+    def on_out(line):
+        if line == b"first":
+            flag.touch()
+
+    status, out, _ = one.run(f"echo first; while [ ! -e {flag} ]; do sleep 0.01; done; echo second", on_out=on_out, timeout=60)
+    assert status == 0 and out == b"first\nsecond\n"
+
+
+def test_several_vms_prefix_lines_keep_stderr_apart_and_tell_failures(three):
+    status, out, err = three.run('n=${PCOCC_TEST_N:-x}; echo "out"; echo "err" >&2; printf partial; exit 2')
+    assert status == 2
+    assert sorted(out.splitlines()) == sorted([f"vm{r}: {w}".encode() for r in range(3) for w in ("out", "partial")])
+    lines = err.splitlines()
+    for r in range(3):
+        assert f"vm{r}: err".encode() in lines
+        assert f"vm{r}: exited with status 2".encode() in lines
+        assert lines.index(f"vm{r}: err".encode()) < lines.index(f"vm{r}: exited with status 2".encode())
+
+
+def test_empty_output_prints_nothing(three):
+    assert three.run("true") == (0, b"", b"")
+
+
+def test_status_is_the_highest(three):
+    status, _, err = three.run("exit 0", ranks=[0]), None, None
+    assert status[0] == 0
+    status, out, err = three.run('case $(hostname) in *) :;; esac; exit $((RANDOM % 1))')
+    assert status == 0
+
+
+def test_gather_prints_each_distinct_output_once(three):
+    status, out, err = three.run("echo same; echo noise >&2", gather=True)
+    assert status == 0
+    assert out == b"---------------\nvm[0-2] (3)\n---------------\nsame\n"
+    assert sorted(err.splitlines()) == [b"vm0: noise", b"vm1: noise", b"vm2: noise"]
+
+
+def test_large_output_comes_whole_through_many_segments(one, monkeypatch):
+    monkeypatch.setattr(qga, "EXEC_SEGMENT_READS", 4)  # segments of at most 256 KiB
+    status, out, err = one.run("head -c 12000000 /dev/zero | tr '\\0' a; echo; head -c 3000000 /dev/zero | tr '\\0' b >&2")
+    assert status == 0, err[-300:]
+    assert len(out) == 12000001 and out.count(b"a") == 12000000
+    assert len(err) == 3000000 and err.count(b"b") == 3000000
+
+
+def test_stdin_goes_whole_to_every_vm(three, monkeypatch, tmp_path):
+    monkeypatch.setattr(qga, "STDIN_SEGMENT", 256 * 1024)
+    data = os.urandom(10 * 1024 * 1024)
+    src = tmp_path / "in"
+    src.write_bytes(data)
+    with open(src, "rb") as f:
+        status, out, err = three.run('f=$(mktemp); cat > "$f"; sha256sum < "$f" | cut -c1-64; wc -c < "$f"; rm "$f"', stdin=f.fileno())
+    assert status == 0, err
+    digest = hashlib.sha256(data).hexdigest()
+    for r in range(3):
+        assert f"vm{r}: {digest}".encode() in out.splitlines()
+        assert f"vm{r}: {len(data)}".encode() in out.splitlines()
+
+
+def test_a_command_that_does_not_read_its_stdin_still_ends(one):
+    r, w = os.pipe()  # stdin that never ends, as `yes | pcocc exec true`
+    try:
+        os.write(w, b"data\n" * 100)
+        status, out, err = one.run("echo done", stdin=r)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert (status, out) == (0, b"done\n")
+
+
+def test_no_stdin_reads_nothing(one, tmp_path):
+    status, out, _ = one.run("cat; echo end")
+    assert (status, out) == (0, b"end\n")
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "timeout"])
+def test_interrupt_or_timeout_kills_the_command_and_its_children(three, how):
+    marker = f"{4000 + os.getpid() % 1000}.{len(how)}"
+    command = f"sleep {marker} & sleep {marker} & echo started; wait"
+    started = []
+
+    def on_out(line):
+        started.append(line)
+        if how == "ctrl-c" and len(started) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # what a terminal's Ctrl-C sends
+
+    args = {"timeout": 2.0} if how == "timeout" else {}
+    status, out, err = three.run(command, on_out=on_out, **args)
+    assert sorted(out.splitlines()) == [b"vm0: started", b"vm1: started", b"vm2: started"]
+    assert status == (130 if how == "ctrl-c" else 9)
+    if how == "timeout":
+        assert sorted(err.splitlines()) == [f"vm{r}: killed after the timeout".encode() for r in range(3)]
+    assert processes_with(f"sleep\0{marker}") == []
+
+
+def test_a_client_that_leaves_kills_the_command(one):
+    marker = f"{5000 + os.getpid() % 1000}.5"
+    client = one.client(0, timeout=30)
+    stream = client.stream("exec_stream", argv=["/bin/sh", "-c", f"sleep {marker} & echo started; wait"])
+    assert stream.first["started"]
+    while True:
+        kind, event = stream.receive(30)
+        if kind == "event" and "out_b64" in event:
+            break
+    assert processes_with(f"sleep\0{marker}")
+    client.close()  # as a CLI killed by SIGKILL, or its node lost
+    deadline = time.monotonic() + 30
+    while processes_with(f"sleep\0{marker}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_with(f"sleep\0{marker}") == []
+
+
+def test_script_runs_with_its_own_interpreter(one, tmp_path):
+    from pcocc.agent.endpoint import encode_bytes
+
+    script = b"#!/bin/cat\nthis line is printed by cat, not run by sh\n"
+    status, out, _ = one.run(qga.run_script_argv([], interpreter=None), input_b64=encode_bytes(script))
+    assert (status, out) == (0, script)
+    status, out, _ = one.run(qga.run_script_argv(["a b"], interpreter=None), input_b64=encode_bytes(b'echo "[$1]"\n'))
+    assert (status, out) == (0, b"[a b]\n")
+
+
+def test_nothing_is_left_in_the_exec_directory(one):
+    assert one.run("echo x") == (0, b"x\n", b"")
+    handler_agent = one.agents[0]
+    base = [a["arg"][4] for c, a in handler_agent.log if c == "guest-exec" and a.get("path") == "setsid"][0]
+    deadline = time.monotonic() + 10
+    while os.listdir(base) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert os.listdir(base) == []
+    assert oct(os.stat(base).st_mode & 0o777) == "0o700"
