@@ -277,3 +277,52 @@ def test_nothing_is_left_in_the_exec_directory(one):
         time.sleep(0.05)
     assert os.listdir(base) == []
     assert oct(os.stat(base).st_mode & 0o777) == "0o700"
+
+
+def test_an_unknown_option_before_the_command_is_a_usage_error_with_a_suggestion(cli):
+    r = cli("exec", "--tiemout", "5", "hostname")
+    assert r.status == 2
+    assert "--timeout" in r.stderr and "Try 'pcocc exec --help'" in r.stderr
+
+
+def test_options_after_the_command_are_the_commands(cli):
+    # parsing stops at the command: its own options never reach pcocc (no cluster here: status 4)
+    r = cli("exec", "ls", "--tiemout", "-x")
+    assert r.status == 4
+
+
+def test_node_sets_are_read_by_clustershell_and_bounded_first():
+    from pcocc.cluster import parse_vmset
+    from pcocc.errors import UsageError
+
+    assert parse_vmset("vm[0-7]!vm3", 8) == [0, 1, 2, 4, 5, 6, 7]
+    assert parse_vmset("vm[0-7]", 8, exclude="vm[1-2],vm5") == [0, 3, 4, 6, 7]
+    assert parse_vmset("vm[0-3]&vm[2-7]", 8) == [2, 3]
+    with pytest.raises(UsageError, match="no VM left"):
+        parse_vmset("vm1", 4, exclude="vm1")
+    with pytest.raises(UsageError, match="no VM vm8 "):
+        parse_vmset("vm[0-7]", 8, exclude="vm8")
+
+
+def test_pcocc_help_does_not_import_clustershell():
+    import subprocess
+    import sys
+
+    code = "import sys; from pcocc.cli.core import run; run(['--help']); print('ClusterShell' in ' '.join(sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip().endswith("False"), r.stdout + r.stderr
+
+
+def test_a_streaming_op_called_as_a_plain_one_is_an_error_and_is_ended(one):
+    from pcocc.agent.endpoint import AgentError
+
+    marker = f"{6000 + os.getpid() % 1000}.6"
+    with one.client(0, timeout=30) as client:
+        with pytest.raises(AgentError, match="streaming op"):
+            client.call("exec_stream", argv=["/bin/sh", "-c", f"sleep {marker}"])
+        with pytest.raises(AgentError, match="given by the server"):
+            client.call("exec_stream", argv=["true"], stream=None)
+    deadline = time.monotonic() + 30
+    while processes_with(f"sleep\0{marker}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_with(f"sleep\0{marker}") == []

@@ -563,6 +563,9 @@ class ControlClient:
             ok, error, kind = response["ok"], response.get("error"), response.get("kind")
         except (ValueError, TypeError, KeyError):
             raise AgentError(f"the control endpoint at {_where(self.address)} sent an invalid answer") from None
+        if response.get("more"):  # the op streams: leaving ends it on the server's side
+            self.close()
+            raise AgentError(f"{op!r} is a streaming op: call it with stream()")
         if ok:
             return response.get("result")
         cls = {"permission": PermissionDenied, "notfound": NotFoundError, "timeout": TimeoutExpired}.get(kind, AgentError)

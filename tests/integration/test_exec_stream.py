@@ -1,0 +1,159 @@
+"""Streamed exec against real VMs (local backend, qemu under TCG here, the stock qemu-guest-agent
+of the tiny image): what depends on the guest. Order and content are asserted, never time."""
+
+import hashlib
+import os
+import signal
+import subprocess
+
+import pytest
+
+from local_site import PCOCC, LocalSite
+
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("exec-cluster")]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_image):
+    """Two 256 MiB VMs shared by the tests of this module."""
+    site = LocalSite(tmp_path_factory.mktemp("exec"), tiny_image)
+    site.write(".pcocc/templates.yaml", "tiny:\n  image: user:tiny\n")
+    try:
+        r = site.pcocc("batch", "-m", "256", "-J", "exec", "--wait", "tiny:2")
+        assert r.returncode == 0, r.stderr
+        site.jobid = r.stdout.strip()
+        yield site
+    finally:
+        site.cleanup()
+
+
+def start(site, *argv, stdin=subprocess.DEVNULL):
+    """`pcocc exec` running, its stdout and stderr as pipes."""
+    return subprocess.Popen([str(PCOCC), "exec", "-j", site.jobid, *argv], env=site.environ, stdin=stdin,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=site.root)
+
+
+def finish(proc, timeout=600):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # by pid: the test must not leave it
+        proc.communicate()
+        raise
+    return proc.returncode, out, err
+
+
+def in_vms(site, command):
+    r = site.pcocc("exec", "-j", site.jobid, "-n", command)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_the_second_line_is_printed_only_after_the_user_saw_the_first(cluster):
+    in_vms(cluster, "rm -f /tmp/go")
+    proc = start(cluster, "-w", "vm0", "echo first; while [ ! -e /tmp/go ]; do sleep 0.1; done; echo second")
+    try:
+        assert proc.stdout.readline() == b"first\n"  # while the command still runs: streamed
+        assert cluster.pcocc("exec", "-j", cluster.jobid, "-n", "-w", "vm0", "touch /tmp/go").returncode == 0
+        code, out, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (code, out) == (0, b"second\n"), err
+
+
+def test_several_vms_prefix_their_lines_and_keep_stderr_apart(cluster):
+    code, out, err = finish(start(cluster, "echo out; echo err >&2; exit 3"))
+    assert code == 3
+    assert sorted(out.splitlines()) == [b"vm0: out", b"vm1: out"]
+    assert sorted(err.splitlines()) == [b"vm0: err", b"vm0: exited with status 3", b"vm1: err", b"vm1: exited with status 3"]
+    assert finish(start(cluster, "true")) == (0, b"", b"")
+
+
+def test_one_vm_output_is_byte_for_byte(cluster):
+    code, out, err = finish(start(cluster, "-w", "vm1", r"printf 'a\000b\nno newline'; printf 'e' >&2; exit 4"))
+    assert (code, out, err) == (4, b"a\x00b\nno newline", b"e")
+
+
+def test_100_mib_of_output_arrive_whole_from_a_256_mib_vm(cluster, tmp_path):
+    """Also repro 04 (output cut at 16 MiB with status 0)."""
+    dest = tmp_path / "out"
+    with open(dest, "wb") as f:
+        proc = subprocess.Popen([str(PCOCC), "exec", "-j", cluster.jobid, "-n", "-w", "vm0", "head -c 104857600 /dev/zero | tr '\\0' a"],
+                                env=cluster.environ, stdout=f, stderr=subprocess.PIPE, cwd=cluster.root)
+        code, _, err = finish(proc, timeout=1800)
+    assert code == 0, err
+    assert dest.stat().st_size == 100 * 2**20
+    with open(dest, "rb") as f:
+        while block := f.read(2**20):
+            assert block.count(b"a") == len(block)
+
+
+def test_10_mib_of_stdin_arrive_whole_in_every_vm(cluster, tmp_path):
+    data = os.urandom(10 * 2**20)
+    src = tmp_path / "in"
+    src.write_bytes(data)
+    with open(src, "rb") as f:
+        code, out, err = finish(start(cluster, "cat > /root/stdin.bin; sha256sum /root/stdin.bin | cut -c1-64", stdin=f), timeout=1800)
+    assert code == 0, err
+    digest = hashlib.sha256(data).hexdigest().encode()
+    assert sorted(out.splitlines()) == [b"vm0: " + digest, b"vm1: " + digest]
+    # -n reads none, as ssh -n
+    with open(src, "rb") as f:
+        code, out, err = finish(start(cluster, "-n", "-w", "vm0", "wc -c", stdin=f))
+    assert (code, out.strip()) == (0, b"0"), err
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "timeout"])
+def test_ctrl_c_or_timeout_leave_no_process_of_the_command(cluster, how):
+    marker = "1001" if how == "ctrl-c" else "1002"
+    command = f"sleep {marker} & (sleep {marker}; echo never) & echo started; wait"
+    proc = start(cluster, *(["-t", "5"] if how == "timeout" else []), command)
+    try:
+        seen = [proc.stdout.readline(), proc.stdout.readline()]
+        assert sorted(seen) == [b"vm0: started\n", b"vm1: started\n"]
+        running = in_vms(cluster, f"ps -o args | grep -c '^sleep {marker}' || true")
+        assert sorted(running.splitlines()) == ["vm0: 2", "vm1: 2"]
+        if how == "ctrl-c":
+            proc.send_signal(signal.SIGINT)
+        code, out, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == (130 if how == "ctrl-c" else 9), err
+    assert b"never" not in out
+    left = in_vms(cluster, f"ps -o args | grep -c '^sleep {marker}' || true")
+    assert sorted(left.splitlines()) == ["vm0: 0", "vm1: 0"]
+
+
+def test_unknown_option_is_a_usage_error_with_a_suggestion(cluster):
+    r = cluster.pcocc("exec", "-j", cluster.jobid, "--tiemout", "5", "hostname")
+    assert r.returncode == 2 and "--timeout" in r.stderr
+
+
+def test_node_sets_in_clush_syntax(cluster):
+    r = cluster.pcocc("exec", "-j", cluster.jobid, "-n", "-w", "vm[0-1]!vm0", "hostname")
+    assert (r.returncode, r.stdout) == (0, "vm1\n")
+    r = cluster.pcocc("exec", "-j", cluster.jobid, "-n", "-x", "vm1", "hostname")
+    assert (r.returncode, r.stdout) == (0, "vm0\n")
+
+
+def test_script_runs_with_its_own_interpreter(cluster, tmp_path):
+    script = tmp_path / "s"
+    script.write_text("#!/bin/cat\nprinted by cat\n")
+    r = cluster.pcocc("exec", "-j", cluster.jobid, "-w", "vm0", "-s", script)
+    assert (r.returncode, r.stdout) == (0, script.read_text())
+    script.write_text('echo "no #! line: run by sh [$1]"\n')
+    r = cluster.pcocc("exec", "-j", cluster.jobid, "-w", "vm0", "-s", script, "x y")
+    assert (r.returncode, r.stdout) == (0, "no #! line: run by sh [x y]\n")
+
+
+def test_exec_right_after_batch_waits_for_the_vms(site):
+    site.write(".pcocc/templates.yaml", "tiny:\n  image: user:tiny\n")
+    r = site.pcocc("batch", "-m", "256", "tiny:1")
+    assert r.returncode == 0, r.stderr
+    r = site.pcocc("exec", "-n", "hostname")
+    assert (r.returncode, r.stdout) == (0, "vm0\n"), r.stderr
+    assert "waiting for VMs still starting" in r.stderr
