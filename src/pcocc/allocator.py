@@ -157,7 +157,7 @@ class Pool:
             need = count - len(mine)
             if need <= 0 and seen:
                 break
-            candidates = []
+            candidates, block = [], False
             if need > 0:
                 if scan:
                     taken = self._scan()
@@ -165,7 +165,7 @@ class Pool:
                         checked = True
                         if self._reclaim_dead(taken, owner, alive):
                             continue
-                candidates = self._pick(min(need, BATCH), mine, taken, scan, random_order=conflicts > 0, keep=keep)
+                candidates, block = self._pick(min(need, BATCH), mine, taken, scan, random_order=conflicts > 0, keep=keep)
                 if candidates is None:  # not enough free ids
                     if scan:
                         raise ResourceError(f"no free {self.name} left ({self.first}-{self.last}: {len(taken)} in use)")
@@ -195,8 +195,9 @@ class Pool:
             taken.update(lost)
             keep = [i for i in candidates if i not in lost]
             others = {i: o for i, o in lost.items() if o != owner}
-            probed += len(candidates)
-            hits += len(others)
+            # the share of draws that met a taken id: a block is one draw (met whole or not at all)
+            probed += 1 if block else len(candidates)
+            hits += (1 if others else 0) if block else len(others)
             if others and alive is not None:
                 dead = {o for o in others.values() if o and not alive(o)}
                 if dead:
@@ -235,20 +236,21 @@ class Pool:
         return found
 
     def _pick(self, n, mine, taken, scan, random_order, keep=()):
-        """n free ids (not mine, not known taken), or None when the pool cannot have n;
-        probing starts from `keep` (ids found free by the last attempt)."""
+        """(n free ids (not mine, not known taken), whether they are one block drawn at random),
+        or (None, False) when the pool cannot have n; probing starts from `keep` (ids found
+        free by the last attempt)."""
         excluded = set(mine) | set(taken)
         if scan:
             free = [i for i in range(self.first, self.last + 1) if i not in excluded]
             if len(free) < n:
-                return None
-            return sorted(random.sample(free, n)) if random_order else free[:n]
+                return None, False
+            return (sorted(random.sample(free, n)) if random_order else free[:n]), False
         if self.size - len(excluded) < n:
-            return None
+            return None, False
         picked = {i for i in keep if i not in excluded}
         picked = set(sorted(picked)[:n])
         if len(picked) == n:
-            return sorted(picked)
+            return sorted(picked), False
         if not picked and n > 1:
             # a first draw of several ids: an aligned block at random. Owners that take the
             # same count tile the pool, so a draw meets another owner's block as a whole or
@@ -261,15 +263,15 @@ class Pool:
                 start = self.first + align * random.randrange(blocks)
                 block = [i for i in range(start, start + n) if i not in excluded]
                 if len(block) == n:
-                    return block
+                    return block, True
                 picked.update(block)
         for _ in range(20 * n + 20):  # rejection sampling: the known-taken are few (else we scan)
             i = random.randint(self.first, self.last)
             if i not in excluded and i not in picked:
                 picked.add(i)
                 if len(picked) == n:
-                    return sorted(picked)
-        return None  # mostly taken: the caller turns to a scan
+                    return sorted(picked), False
+        return None, False  # mostly taken: the caller turns to a scan
 
     def _reclaim_dead(self, taken, owner, alive):
         """Release every owner of `taken` whose job is dead; whether any was."""
