@@ -425,6 +425,8 @@ def write(results, out, clients, cap, churn=None):
                  f"a phase is cut after {cap:g} s; old design run once above 100 hosts",
         "old": "one key per pool holding {id: owner}, rewritten by compare-and-swap (Store.update, 100 attempts)",
         "new": "one key per taken id created in a transaction with the owner's key (src/pcocc/allocator.py)",
+        "load": "the host is shared (other test suites run qemu beside): the load average at the start of each run is in the "
+                "last column; compare designs at equal load, and requests per VM, which do not depend on it",
     }
     if churn:
         notes["churn"] = (f"{churn['jobs']} jobs of 4 hosts x 16 VMs came and went (8 at once) in {churn['seconds']:.1f} s, "
