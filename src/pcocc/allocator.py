@@ -152,6 +152,7 @@ class Pool:
         swept_at = None
         checked = alive is None  # whether the owners met in a scan were checked against `alive`
         keep = []  # candidates of the last failed round that were free then
+        learned = {}  # id -> owner, of candidates found taken by our failed transactions
         while True:
             mine = list(held["ids"]) if held else []
             need = count - len(mine)
@@ -160,7 +161,8 @@ class Pool:
             candidates, block = [], False
             if need > 0:
                 if scan:
-                    taken = self._scan()
+                    # a scan may lag a little (a hint): what this call saw taken counts too
+                    taken = {**self._scan(), **learned}
                     if not checked:  # a scan sees every owner: the dead ones are reclaimed as we go
                         checked = True
                         if self._reclaim_dead(taken, owner, alive):
@@ -193,6 +195,7 @@ class Pool:
             lost = {i: (current.get(id_key(self.name, i)) or {}).get("owner") for i in candidates
                     if current.get(id_key(self.name, i)) is not None}
             taken.update(lost)
+            learned.update(lost)
             keep = [i for i in candidates if i not in lost]
             others = {i: o for i, o in lost.items() if o != owner}
             # the share of draws that met a taken id: a block is one draw (met whole or not at all)
@@ -205,6 +208,7 @@ class Pool:
                         log.info("pool %s: reclaiming the ids of %s (its job has ended)", self.name, o)
                         self.release(o)
                     taken = {i: o for i, o in taken.items() if o not in dead}
+                    learned = {i: o for i, o in learned.items() if o not in dead}
                     continue
             if not scan and (conflicts + 1 >= PROBE_ROUNDS or (probed >= 8 and hits > FULL_SHARE * probed)):
                 scan = True
