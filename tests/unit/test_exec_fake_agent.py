@@ -8,7 +8,8 @@ with qemu-ga's semantics (qga/commands-posix.c, qga/commands.c of qemu 7.2):
 * guest-file-read is fread(count): it loops until count bytes, the end of the file or an
   error; an error (EAGAIN on a FIFO with less than count bytes waiting) fails the command and
   what was read is lost;
-* guest-file-write is fwrite: a short count on a full non-blocking pipe.
+* guest-file-write is fwrite: the bytes stay in the stdio buffer until guest-file-flush or
+  guest-file-close (a FIFO's reader sees nothing before).
 
 So a StreamingExec runs its real runner script (sh, dd, setsid...) on this host.
 """
@@ -50,6 +51,7 @@ class LocalAgent:
     def __init__(self):
         self.procs = {}
         self.files = {}
+        self.buffers = {}  # handle -> bytes written and not yet flushed
         self.next_handle = 1000
         self.log = []  # (command, arguments) of every call
         self.lock = threading.Lock()
@@ -110,14 +112,26 @@ class LocalAgent:
         return {"count": len(buf), "buf-b64": base64.b64encode(buf).decode(), "eof": eof}
 
     def _guest_file_write(self, handle, buf_b64, count=None):
+        # fwrite: into the stdio buffer, which reaches the file at a flush or a close
         data = base64.b64decode(buf_b64)
-        try:
-            n = os.write(self.files[handle], data)
-        except BlockingIOError:
-            n = 0
-        return {"count": n, "eof": False}
+        self.buffers[handle] = self.buffers.get(handle, b"") + data
+        return {"count": len(data), "eof": False}
+
+    def _guest_file_flush(self, handle):
+        data = self.buffers.pop(handle, b"")
+        while data:
+            try:
+                n = os.write(self.files[handle], data)
+            except BlockingIOError:
+                raise AgentCommandError("guest-file-flush", {"desc": "failed to flush file: Resource temporarily unavailable"}) from None
+            data = data[n:]
+        return {}
 
     def _guest_file_close(self, handle):
+        try:
+            self._guest_file_flush(handle)
+        except AgentCommandError:
+            pass
         os.close(self.files.pop(handle))
         return {}
 

@@ -184,7 +184,7 @@ def test_gather_prints_each_distinct_output_once(three):
 
 
 def test_large_output_comes_whole_through_many_segments(one, monkeypatch):
-    monkeypatch.setattr(qga, "EXEC_SEGMENT_READS", 4)  # segments of at most 256 KiB
+    monkeypatch.setattr(qga, "EXEC_SEGMENT", 256 * 1024)
     status, out, err = one.run("head -c 12000000 /dev/zero | tr '\\0' a; echo; head -c 3000000 /dev/zero | tr '\\0' b >&2")
     assert status == 0, err[-300:]
     assert len(out) == 12000001 and out.count(b"a") == 12000000

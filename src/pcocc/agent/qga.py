@@ -368,7 +368,9 @@ class GuestAgent:
 # The design (docs/exec.md): guest-exec runs RUNNER under setsid (so the command's processes form
 # one session and process group, which the host kills with one `kill -KILL -PID`), with the
 # command's stdout and stderr piped into two relays, each a `dd` loop that writes the stream into
-# numbered segment files of a private directory. The host reads each segment as it grows with
+# numbered segment files of a private directory (dd writes each read at once, and counts reads,
+# full or not: reads of at most 8 KiB bound a segment to EXEC_SEGMENT bytes, and a command that
+# writes 8 KiB or more at a time fills them). The host reads each segment as it grows with
 # guest-file-read (regular files: a read at the end returns what is there, with eof true, and
 # the next read returns what came since) and moves to segment k+1 once it exists (the relay
 # created it: segment k is complete). A relay that writes segment k waits first until the host
@@ -376,44 +378,45 @@ class GuestAgent:
 # side's open blocks), and then empties it: the guest holds at most two segments per stream, and
 # a fast writer blocks on its pipe rather than filling the guest's memory. qemu-ga cannot read a
 # FIFO: its guest-file-read is an fread() of `count` bytes on a non-blocking descriptor, which fails
-# with EAGAIN (losing what it read) whenever less than `count` bytes are waiting.
+# with EAGAIN (losing what it read) whenever less than `count` bytes are waiting. Its writes are
+# fwrite()s: a line for the relay or the feeder is followed by a guest-file-flush.
 # stdin goes the other way: the host writes segment files (at most two ahead) and names each in
 # the FIFO .in; a feeder `cat`s them, in order, into the command's stdin and empties each. The
 # feeder runs outside the command's job (the runner does not wait for it: a command that ends
 # without reading its stdin ends the exec, as with ssh) and ends when the host closes the FIFO;
 # its descriptors are set with exec in a subshell: a redirection on a function call would make
 # dash keep a copy of the runner's stderr, whose end qemu-ga waits for before it says "exited".
-# Only POSIX sh, dd with status=none, cat, mkdir, mkfifo (coreutils) and setsid (util-linux) are
-# needed in the guest: any stock cloud image has them.
-EXEC_SEGMENT_READS = 64  # dd reads (each at most 64 KiB, a pipe's capacity) per output segment: <= 4 MiB
+# Only POSIX sh, dd with status=none (coreutils >= 8.20), cat, mkdir, mkfifo (coreutils) and setsid (util-linux) are
+# needed in the guest: any stock cloud image has them. Every exec() costs 0.1-0.3 s under TCG, so
+# only setsid, sh and the two dd run before the first line: a `sh -c LINE` runs in a subshell of
+# the runner (eval), and each FIFO is made by whoever needs it first, after the start.
+EXEC_SEGMENT = 4 * 1024 * 1024  # bytes at most per output segment: dd reads of at most 8 KiB, EXEC_SEGMENT / 8 KiB reads
 EXEC_READ = 1024 * 1024  # bytes asked by one guest-file-read of output (qemu-ga's cap is 48 MiB)
 STDIN_SEGMENT = 1024 * 1024  # bytes of stdin per segment file; two segments at most in the guest
 PROBE_INTERVAL = 0.5  # seconds between two looks for the next segment of a stream with nothing new
 EXEC_TMP = "/tmp"  # where each VM's private exec directory is made (mode 0700, a random name)
 
-_EXEC_RUNNER = r'''B=$1 P=$1/$2 N=$3 IN=$4; shift 4
+_EXEC_RUNNER = r'''B=$1 P=$1/$2 N=$3 IN=$4 SH=$5; shift 5
 umask 077
 if [ -L "$B" ] || { [ -e "$B" ] && ! [ -O "$B" ]; }; then echo "pcocc-exec: $B is not this user's" >&2; exit 124; fi
 [ -d "$B" ] || mkdir -m 700 -- "$B" || exit 124
 : > "$P.o.0" && : > "$P.e.0" && : > "$P.st" || exit 124
-waitfifo() { until [ -p "$1" ]; do sleep 0.1 2>/dev/null || sleep 1; done; }
+fifo() { [ -p "$1" ] || mkfifo "$1" 2>/dev/null || [ -p "$1" ]; }
 relay() {
   i=0
   while :; do
-    dd bs=65536 count="$N" status=none > "$P.$1.$i" || return 1
+    dd bs=8192 count="$N" status=none > "$P.$1.$i" || return 1
     [ -s "$P.$1.$i" ] || return 0
     i=$((i + 1))
     : > "$P.$1.$i"
     if [ "$i" -ge 2 ]; then
-      waitfifo "$P.$1.ack"
-      read -r _ < "$P.$1.ack" || return 1
+      fifo "$P.$1.ack" && read -r _ < "$P.$1.ack" || return 1
       : > "$P.$1.$((i - 2))"
     fi
   done
 }
 feed() {
-  waitfifo "$P.in"
-  exec 6< "$P.in" || return 1
+  fifo "$P.in" && exec 6< "$P.in" || return 1
   k=0
   while read -r m <&6 && [ "$m" = "$k" ]; do
     cat -- "$P.i.$k" || return 1
@@ -421,17 +424,20 @@ feed() {
     k=$((k + 1))
   done
 }
-run() { "$@" 2>&3 3>&- 4>&-; echo $? >&4; }
+run() {
+  if [ "$SH" = 1 ]; then
+    (exec 2>&3 3>&- 4>&-; pcocc_cmd=$1; unset -f fifo relay feed run; unset B P N IN SH; set --; eval "unset pcocc_cmd; $pcocc_cmd")
+  else
+    "$@" 2>&3 3>&- 4>&-
+  fi
+  echo $? >&4
+}
 if [ "$IN" = 1 ]; then
   { (exec 2>/dev/null 3>&- 4>&- && feed) & } | { { run "$@" | relay o 3>&- 4>&-; } 3>&1 | relay e 4>&-; } 4>"$P.st" &
-  job=$!
-  mkfifo "$P.o.ack" "$P.e.ack" "$P.in" || exit 124
 else
   { { run "$@" | relay o 3>&- 4>&-; } 3>&1 | relay e 4>&-; } 4>"$P.st" < /dev/null &
-  job=$!
-  mkfifo "$P.o.ack" "$P.e.ack" || exit 124
 fi
-wait "$job"
+wait "$!"
 read -r st < "$P.st" && [ -n "$st" ] && exit "$st"
 exit 125
 '''
@@ -479,17 +485,20 @@ class StreamingExec:
     qga/qapi-schema.json (guest-exec, guest-exec-status, guest-file-open/read/write/close).
     """
 
-    def __init__(self, agent, argv, base, *, stdin=False, segment_reads=EXEC_SEGMENT_READS,
+    def __init__(self, agent, argv, base, *, stdin=False, segment=EXEC_SEGMENT,
                  read_size=EXEC_READ, stdin_segment=STDIN_SEGMENT):
         self.agent = agent
         self.argv = [str(a) for a in argv]
         if not self.argv:
             raise AgentError("guest agent: exec of an empty command")
+        # sh -c LINE runs in a subshell of the runner itself (eval): one exec less before the
+        # first line, and the same shell (the guest's sh, with no pcocc variable or function left)
+        self.shell = len(self.argv) == 3 and self.argv[0] in ("sh", "/bin/sh") and self.argv[1] == "-c"
         self.base = base
         self.id = secrets.token_hex(8)
         self.prefix = f"{base}/{self.id}"
         self.stdin = stdin
-        self.segment_reads = int(segment_reads)
+        self.segment = int(segment)
         self.read_size = int(read_size)
         self.stdin_segment = int(stdin_segment)
         self.pid = None
@@ -507,8 +516,8 @@ class StreamingExec:
 
     def start(self):
         """Starts the command in the guest (one guest-exec); returns self."""
-        args = ["sh", "-c", _EXEC_RUNNER, "pcocc-exec", self.base, self.id, str(self.segment_reads),
-                "1" if self.stdin else "0", *self.argv]
+        args = ["sh", "-c", _EXEC_RUNNER, "pcocc-exec", self.base, self.id, str(max(1, self.segment // 8192)),
+                "1" if self.stdin else "0", "1" if self.shell else "0", *(self.argv[2:] if self.shell else self.argv)]
         self.pid = self.agent.execute("guest-exec", {"path": "setsid", "arg": args, "capture-output": True})["pid"]
         return self
 
@@ -631,6 +640,7 @@ class StreamingExec:
         done = self.agent.execute("guest-file-write", {"handle": self._in_handle, "buf-b64": base64.b64encode(data).decode()})
         if done.get("count") != len(data):
             raise AgentError("guest agent: the command's stdin feeder stopped reading")
+        self.agent.execute("guest-file-flush", {"handle": self._in_handle})  # qemu-ga writes through stdio
 
     def _write_file(self, path, data):
         handle = self.agent.execute("guest-file-open", {"path": path, "mode": "w"})
@@ -701,6 +711,8 @@ class StreamingExec:
                 if seg.ack_handle is None:
                     continue  # the runner makes it just after starting the command
             done = self.agent.execute("guest-file-write", {"handle": seg.ack_handle, "buf-b64": base64.b64encode(b"\n" * seg.acks).decode()})
+            # qemu-ga's guest-file-write is an fwrite(): the bytes stay in its stdio buffer until a flush
+            self.agent.execute("guest-file-flush", {"handle": seg.ack_handle})
             seg.acks -= int(done.get("count") or 0)
 
     def _result(self, status):

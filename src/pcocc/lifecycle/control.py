@@ -63,7 +63,7 @@ class ControlHandler:
 
         argv = self._as_user(argv, user)
         feed = bool(stdin) or input_b64 is not None
-        ex = qga.StreamingExec(self.agent, argv, self._exec_base(), stdin=feed, segment_reads=qga.EXEC_SEGMENT_READS,
+        ex = qga.StreamingExec(self.agent, argv, self._exec_base(), stdin=feed, segment=qga.EXEC_SEGMENT,
                                stdin_segment=qga.STDIN_SEGMENT)
         ex.start()
         try:
