@@ -114,7 +114,8 @@ def _fold(names):
 def exec_(app, jobid, jobname, vmset, exclude, index, user, script, timeout, gather, no_stdin, cmd):
     """Run CMD in VMs through their guest agents, with its output as it comes.
 
-    CMD runs through the guest's shell (sh -c, its words joined by spaces, as ssh does).
+    CMD runs through the guest's shell (sh -c): one word is a command line ('ls *.txt'),
+    several are a command and its arguments, passed as they are (quoted for the shell).
     With several VMs each line is prefixed 'vmN: ', and a non-zero exit status is told
     on stderr as 'vmN: exited with status S'; with one VM its output is passed as it is.
     stdin goes to every VM unless it is a terminal or -n is given.  Ctrl-C or -t kills
@@ -145,19 +146,30 @@ def exec_(app, jobid, jobname, vmset, exclude, index, user, script, timeout, gat
         # user it runs as), and is executed there: the kernel runs its #! line, sh runs a script without one
         args.update(argv=run_script_argv(cmd[1:], interpreter=None), input_b64=encode_bytes(data))
     else:
-        args["argv"] = ["/bin/sh", "-c", " ".join(cmd)]
+        import shlex
+
+        # one word is a command line; several are a command and its arguments, quoted for the shell
+        args["argv"] = ["/bin/sh", "-c", cmd[0] if len(cmd) == 1 else shlex.join(cmd)]
         stream_in = getattr(app.env, "stdin", None) or sys.stdin
         try:
             fd = stream_in.fileno()
         except (AttributeError, ValueError, OSError):
             fd = None
-        if not no_stdin and fd is not None and not os.isatty(fd):
+        if not no_stdin and fd is not None and not os.isatty(fd) and not _is_dev_null(fd):
             stdin = fd
     if timeout:
         args["timeout"] = timeout
     status = _ExecRun(app, targets, args, stdin, gather).run()
     if status:
         raise click.exceptions.Exit(status)
+
+
+def _is_dev_null(fd):
+    """True when fd is /dev/null: nothing to forward, and the VMs need not start a feeder."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(os.devnull))
+    except OSError:
+        return False
 
 
 class _ExecRun:
