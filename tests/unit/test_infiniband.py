@@ -20,6 +20,7 @@ from sim.sysfs import SimulatedHost
 from store_fixtures import connect, etcd_server, store  # noqa: F401 - fixtures
 
 from pcocc import state
+from pcocc.allocator import Pool
 from pcocc.lifecycle import nodesetup
 from pcocc.context import Context
 from pcocc.env import Environment
@@ -160,7 +161,7 @@ def test_simulation_vfs_are_bound_passed_to_qemu_and_released(sqlite_site):
     assert host.on_vfio() == [] and host.vfio_nodes() == []
     assert all(host.driver(a) == "mlx5_core" and host.override(a) == "(null)" for a in host.vfs)
     assert [host.vf_guids(i)["policy"] for i in range(4)] == ["Down"] * 4
-    assert site.store.get(state.pool_key("pkey")) is None
+    assert Pool(site.store, "pkey", 0, 0).owners() == {}
     assert site.store.range(state.pkey_members_prefix()) == {}
     nodesetup.delete(ctx, 5, UID)  # twice is fine
 
@@ -179,7 +180,7 @@ def test_simulation_writes_follow_the_kernel_protocol(sqlite_site):
         (f"/sys/bus/pci/devices/{vf}/driver_override", "vfio-pci"), ("/sys/bus/pci/drivers/mlx5_core/unbind", vf),
         ("/sys/bus/pci/drivers_probe", vf)]
     assert "pkey" not in site.record("n1", 6)["objects"]["hib"]  # hostib: no partition, no PKey
-    assert site.store.get(state.pool_key("pkey")) is None
+    assert Pool(site.store, "pkey", 0, 0).owners() == {}
     del host.writes[:]
     nodesetup.delete(ctx, 6, UID)
     assert host.writes == [
@@ -218,7 +219,7 @@ def test_simulation_a_crashed_jobs_vfs_are_released_at_the_next_setup(sqlite_sit
     nodesetup.create(site.ctx("n1"), 11, UID, 3, ranks=[0, 1, 2])  # needs all three VFs
     assert host.on_vfio() == host.vfs
     assert [host.vf_guids(i)["port"] for i in range(3)] == [f"c0:cc:20:00:00:00:0{i}:00" for i in range(3)]  # the dead job's PKey, reused
-    assert site.store.get(state.pool_key("pkey")) == {str(0x2000): "11:ib"}
+    assert Pool(site.store, "pkey", 0, 0).owners() == {0x2000: "11:ib"}
     assert [m["owner"] for m in site.store.range(state.pkey_members_prefix()).values()] == ["11:ib"]
     assert {e["args"]["addr"] for e in site.undo_entries("n1") if e["kind"] == "ib-vf"} == set(host.vfs)
     assert [p.name for p in (site.tmp / "n1" / "state").glob("undo-*")] == ["undo-11.json"]
@@ -275,7 +276,7 @@ def test_simulation_32_concurrent_jobs_get_unique_pkeys_and_never_share_a_vf(sit
         t.join()
     for n in nodes:
         assert site.hosts[n].on_vfio() == [] and site.hosts[n].vfio_nodes() == []
-    assert site.store.get(state.pool_key("pkey")) is None  # every PKey given back by the last node out
+    assert Pool(site.store, "pkey", 0, 0).owners() == {}  # every PKey given back by the last node out
     assert site.store.range(state.pkey_members_prefix()) == {}
 
 

@@ -239,22 +239,25 @@ def put_cluster(ctx, jobid, rsets, peers=()):
 
 
 def test_node_setup_records_then_creates_and_delete_undoes_it(node):
+    from pcocc.allocator import Pool
     from pcocc.lifecycle import nodesetup
 
     ctx, host, dead, state_dir = node
     put_cluster(ctx, 5, ["l2net", "default", "l2net"], peers=[("far", "192.0.2.2")])
     nodesetup.create(ctx, 5, 0, 2, ranks=[0, 1], step_nodes=[ctx.hostname, "far"])
     assert host.objects == {("bridge", "pnb5"), ("tap", "pnt5_0"), ("port", "pnb5", "pnt5_0"), ("port", "pnb5", "pnx5_1")}  # vm1 has no network
-    assert host.tunnels == {"pnx5_1": ("192.0.2.2", 1000)}
+    (vni,) = Pool(ctx.store, "vxlan", 0, 0).owners()  # the job's VXLAN id: drawn at random from the pool
+    assert host.tunnels == {"pnx5_1": ("192.0.2.2", vni)}
     record = ctx.store.get(f"/pcocc/users/root/clusters/5/nodes/{ctx.hostname}")
-    assert record["state"] == "complete" and record["endpoint"] == "192.0.2.1" and record["objects"] == {"priv": {"bridge": "pnb5", "vni": 1000}}
+    assert record["state"] == "complete" and record["endpoint"] == "192.0.2.1" and record["objects"] == {"priv": {"bridge": "pnb5", "vni": vni}}
     nodesetup.delete(ctx, 5, 0)
     assert host.objects == set() and list(state_dir.glob("undo-*")) == []
-    assert ctx.store.get("/pcocc/global/pools/vxlan") == {"1000": "5:priv"}  # "far" still holds it
+    assert Pool(ctx.store, "vxlan", 0, 0).owners() == {vni: "5:priv"}  # "far" still holds it
     nodesetup.delete(ctx, 5, 0)  # twice is fine
 
 
 def test_a_dead_jobs_leftovers_are_undone_by_the_next_setup(node):
+    from pcocc.allocator import Pool
     from pcocc.lifecycle import nodesetup
     from pcocc.networks.undo import UndoLog
 
@@ -267,7 +270,7 @@ def test_a_dead_jobs_leftovers_are_undone_by_the_next_setup(node):
     nodesetup.create(ctx, 7, 0, 1, ranks=[0])
     assert {o for o in host.objects if "6" in o[1]} == set()
     assert [p.name for p in state_dir.glob("undo-*")] == ["undo-7.json"]
-    assert ctx.store.get("/pcocc/global/pools/vxlan") == {"1000": "7:priv"}  # the dead job's VNI, reclaimed
+    assert list(Pool(ctx.store, "vxlan", 0, 0).owners().values()) == ["7:priv"]  # the dead job's VNI, reclaimed
 
 
 def test_node_setup_fails_clearly_before_making_anything(node, tmp_path):

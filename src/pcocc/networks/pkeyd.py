@@ -17,6 +17,7 @@ import signal
 import time
 
 from pcocc import state
+from pcocc.allocator import Pool
 from pcocc.errors import PcoccError
 from pcocc.networks import sysfs
 from pcocc.networks.infiniband import PKEY_POOL
@@ -44,7 +45,7 @@ def partitions(store):
     A node's members count only while their cluster still owns the PKey: a stale
     entry (a node that crashed) never joins the partition of the next owner.
     """
-    owners = {int(k): v for k, v in (store.get(state.pool_key(PKEY_POOL)) or {}).items()}
+    owners = Pool(store, PKEY_POOL, 0, 0).owners()
     prefix = state.pkey_members_prefix()
     out = {}
     for key, member in store.range(prefix).items():
