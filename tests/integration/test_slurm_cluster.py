@@ -180,6 +180,8 @@ def test_alloc_host_script_and_batch_script(site):
     r = site.pcocc("alloc", "-N", "1", "--mem-per-cpu=256", "-E", script, "tiny:2")
     assert r.returncode == 0, r.stderr
     assert "in job " in r.stdout and "vm1" in r.stdout
+    # the original's phase messages, in order, on stderr (site scripts read them)
+    assert 0 <= r.stderr.find("Configuring hosts...") < r.stderr.find("Terminating the cluster..."), r.stderr
     wait_for(lambda: not site.squeue(), what="the allocation to end")
 
     script = site.home / "job.sh"

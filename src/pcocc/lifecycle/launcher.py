@@ -78,6 +78,7 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
         # and the VMs wait for the cluster's record, written as soon as we may.
         srun = srun_vms(pcocc_bin, len(vms))
         start = time.monotonic()
+        info_out("Configuring hosts...")  # the original's phase messages, which site scripts read
         _wait_for_store_access(ctx, prefix, lambda: srun.poll() is None and not stopping)
         backend.write_credentials(jobid, [])
         ctx.store.put(prefix + "info", backend.cluster_info(jobid, vms, resolved, opts, backend="slurm", rundir=None, launcher_host=ctx.hostname))
@@ -115,6 +116,7 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
         return 1
     finally:
         if srun is not None:
+            info_out("Terminating the cluster...")
             stop_vms(srun)
         _record_end(ctx, jobid, stopping, ended)
         ctx.store.delete_prefix(prefix)

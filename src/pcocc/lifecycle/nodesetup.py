@@ -308,7 +308,10 @@ def init(ctx):
 
 
 def cleanup(ctx):
-    """Undo every job's setup on this node (after a crash or for maintenance)."""
+    """Undo every job's setup on this node (after a crash or for maintenance); under SLURM, then
+    give back the cluster-wide ids of every job that is gone (allocator.sweep, all nodes' jobs)."""
+    from pcocc import allocator
+
     with node_lock(ctx.env):
         log_ = undo_log(ctx.env)
         actions = undo_actions(ctx)
@@ -318,6 +321,11 @@ def cleanup(ctx):
                 log_.replay(job, actions)
             except PcoccError as exc:
                 errors.append(exc.message)
+        if ctx.config.batch.type == "slurm":  # the local backend reclaims through its own owners
+            try:
+                allocator.sweep(ctx.store, _owner_alive(ctx, liveness(ctx)))
+            except PcoccError as exc:
+                errors.append(f"the id pools could not be swept: {exc.message}")
         if errors:
             raise PcoccError("; ".join(errors))
 
@@ -462,6 +470,10 @@ def _owner_alive(ctx, alive):
                 live.append({f[0] for f in map(str.split, out.splitlines()) if len(f) == 2 and f[1] not in _ENDED})
             except CommandError:
                 live.append(None)  # cannot tell: reclaim nothing
-        return live[0] is None or str(owner).split(":")[0] in live[0]
+        jobid = str(owner).split(":")[0]
+        if live[0] is None or jobid in live[0]:
+            return True
+        # not in the snapshot: a job that started after it looks dead too; ask about it alone
+        return not jobid.isdigit() or job_alive(int(jobid))
 
     return alive
