@@ -19,13 +19,18 @@ class VMConfig:
     disk: str = None  # the ephemeral overlay, or None
     seed: str = None  # the cloud-init ISO
     boot: tuple = None  # (kernel, initrd or None, append) for a direct kernel boot
-    mounts: list = field(default_factory=list)  # [(tag, host path, readonly)]
+    mounts: list = field(default_factory=list)  # [(tag, host path, readonly)] virtio-9p
+    virtiofs: list = field(default_factory=list)  # [(tag, host path, readonly)] virtio-fs (hypervisor.virtiofs)
     drives: list = field(default_factory=list)  # [(path, cache, format)] persistent drives
     nics: list = field(default_factory=list)  # [list of qemu args per NIC]
     incoming: str = None  # a migration URI to restore the VM's memory from (a checkpoint)
 
     def path(self, name):
         return os.path.join(self.rundir, name)
+
+    def virtiofs_socket(self, tag):
+        """The vhost-user socket of virtio-fs share `tag` (virtiofsd listens, qemu connects)."""
+        return self.path(f"vfs-{tag}.sock")
 
 
 def _q(value):
@@ -42,7 +47,11 @@ def command_line(vm):
     if cpu:
         argv += ["-cpu", cpu]
     argv += ["-smp", f"{topo.vcpus},sockets=1,cores={topo.vcpus},threads=1", "-m", f"{topo.memory_mb}M"]
-    argv += numa_args(topo)
+    # virtiofsd reads and writes the guest's buffers in place: the guest memory must be shareable
+    shared = bool(vm.virtiofs)
+    argv += numa_args(topo, shared=shared)
+    if shared and len(topo.numa) < 2:
+        argv += ["-object", f"memory-backend-memfd,id=mem,size={topo.memory_mb}M,share=on", "-machine", "memory-backend=mem"]
     # Control: QMP, serial console (qemu keeps the log), guest agent channel.
     argv += ["-qmp", f"unix:{_q(vm.path('qmp.sock'))},server=on,wait=off"]
     argv += ["-chardev", f"socket,id=console,path={_q(vm.path('console.sock'))},server=on,wait=off,logfile={_q(vm.path('console.log'))},logappend=on"]
@@ -57,6 +66,9 @@ def command_line(vm):
     for tag, path, readonly in vm.mounts:
         argv += ["-fsdev", f"local,id=fs_{tag},path={_q(path)},security_model=none{',readonly=on' if readonly else ''}"]
         argv += ["-device", f"virtio-9p-pci,fsdev=fs_{tag},mount_tag={tag}"]
+    for tag, _, _ in vm.virtiofs:
+        argv += ["-chardev", f"socket,id=vfs_{tag},path={_q(vm.virtiofs_socket(tag))}"]
+        argv += ["-device", f"vhost-user-fs-pci,chardev=vfs_{tag},tag={tag}"]
     for nic in vm.nics:
         argv += nic
     if s.get("remote-display") == "spice":

@@ -99,8 +99,9 @@ def plan(cores, memory_mb, sysfs="/sys", emulator_cores=0):
     return Topology(cores, memory_mb, numa, emulator)
 
 
-def numa_args(topo):
-    """qemu arguments for the guest NUMA layout (none for a single node)."""
+def numa_args(topo, shared=False):
+    """qemu arguments for the guest NUMA layout (none for a single node). shared: the memory
+    is a memfd another process may map (share=on: virtio-fs's virtiofsd does)."""
     if len(topo.numa) < 2:
         return []
     args = []
@@ -110,7 +111,8 @@ def numa_args(topo):
         # memory split in proportion to the vCPUs of each node; the last node takes the rest
         size = remaining if i == len(topo.numa) - 1 else topo.memory_mb * len(vcpus) // total_vcpus
         remaining -= size
-        args += ["-object", f"memory-backend-ram,id=mem{i},size={size}M,host-nodes={node},policy=bind"]
+        backend = "memory-backend-memfd" if shared else "memory-backend-ram"
+        args += ["-object", f"{backend},id=mem{i},size={size}M,host-nodes={node},policy=bind{',share=on' if shared else ''}"]
         cpus = ",".join(f"cpus={c}" for c in vcpus)
         args += ["-numa", f"node,nodeid={i},{cpus},memdev=mem{i}"]
     return args

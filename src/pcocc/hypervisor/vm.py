@@ -27,6 +27,7 @@ class VM:
         self.proc = None
         self.monitor = Monitor(config.path("qmp.sock"))
         self.stopping = threading.Event()
+        self.shares = []  # virtiofs.Share, started before qemu
 
     @property
     def qga_path(self):
@@ -36,6 +37,11 @@ class VM:
         """Start qemu paused, connect QMP, pin vCPUs, restore its memory if it has some to, then let it run."""
         argv = qemu.command_line(self.config)
         log.debug("qemu: %s", " ".join(argv))
+        if self.config.virtiofs:
+            from pcocc.hypervisor import virtiofs
+
+            for tag, path, readonly in self.config.virtiofs:
+                self.shares.append(virtiofs.Share(tag, path, readonly, self.config.virtiofs_socket(tag)).start())
         errlog = open(self.config.path("qemu.err"), "wb")
         try:
             # qemu dies with the process that runs the VM (SIGKILLed, its task killed by SLURM):
@@ -76,8 +82,16 @@ class VM:
         return self.proc.wait()
 
     def stop(self, graceful=False, timeout=STOP_TIMEOUT):
-        """Stop qemu: ACPI powerdown first when graceful (persistent drives), then quit, then kill."""
+        """Stop qemu: ACPI powerdown first when graceful (persistent drives), then quit, then kill;
+        then its virtio-fs daemons."""
         self.stopping.set()
+        try:
+            self._stop_qemu(graceful, timeout)
+        finally:
+            for share in self.shares:
+                share.stop()
+
+    def _stop_qemu(self, graceful, timeout):
         if self.proc is None or self.proc.poll() is not None:
             return
         if graceful:

@@ -69,8 +69,11 @@ def unmigratable(config, vm_settings):
 
     reasons = []
     mounts = vm_settings.get("mount-points") or {}
-    if mounts:
-        reasons.append(f"it has 9p mounts ({', '.join(sorted(mounts))}), which qemu cannot migrate")
+    by_type = {}
+    for tag, m in mounts.items():
+        by_type.setdefault("virtio-fs" if isinstance(m, dict) and m.get("type") == "virtio-fs" else "9p", []).append(tag)
+    for kind, tags in sorted(by_type.items()):
+        reasons.append(f"it has {kind} mounts ({', '.join(sorted(tags))}), which qemu cannot migrate")
     for name in jobnet.unmigratable_networks(config, vm_settings):
         reasons.append(f"network '{name}' ({config.networks[name].type}) passes a host device through")
     return reasons

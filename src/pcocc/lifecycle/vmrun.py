@@ -233,16 +233,18 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
     user_data = _user_data(settings, info, expand)
     keys = seed.user_ssh_keys(ctx.env.home, [os.path.join(ctx.env.user_conf_dir, "ssh")])
     meta, user = seed.render(f"vm{rank}", settings.get("instance-id") or f"pcocc-{info.get('uuid') or info['jobid']}-vm{rank}", user_data, keys)
-    mounts = []
+    mounts, fs_shares = [], []
     for tag, m in settings["mount-points"].items():
         path = expand(m["path"])
-        if m["type"] == "virtio-fs":
-            raise PcoccError(f"mount point '{tag}': virtio-fs needs virtiofsd, which this host does not have; use type virtio-9p")
         if not os.path.isdir(path):
             raise PcoccError(f"mount point '{tag}': no such directory: {path}")
-        mounts.append((tag, path, m["readonly"]))
+        (fs_shares if m["type"] == "virtio-fs" else mounts).append((tag, path, m["readonly"]))
+    if fs_shares:
+        from pcocc.hypervisor.virtiofs import virtiofsd_path
+
+        virtiofsd_path()  # a missing virtiofsd is said before anything starts
     cfg_args = dict(
-        name=f"vm{rank}", rundir=rundir, settings=settings, accel=chosen, topology=topo, mounts=mounts,
+        name=f"vm{rank}", rundir=rundir, settings=settings, accel=chosen, topology=topo, mounts=mounts, virtiofs=fs_shares,
         drives=vmlib.drive_list(settings["persistent-drives"], expand), nics=_nics(ctx, info, settings, rank),
     )
     disk_from = None
