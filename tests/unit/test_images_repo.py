@@ -391,3 +391,20 @@ def test_a_save_refused_just_before_its_commit_publishes_nothing(store):
     assert clean(repo)
     new = store.save_layer(rev, fill, before_commit=lambda: None)
     assert new.revision == rev.revision + 1
+
+
+def test_a_recipe_edited_after_it_was_loaded_keeps_the_key_of_what_was_loaded(tmp_path):
+    """The image cache key is of the recipe files as loaded: an edit during a build (a long
+    debootstrap) must not file the image of the former text under the new text's key."""
+    import shutil
+
+    from pcocc.images import build
+
+    recipe_dir = tmp_path / "tiny"
+    shutil.copytree(build.RECIPES_DIR / "tiny", recipe_dir)
+    loaded = build.load_recipe(str(recipe_dir))
+    before = build.build_key(loaded, "linux-image-x", "1")
+    (recipe_dir / "recipe.yaml").write_text((recipe_dir / "recipe.yaml").read_text().replace("9pnet_virtio", "9pnet_virtio, fuse"))
+    assert build.build_key(loaded, "linux-image-x", "1") == before
+    assert build.build_key(build.load_recipe(str(recipe_dir)), "linux-image-x", "1") != before
+    assert build.recipe_digest(recipe_dir) != loaded.digest  # what the check after a build sees

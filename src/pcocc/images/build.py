@@ -91,6 +91,7 @@ class Recipe:
     hostname: str
     append: str
     description: str = ""
+    digest: tuple = ()  # its files (and the common ones) when it was loaded: recipe_digest
 
 
 def default_cache_dir():
@@ -128,7 +129,11 @@ def load_recipe(recipe):
         size = _parse_size(data.get("size", "1G"))
     except ValueError:
         raise ConfigError([f"{conf}: size: expected a size like 1G, got {data.get('size')!r}"]) from None
+    digest = recipe_digest(path.resolve())
+    if yaml.safe_load(conf.read_text()) != data:  # changed while we read it: the digest may be of another text
+        raise ImageBuildError(f"recipe {path} changed while it was read: try again")
     return Recipe(
+        digest=digest,
         name=path.resolve().name,
         path=path.resolve(),
         suite=str(data["suite"]),
@@ -180,6 +185,9 @@ def _build_image(recipe, out_dir, cache_dir, log):
                 log(f"[{recipe.name}] removing the leftovers of an interrupted build: {stale.name}")
                 _remove_tree(stale)
             manifest = _build(recipe, key, kpkg, kver, cache_dir, entry, log)
+            if recipe_digest(recipe.path) != recipe.digest:  # its files changed during the build: not that key's image
+                _remove_tree(entry)
+                raise ImageBuildError(f"recipe {recipe.name} changed during its build: build again")
     image = BuiltImage(
         recipe=recipe.name,
         key=key,
@@ -194,15 +202,24 @@ def _build_image(recipe, out_dir, cache_dir, log):
     return _export(image, Path(out_dir)) if out_dir else image
 
 
-def build_key(recipe, kernel_package, kernel_version):
-    """The cache key of a recipe: what its image is built from."""
-    h = hashlib.sha256()
-    h.update(f"pcocc-image-format {BUILD_FORMAT}\n".encode())
-    for prefix, root in (("recipe", recipe.path), ("common", COMMON_DIR)):
+def recipe_digest(path):
+    """The recipe directory `path`'s files and the common ones, as a tuple of (name, sha256 hex)."""
+    out = []
+    for prefix, root in (("recipe", Path(path)), ("common", COMMON_DIR)):
         for p in sorted(root.rglob("*")):
             if p.is_file() and "__pycache__" not in p.parts:
-                h.update(f"{prefix}/{p.relative_to(root).as_posix()}\0".encode())
-                h.update(hashlib.sha256(p.read_bytes()).digest())
+                out.append((f"{prefix}/{p.relative_to(root).as_posix()}", hashlib.sha256(p.read_bytes()).hexdigest()))
+    return tuple(out)
+
+
+def build_key(recipe, kernel_package, kernel_version):
+    """The cache key of a recipe: what its image is built from (its files as they were when it
+    was loaded: a recipe edited during a build must not name the image of its former text)."""
+    h = hashlib.sha256()
+    h.update(f"pcocc-image-format {BUILD_FORMAT}\n".encode())
+    for name, digest in recipe.digest or recipe_digest(recipe.path):
+        h.update(f"{name}\0".encode())
+        h.update(bytes.fromhex(digest))
     h.update(f"kernel {kernel_package}={kernel_version}\n".encode())
     h.update(f"busybox-static={_package_version('busybox-static')}\n".encode())
     return h.hexdigest()
