@@ -198,3 +198,20 @@ def test_the_end_a_launcher_records():
     assert history.launcher_end(script="allocation's shell", status=-9)[1] == "the allocation's shell was killed by signal 9"
     assert history.launcher_end(status=0) == ("COMPLETED", "every VM stopped", None)
     assert history.launcher_end(status=1)[0] == "FAILED"
+
+
+def test_a_second_cleanup_of_the_same_cluster_records_nothing(tmp_path, monkeypatch):
+    """A reclaim that races the supervisor's own end must not add a second end line nor replace the record."""
+    backend = _local(tmp_path, monkeypatch)
+    store, prefix = backend.ctx.store, state.cluster_prefix("alice", 3)
+    info = _info(3, cwd=str(tmp_path), script="/s.sh")
+    store.put(prefix + "info", info)
+    backend._cleanup(3, None, reason="the batch script exited with status 0", end_state=history.COMPLETED, exit_code=0)
+    store.put(prefix + "info", info)  # still there for the second one
+    backend._cleanup(3, None, reason="its supervisor (or the process submitting it) ended without cleaning up")
+    assert history.get(store, "alice", 3)["state"] == "COMPLETED"
+    assert (tmp_path / "pcocc_3.out").read_text().count("ended:") == 1
+    assert store.range(prefix) == {}
+    store.put(prefix + "info", {**info, "uuid": "v" * 32})  # a new cluster of the same job id is recorded
+    backend._cleanup(3, None, end_state=history.CANCELLED, reason="cancelled by alice")
+    assert history.get(store, "alice", 3)["state"] == "CANCELLED"

@@ -284,19 +284,23 @@ class LocalBackend(Backend):
         if failed and end_state == history.FAILED:
             why = f"{failed[0].get('name')} failed: {failed[0].get('error', 'unknown reason')}"
             reason = why if not reason or reason == "every VM stopped" else f"{reason}; {why}"
+        if record and info.get("uuid"):  # a second cleanup of the same cluster (a reclaim racing its end) records nothing
+            with contextlib.suppress(Exception):
+                done = history.get(self.ctx.store, self.user, jobid)
+                record = not (isinstance(done, dict) and done.get("uuid") == info["uuid"])
         if record and info.get("script") and info.get("cwd"):
             _append_end(os.path.join(info["cwd"], f"pcocc_{jobid}.out"), jobid, end_state, reason)
+        try:  # first: a second cleanup (a reclaim racing this one) sees it and records nothing
+            if record:
+                history.record(self.ctx.store, self.user, history.make_record({**info, "jobid": jobid}, vms, end_state, reason, exit_code))
+        except Exception as exc:  # noqa: BLE001 - the cluster's end must not stop for its history
+            log.warning("cluster %s: its end was not recorded in the history: %s", jobid, getattr(exc, "message", exc))
         if rundir:  # before the records go: nothing may remain that no record names
             shutil.rmtree(rundir, ignore_errors=True)
             try:
                 self._release(rundir)
             except ResourceError as exc:  # harmless: a reservation whose owners are gone counts for no one
                 log.warning("cluster %s: its reservation stays in the host's files until the next write: %s", jobid, exc.message)
-        try:
-            if record:
-                history.record(self.ctx.store, self.user, history.make_record({**info, "jobid": jobid}, vms, end_state, reason, exit_code))
-        except Exception as exc:  # noqa: BLE001 - the cluster's end must not stop for its history
-            log.warning("cluster %s: its end was not recorded in the history: %s", jobid, getattr(exc, "message", exc))
         self.ctx.store.delete_prefix(prefix)
 
     def _undo_setup(self, jobid):
