@@ -170,6 +170,17 @@ def test_l3_network_on_the_local_backend(netsite, tmp_path):
         assert nc.returncode == 0 and nc.stdout.startswith(b"SSH-2.0-"), nc.stderr
         r = site.pcocc("nc", "vm0", "80")
         assert r.returncode != 0 and "port 80 of vm0 is not reverse-NATed" in r.stderr
+        # the original's forms: ssh -p / scp -P name the VM's port; ssh-config for plain ssh
+        r = site.pcocc("ssh", "-p", "22", "vm1", "hostname", timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "vm1", r.stderr
+        r = site.pcocc("ssh", "-p2222", "vm1", "hostname", timeout=120)
+        assert r.returncode != 0 and "port 2222 of the VMs is not reverse-NATed (only port 22 is)" in r.stderr, r.stderr
+        conf = site.pcocc("ssh-config", check=True).stdout
+        assert "Host vm0" in conf and "Host vm1" in conf
+        (tmp_path / "ssh.conf").write_text(conf)
+        r = subprocess.run(["ssh", "-F", str(tmp_path / "ssh.conf"), "vm0", "hostname"], env=site.environ,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "vm0", r.stderr
 
         assert leftovers(site, jobid, node_dir)  # the check sees a live job's objects
     finally:

@@ -28,6 +28,7 @@ COMMANDS = {
     "ssh": ("remote", "ssh", "Connect to a VM with ssh"),
     "scp": ("remote", "scp", "Copy files to and from VMs with scp"),
     "nc": ("remote", "nc", "Connect to a TCP port of a VM"),
+    "ssh-config": ("remote", "ssh_config", "Print the ssh configuration naming the VMs (for ssh, rsync, ansible)"),
     "exec": ("access", "exec_", "Run a command in VMs through their agent"),
     "console": ("access", "console", "Connect to the serial console of a VM"),
     "display": ("access", "display", "Show the remote display of a VM"),

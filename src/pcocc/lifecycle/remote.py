@@ -38,6 +38,15 @@ def endpoint(info, vms, rank, port=None):
     return address, host_port
 
 
+def check_vm_port(info, vms, port):
+    """PcoccError unless `port` is the port the cluster's network reverse-NATs (the only one
+    `ssh -p`/`scp -P` may name: the ssh_config already points at its host port)."""
+    ports = {vm_port for _, _, vm_port in port_map(info, vms).values() if vm_port is not None}
+    if ports and port not in ports:
+        raise PcoccError(f"port {port} of the VMs is not reverse-NATed (only port {', '.join(map(str, sorted(ports)))} is): "
+                         "see reverse-nat in networks.yaml")
+
+
 def cluster_tag(info):
     """The cluster's name for its host keys: job id and creation time (job ids can come back)."""
     created = info.get("created")
