@@ -116,7 +116,7 @@ def test_four_vms_on_two_nodes_as_a_slurm_job(site):
     r = site.pcocc("exec", "hostname")
     assert r.returncode == 0, r.stderr
     for i in range(4):
-        assert f"\nvm{i}\n" in r.stdout
+        assert f"vm{i}: vm{i}" in r.stdout.splitlines()
     # another user, with an etcd account of their own, can neither read this cluster's
     # records (its CA key, its owner's credential) nor reach its VMs without them
     from pcocc.errors import PermissionDenied

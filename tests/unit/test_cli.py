@@ -326,4 +326,5 @@ def test_the_exit_status_table_matches_real_failures(real_site, tmp_path, monkey
     seen[9] = cli("batch", "--wait", "tiny:1").status
     monkeypatch.setattr(Backend, "wait_ready", interrupt)
     seen[130] = cli("batch", "--wait", "tiny:1").status
-    assert seen == {s: s for s in _documented_statuses()}
+    # 255 is exec's own (a VM pcocc could not reach): test_exec_stream.py gets it from a real endpoint
+    assert seen == {s: s for s in _documented_statuses() - {255}}

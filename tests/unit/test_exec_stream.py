@@ -326,3 +326,13 @@ def test_a_streaming_op_called_as_a_plain_one_is_an_error_and_is_ended(one):
     while processes_with(f"sleep\0{marker}") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert processes_with(f"sleep\0{marker}") == []
+
+
+def test_pcocc_failing_on_one_vm_is_status_255_and_the_others_still_answer(three):
+    """ssh's rule (ssh(1) EXIT STATUS), in `pcocc help exit-codes`: 255 when pcocc could not
+    run or follow the command in some VM, whatever the others' statuses."""
+    three.servers[1].stop()  # vm1's endpoint is gone: its VM process died, its node was lost
+    status, out, err = three.run("echo here")
+    assert status == 255, err
+    assert sorted(out.decode().splitlines()) == ["vm0: here", "vm2: here"]
+    assert err.decode().startswith("pcocc: error: vm1: cannot reach"), err
