@@ -33,7 +33,7 @@ from pcocc import history, state
 from pcocc.batch.base import Backend
 from pcocc.batch.hostres import HostReservations
 from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, ResourceError
-from pcocc.procs import pid_alive, process_start, set_parent_death_signal
+from pcocc.procs import pid_alive, process_start, set_parent_death_signal, wait_status_text
 
 log = logging.getLogger("pcocc.local")
 
@@ -549,13 +549,6 @@ def _reap(children):
     return ended
 
 
-def _exit_reason(code):
-    if os.WIFSIGNALED(code):
-        sig = os.WTERMSIG(code)
-        return f"its process was killed by signal {sig} ({signal.Signals(sig).name})" if sig in signal.valid_signals() else f"its process was killed by signal {sig}"
-    return f"its process exited with status {os.WEXITSTATUS(code)}"
-
-
 def _vm_process_ended(store, prefix, pid, code):
     """A VM process ended: if it did not say how (SIGKILL, a crash), the VM failed, with the reason."""
     for key, vm in store.range(prefix + "vms/").items():
@@ -563,7 +556,7 @@ def _vm_process_ended(store, prefix, pid, code):
             continue
         _kill_qemu(vm)  # its parent-death signal kills it too; this covers a qemu not yet told
         if vm.get("state") not in FINAL_STATES:
-            reason = _exit_reason(code)
+            reason = wait_status_text(code)
             log.error("%s: %s", vm.get("name"), reason)
             store.update(key, lambda cur: cur and (cur if cur.get("state") in FINAL_STATES else {**cur, "state": "failed", "error": reason}))
 
