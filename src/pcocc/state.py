@@ -10,7 +10,10 @@ store, which is per user there, but in files every user reads: batch/hostres.py.
 /pcocc/users/<user>/clusters/<jobid>/vms/<n>   one VM: state, host, control address
 /pcocc/users/<user>/clusters/<jobid>/nodes/<host>  one node's setup: state, objects (written by root)
 /pcocc/users/<user>/history/<jobid>            how an ended cluster ended (pcocc.history: sacct-like; pruned at write)
-/pcocc/global/pools/<name>                     cluster-wide id pools (VXLAN ids, ...), root only
+/pcocc/users/<user>/mmp/<hash of a drive path>  who holds a persistent drive (lifecycle.drives: mmp)
+/pcocc/global/pools/<name>/<id>                one taken id of a cluster-wide pool (VXLAN ids, ...), root only
+/pcocc/global/pool-owners/<name>/<owner>       the ids an owner holds in that pool (written with them)
+/pcocc/global/pool-sweeps/<name>               when the pool was last swept of dead owners (allocator)
 /pcocc/global/opensm/pkeys/<0xPKEY>/<host>     one node's members of an InfiniBand partition (for pkeyd), root only
 """
 
