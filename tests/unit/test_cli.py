@@ -52,7 +52,7 @@ def test_help_topics(cli):
     r = cli("help", "exit-codes")
     assert r.status == 0 and "130" in r.stdout
     r = cli("help", "nope")
-    assert r.status == ExitStatus.NOT_FOUND and "no help topic" in r.stderr
+    assert r.status == ExitStatus.NOT_FOUND and "no command or help topic" in r.stderr
 
 
 def test_error_boundary_hides_traceback_unless_debug(cli):

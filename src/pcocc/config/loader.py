@@ -66,7 +66,7 @@ log = logging.getLogger("pcocc.config")
 
 # Why etcd-auth-type: munge is refused (pcocc-batch.yaml(5) lists it).
 MUNGE_REFUSAL = ("'munge' cannot be used: a stock etcd v3 server checks passwords or TLS client certificates, "
-                 "never a munge credential, so every command would fail; use 'password' (see 'pcocc help batch')")
+                 "never a munge credential, so every command would fail; use 'password' (see 'pcocc help batch.yaml')")
 
 REPOS_SCHEMA = Struct(
     {
