@@ -380,7 +380,7 @@ class _ExecRun:
 
         room = min(self.credit.get(n, 0) for n in self.streams)
         try:
-            data = os.read(self.stdin_fd, min(room, 256 * 1024))
+            data = self._read_stdin(min(room, 256 * 1024))
         except OSError as exc:
             self._say(f"pcocc: warning: reading stdin: {exc.strerror}")
             data = b""
@@ -394,6 +394,10 @@ class _ExecRun:
             self.credit[name] = self.credit.get(name, 0) - len(data)
         if not data:
             self.stdin_fd = None
+
+    def _read_stdin(self, size):
+        """At most size bytes of the local stdin (b"" at its end); raises OSError. pcocc cp counts them here."""
+        return os.read(self.stdin_fd, size)
 
     def _print_gathered(self):
         groups = {}

@@ -1,0 +1,113 @@
+"""pcocc cp end to end without a VM: the copy's guest scripts run on this host through the fake
+qemu-ga of test_exec_fake_agent.py, behind a real endpoint (test_exec_stream.Cluster). Real VMs:
+tests/integration/test_cp.py."""
+
+import hashlib
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from test_exec_stream import Cluster, Stream, creds  # noqa: F401 - creds is a fixture
+from pcocc.agent import qga
+from pcocc.cli import copy
+
+
+@pytest.fixture
+def vms(creds):  # noqa: F811
+    c = Cluster(creds, 2)
+    yield c
+    c.close()
+
+
+def run(cluster, fn, *args, ranks=(0,)):
+    targets = SimpleNamespace(vms=cluster.vms, ranks=list(ranks), client=cluster.client)
+    out, err = Stream(), Stream()
+    app = SimpleNamespace(env=SimpleNamespace(stdout=out, stderr=err))
+    status = fn(app, targets, *args)
+    return status, out.bytes(), err.bytes()
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def tree(root):
+    """{relative path: bytes or None for a directory} under root."""
+    found = {}
+    for d, dirs, files in os.walk(root):
+        for n in dirs:
+            found[os.path.relpath(os.path.join(d, n), root)] = None
+        for n in files:
+            with open(os.path.join(d, n), "rb") as f:
+                found[os.path.relpath(os.path.join(d, n), root)] = f.read()
+    return found
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("vm0:/etc/hosts", ("vm0", "/etc/hosts")), ("vm[0-3]:x", ("vm[0-3]", "x")), ("vm1:", ("vm1", ".")),
+    ("all:/tmp/", ("all", "/tmp/")), ("./vm0:x", (None, "./vm0:x")), ("local", (None, "local")),
+    ("dir/vm0:a", (None, "dir/vm0:a")),
+])
+def test_locations_follow_scp(text, expected):
+    assert copy.parse_location(text) == expected
+
+
+def test_a_file_goes_up_and_down_whole(vms, tmp_path, monkeypatch):
+    monkeypatch.setattr(qga, "STDIN_SEGMENT", 256 * 1024)
+    monkeypatch.setattr(qga, "EXEC_SEGMENT", 256 * 1024)
+    src = tmp_path / "data"
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    guest = tmp_path / "guest"
+    guest.mkdir()
+    assert run(vms, copy._upload, False, str(src), str(guest)) == (0, b"", b"")  # a directory: guest/data
+    assert digest(guest / "data") == digest(src)
+    back = tmp_path / "back"
+    assert run(vms, copy._download, False, str(guest / "data"), str(back)) == (0, b"", b"")  # a new name
+    assert digest(back) == digest(src)
+
+
+def test_upload_to_several_vms_and_a_new_name(vms, tmp_path):
+    src = tmp_path / "f"
+    src.write_bytes(b"hello\n")
+    status, out, err = run(vms, copy._upload, False, str(src), str(tmp_path / "g"), ranks=(0, 1))
+    assert (status, out, err) == (0, b"", b"")
+    assert (tmp_path / "g").read_bytes() == b"hello\n"
+    assert len([a for a in vms.agents if any(c == "guest-exec" for c, _ in a.log)]) == 2
+
+
+def test_directories_need_r_and_keep_their_tree(vms, tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a").write_bytes(b"A")
+    (src / "sub" / "b").write_bytes(os.urandom(100000))
+    (src / "sub" / "empty").mkdir()
+    with pytest.raises(copy.UsageError, match="is a directory"):
+        run(vms, copy._upload, False, str(src), str(tmp_path / "x"))
+    up = tmp_path / "up"
+    assert run(vms, copy._upload, True, str(src), str(up))[0] == 0  # not there: src becomes up
+    assert tree(up) == tree(src)
+    assert run(vms, copy._upload, True, str(src), str(up))[0] == 0  # there: into up/src
+    assert tree(up / "src") == tree(src)
+    status, _, err = run(vms, copy._download, False, str(src), str(tmp_path / "d"))
+    assert status == 1 and err == f"pcocc: error: vm0: cp {src}: {src}: is a directory (use -r)\n".encode()
+    assert run(vms, copy._download, True, str(src), str(tmp_path / "d"))[0] == 0
+    assert tree(tmp_path / "d") == tree(src)
+    (tmp_path / "into").mkdir()
+    assert run(vms, copy._download, True, str(src), str(tmp_path / "into"))[0] == 0
+    assert tree(tmp_path / "into") == {"src": None, **{f"src/{k}": v for k, v in tree(src).items()}}
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".pcocc-cp.")]
+
+
+def test_errors_are_one_line_with_the_table_status(vms, tmp_path):
+    status, out, err = run(vms, copy._download, False, str(tmp_path / "nope"), str(tmp_path / "x"))
+    assert (status, out) == (4, b"")
+    assert err == f"pcocc: error: vm0: cp {tmp_path}/nope: {tmp_path}/nope: No such file or directory\n".encode()
+    assert not (tmp_path / "x").exists()
+    src = tmp_path / "f"
+    src.write_bytes(b"x")
+    status, _, err = run(vms, copy._upload, False, str(src), str(tmp_path / "no" / "dir" / "f"))
+    assert status == 1 and len(err.splitlines()) == 1 and err.startswith(b"pcocc: error: vm0: cp to ")
+    with pytest.raises(copy.NotFoundError):
+        run(vms, copy._upload, False, str(tmp_path / "missing"), str(tmp_path))
