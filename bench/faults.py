@@ -414,7 +414,7 @@ class LocalBench:
         return jobid, when
 
     def _ended(self, jobid):
-        return f"/pcocc/users/{self.user}/ended/{jobid}" in self.site.store_items()
+        return f"/pcocc/users/{self.user}/history/{jobid}" in self.site.store_items()
 
     def _kill_vm_part(self, rng, field):
         jobid = self.submit()
@@ -1012,7 +1012,7 @@ class SlurmBench:
         return out
 
     def history(self, jobid):
-        return len(self.keys(f"/pcocc/users/{self.user}/ended/{jobid}"))
+        return len(self.keys(f"/pcocc/users/{self.user}/history/{jobid}"))
 
     def setup_cleanup(self):
         """`pcocc internal setup cleanup` on every node, as root (what an admin runs after a crash)."""
@@ -1126,7 +1126,7 @@ def markdown(data):
              "Written by `bench/faults.py` (see its docstring for the faults, the checks and what is counted).",
              "A leftover is an object of the cycle's cluster still there "
              f"{SETTLE} s after the cancel; *late* ones were there right after it and went away within that time.",
-             "*history* counts the `ended/` records that say how a cluster ended (kept 10 minutes by design), apart.", ""]
+             "*history* counts the `history/` records that say how a cluster ended (pcocc history, kept 7 days by design), apart.", ""]
     for backend, b in sorted(data.get("backends", {}).items()):
         kinds = b["kinds"]
         lines += [f"## {backend} backend", "",

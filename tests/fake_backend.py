@@ -53,7 +53,7 @@ class FakeBackend:
     def credentials(self, jobid):
         return {"ca": "", "cert": "", "key": ""}
 
-    def cancel(self, jobid, wait=True):
+    def cancel(self, jobid, wait=True, **end):
         self.job(jobid)
         self.cancelled.append(jobid)
         del self.clusters[jobid]

@@ -180,7 +180,9 @@ def test_batch_script_runs_in_vm0_and_ends_the_cluster(site):
     jobid = int(r.stdout.strip())  # the job id alone, like sbatch --parsable
     wait_for(lambda: ps(site) == [], timeout=120, what="the batch cluster to end")
     out = site.root / f"pcocc_{jobid}.out"
-    assert out.read_text().strip() == "script on vm0"
+    lines = out.read_text().splitlines()  # the script's output, then how the cluster ended
+    assert lines[0] == "script on vm0", lines
+    assert lines[-1] == f"pcocc: cluster {jobid} ended: COMPLETED (the batch script exited with status 0)", lines
     assert our_qemu_pids(site) == []
 
 

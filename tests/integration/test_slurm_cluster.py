@@ -193,5 +193,9 @@ def test_alloc_host_script_and_batch_script(site):
     wait_for(lambda: not site.squeue(), what="the batch job to end")
     out = (site.home / f"pcocc_{jobid}.out").read_text()
     assert "batch script on vm0" in out, out
+    assert f"pcocc: cluster {jobid} ended: COMPLETED (the batch script exited with status 0)" in out, out
+    r = site.pcocc("history", "-j", jobid, "--json")  # and the history, with its start time
+    (entry,) = json.loads(r.stdout)
+    assert entry["state"] == "COMPLETED" and entry["started"] and entry["exit_code"] == 0, entry
     assert not qemu_processes(site.pw.pw_uid)
     assert site.keys(f"/pcocc/users/{site.user}/clusters/") == {}

@@ -93,7 +93,7 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
             raise PcoccError(f"cluster {jobid}: the batch script runs once every VM runs, and {failed[0]['name']} failed")
         if failed:
             info_out(f"cluster {jobid} goes on with {len(vms) - len(failed)} of its {len(vms)} VMs")
-        ctx.store.update(prefix + "info", lambda i: {**i, "state": "running"})
+        ctx.store.update(prefix + "info", lambda i: {**i, "state": "running", "started": time.time()})
         status = 0
         if host_script or interactive:
             child_env = dict(env, PCOCC_JOB_ID=str(jobid), PCOCC_JOB_NAME=name, PCOCC_ALLOCATION="1")
@@ -118,16 +118,19 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
         if srun is not None:
             info_out("Terminating the cluster...")
             stop_vms(srun)
-        _record_end(ctx, jobid, stopping, ended)
+        _record_end(ctx, jobid, stopping, ended, to_output=bool(batch_script))
         ctx.store.delete_prefix(prefix)
 
 
-def _record_end(ctx, jobid, signals, ended):
+def _record_end(ctx, jobid, signals, ended, to_output=False):
     """The cluster's history record (pcocc history), from what the launcher saw; a store
-    error is logged (the cluster's records go all the same)."""
+    error is logged (the cluster's records go all the same). to_output: also say it on
+    stdout (a batch script's, which sbatch writes to pcocc_<job>.out, as on one host)."""
     from pcocc import history
 
     end_state, reason, code = history.launcher_end(signals, error=ended["error"], script=ended["script"], status=ended["status"])
+    if to_output:
+        print(f"pcocc: cluster {jobid} ended: {end_state}" + (f" ({reason})" if reason else ""), flush=True)
     try:
         history.record_cluster(ctx.store, ctx.env.user, jobid, end_state, reason, code)
     except PcoccError as exc:
