@@ -336,3 +336,51 @@ def test_pcocc_failing_on_one_vm_is_status_255_and_the_others_still_answer(three
     assert status == 255, err
     assert sorted(out.decode().splitlines()) == ["vm0: here", "vm2: here"]
     assert err.decode().startswith("pcocc: error: vm1: cannot reach"), err
+
+
+def test_pty_runs_the_command_on_a_terminal_of_the_given_size_with_stdin(one, tmp_path):
+    """exec --pty's guest side (script(1) of util-linux, run here by the fake agent): the
+    command has a terminal of the window's size and TERM, reads the keystrokes, exits with its status."""
+    from pcocc.cli.access import pty_argv
+
+    keys = tmp_path / "keys"
+    keys.write_bytes(b"stty size; tty -s && echo on-a-tty; echo $TERM; echo $((6*7)); exit 3\n")
+    with open(keys, "rb") as f:
+        status, out, err = one.run(pty_argv("sh", 30, 100, "xterm-test"), stdin=f.fileno(), timeout=60)
+    assert status == 3, (out, err)
+    echo, _, rest = out.partition(b"exit 3\r\n")  # the terminal echoes the keystrokes (CR LF: a terminal's)
+    assert echo.endswith(b"echo $((6*7)); ")
+    at = [rest.index(w) for w in (b"30 100\r\n", b"\non-a-tty\r\n", b"\nxterm-test\r\n", b"\n42\r\n")]
+    assert at == sorted(at)
+
+
+def test_pty_quotes_the_command_and_drops_a_strange_term():
+    from pcocc.cli.access import pty_argv
+
+    argv = pty_argv("echo 'a b'; top", 24, 80, "x; rm -rf /")
+    assert argv[:2] == ["/bin/sh", "-c"]
+    assert argv[2] == "exec script -q -e -c 'stty rows 24 cols 80 2>/dev/null; echo '\"'\"'a b'\"'\"'; top' /dev/null"
+
+
+def test_the_terminal_is_raw_during_a_pty_exec_and_restored_after_even_on_error():
+    import termios
+
+    from pcocc.cli.access import _run_raw
+
+    master, slave = os.openpty()
+    try:
+        before = termios.tcgetattr(slave)
+        seen = []
+
+        def body():
+            attrs = termios.tcgetattr(slave)
+            seen.append(bool(attrs[3] & (termios.ICANON | termios.ECHO | termios.ISIG)))
+            raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError):
+            _run_raw(slave, body)
+        assert seen == [False]  # raw: no line editing, no local echo, Ctrl-C is a byte
+        assert termios.tcgetattr(slave) == before
+    finally:
+        os.close(master)
+        os.close(slave)

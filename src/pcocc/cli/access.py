@@ -109,9 +109,10 @@ def _fold(names):
 @click.option("-t", "--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Kill the command after this many seconds (exit status 9).")
 @click.option("-b", "--gather", is_flag=True, help="Print each distinct output once at the end, with the VMs that gave it (clush -b).")
 @click.option("-n", "--no-stdin", is_flag=True, help="Read no stdin (else, when it is not a terminal, it goes to the command in every VM).")
+@click.option("--pty", is_flag=True, help="Interactive: run CMD (a shell, top...) on a terminal in one VM, with your keystrokes, Ctrl-C included (script(1) in the guest).")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @pass_app
-def exec_(app, jobid, jobname, vmset, exclude, index, user, script, timeout, gather, no_stdin, cmd):
+def exec_(app, jobid, jobname, vmset, exclude, index, user, script, timeout, gather, no_stdin, pty, cmd):
     """Run CMD in VMs through their guest agents, with its output as it comes.
 
     CMD runs through the guest's shell (sh -c): one word is a command line ('ls *.txt'),
@@ -119,7 +120,8 @@ def exec_(app, jobid, jobname, vmset, exclude, index, user, script, timeout, gat
     With several VMs each line is prefixed 'vmN: ', and a non-zero exit status is told
     on stderr as 'vmN: exited with status S'; with one VM its output is passed as it is.
     stdin goes to every VM unless it is a terminal or -n is given.  Ctrl-C or -t kills
-    the command and its children in every VM.
+    the command and its children in every VM.  --pty (one VM, stdin a terminal): CMD
+    runs on a terminal of the guest, the local one in raw mode; Ctrl-C goes to CMD.
 
     Exit status: the highest of the commands' statuses; 255 when pcocc could not run or
     follow it in some VM (as ssh); 9 when -t ran out; 130 after Ctrl-C (docs/exec.md).
@@ -128,7 +130,15 @@ def exec_(app, jobid, jobname, vmset, exclude, index, user, script, timeout, gat
 
     from pcocc.agent.qga import MAX_SCRIPT, run_script_argv
 
+    if pty and (script or gather or no_stdin):
+        raise UsageError("--pty cannot be combined with -s, -b or -n")
     targets = Targets(app, jobid, jobname, f"vm{index}" if index is not None else vmset, exclude)
+    if pty:
+        if len(targets.ranks) != 1:
+            raise UsageError("--pty runs on one VM: name it with -w vmN")
+        tty_fd = _terminal_fd(app)
+        if tty_fd is None:
+            raise UsageError("--pty needs a terminal on stdin")
     targets.wait_started(app)
     args = {"user": user}
     stdin = None
@@ -159,9 +169,66 @@ def exec_(app, jobid, jobname, vmset, exclude, index, user, script, timeout, gat
             stdin = fd
     if timeout:
         args["timeout"] = timeout
-    status = _ExecRun(app, targets, args, stdin, gather).run()
+    if pty:
+        args["argv"] = pty_argv(args["argv"][2], *_window(tty_fd), os.environ.get("TERM"))
+        status = _run_raw(tty_fd, lambda: _ExecRun(app, targets, args, tty_fd, False).run())
+    else:
+        status = _ExecRun(app, targets, args, stdin, gather).run()
     if status:
         raise click.exceptions.Exit(status)
+
+
+def pty_argv(line, rows, cols, term=None):
+    """argv running the shell command line on a new terminal in the guest, of rows x cols characters.
+
+    script(1) of util-linux (bsdutils in Debian; 2.35 or later, which read a stdin that is
+    not a terminal) makes the pseudo-terminal: `script -q -e -c CMD /dev/null` runs CMD
+    through the shell on it, logs nothing (/dev/null), and exits with CMD's status (-e; 128+N
+    for a signal N). stty(1) gives the terminal its size before CMD starts; TERM (the local
+    one, when it is made of letters, digits, '-', '+', '.' and '_') tells CMD what it draws on.
+    """
+    import re
+    import shlex
+
+    setup = f"stty rows {int(rows)} cols {int(cols)} 2>/dev/null; "
+    if term and re.fullmatch(r"[A-Za-z0-9.+_-]{1,64}", term):
+        setup = f"TERM={term}; export TERM; " + setup
+    return ["/bin/sh", "-c", "exec script -q -e -c " + shlex.quote(setup + line) + " /dev/null"]
+
+
+def _terminal_fd(app):
+    """The fd of the local stdin when it is a terminal, else None."""
+    stream_in = getattr(app.env, "stdin", None) or sys.stdin
+    try:
+        fd = stream_in.fileno()
+    except (AttributeError, ValueError, OSError):
+        return None
+    return fd if os.isatty(fd) else None
+
+
+def _window(fd):
+    """(rows, columns) of the terminal fd (80x24 when it has none: ssh's default)."""
+    try:
+        size = os.get_terminal_size(fd)
+        if size.lines and size.columns:
+            return size.lines, size.columns
+    except OSError:
+        pass
+    return 24, 80
+
+
+def _run_raw(fd, body):
+    """body() with the terminal fd in raw mode (keystrokes pass at once, Ctrl-C as a byte, no local
+    echo: the guest's terminal echoes), restored afterwards whatever happens."""
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    try:
+        return body()
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def _is_dev_null(fd):
