@@ -111,3 +111,17 @@ def test_errors_are_one_line_with_the_table_status(vms, tmp_path):
     assert status == 1 and len(err.splitlines()) == 1 and err.startswith(b"pcocc: error: vm0: cp to ")
     with pytest.raises(copy.NotFoundError):
         run(vms, copy._upload, False, str(tmp_path / "missing"), str(tmp_path))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["cp", "x"], "at least one source and a destination"),
+    (["cp", "a", "b"], "one side must be a VM"),
+    (["cp", "vm0:a", "vm1:b"], "copies between VMs"),
+    (["cp", "vm0:a", "b", "vm1:c"], "copies between VMs"),
+    (["exec", "--pty", "-b", "sh"], "--pty cannot be combined"),
+    (["exec", "--pty", "-n", "sh"], "--pty cannot be combined"),
+])
+def test_bad_command_lines_are_status_2_with_one_line(cli, argv, message):
+    r = cli(*argv)
+    assert r.status == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
