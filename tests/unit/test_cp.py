@@ -125,3 +125,20 @@ def test_bad_command_lines_are_status_2_with_one_line(cli, argv, message):
     r = cli(*argv)
     assert r.status == 2, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_progress_is_shown_on_a_terminal_only(vms, tmp_path):
+    src = tmp_path / "f"
+    src.write_bytes(os.urandom(300000))
+
+    class Tty(Stream):
+        def isatty(self):
+            return True
+
+    targets = SimpleNamespace(vms=vms.vms, ranks=[0], client=vms.client)
+    err = Tty()
+    app = SimpleNamespace(env=SimpleNamespace(stdout=Stream(), stderr=err))
+    assert copy._upload(app, targets, False, str(src), str(tmp_path / "g")) == 0
+    shown = err.bytes().decode()
+    assert str(src) in shown and "100%" in shown
+    assert run(vms, copy._download, False, str(src), str(tmp_path / "h")) == (0, b"", b"")  # not a terminal: nothing
