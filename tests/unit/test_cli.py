@@ -314,7 +314,7 @@ def test_the_exit_status_table_matches_real_failures(real_site, tmp_path, monkey
     from pcocc.batch.base import Backend
     from pcocc.errors import TimeoutExpired
 
-    def timeout(self, jobid, progress=None, timeout=3600, alive=None):
+    def timeout(self, jobid, progress=None, timeout=3600, alive=None, warn=None):
         raise TimeoutExpired(f"cluster {jobid}: not every VM runs after {timeout} s")
 
     def interrupt(self, *a, **k):

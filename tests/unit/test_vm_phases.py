@@ -38,3 +38,50 @@ def test_summary_counts_phases_and_names_the_slowest():
     assert summary([{"name": "vm0", "state": "pending"}], now=1.0) == "0/1 VMs running; pending 1"
     assert summary([{"name": "vm0", "state": "failed"}, {"name": "vm1", "state": "pending"}], now=1.0) == \
         "0/2 VMs running; pending 1, failed 1; slowest: vm1 pending"
+
+
+def test_a_guest_without_agent_is_absent_after_the_silence_bound_not_failed(tmp_path, monkeypatch):
+    """Images without qemu-guest-agent run, as in the original: the wait for the agent ends
+    with AgentAbsent (the VM process then runs it with agent "none"), never a failed VM."""
+    import threading
+    from types import SimpleNamespace
+
+    import pytest
+
+    from pcocc.errors import PcoccError
+    from pcocc.lifecycle import vmrun
+
+    monkeypatch.setattr(vmrun, "AGENT_TIMEOUT", 0.5)
+    log = tmp_path / "console.log"
+    log.write_bytes(b"booted, no agent here\n")
+
+    class NoAgent:
+        def connect(self, deadline):
+            raise PcoccError("no agent")
+
+        def ping(self):
+            raise AssertionError("never connected")
+
+    vm = SimpleNamespace(config=SimpleNamespace(name="vm0", path=lambda name: str(tmp_path / name)),
+                         proc=SimpleNamespace(poll=lambda: None),
+                         monitor=SimpleNamespace(wait_event=lambda *a: False))
+    with pytest.raises(vmrun.AgentAbsent, match="did not answer"):
+        vmrun._wait_agent(NoAgent(), vm, threading.Event(), booting=False)
+
+
+def test_waiting_for_a_cluster_warns_of_vms_without_agent():
+    from pcocc.batch.base import Backend
+
+    class Fake(Backend):
+        def __init__(self):
+            pass
+
+        def job(self, jobid):
+            return {"nodes": {}, "state": "running"}, [
+                {"name": "vm0", "state": "running", "agent": "ready"},
+                {"name": "vm1", "state": "running", "agent": "none", "agent_error": "the guest agent of vm1 did not answer"}]
+
+    warned = []
+    Fake().wait_ready(1, alive=lambda j: True, warn=warned.append)
+    assert warned == ["vm1 runs without a guest agent (exec, save's freeze and ckpt need qemu-guest-agent in the image): "
+                      "the guest agent of vm1 did not answer"]

@@ -8,6 +8,12 @@ from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, TimeoutExp
 from pcocc.names import one_line, parse_job_id
 
 POLL = 0.2  # seconds between two looks at the store while waiting
+
+
+def agent_missing(vm):
+    """The warning for a VM record whose guest agent never answered (vmrun: agent "none")."""
+    return (f"{vm.get('name')} runs without a guest agent (exec, save's freeze and ckpt need qemu-guest-agent "
+            f"in the image): {vm.get('agent_error') or 'it did not answer'}")
 ALIVE_CHECK = 5.0  # seconds between two questions to the batch system
 
 
@@ -191,8 +197,12 @@ class Backend:
         listed = ", ".join(f"{i['jobid']} ({one_line(i['name'])})" for i, _ in jobs[:20]) + (", ..." if len(jobs) > 20 else "")
         raise UsageError(f"you have {len(jobs)} virtual clusters: {listed}: choose one with -j JOBID or -J NAME")
 
-    def wait_ready(self, jobid, progress=None, timeout=3600, alive=None):
-        """Wait until every VM runs; raise with the first node's or VM's failure."""
+    def wait_ready(self, jobid, progress=None, timeout=3600, alive=None, warn=None):
+        """Wait until every VM runs; raise with the first node's or VM's failure.
+
+        warn(line): told of each VM that runs without a guest agent (agent "none": an image
+        without qemu-guest-agent; exec, save's freeze and ckpt need one).
+        """
         alive = alive or self.job_alive
         deadline = time.monotonic() + timeout
         last, seen, checked_alive = None, False, 0.0
@@ -233,6 +243,9 @@ class Backend:
                     progress(running, len(vms))
                     last = running
                 if running == len(vms):
+                    for v in vms:
+                        if warn and v.get("agent") == "none":
+                            warn(agent_missing(v))
                     return
             if time.monotonic() > deadline:
                 raise TimeoutExpired(f"cluster {jobid}: not every VM runs after {timeout} s (it goes on: see 'pcocc ps')")

@@ -227,7 +227,7 @@ def alloc(app, restart_ckpt, boot, user_data, alloc_script, args):
     end = None
     try:
         app.info(f"cluster {jobid} starting")
-        backend.wait_ready(jobid, _progress(app, jobid))
+        backend.wait_ready(jobid, _progress(app, jobid), warn=app.warn)
         env = dict(app.env.environ, PCOCC_JOB_ID=str(jobid), PCOCC_JOB_NAME=name, PCOCC_ALLOCATION="1")
         argv = [script] if script else [env.get("SHELL") or "/bin/sh"]
         if not script:
@@ -278,7 +278,7 @@ def batch(app, restart_ckpt, boot, user_data, batch_script, host_script, wait, a
         app.out(str(jobid))
         app.env.stdout.flush()
         if wait:
-            backend.wait_ready(jobid, _progress(app, jobid), timeout=3600)
+            backend.wait_ready(jobid, _progress(app, jobid), timeout=3600, warn=app.warn)
     except KeyboardInterrupt:  # as sbatch: the job is submitted, only the waiting stops
         app.info(f"cluster {jobid} goes on (stop it with 'pcocc cancel -j {jobid}')")
         raise

@@ -23,6 +23,7 @@ import sys
 import time
 
 from pcocc import phases, state
+from pcocc.batch.base import agent_missing
 from pcocc.batch.slurm import SlurmBackend, srun_vms
 from pcocc.cluster import parse_definition
 from pcocc.errors import PcoccError, PermissionDenied
@@ -89,6 +90,9 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
         failed = wait_started(backend, jobid, progress, alive=lambda: srun.poll() is None and not stopping)
         for vm in failed:
             info_out(f"pcocc: warning: cluster {jobid}: {vm['name']} failed: {vm.get('error') or 'no reason given'}")
+        for vm in backend.job(jobid)[1]:
+            if vm.get("agent") == "none":
+                info_out(f"pcocc: warning: {agent_missing(vm)}")
         if failed and batch_script:
             raise PcoccError(f"cluster {jobid}: the batch script runs once every VM runs, and {failed[0]['name']} failed")
         if failed:

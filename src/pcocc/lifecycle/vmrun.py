@@ -2,8 +2,10 @@
 
 The VM publishes its state in the store as it goes, one update per phase:
 starting (overlay, seed) -> qemu-start (qemu launched) -> booting (the guest wrote
-to its console) -> running (its guest agent answered), then stopped or failed (with
-the reason). A restored VM goes through restoring instead of booting.
+to its console) -> running (its guest agent answered: agent "ready"; or none did
+within the bound: agent "none", the VM runs without it, as images without
+qemu-guest-agent do), then stopped or failed (with the reason). A restored VM goes
+through restoring instead of booting.
 """
 
 import contextlib
@@ -26,7 +28,7 @@ from pcocc.procs import process_start
 
 log = logging.getLogger("pcocc.run")
 
-AGENT_TIMEOUT = 300  # seconds of console silence before a VM whose agent does not answer fails
+AGENT_TIMEOUT = 300  # seconds of console silence before a VM is taken to have no guest agent
 AGENT_TIMEOUT_MAX = 3600  # seconds in all: a TCG boot of a large image on a loaded host can be slow
 INFO_TIMEOUT = 120
 
@@ -86,14 +88,23 @@ def run_vm(ctx, jobid, rank):
         handler = ControlHandler(vm, agent, rev, ctx.images, cfg.drives)
         server = ControlServer(handler, ca_pem=ca["cert"], cert_pem=ca["server_cert"], key_pem=ca["server_key"],
                                owner=info["owner"], host=ctx.control_host).start()
-        _wait_agent(agent, vm, stop, booting=not cfg.incoming, on_console=lambda: publish("booting", **qemu))
         restored = _restart_of(info, rank) if cfg.incoming else None
+        agent_state = {"agent": "ready"}
+        try:
+            _wait_agent(agent, vm, stop, booting=not cfg.incoming, on_console=lambda: publish("booting", **qemu))
+        except AgentAbsent as exc:
+            if restored and restored.get("identity"):
+                raise  # an instant VM gets its own identity through its agent: without it, it would be a twin
+            # images with no qemu-guest-agent (or only the original's agent) run all the same, as in
+            # the original; what needs the agent (exec, save's freeze, ckpt) says it is missing
+            log.warning("vm%d: %s: it runs without it", rank, exc.message)
+            agent_state = {"agent": "none", "agent_error": exc.message}
         if restored and restored.get("identity") and not stop.is_set():
             from pcocc.lifecycle import instant
 
             instant.give_identity(agent, f"vm{rank}", jobnet.vm_macs(ctx.config, spec["settings"], jobid, rank))
         if not stop.is_set() and vm.proc.poll() is None:
-            publish("running", **qemu, control=list(server.address), rundir=rundir)
+            publish("running", **qemu, **agent_state, control=list(server.address), rundir=rundir)
         while not stop.is_set() and vm.proc.poll() is None:
             stop.wait(0.2)
         if vm.proc.poll() is not None and not stop.is_set():
@@ -136,9 +147,13 @@ def _quietly(fn, *args, **kwargs):
         log.warning("cleanup: %s: %s: %s", getattr(fn, "__qualname__", fn), type(exc).__name__, exc)
 
 
+class AgentAbsent(PcoccError):
+    """No guest agent answered within the bound (an image without qemu-guest-agent)."""
+
+
 def _wait_agent(agent, vm, stop, booting=True, on_console=None):
-    """Wait until the guest agent answers. The bound adapts to a slow host: it fails after
-    AGENT_TIMEOUT s during which the guest printed nothing on its console, and after
+    """Wait until the guest agent answers. The bound adapts to a slow host: AgentAbsent after
+    AGENT_TIMEOUT s during which the guest printed nothing on its console, or after
     AGENT_TIMEOUT_MAX s in all (a guest that prints for ever but never starts its agent).
 
     on_console(): called once, when the guest first writes to its console (the kernel
@@ -163,8 +178,8 @@ def _wait_agent(agent, vm, stop, booting=True, on_console=None):
             return
         except PcoccError:
             if time.monotonic() > deadline():
-                raise PcoccError(f"the guest agent of {vm.config.name} did not answer (the console was silent for "
-                                 f"{AGENT_TIMEOUT} s, or {AGENT_TIMEOUT_MAX} s in all: see its console log)") from None
+                raise AgentAbsent(f"the guest agent of {vm.config.name} did not answer (the console was silent for "
+                                  f"{AGENT_TIMEOUT} s, or {AGENT_TIMEOUT_MAX} s in all: see its console log)") from None
 
 
 class _ConsoleQuiet:
