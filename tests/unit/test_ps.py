@@ -97,7 +97,7 @@ def test_ps_vms_shows_each_vm_with_host_state_uptime_and_ssh_port(site):
     r = site("ps", "--vms")
     assert r.status == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].split() == ["JOBID", "VM", "HOST", "STATE", "UPTIME", "SSH"]
+    assert lines[0].split() == ["JOBID", "VM", "HOST", "STATE", "UPTIME", "SSH", "AGENT"]
     assert lines[2].split()[:4] == ["1", "vm0", HOST, "running"] and lines[2].split()[5] == "40022"
     assert lines[3].split()[5] == "-"
     assert "\x1b[" not in r.stdout  # not a terminal: no colour

@@ -289,8 +289,9 @@ PS_FIELDS = {  # name -> header; squeue(1)-like names where it has one
     "state": "STATE", "time": "DURATION",
 }
 PS_DEFAULT = "jobid,name,user,host,definition,vms,state,time"
-VM_FIELDS = {"jobid": "JOBID", "vm": "VM", "host": "HOST", "state": "STATE", "uptime": "UPTIME", "ssh_port": "SSH", "error": "ERROR"}
-VM_DEFAULT = "jobid,vm,host,state,uptime,ssh_port"
+VM_FIELDS = {"jobid": "JOBID", "vm": "VM", "host": "HOST", "state": "STATE", "uptime": "UPTIME", "ssh_port": "SSH",
+             "agent": "AGENT", "error": "ERROR"}
+VM_DEFAULT = "jobid,vm,host,state,uptime,ssh_port,agent"
 _STATE_COLOURS = {"running": "green", "starting": "yellow", "pending": "yellow", "qemu-start": "yellow",
                   "temporary-disk": "yellow", "failed": "red", "stopped": "dim"}
 
@@ -323,7 +324,8 @@ def _cluster_row(info, vms, now):
 
 def _vm_rows(info, vms, now):
     """One row per VM: jobid, vm, host, state, uptime (s, since it runs: its record's "since", else
-    the cluster's start), ssh_port (its reverse-NATed host port, or None), error."""
+    the cluster's start), ssh_port (its reverse-NATed host port, or None), agent (ready, none: its
+    guest agent never answered, or None while it boots), error."""
     from pcocc.lifecycle.remote import port_map
 
     ports = port_map(info, vms)
@@ -333,7 +335,8 @@ def _vm_rows(info, vms, now):
         running = v.get("state") == "running"
         rows.append({"jobid": info["jobid"], "vm": v.get("name", f"vm{v.get('rank')}"), "host": v.get("host"),
                      "state": v.get("state"), "uptime": int(now - since) if running and since else None,
-                     "ssh_port": ports[v["rank"]][1] if v.get("rank") in ports else None, "error": v.get("error")})
+                     "ssh_port": ports[v["rank"]][1] if v.get("rank") in ports else None,
+                     "agent": v.get("agent"), "error": v.get("error") or v.get("agent_error")})
     return rows
 
 
@@ -388,7 +391,8 @@ def ps(app, jobids, names_, states, user, all_users, per_vm, fmt, noheader, as_j
         bright = colour_enabled(app)
         show = {"state": lambda r: colour(str(r["state"]), _STATE_COLOURS.get(r["state"], ""), bright),
                 "uptime": lambda r: _duration(r["uptime"]), "ssh_port": lambda r: r["ssh_port"] or "-",
-                "host": lambda r: one_line(r["host"]) or "-", "error": lambda r: one_line(r["error"]) or ""}
+                "host": lambda r: one_line(r["host"]) or "-", "error": lambda r: one_line(r["error"]) or "",
+                "agent": lambda r: r["agent"] or "-"}
         table(app, [VM_FIELDS[f] for f in fields], [[show.get(f, lambda r, f=f: r[f])(r) for f in fields] for r in rows],
               header=not noheader)
         return
