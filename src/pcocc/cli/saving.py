@@ -50,13 +50,8 @@ def save(app, jobid, jobname, dest, full, safe, drive, as_json, vm):
         raise click.BadParameter("save one VM at a time", param_hint="'VM'")
     name = targets.vms[targets.ranks[0]]["name"]
     app.info(f"{name}: saving its disk{' (full image)' if full else ''}...")
-    try:
-        res = targets.call_one("save", dest=dest, full=full, safe=safe)
-    except KeyboardInterrupt:  # our connection is closed by now: the VM abandons the save
-        app.warn(f"{name}: save interrupted: the VM abandons it, unless it was publishing it already (see 'pcocc image list')")
-        raise
-    for w in res.get("warnings", []):
-        app.warn(f"{name}: {w}")
+    res = _call_vm(app, targets, name, "save interrupted: the VM abandons it, unless it was publishing it already "
+                   "(see 'pcocc image list')", "save", dest=dest, full=full, safe=safe)
     if as_json:
         return dump_json(app, res)
     if res.get("frozen"):
@@ -64,6 +59,19 @@ def save(app, jobid, jobname, dest, full, safe, drive, as_json, vm):
     app.info(f"{name}: disk saved as {res['uri']} ({_size(res['layer_bytes'])} written in {res['seconds']:.1f} s"
              f"{', standalone' if res['full'] else ', on ' + res['base']})")
     app.out(res["uri"])
+
+
+def _call_vm(app, targets, name, interrupted, op, **args):
+    """The result of a save-like op of the VM; its warnings said; on Ctrl-C, `interrupted` said
+    (our connection is closed by then: the VM abandons the work)."""
+    try:
+        res = targets.call_one(op, **args)
+    except KeyboardInterrupt:
+        app.warn(f"{name}: {interrupted}")
+        raise
+    for w in res.get("warnings", []):
+        app.warn(f"{name}: {w}")
+    return res
 
 
 def _save_drive(app, jobid, jobname, drive, dest, full, safe, as_json, vm):
@@ -76,13 +84,8 @@ def _save_drive(app, jobid, jobname, drive, dest, full, safe, as_json, vm):
     name = targets.vms[targets.ranks[0]]["name"]
     target = os.path.abspath(dest) if dest else None
     app.info(f"{name}: copying persistent drive {drive}...")
-    try:
-        res = targets.call_one("save_drive", index=drive, target=target, safe=safe)
-    except KeyboardInterrupt:
-        app.warn(f"{name}: copy interrupted: the VM abandons it, the previous backup stays as it was")
-        raise
-    for w in res.get("warnings", []):
-        app.warn(f"{name}: {w}")
+    res = _call_vm(app, targets, name, "copy interrupted: the VM abandons it, the previous backup stays as it was",
+                   "save_drive", index=drive, target=target, safe=safe)
     if as_json:
         return dump_json(app, res)
     app.info(f"{name}: drive {drive} ({res['path']}) copied to {res['target']} ({_size(res['bytes'])} in {res['seconds']:.1f} s)")
