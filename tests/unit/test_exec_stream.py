@@ -359,7 +359,8 @@ def test_pty_quotes_the_command_and_drops_a_strange_term():
 
     argv = pty_argv("echo 'a b'; top", 24, 80, "x; rm -rf /")
     assert argv[:2] == ["/bin/sh", "-c"]
-    assert argv[2] == "exec script -q -e -c 'stty rows 24 cols 80 2>/dev/null; echo '\"'\"'a b'\"'\"'; top' /dev/null"
+    script = "script -q -e -c 'stty rows 24 cols 80 2>/dev/null; echo '\"'\"'a b'\"'\"'; top' /dev/null"
+    assert argv[2] == f"env --default-signal=INT true 2>/dev/null && exec env --default-signal=INT,QUIT {script}; exec {script}"
 
 
 def test_the_terminal_is_raw_during_a_pty_exec_and_restored_after_even_on_error():
@@ -384,3 +385,26 @@ def test_the_terminal_is_raw_during_a_pty_exec_and_restored_after_even_on_error(
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_pty_ctrl_c_interrupts_the_guest_command_not_the_session(one):
+    """The runner's background jobs start with SIGINT ignored (sh without job control): the pty's
+    command gets SIGINT back to its default, so a Ctrl-C byte typed ends `sleep` in the guest shell."""
+    from pcocc.cli.access import pty_argv
+
+    r, w = os.pipe()
+    os.write(w, b"echo started; sleep 100; echo not-interrupted\n")
+
+    def on_out(line):
+        if line.endswith(b"started") and b"echo" not in line:  # the output, not the echoed keys
+            os.write(w, b"\x03")
+            os.write(w, b"echo alive; exit 7\n")
+
+    try:
+        status, out, err = one.run(pty_argv("sh", 24, 80), stdin=r, on_out=on_out, timeout=60)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert status == 7, (out, err)
+    keys, _, after = out.partition(b"^C")  # the terminal echoes Ctrl-C as ^C
+    assert after.endswith(b"alive\r\n") and b"not-interrupted" not in after

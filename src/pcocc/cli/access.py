@@ -186,6 +186,10 @@ def pty_argv(line, rows, cols, term=None):
     through the shell on it, logs nothing (/dev/null), and exits with CMD's status (-e; 128+N
     for a signal N). stty(1) gives the terminal its size before CMD starts; TERM (the local
     one, when it is made of letters, digits, '-', '+', '.' and '_') tells CMD what it draws on.
+    The exec runner starts commands as background jobs of a shell without job control, so with
+    SIGINT and SIGQUIT ignored (POSIX sh, "Signals"), which no shell below may undo: env(1)'s
+    --default-signal (GNU coreutils 8.31 or later) gives them back their default, so that
+    Ctrl-C on the terminal interrupts CMD; without it (busybox) CMD runs with them ignored.
     """
     import re
     import shlex
@@ -193,7 +197,8 @@ def pty_argv(line, rows, cols, term=None):
     setup = f"stty rows {int(rows)} cols {int(cols)} 2>/dev/null; "
     if term and re.fullmatch(r"[A-Za-z0-9.+_-]{1,64}", term):
         setup = f"TERM={term}; export TERM; " + setup
-    return ["/bin/sh", "-c", "exec script -q -e -c " + shlex.quote(setup + line) + " /dev/null"]
+    script = "script -q -e -c " + shlex.quote(setup + line) + " /dev/null"
+    return ["/bin/sh", "-c", f"env --default-signal=INT true 2>/dev/null && exec env --default-signal=INT,QUIT {script}; exec {script}"]
 
 
 def _terminal_fd(app):
