@@ -1,6 +1,6 @@
 """pcocc cp end to end without a VM: the copy's guest scripts run on this host through the fake
 qemu-ga of test_exec_fake_agent.py, behind a real endpoint (test_exec_stream.Cluster). Real VMs:
-tests/integration/test_cp.py."""
+tests/integration/test_cp_vms.py."""
 
 import hashlib
 import os

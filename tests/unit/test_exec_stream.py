@@ -1,7 +1,7 @@
 """Streamed exec end to end without a VM: the CLI's exec loop, the mutual-TLS endpoint's
 streaming op, the VM side's handler and the real runner script, run on this host by a fake
 qemu-ga (test_exec_fake_agent.LocalAgent, which keeps qemu-ga's semantics). The guest's own
-behaviour is tested on real VMs in tests/integration/test_exec_stream.py."""
+behaviour is tested on real VMs in tests/integration/test_exec_stream_vms.py."""
 
 import hashlib
 import io

@@ -425,6 +425,7 @@ feed() {
   done
 }
 run() {
+  umask 022  # the runner's files are private (077); the command's get the usual default
   if [ "$SH" = 1 ]; then
     (exec 2>&3 3>&- 4>&-; pcocc_cmd=$1; unset -f fifo relay feed run; unset B P N IN SH; set --; eval "unset pcocc_cmd; $pcocc_cmd")
   else

@@ -10,6 +10,7 @@ from pcocc.cli import params
 from pcocc.cli.core import pass_app
 from pcocc.cli.pending import pending_command
 from pcocc.errors import NotFoundError, PcoccError, UsageError
+from pcocc.phases import STARTING_PHASES
 
 display = pending_command("display", "Show the remote display of a VM", "remote display support")
 
@@ -22,7 +23,7 @@ def job_options(f):
 EXEC_START_WAIT = 300.0  # seconds exec waits for VMs still starting (a Debian guest takes about 50 s under emulation)
 EXEC_KILL_WAIT = 2.0  # seconds exec waits, after Ctrl-C, for each VM to confirm the command was killed
 EXEC_FAILED = 255  # exec's status when pcocc itself failed on a VM (ssh's rule, ssh(1) EXIT STATUS)
-_STARTING = ("pending", "submitting", "starting", "temporary-disk", "qemu-start")
+_STARTING = STARTING_PHASES + ("submitting", "temporary-disk")  # a VM's phases before it runs
 
 
 class Targets:
