@@ -9,5 +9,5 @@ TESTS = Path(__file__).resolve().parent.parent
 
 
 def test_every_test_module_name_is_unique():
-    names = Counter(p.name for p in TESTS.rglob("*.py") if p.name != "__init__.py" and "__pycache__" not in p.parts)
+    names = Counter(p.name for p in TESTS.rglob("test_*.py") if "__pycache__" not in p.parts)
     assert [n for n, c in names.items() if c > 1] == []
