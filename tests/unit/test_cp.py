@@ -142,3 +142,32 @@ def test_progress_is_shown_on_a_terminal_only(vms, tmp_path):
     shown = err.bytes().decode()
     assert str(src) in shown and "100%" in shown
     assert run(vms, copy._download, False, str(src), str(tmp_path / "h")) == (0, b"", b"")  # not a terminal: nothing
+
+
+def test_a_download_extracts_only_the_requested_tree_whatever_the_guest_sends(tmp_path):
+    """A guest (its root, a planted tar) may send an archive naming other files: only the
+    requested name's tree reaches the destination (scp's CVE-2019-6111 kind)."""
+    import io as _io
+    import tarfile
+    from types import SimpleNamespace
+
+    from pcocc.cli.copy import _Download
+
+    src = tmp_path / "guest"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "ok.txt").write_text("wanted\n")
+    (src / "PWNED").write_text("pwned\n")
+    buf = _io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(src / "d", arcname="d")
+        tar.add(src / "PWNED", arcname="PWNED")
+    dest = tmp_path / "victim"
+    dest.mkdir()
+    (dest / "PWNED").write_text("original\n")
+    app = SimpleNamespace(env=SimpleNamespace(stderr=_io.StringIO()))
+    down = _Download(app, "/root/d", str(dest), "vm0")
+    down(b"D %d\n" % len(buf.getvalue()) + buf.getvalue())
+    down.finish(True)
+    assert (dest / "d" / "ok.txt").read_text() == "wanted\n"
+    assert (dest / "PWNED").read_text() == "original\n"
+    assert sorted(p.name for p in dest.iterdir()) == ["PWNED", "d"]  # and no temporary directory left

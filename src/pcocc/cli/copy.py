@@ -172,17 +172,17 @@ class _Download:
             except OSError as exc:
                 raise PcoccError(f"{self.target}: {exc.strerror}") from None
         else:
-            if os.path.isdir(self.dest):
-                where, self.target = self.dest, os.path.join(self.dest, name)
-            else:
-                import tempfile
+            import tempfile
 
-                try:
-                    self.tmp = tempfile.mkdtemp(prefix=".pcocc-cp.", dir=os.path.dirname(os.path.abspath(self.dest)))
-                except OSError as exc:
-                    raise PcoccError(f"{self.dest}: {exc.strerror}") from None
-                where, self.target = self.tmp, self.dest
-            self.tar = subprocess.Popen(["tar", "-xf", "-", "--no-same-owner", "-C", where],
+            # The guest's archive is unpacked into a private directory of ours, only its member
+            # `name` (tar's member argument), and only that tree is moved to the target: an archive
+            # naming other files (scp's CVE-2019-6111 kind) cannot write beside it.
+            self.target = os.path.join(self.dest, name) if os.path.isdir(self.dest) else self.dest
+            try:
+                self.tmp = tempfile.mkdtemp(prefix=".pcocc-cp.", dir=os.path.dirname(os.path.abspath(self.target)))
+            except OSError as exc:
+                raise PcoccError(f"{self.dest}: {exc.strerror}") from None
+            self.tar = subprocess.Popen(["tar", "-xf", "-", "--no-same-owner", "-C", self.tmp, "--", name],
                                         stdin=subprocess.PIPE, stderr=subprocess.PIPE)
         self.progress = _Progress(self.app, self.label, size)
 
