@@ -147,3 +147,17 @@ def test_commas_in_paths_cannot_add_qemu_options(tmp_path):
     c.mounts = [("data", "/data,readonly=off,x=y", False)]
     argv = command_line(c)
     assert "local,id=fs_data,path=/data,,readonly=off,,x=y,security_model=none" in argv
+
+
+def test_virtio_fs_is_refused_where_an_unprivileged_virtiofsd_is_not_sound():
+    import pytest
+
+    from pcocc.errors import PcoccError
+    from pcocc.hypervisor.virtiofs import check_sound
+
+    with pytest.raises(PcoccError, match="refused for root's clusters"):
+        check_sound(uid=0, gid=0, groups=[])
+    with pytest.raises(PcoccError, match="without supplementary groups"):
+        check_sound(uid=1000, gid=1000, groups=[1000, 27])
+    check_sound(uid=1000, gid=1000, groups=[1000])  # only their own group: sound
+    check_sound(uid=1000, gid=1000, groups=[])

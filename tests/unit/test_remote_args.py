@@ -31,3 +31,19 @@ def test_scp_P_and_bad_ports():
 def test_nc_options_go_to_nc_and_the_rest_is_vm_and_port():
     assert _nc_split(["-w", "5", "-v", "vm0", "22"]) == (["-w", "5", "-v"], ["vm0", "22"])
     assert _nc_split(["vm0"]) == ([], ["vm0"])
+
+
+def test_records_that_would_inject_ssh_options_are_not_used():
+    """Node records sit in a prefix a user may write: a newline in an address would add any
+    ssh_config line (a ProxyCommand run by whoever uses the config)."""
+    from pcocc.lifecycle.remote import port_map
+
+    def info(address, host_port=40022):
+        return {"jobid": 1, "nodes": {"n1": {"objects": {"net": {"address": address, "vm_port": 22,
+                                                                  "vms": {"0": {"host_port": host_port}}}}}}}
+
+    vms = [{"rank": 0, "host": "n1", "state": "running"}]
+    assert port_map(info("10.0.0.1"), vms) == {0: ("10.0.0.1", 40022, 22)}
+    assert port_map(info("10.0.0.1\n  ProxyCommand sh -c id"), vms) == {}
+    assert port_map(info("10.0.0.1", "40022\nProxyCommand id"), vms) == {}
+    assert port_map(info("10.0.0.1", 70000), vms) == {}

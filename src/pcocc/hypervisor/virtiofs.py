@@ -36,6 +36,25 @@ _INNER = ('set -e; if [ "$2" = 1 ]; then mount --bind -- "$1" "$1"; mount -o rem
           'exec "$4" --fd="$3" -o source="$1" -o cache=auto -o sandbox=namespace -o no_xattr')
 
 
+def check_sound(uid=None, gid=None, groups=None):
+    """PcoccError unless an unprivileged virtiofsd can serve this user soundly (defaults: ours).
+
+    Root: its user namespace maps root to root, so root in the guest could create setuid-root
+    files on the host. A user with supplementary groups: virtiofsd drops them with setgroups(2),
+    which the kernel denies in a user namespace an unprivileged user made (user_namespaces(7),
+    /proc/PID/setgroups), so it cannot start. Only a user whose only group is their own passes.
+    """
+    uid = os.getuid() if uid is None else uid
+    gid = os.getgid() if gid is None else gid
+    groups = os.getgroups() if groups is None else groups
+    if uid == 0:
+        raise PcoccError("virtio-fs is refused for root's clusters: root in the guest could create setuid-root files "
+                         "on the host; use type virtio-9p")
+    if set(groups) - {gid}:
+        raise PcoccError("virtio-fs needs a user without supplementary groups (virtiofsd drops them, which a user "
+                         "namespace denies): use type virtio-9p")
+
+
 def virtiofsd_path():
     """The virtiofsd binary, or PcoccError naming the package that has it."""
     path = os.environ.get("PCOCC_VIRTIOFSD") or VIRTIOFSD
@@ -62,6 +81,8 @@ class Share:
         when the directory is missing, virtiofsd is not installed, or it ends at once."""
         if not os.path.isdir(self.path):
             raise PcoccError(f"mount point '{self.tag}': no such directory: {self.path}")
+        if "," in self.path:  # virtiofsd's -o splits on commas: a path with one would add options
+            raise PcoccError(f"mount point '{self.tag}': a virtio-fs path may not hold a comma: {self.path}")
         binary = virtiofsd_path()
         with _suppress_missing():
             os.unlink(self.socket_path)

@@ -11,14 +11,29 @@ from pcocc.errors import NotFoundError, PcoccError
 
 
 def port_map(info, vms):
-    """{rank: (address, host port, vm port)} of the VMs whose port is reverse-NATed."""
+    """{rank: (address, host port, vm port)} of the VMs whose port is reverse-NATed.
+
+    The values come from store records a user may be able to write (their own prefix): only an
+    IP address and port numbers pass, since they end up in an ssh_config (a newline there would
+    add any ssh option, a ProxyCommand included) and on command lines."""
+    import ipaddress
+
+    def port(value):
+        return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536 else None
+
     out = {}
     for vm in vms:
         record = info.get("nodes", {}).get(vm.get("host") or "", {})
         for objects in (record.get("objects") or {}).values():
             mapped = (objects.get("vms") or {}).get(str(vm["rank"]), {}) if isinstance(objects, dict) else {}
-            if mapped.get("host_port") and vm["rank"] not in out:
-                out[vm["rank"]] = (objects["address"], mapped["host_port"], objects.get("vm_port"))
+            if not isinstance(mapped, dict) or not mapped.get("host_port") or vm["rank"] in out:
+                continue
+            try:
+                address = str(ipaddress.ip_address(objects.get("address")))
+            except ValueError:
+                continue
+            if port(mapped["host_port"]) and (objects.get("vm_port") is None or port(objects.get("vm_port"))):
+                out[vm["rank"]] = (address, mapped["host_port"], objects.get("vm_port"))
     return out
 
 

@@ -114,6 +114,7 @@ def save_drive(vm, agent, index, settings_drive, target=None, safe=False, freeze
     target = os.path.abspath(os.path.expanduser(target))
     if os.path.realpath(target) == os.path.realpath(path):
         raise UsageError(f"the backup of {path} cannot be the drive itself")
+    _check_private_dir(os.path.dirname(target))
     device = f"disk{index + (1 if vm.config.disk else 0)}"
     size = _virtual_size(vm.monitor, device)
     started = time.monotonic()
@@ -143,6 +144,20 @@ def save_drive(vm, agent, index, settings_drive, target=None, safe=False, freeze
                 os.unlink(tmp)
     report.update(bytes=os.path.getsize(target), seconds=round(time.monotonic() - started, 3))
     return report
+
+
+def _check_private_dir(directory):
+    """UsageError unless `directory` exists, is ours and no one else may write in it: qemu opens
+    the copy's file by its path, and another user who could rename files there could swap it for
+    a link to any file of ours between its creation and its use."""
+    import stat
+
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise UsageError(f"cannot write a drive copy in {directory}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise UsageError(f"drive copies are written only in a directory of yours that no one else may write: {directory}")
 
 
 def _virtual_size(monitor, device):

@@ -255,9 +255,10 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
             raise PcoccError(f"mount point '{tag}': no such directory: {path}")
         (fs_shares if m["type"] == "virtio-fs" else mounts).append((tag, path, m["readonly"]))
     if fs_shares:
-        from pcocc.hypervisor.virtiofs import virtiofsd_path
+        from pcocc.hypervisor.virtiofs import check_sound, virtiofsd_path
 
-        virtiofsd_path()  # a missing virtiofsd is said before anything starts
+        check_sound()  # before anything starts: root, or a user virtiofsd cannot run for
+        virtiofsd_path()
     cfg_args = dict(
         name=f"vm{rank}", rundir=rundir, settings=settings, accel=chosen, topology=topo, mounts=mounts, virtiofs=fs_shares,
         drives=vmlib.drive_list(settings["persistent-drives"], expand), nics=_nics(ctx, info, settings, rank),
