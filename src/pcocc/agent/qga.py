@@ -398,8 +398,8 @@ EXEC_TMP = "/tmp"  # where each VM's private exec directory is made (mode 0700, 
 
 _EXEC_RUNNER = r'''B=$1 P=$1/$2 N=$3 IN=$4 SH=$5; shift 5
 umask 077
-if [ -L "$B" ] || { [ -e "$B" ] && ! [ -O "$B" ]; }; then echo "pcocc-exec: $B is not this user's" >&2; exit 124; fi
-[ -d "$B" ] || mkdir -m 700 -- "$B" || exit 124
+mkdir -m 700 -- "$B" 2>/dev/null  # made first, then checked: a directory planted meanwhile is not ours
+if [ -L "$B" ] || ! [ -d "$B" ] || ! [ -O "$B" ]; then echo "pcocc-exec: $B is not this user's" >&2; exit 124; fi
 : > "$P.o.0" && : > "$P.e.0" && : > "$P.st" || exit 124
 fifo() { [ -p "$1" ] || mkfifo "$1" 2>/dev/null || [ -p "$1" ]; }
 relay() {

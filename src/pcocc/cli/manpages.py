@@ -52,6 +52,12 @@ def write(target):
     os.makedirs(man1, exist_ok=True)
     os.makedirs(man5, exist_ok=True)
     write_man_pages("pcocc", full_group(), version=__version__, target_dir=man1, date=date)
+    for page in os.listdir(man1):  # a text line starting with ' is a troff control line: it would vanish
+        path = os.path.join(man1, page)
+        with open(path) as f:
+            lines = f.read().split("\n")
+        with open(path, "w") as f:
+            f.write("\n".join("\\&" + line if line.startswith("'") else line for line in lines))
     for name, topic in CONFIG_PAGES.items():
         with open(os.path.join(man5, f"pcocc-{name}.5"), "w") as f:
             f.write(config_page(name, topic, date))
