@@ -454,3 +454,13 @@ def test_a_request_learns_that_its_client_left(creds):
                 c.call("watch", session=1)
     finally:
         srv.stop()
+
+
+def test_a_usage_error_on_the_vm_side_is_a_usage_error_for_the_client():
+    """e.g. `save -i 3` of a VM with one drive: status 2 (bad command line), not 8."""
+    from pcocc.agent.endpoint import _KIND_ERRORS, _error_response
+    from pcocc.errors import UsageError
+
+    response = _error_response(UsageError("vm0 has no persistent drive 3"))
+    assert response["kind"] == "usage"
+    assert _KIND_ERRORS[response["kind"]] is UsageError

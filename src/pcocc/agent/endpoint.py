@@ -10,7 +10,7 @@ connection, each answered in order::
 
     -> {"op": "exec", "args": {"argv": ["hostname"]}}
     <- {"ok": true, "result": {...}}
-    <- {"ok": false, "error": "message", "kind": "permission|notfound|timeout|error"}
+    <- {"ok": false, "error": "message", "kind": "permission|notfound|timeout|usage|error"}
 
 An op NAME (``[a-z][a-z0-9_]*``) calls ``handler.op_NAME(**args)``; whatever that
 returns must be JSON-serialisable and becomes ``result``.
@@ -34,7 +34,7 @@ strings under keys ending in ``_b64`` (``stdout_b64``, ``input_b64``): use
 ``encode_bytes`` and ``decode_bytes`` on both sides.  A PcoccError raised by the
 handler is sent with its message (and ``"hint"`` if it has one), and its kind
 from its class; any other exception becomes "internal error: ...".  The client
-raises PermissionDenied, NotFoundError, TimeoutExpired or AgentError from the kind.
+raises PermissionDenied, NotFoundError, TimeoutExpired, UsageError or AgentError from the kind.
 
 A handler method that takes a keyword argument named ``session`` gets the
 ``Session`` of the request's connection (a request may not send that argument):
@@ -87,7 +87,7 @@ import struct
 import threading
 import time
 
-from pcocc.errors import ExitStatus, NotFoundError, PcoccError, PermissionDenied, TimeoutExpired
+from pcocc.errors import ExitStatus, NotFoundError, PcoccError, PermissionDenied, TimeoutExpired, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,9 @@ MAX_PENDING = 64  # connections of remote peers not yet authenticated; more evic
 REFUSAL_LOG_INTERVAL = 60.0  # seconds between two log lines about refused local peers
 DEFAULT_TIMEOUT = 60.0
 _OP_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
-_KINDS = ((PermissionDenied, "permission"), (NotFoundError, "notfound"), (TimeoutExpired, "timeout"))
+_KINDS = ((PermissionDenied, "permission"), (NotFoundError, "notfound"), (TimeoutExpired, "timeout"), (UsageError, "usage"))
+# the client's exception for each kind (anything else: AgentError)
+_KIND_ERRORS = {"permission": PermissionDenied, "notfound": NotFoundError, "timeout": TimeoutExpired, "usage": UsageError}
 
 
 class AgentError(PcoccError):
@@ -568,7 +570,7 @@ class ControlClient:
             raise AgentError(f"{op!r} is a streaming op: call it with stream()")
         if ok:
             return response.get("result")
-        cls = {"permission": PermissionDenied, "notfound": NotFoundError, "timeout": TimeoutExpired}.get(kind, AgentError)
+        cls = _KIND_ERRORS.get(kind, AgentError)
         raise cls(str(error), response.get("hint"))
 
     def stream(self, op, **args):
@@ -654,7 +656,7 @@ class ClientStream:
             self.result = msg.get("result")
             return "result", self.result
         if msg.get("ok") is False:
-            cls = {"permission": PermissionDenied, "notfound": NotFoundError, "timeout": TimeoutExpired}.get(msg.get("kind"), AgentError)
+            cls = _KIND_ERRORS.get(msg.get("kind"), AgentError)
             raise cls(str(msg.get("error")), msg.get("hint"))
         raise AgentError(f"the control endpoint at {where} sent an invalid answer")
 
