@@ -13,6 +13,15 @@ from pcocc.agent import qga
 from pcocc.cli import copy
 
 
+
+@pytest.fixture(autouse=True)
+def private_exec_dirs(tmp_path, monkeypatch):
+    """The runner runs on this host here: its private exec directories go under the test's own
+    tmp_path (removed by pytest), not /tmp."""
+    from pcocc.agent import qga as _qga
+
+    monkeypatch.setattr(_qga, "EXEC_TMP", str(tmp_path))
+
 @pytest.fixture
 def vms(creds):  # noqa: F811
     c = Cluster(creds, 2)

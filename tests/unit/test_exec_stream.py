@@ -23,6 +23,15 @@ from pcocc.lifecycle.control import ControlHandler
 OWNER = "alice"
 
 
+
+@pytest.fixture(autouse=True)
+def private_exec_dirs(tmp_path, monkeypatch):
+    """The runner runs on this host here: its private exec directories go under the test's own
+    tmp_path (removed by pytest), not /tmp."""
+    from pcocc.agent import qga as _qga
+
+    monkeypatch.setattr(_qga, "EXEC_TMP", str(tmp_path))
+
 @pytest.fixture(scope="module")
 def creds():
     ca = pki.make_ca("cluster-1")
