@@ -17,7 +17,7 @@ from pcocc import names
 from pcocc.cli import params
 from pcocc.cli.access import job_options
 from pcocc.cli.core import pass_app
-from pcocc.errors import PcoccError, PermissionDenied, UsageError
+from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, UsageError
 
 _PASS = {"ignore_unknown_options": True, "allow_interspersed_args": False, "help_option_names": ["--help"]}
 NC_DEFAULT_PORT = 22  # the original's `pcocc nc VM` with no port: the VM's ssh port
@@ -38,6 +38,11 @@ def _cluster(app, jobid, jobname, owner=None):
     except PermissionDenied:
         if owner:
             raise PermissionDenied(f"cannot read the clusters of user {owner}: the store lets each user read only their own") from None
+        raise
+    except NotFoundError as exc:
+        if owner and owner != app.env.user:
+            raise NotFoundError(f"user {owner}: {exc.message}" if jobid or jobname else
+                                f"no cluster of user {owner} that you can read (with etcd, each user reads only their own)") from None
         raise
 
 
