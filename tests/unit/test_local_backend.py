@@ -210,3 +210,14 @@ def test_the_agent_wait_counts_console_silence_not_time_since_start(tmp_path):
     with open(log, "a") as f:
         f.write("more\n")
     assert quiet.since() >= grown and quiet.size == log.stat().st_size
+
+
+def test_a_clusters_end_is_written_once_to_its_batch_output(tmp_path):
+    """A reclaim racing the supervisor's own cleanup (a loaded host) must not add a second end."""
+    from pcocc.batch.local import _append_end
+
+    out = tmp_path / "pcocc_5.out"
+    out.write_text("script on vm0\n")
+    _append_end(str(out), 5, "COMPLETED", "the batch script exited with status 0")
+    _append_end(str(out), 5, "FAILED", "its supervisor was gone")
+    assert out.read_text().splitlines() == ["script on vm0", "pcocc: cluster 5 ended: COMPLETED (the batch script exited with status 0)"]

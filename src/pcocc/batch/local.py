@@ -487,6 +487,16 @@ def _append_end(path, jobid, end_state, reason):
     """Append the cluster's end to its batch script's output file (pcocc_<jobid>.out), safely (open_output)."""
     line = f"pcocc: cluster {jobid} ended: {end_state}" + (f" ({reason})" if reason else "") + "\n"
     try:
+        # once only: a second cleanup of the same cluster (a reclaim racing its end on a loaded host)
+        # must not add an end of its own after the first one
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                os.lseek(fd, max(0, os.fstat(fd).st_size - 4096), os.SEEK_SET)
+                if f"pcocc: cluster {jobid} ended: ".encode() in os.read(fd, 4096):
+                    return
+            finally:
+                os.close(fd)
         with open_output(path, truncate=False) as f:
             f.write(line.encode("utf-8", "backslashreplace"))
     except OSError as exc:
