@@ -4,7 +4,6 @@ save in place; and an image is a template of its name (the original's per-image 
 
 import hashlib
 import json
-import shutil
 import subprocess
 
 import pytest
@@ -12,8 +11,7 @@ import pytest
 from local_site import LocalSite
 from pcocc.images import upstream
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed (scripts/setup installs it)")]
+pytestmark = pytest.mark.integration
 
 
 def original_repo(root, disk):

@@ -22,23 +22,7 @@ from pcocc.images.repo import ImageExists, RepositoryError
 from pcocc.images.store import ImageStore, open_repository
 from pcocc.templates import IMAGE_SCOPE, Template, TemplateSet
 
-MiB = 2**20
-
-
-class R:
-    """Repo config entries as the config loader makes them."""
-
-    def __init__(self, name, path, scope="user"):
-        self.name, self.path, self.scope = name, str(path), scope
-
-
-def base_layer(path, size=16 * MiB):
-    """A standalone empty qcow2 (an overlay with its backing name removed)."""
-    qcow2.create_overlay(str(path), "x", size)
-    with open(path, "r+b") as f:
-        f.seek(8)
-        f.write(b"\0" * 12)
-    return path
+from test_images_repo import MiB, R, base_layer  # noqa: E402,F401 - one helper for both layouts' tests
 
 
 class Original:
