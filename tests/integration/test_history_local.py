@@ -39,8 +39,8 @@ def test_a_batch_script_s_end_is_in_the_history_and_its_output_file(site):
     jobid = int(r.stdout)
     wait_for(lambda: ps(site) == [], timeout=300, what="the batch cluster to end")
     (rec,) = history(site, "-j", jobid)
-    assert rec["state"] == "FAILED" and rec["exit_code"] == 3 and rec["name"] == "scripted"
-    assert rec["reason"] == "the batch script exited with status 3"
+    assert (rec["state"], rec["exit_code"], rec["name"], rec["reason"]) == \
+        ("FAILED", 3, "scripted", "the batch script exited with status 3"), rec
     assert rec["submitted"] <= rec["started"] <= rec["ended"] and rec["vms"][0]["name"] == "vm0"
     out = (site.root / f"pcocc_{jobid}.out").read_text().splitlines()
     assert out == ["script on vm0", f"pcocc: cluster {jobid} ended: FAILED (the batch script exited with status 3)"]
