@@ -26,7 +26,8 @@ def test_every_command_and_file_has_a_man_page_that_man_reads(tmp_path):
     for name in COMMANDS:
         if name not in HIDDEN:
             assert f"pcocc-{name}.1" in written, name
-    assert {"pcocc.1", "pcocc-image-list.1", "pcocc-templates.yaml.5", "pcocc-batch.yaml.5"} <= written
+    assert {"pcocc.1", "pcocc-image-list.1", "pcocc-templates.yaml.5", "pcocc-batch.yaml.5", "pcocc-resources.yaml.5",
+            "pcocc-newvm-tutorial.7", "pcocc-cloudconfig-tutorial.7", "pcocc-9pmount-tutorial.7"} <= written
     # man(1) finds them through PATH (manpath(5): <bin>/../share/man), as after scripts/setup
     bin_dir = tmp_path.parent / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -37,3 +38,15 @@ def test_every_command_and_file_has_a_man_page_that_man_reads(tmp_path):
     assert r.returncode == 0 and "pcocc alloc [OPTIONS]" in r.stdout, r.stderr
     r = subprocess.run(["man", "5", "pcocc-templates.yaml"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "inherits" in r.stdout, r.stderr
+    r = subprocess.run(["man", "pcocc-9pmount-tutorial"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "mount -t 9p -o trans=virtio" in r.stdout, r.stderr
+
+
+def test_the_original_s_three_tutorials_are_help_topics(cli):
+    """pcocc help newvm-tutorial, as the original's pcocc(1) shows; listed by `pcocc help`."""
+    listing = cli("help").stdout
+    for name, words in (("newvm-tutorial", "pcocc image import"), ("cloudconfig-tutorial", "#cloud-config"),
+                        ("9pmount-tutorial", "mount-points:")):
+        r = cli("help", name)
+        assert r.status == 0 and words in r.stdout, (name, r.stderr)
+        assert f"  {name} " in listing

@@ -15,7 +15,9 @@ from pcocc.cli.core import pass_app
 from pcocc.errors import NotFoundError
 
 # configuration files and their topic (src/pcocc/help/<topic>.txt)
-CONFIG_FILES = {"batch.yaml": "batch", "networks.yaml": "networks", "repos.yaml": "repos", "templates.yaml": "templates"}
+CONFIG_FILES = {"batch.yaml": "batch", "networks.yaml": "networks", "resources.yaml": "networks", "repos.yaml": "repos",
+                "templates.yaml": "templates"}
+TUTORIALS = ("newvm-tutorial", "cloudconfig-tutorial", "9pmount-tutorial")  # in the order to read them
 
 
 def _topics():
@@ -60,9 +62,12 @@ def help_(app, ctx, name):
         app.out("\nConfiguration files (pcocc help FILE, or man pcocc-FILE):")
         for file, topic in CONFIG_FILES.items():
             app.out(f"  {file:<16} {_text(topic).splitlines()[0]}")
+        app.out("\nTutorials (pcocc help TUTORIAL, or man pcocc-TUTORIAL):")
+        for topic in TUTORIALS:
+            app.out(f"  {topic:<21} {_text(topic).splitlines()[0]}")
         app.out("\nOther topics (pcocc help TOPIC):")
         for topic in topics:
-            if topic not in CONFIG_FILES.values():
+            if topic not in CONFIG_FILES.values() and topic not in TUTORIALS:
                 app.out(f"  {topic:<16} {_text(topic).splitlines()[0]}")
         return
     page = _command_page(ctx, name)

@@ -1,11 +1,12 @@
 """Man pages of pcocc: pcocc(1) and pcocc-COMMAND(1) from the commands' own help (click-man),
-pcocc-FILE(5) from the configuration help topics (src/pcocc/help/*.txt).
+pcocc-FILE(5) from the configuration help topics and pcocc-NAME-tutorial(7) from the
+tutorials (src/pcocc/help/*.txt), the sections the original's pages used.
 
 `scripts/setup` writes them into the venv's share/man, which man(1) searches for a user
 whose PATH holds the venv's bin (manpath(5): a bin directory's ../share/man), so that
 `man pcocc-alloc` works after the setup, as it did for the original's packages.
 
-    python -m pcocc.cli.manpages DIR     # DIR/man1/*.1, DIR/man5/*.5
+    python -m pcocc.cli.manpages DIR     # DIR/man1/*.1, DIR/man5/*.5, DIR/man7/*.7
 """
 
 import datetime
@@ -17,7 +18,10 @@ from importlib import resources
 import click
 
 # configuration files and the help topic that documents each (pcocc-FILE(5))
-CONFIG_PAGES = {"batch.yaml": "batch", "networks.yaml": "networks", "repos.yaml": "repos", "templates.yaml": "templates"}
+CONFIG_PAGES = {"batch.yaml": "batch", "networks.yaml": "networks", "resources.yaml": "networks", "repos.yaml": "repos",
+                "templates.yaml": "templates"}
+# the tutorials (pcocc-NAME(7), help topic NAME), as the original named them
+TUTORIALS = ("newvm-tutorial", "cloudconfig-tutorial", "9pmount-tutorial")
 
 
 def full_group():
@@ -32,25 +36,25 @@ def full_group():
     return group
 
 
-def config_page(name, topic, date):
-    """The roff text of pcocc-NAME(5), from help topic `topic` (plain text, kept as is)."""
+def config_page(name, topic, date, section=5):
+    """The roff text of pcocc-NAME(section), from help topic `topic` (plain text, kept as is)."""
     text = resources.files("pcocc.help").joinpath(f"{topic}.txt").read_text()
     first, _, rest = text.partition("\n")
     body = "\n".join(("\\&" + line) if line.startswith((".", "'")) else line for line in rest.replace("\\", "\\\\").splitlines())
-    return (f'.TH "PCOCC-{name.upper()}" "5" "{date}" "pcocc" "pcocc manual"\n.SH NAME\npcocc-{name} \\- {first.strip()}\n'
+    return (f'.TH "PCOCC-{name.upper()}" "{section}" "{date}" "pcocc" "pcocc manual"\n.SH NAME\npcocc-{name} \\- {first.strip()}\n'
             f".SH DESCRIPTION\n.nf\n{body}\n.fi\n.SH SEE ALSO\npcocc(1)\n")
 
 
 def write(target):
-    """Write every page under target (man1/, man5/); returns the paths written."""
+    """Write every page under target (man1/, man5/, man7/); returns the paths written."""
     from click_man.core import write_man_pages
 
     from pcocc import __version__
 
     date = datetime.date.today().isoformat()
-    man1, man5 = os.path.join(target, "man1"), os.path.join(target, "man5")
-    os.makedirs(man1, exist_ok=True)
-    os.makedirs(man5, exist_ok=True)
+    man1, man5, man7 = (os.path.join(target, d) for d in ("man1", "man5", "man7"))
+    for d in (man1, man5, man7):
+        os.makedirs(d, exist_ok=True)
     write_man_pages("pcocc", full_group(), version=__version__, target_dir=man1, date=date)
     for page in os.listdir(man1):  # a text line starting with ' is a troff control line: it would vanish
         path = os.path.join(man1, page)
@@ -61,7 +65,10 @@ def write(target):
     for name, topic in CONFIG_PAGES.items():
         with open(os.path.join(man5, f"pcocc-{name}.5"), "w") as f:
             f.write(config_page(name, topic, date))
-    return sorted(os.path.join(d, f) for d in (man1, man5) for f in os.listdir(d))
+    for name in TUTORIALS:
+        with open(os.path.join(man7, f"pcocc-{name}.7"), "w") as f:
+            f.write(config_page(name, name, date, section=7))
+    return sorted(os.path.join(d, f) for d in (man1, man5, man7) for f in os.listdir(d))
 
 
 if __name__ == "__main__":
