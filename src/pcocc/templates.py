@@ -48,6 +48,10 @@ _DRIVE_OPTS = Struct(
 )
 
 
+MOUNT_TYPES = ("virtio-9p", "virtio-fs")
+MOUNT_TAG = r"[a-zA-Z0-9_.-]{1,31}"  # a mount tag, in templates and in alloc/batch --mount
+
+
 def _mount(value):
     return {"path": value, "readonly": False, "type": "virtio-9p"} if isinstance(value, str) else value
 
@@ -59,7 +63,7 @@ _MOUNT = ByKind(
             {
                 "path": F(Str(), required=True),
                 "readonly": F(Bool(), default=False),
-                "type": F(Enum("virtio-9p", "virtio-fs"), default="virtio-9p"),
+                "type": F(Enum(*MOUNT_TYPES), default="virtio-9p"),
             }
         ),
     },
@@ -83,7 +87,7 @@ SETTINGS = {
     "description": Setting(Str(), "", inheritable=False, help="a line shown by 'template list'"),
     "user-data": Setting(ByKind({str: Str(), dict: Anything()}, "a file path or a cloud-config mapping"), help="cloud-init user-data"),
     "instance-id": Setting(Str(), help="cloud-init instance-id"),
-    "mount-points": Setting(MapOf(_MOUNT, key=Str(r"[a-zA-Z0-9_.-]{1,31}", "a mount tag")), {}, help="host directories shared with the VM"),
+    "mount-points": Setting(MapOf(_MOUNT, key=Str(MOUNT_TAG, "a mount tag")), {}, help="host directories shared with the VM"),
     "persistent-drives": Setting(
         ListOf(ByKind({str: Str(), dict: OneKeyMap(_DRIVE_OPTS)}, "a path or {path: {options}}", convert=_drive)), [], help="drives used in place"
     ),
@@ -245,3 +249,147 @@ class TemplateSet:
             values["resource-set"], origin["resource-set"] = self.default_resource_set, None
         values["inherits"], origin["inherits"] = chain[0].parent, chain[0].name if chain[0].parent else None
         return Resolved(name, chain[0].scope, values, origin)
+
+
+# -- alloc/batch --image and --mount: per-cluster changes to the resolved templates
+
+def _literal(path):
+    """A path typed on the command line, kept as typed by the path templates (% doubled: pcocc.pathtpl)."""
+    return path.replace("%", "%%")
+
+
+def parse_image_options(values, templates):
+    """{template: image} of alloc/batch --image values ([TPL=]IMAGE, repeatable).
+
+    templates: the definition's template names, in order. A bare IMAGE is for
+    the definition's only template; with several it is refused, as is a TPL
+    that is not in the definition (named), a template given twice, or an
+    image that is not an image URI [REPO:]NAME[@REV] (pcocc.images.uri).
+    Raises UsageError (one line).
+    """
+    from pcocc.errors import UsageError
+    from pcocc.images import uri
+
+    names = list(dict.fromkeys(templates))
+    out = {}
+    for value in values:
+        tpl, sep, image = value.partition("=")
+        if not sep:
+            tpl, image = None, value
+            if len(names) != 1:
+                raise UsageError(f"--image {value}: the definition has several templates ({', '.join(names)}): "
+                                 f"say which with --image TEMPLATE=IMAGE")
+            tpl = names[0]
+        elif tpl not in names:
+            raise UsageError(f"--image {value}: template '{tpl}' is not in the cluster definition ({', '.join(names)})")
+        if tpl in out:
+            raise UsageError(f"--image: template '{tpl}' is given two images ({out[tpl]}, {image})")
+        uri.parse(image)  # its syntax now; its existence is checked with the templates' images
+        out[tpl] = image.strip()
+    return out
+
+
+_MOUNT_OPTION = re.compile(r"([a-z]+)=(.*)", re.S)
+
+
+def parse_mount_option(value, cwd, check_dir=False):
+    """(tag, {path, type, readonly}) of an alloc/batch --mount value:
+    TAG=PATH[,type=virtio-9p|virtio-fs][,readonly=true|false].
+
+    The options are read from the end, so a PATH may hold commas; PATH is made
+    absolute from cwd (~ expanded) and kept literal (no path templates).
+    Defaults as a template's mount-points entry: virtio-9p, read-write.
+    Raises UsageError (one line) for a missing or malformed tag, an empty
+    path, an unknown or repeated option, a bad value, or (check_dir: the
+    VMs run on this host) a PATH that is not a directory here.
+    """
+    import os
+
+    from pcocc.errors import UsageError
+
+    where = f"--mount {value}"
+    tag, sep, rest = value.partition("=")
+    if not sep:
+        raise UsageError(f"{where}: expected TAG=PATH[,type=virtio-9p|virtio-fs][,readonly=true|false]")
+    if not re.fullmatch(MOUNT_TAG, tag):
+        raise UsageError(f"{where}: invalid tag '{tag}' (1 to 31 letters, digits, _ . -)")
+    opts = {}
+    while True:
+        head, comma, last = rest.rpartition(",")
+        m = _MOUNT_OPTION.fullmatch(last) if comma else None
+        if not m:
+            break
+        key, val = m.groups()
+        if key not in ("type", "readonly"):
+            raise UsageError(f"{where}: unknown option '{key}' (options: type, readonly)")
+        if key in opts:
+            raise UsageError(f"{where}: option '{key}' given twice")
+        if key == "type" and val not in MOUNT_TYPES:
+            raise UsageError(f"{where}: type must be {' or '.join(MOUNT_TYPES)}, not '{val}'")
+        if key == "readonly":
+            if val.lower() not in ("true", "false"):
+                raise UsageError(f"{where}: readonly must be true or false, not '{val}'")
+            val = val.lower() == "true"
+        opts[key] = val
+        rest = head
+    if not rest:
+        raise UsageError(f"{where}: no PATH after '{tag}='")
+    path = os.path.normpath(os.path.join(cwd, os.path.expanduser(rest)))
+    if check_dir and not os.path.isdir(path):
+        raise UsageError(f"{where}: no such directory: {path}")
+    return tag, {"path": _literal(path), "type": opts.get("type", "virtio-9p"),
+                 "readonly": opts.get("readonly", False)}
+
+
+def parse_mount_options(values, cwd, check_dir=False):
+    """{tag: mount} of several --mount values (parse_mount_option); a tag given twice is a UsageError."""
+    from pcocc.errors import UsageError
+
+    out = {}
+    for value in values:
+        tag, mount = parse_mount_option(value, cwd, check_dir)
+        if tag in out:
+            raise UsageError(f"--mount: tag '{tag}' given twice")
+        out[tag] = mount
+    return out
+
+
+def apply_overrides(resolved, overrides):
+    """{name: Resolved} with a cluster's --image and --mount applied.
+
+    resolved: {name: Resolved} of the definition's templates; overrides:
+    {"images": {template: image}, "mounts": {tag: mount}} (either may be
+    missing; None or {}: no change). An image replaces the template's (its
+    origin becomes "--image"); mounts are added to every template's
+    mount-points, replacing an entry of the same tag (origin "--mount").
+    The VMs, the image checks and the checkpoints then see the result as
+    the template's settings.
+    """
+    if not overrides:
+        return resolved
+    images, mounts = overrides.get("images") or {}, overrides.get("mounts") or {}
+    out = {}
+    for name, res in resolved.items():
+        values, origin = dict(res.values), dict(res.origin)
+        if name in images:
+            values["image"], origin["image"] = images[name], "--image"
+        if mounts:
+            values["mount-points"] = {**(values.get("mount-points") or {}), **mounts}
+            origin["mount-points"] = "--mount"
+        out[name] = Resolved(res.name, res.scope, values, origin)
+    return out
+
+
+def snapshot_exclusions(resolved, overrides):
+    """{template: why its snapshot ('pcocc template snapshot') must not start its VMs} for a
+    cluster's --image and --mount: a template given another image; every template when the
+    cluster has its own mount points (devices the snapshot does not have)."""
+    overrides = overrides or {}
+    images = overrides.get("images") or {}
+    out = {}
+    for name, res in resolved.items():
+        if overrides.get("mounts"):
+            out[name] = "the cluster has its own mount points (--mount)"
+        elif name in images:
+            out[name] = f"its VMs boot from {res.values['image']} (--image)"
+    return out

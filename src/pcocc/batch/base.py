@@ -81,6 +81,9 @@ class Backend:
             "script": opts.get("script"), "cwd": opts.get("cwd"),
             "restart": opts.get("restart"),  # {dir, manifest} of a checkpoint to restart from, read by every VM
             "instant": opts.get("instant"),  # {template: {dir, vm}}: VMs restored from their template's snapshot
+            # {"images": {template: image}, "mounts": {tag: mount}} of alloc/batch --image/--mount, or None:
+            # already in the VMs' settings; kept for save (refused with images) and checkpoints (restarts keep them)
+            "overrides": opts.get("overrides"),
             "vms": [{"rank": v.rank, "template": v.template, "settings": resolved[v.template].values} for v in vms],
             **extra,
         }

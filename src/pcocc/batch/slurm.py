@@ -7,6 +7,7 @@ plugin sets up each node as root before the tasks start), waits for every VM,
 then runs the user's shell or script and ends the cluster after it.
 """
 
+import json
 import logging
 import os
 import shlex
@@ -157,19 +158,22 @@ class SlurmBackend(Backend):
         return argv
 
 
-    def check_definition(self, definition, restart=False):
-        """What can be checked before sbatch/salloc: every template's image exists (Backend.check_images)."""
+    def check_definition(self, definition, restart=False, overrides=None):
+        """What can be checked before sbatch/salloc: every template's image exists (Backend.check_images),
+        with the cluster's --image and --mount applied (pcocc.templates.apply_overrides)."""
         if restart:
             return
         from pcocc.cluster import parse_definition
+        from pcocc.templates import apply_overrides
 
         tset = self.ctx.config.templates
         vms = parse_definition(definition, tset)
-        self.check_images(vms, {n: tset.resolve(n) for n in {v.template for v in vms}}, visible_only=True)
+        resolved = apply_overrides({n: tset.resolve(n) for n in {v.template for v in vms}}, overrides)
+        self.check_images(vms, resolved, visible_only=True)
 
     def submit_batch(self, n_vms, definition, opts, passthrough):
         """sbatch a job whose script is the launcher; its job id."""
-        self.check_definition(definition, bool(opts.get("restart_dir")))
+        self.check_definition(definition, bool(opts.get("restart_dir")), opts.get("overrides"))
         base = self.allocation_argv("sbatch", n_vms, self.with_licenses(definition, opts), passthrough)
         argv = base[:1] + ["--parsable", "--signal=15", "-o", "pcocc_%j.out", "-e", "pcocc_%j.err"] + base[1:]
         out = run(argv + ["--wrap", quote(launcher_argv(_pcocc_bin(), definition, opts))]).stdout
@@ -179,7 +183,7 @@ class SlurmBackend(Backend):
         """The salloc command line that runs the launcher (then the user's shell or script)."""
         if shutil.which("salloc") is None:
             raise NotFoundError("salloc not found: is SLURM's client installed on this host?")
-        self.check_definition(definition, bool(opts.get("restart_dir")))
+        self.check_definition(definition, bool(opts.get("restart_dir")), opts.get("overrides"))
         extra = [] if opts.get("host_script") else ["--interactive"]
         argv = self.allocation_argv("salloc", n_vms, self.with_licenses(definition, opts), passthrough)
         return argv + launcher_argv(_pcocc_bin(), definition, opts) + extra
@@ -240,6 +244,8 @@ def launcher_argv(pcocc_bin, definition, opts):
         argv += ["--restart-ckpt", opts["restart_dir"]]
     if opts.get("boot"):
         argv += ["--boot"]
+    if opts.get("overrides"):
+        argv += ["--overrides", json.dumps(opts["overrides"], sort_keys=True)]
     return argv
 
 

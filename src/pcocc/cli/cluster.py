@@ -19,6 +19,13 @@ _COMMON = [
     click.option("--boot", is_flag=True, help="Boot every VM, even those whose template has a snapshot ('pcocc template snapshot')."),
     click.option("--user-data", type=params.Path(exists=True, dir_okay=False),
                  help="cloud-init user-data file for every VM (overrides the templates'): text, MIME multipart or gzip, at most 1 MiB."),
+    click.option("--image", "images", multiple=True, metavar="[TPL=]IMAGE",
+                 help="Boot the VMs of template TPL (without TPL=, of the definition's only template) from IMAGE "
+                      "([REPO:]NAME[@REV]) instead of the template's image; repeatable. Such a cluster cannot be saved "
+                      "('pcocc save'), its templates' snapshots are not used, and a restart (-r) keeps the checkpoint's images."),
+    click.option("--mount", "mounts", multiple=True, metavar="TAG=PATH[,type=virtio-9p|virtio-fs][,readonly=true|false]",
+                 help="Share the host directory PATH with every VM under TAG, as a template's mount-points entry "
+                      "(default: virtio-9p, read-write; replaces a template's entry of the same TAG); repeatable."),
 ]
 _PASSTHROUGH = {"ignore_unknown_options": True}
 _ALLOC_HELP = """
@@ -134,29 +141,59 @@ def _split(args):
     return list(args[:-1]), args[-1]
 
 
-def _restart(app, restart_ckpt, definition, cpus=None, memory_mb=None):
-    """{dir, manifest} of the checkpoint to restart from, checked against the definition; or None."""
-    if not restart_ckpt:
-        return None
-    from pcocc.lifecycle import checkpoint
-    directory = os.path.abspath(restart_ckpt)
-    manifest = checkpoint.load(directory)
+def _prepare(app, definition, user_data, images, mounts, restart_ckpt, cpus=None, memory_mb=None):
+    """(vms, resolved, overrides, restart) of a cluster to submit, checked before anything starts.
+
+    resolved: {template: Resolved} with the cluster's --image and --mount applied
+    (templates.apply_overrides); overrides: {"images", "mounts"} or None, kept in the
+    cluster's record (and in its checkpoints). restart: {dir, manifest} of -r DIR, or
+    None; a restart keeps the checkpoint's images (its own overrides): --image is
+    then ignored with a warning, and --mount refused (a cluster with mount points
+    cannot be checkpointed).
+    """
+    from pcocc import templates
+
     tset = app.config.templates
     vms = _parse_definition(definition, tset)
     resolved = {name: tset.resolve(name) for name in {v.template for v in vms}}
-    checkpoint.check_restart(manifest, directory, vms, resolved, cpus, memory_mb)
-    return {"dir": directory, "manifest": manifest}
+    names = [v.template for v in vms]
+    image_opts = templates.parse_image_options(images, names)
+    mount_opts = templates.parse_mount_options(mounts, os.getcwd(), check_dir=app.config.batch.type != "slurm")
+    restart = None
+    if restart_ckpt:
+        from pcocc.lifecycle import checkpoint
+
+        if mount_opts:
+            raise UsageError("--mount cannot be used with -r: a cluster with mount points cannot be checkpointed, "
+                             "so its restart has none")
+        directory = os.path.abspath(restart_ckpt)
+        manifest = checkpoint.load(directory)
+        overrides = manifest.get("overrides") or None
+        if image_opts and image_opts != (overrides or {}).get("images"):
+            app.warn(f"-r: a restart keeps the images of checkpoint {directory}: --image is ignored")
+        resolved = templates.apply_overrides(resolved, overrides)
+        checkpoint.check_restart(manifest, directory, vms, resolved, cpus, memory_mb)
+        restart = {"dir": directory, "manifest": manifest}
+    else:
+        overrides = {k: v for k, v in (("images", image_opts), ("mounts", mount_opts)) if v} or None
+        resolved = templates.apply_overrides(resolved, overrides)
+    _check_user_data(app, user_data, vms, resolved)
+    return vms, resolved, overrides, restart
 
 
-def _instant(app, resolved, cpus, memory_mb):
-    """{template: restore entry} of the templates whose snapshot can start their VMs."""
+def _instant(app, resolved, cpus, memory_mb, excluded=None):
+    """{template: restore entry} of the templates whose snapshot can start their VMs.
+    excluded: {template: why its snapshot is not used} (templates.snapshot_exclusions),
+    said for a template that has one."""
     from pcocc.lifecycle import instant
 
     out = {}
     images = app.ctx.images()
     for name, res in sorted(resolved.items()):
         entry, stale = instant.lookup(images, app.env, app.config, name, res, cpus, memory_mb)
-        if entry:
+        if (entry or stale) and name in (excluded or {}):
+            app.info(f"template {name}: its snapshot is not used: {excluded[name]}")
+        elif entry:
             out[name] = entry
         elif stale:
             app.info(f"template {name}: its snapshot cannot be used ({stale}): its VMs boot")
@@ -165,37 +202,77 @@ def _instant(app, resolved, cpus, memory_mb):
     return out or None
 
 
-def _submit_local(app, definition, batch_opts, user_data, script=None, restart_ckpt=None, boot=False, hold=False):
+def _submit_local(app, definition, batch_opts, user_data, images=(), mounts=(), script=None, restart_ckpt=None, boot=False,
+                  hold=False):
+    from pcocc import templates
+
     local = _local_options(batch_opts)
-    tset = app.config.templates
-    vms = _parse_definition(definition, tset)
-    resolved = {name: tset.resolve(name) for name in {v.template for v in vms}}
     cpus, mem = local["cpus_per_vm"], local["mem_per_core"] * local["cpus_per_vm"]
-    _check_user_data(app, user_data, vms, resolved)
-    restart = _restart(app, restart_ckpt, definition, cpus, mem)
+    vms, resolved, overrides, restart = _prepare(app, definition, user_data, images, mounts, restart_ckpt, cpus, mem)
     backend = app.ctx.backend()
     opts = {
         "name": local["job_name"], "cpus": cpus, "mem_per_core": local["mem_per_core"], "definition": definition,
         "user_data": os.path.abspath(user_data) if user_data else None, "script": script, "cwd": os.getcwd(),
-        "restart": restart, "hold": hold,
-        "instant": None if restart or boot or user_data else _instant(app, resolved, cpus, mem),
+        "restart": restart, "hold": hold, "overrides": overrides,
+        "instant": None if restart or boot or user_data else _instant(app, resolved, cpus, mem, templates.snapshot_exclusions(resolved, overrides)),
     }
     return backend, backend.submit(vms, resolved, opts), local["job_name"]
 
 
-def _slurm_restart(app, restart_ckpt, definition):
-    """The checkpoint's directory, checked here first (the launcher checks it again); or None."""
-    restart = _restart(app, restart_ckpt, definition)
-    return restart["dir"] if restart else None
-
-
-def _slurm_opts(app, definition, batch_opts, user_data, **launcher_opts):
-    """(number of VMs, launcher options) for a SLURM submission; checks the definition first."""
-    tset = app.config.templates
-    vms = _parse_definition(definition, tset)
+def _slurm_opts(app, definition, batch_opts, user_data, images=(), mounts=(), restart_ckpt=None, **launcher_opts):
+    """(number of VMs, launcher options) for a SLURM submission; checks the definition first
+    (the launcher checks a restart's checkpoint again)."""
+    vms, _, overrides, restart = _prepare(app, definition, user_data, images, mounts, restart_ckpt)
     name = _slurm_name(batch_opts) or "pcocc"
-    _check_user_data(app, user_data, vms, {n: tset.resolve(n) for n in {v.template for v in vms}})
-    return len(vms), {"name": name, "user_data": os.path.abspath(user_data) if user_data else None, **launcher_opts}
+    return len(vms), {"name": name, "user_data": os.path.abspath(user_data) if user_data else None,
+                      "restart_dir": restart["dir"] if restart else None, "overrides": overrides, **launcher_opts}
+
+
+def script_command(path, option):
+    """The command line (a str, for shlex.split) that runs the script at path: the path itself
+    when it is executable, else its #! line's interpreter on it (the original pcocc made
+    batch -E's copy executable, so a script with a #! line need not be). UsageError if neither."""
+    import shlex
+
+    path = os.path.abspath(path)
+    if os.access(path, os.X_OK):
+        return shlex.quote(path)
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(4096)
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: {exc.strerror}") from None
+    if not first.startswith(b"#!") or not first[2:].strip():
+        raise UsageError(f"{option} {path}: not executable and has no #! line (chmod +x it)")
+    try:
+        interpreter = shlex.split(first[2:].decode("utf-8", "strict").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise UsageError(f"{option} {path}: its #! line cannot be read") from None
+    return shlex.join([*interpreter, path])
+
+
+def command_line(text, option):
+    """argv of a command line given to an option (alloc -E), split as a shell does (shlex,
+    as the original pcocc splits it): "mpirun ./a.out", or a path. Its command must be an
+    executable file (a name without / is looked up in PATH). UsageError (one line) if not."""
+    import shlex
+    import shutil
+
+    try:
+        argv = shlex.split(text)
+    except ValueError as exc:
+        raise UsageError(f"{option} {text!r}: {exc}") from None
+    if not argv:
+        raise UsageError(f"{option}: an empty command")
+    cmd = argv[0]
+    if "/" not in cmd:
+        if shutil.which(cmd) is None:
+            raise UsageError(f"{option}: command not found: {cmd}")
+    elif not os.path.isfile(cmd):
+        raise UsageError(f"{option}: no such file: {cmd}")
+    elif not os.access(cmd, os.X_OK):
+        raise UsageError(f"{option} {cmd}: not executable (chmod +x it)")
+    return argv
 
 
 def _progress(app, jobid):
@@ -209,33 +286,35 @@ def _progress(app, jobid):
 
 @click.command(cls=params.PassthroughCommand, context_settings=_PASSTHROUGH, help="Run a virtual cluster and a shell in its allocation; the cluster ends with the shell.\n" + _ALLOC_HELP.format(cmd="salloc"))
 @common_options
-@click.option("-E", "--alloc-script", type=params.Path(exists=True, dir_okay=False), help="Run this script on the host instead of a shell; the cluster ends with it.")
+@click.option("-E", "--alloc-script", metavar="COMMAND",
+              help="Run this command line on the host instead of a shell (split as a shell does: -E 'mpirun ./a.out', "
+                   "or a script's path); the cluster ends with it.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[BATCH_OPTIONS]... DEFINITION")
 @pass_app
-def alloc(app, restart_ckpt, boot, user_data, alloc_script, args):
+def alloc(app, restart_ckpt, boot, user_data, images, mounts, alloc_script, args):
     batch_opts, definition = _split(args)
-    script = os.path.abspath(alloc_script) if alloc_script else None
-    if script and not os.access(script, os.X_OK):  # before anything starts, not once the cluster runs
-        raise UsageError(f"-E/--alloc-script {alloc_script}: not executable (chmod +x it)")
+    # checked before anything starts, not once the cluster runs
+    argv = command_line(alloc_script, "-E/--alloc-script") if alloc_script is not None else None
     if app.config.batch.type == "slurm":
-        n_vms, opts = _slurm_opts(app, definition, batch_opts, user_data, host_script=script,
-                                  restart_dir=_slurm_restart(app, restart_ckpt, definition), boot=boot)
+        n_vms, opts = _slurm_opts(app, definition, batch_opts, user_data, images, mounts, restart_ckpt,
+                                  host_script=alloc_script, boot=boot)
         argv = app.ctx.backend().interactive_allocation(n_vms, definition, opts, batch_opts)
         os.execvp(argv[0], argv)
     # held: the cluster ends with this process, however it ends (exit, SIGHUP, SIGTERM, SIGKILL)
-    backend, jobid, name = _submit_local(app, definition, batch_opts, user_data, restart_ckpt=restart_ckpt, boot=boot, hold=True)
+    backend, jobid, name = _submit_local(app, definition, batch_opts, user_data, images, mounts, restart_ckpt=restart_ckpt,
+                                         boot=boot, hold=True)
     end = None
     try:
         app.info(f"cluster {jobid} starting")
         backend.wait_ready(jobid, _progress(app, jobid), warn=app.warn)
         env = dict(app.env.environ, PCOCC_JOB_ID=str(jobid), PCOCC_JOB_NAME=name, PCOCC_ALLOCATION="1")
-        argv = [script] if script else [env.get("SHELL") or "/bin/sh"]
-        if not script:
+        argv = argv or [env.get("SHELL") or "/bin/sh"]
+        if not alloc_script:
             app.info(f"cluster {jobid} ready: a shell in its allocation; exit it to end the cluster")
         code = subprocess.call(argv, env=env)
         from pcocc.history import script_end
 
-        state_, reason, _ = script_end(code, "allocation's script" if script else "allocation's shell")
+        state_, reason, _ = script_end(code, "allocation's script" if alloc_script else "allocation's shell")
         end = {"end_state": state_, "exit_code": code, "reason": reason}
     except PcoccError as exc:  # e.g. a VM failed to start: the history says so, not "cancelled"
         end = {"end_state": "FAILED", "reason": exc.message}
@@ -257,23 +336,25 @@ def alloc(app, restart_ckpt, boot, user_data, alloc_script, args):
 @click.command(cls=params.PassthroughCommand, context_settings=_PASSTHROUGH, help="Submit a virtual cluster as a batch job and print its job id.\n" + _ALLOC_HELP.format(cmd="sbatch"))
 @common_options
 @click.option("-b", "--batch-script", type=params.Path(exists=True, dir_okay=False), help="Run this script in vm0 once the cluster runs; the cluster ends with it.")
-@click.option("-E", "--host-script", type=params.Path(exists=True, dir_okay=False), help="Run this script on the first host once the cluster runs (SLURM); the cluster ends with it.")
+@click.option("-E", "--host-script", type=params.Path(exists=True, dir_okay=False),
+              help="Run this script on the first host once the cluster runs (SLURM); the cluster ends with it, "
+                   "or, with -b, with the -b script (as in the original pcocc), which stops it (SIGTERM) if it still runs.")
 @click.option("--wait", is_flag=True, help="Return only when every VM runs (the job id is printed first).")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[BATCH_OPTIONS]... DEFINITION")
 @pass_app
-def batch(app, restart_ckpt, boot, user_data, batch_script, host_script, wait, args):
+def batch(app, restart_ckpt, boot, user_data, images, mounts, batch_script, host_script, wait, args):
     batch_opts, definition = _split(args)
     script = os.path.abspath(batch_script) if batch_script else None
     if app.config.batch.type == "slurm":
-        n_vms, opts = _slurm_opts(app, definition, batch_opts, user_data, script=script,
-                                  host_script=os.path.abspath(host_script) if host_script else None,
-                                  restart_dir=_slurm_restart(app, restart_ckpt, definition), boot=boot)
+        n_vms, opts = _slurm_opts(app, definition, batch_opts, user_data, images, mounts, restart_ckpt, script=script,
+                                  host_script=script_command(host_script, "-E/--host-script") if host_script else None, boot=boot)
         backend = app.ctx.backend()
         jobid = backend.submit_batch(n_vms, definition, opts, batch_opts)
     else:
         if host_script:
             raise UsageError("-E/--host-script needs the SLURM backend (on one host, use 'pcocc alloc -E')")
-        backend, jobid, _ = _submit_local(app, definition, batch_opts, user_data, script=script, restart_ckpt=restart_ckpt, boot=boot)
+        backend, jobid, _ = _submit_local(app, definition, batch_opts, user_data, images, mounts, script=script,
+                                          restart_ckpt=restart_ckpt, boot=boot)
     try:
         app.out(str(jobid))
         app.env.stdout.flush()

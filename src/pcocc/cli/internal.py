@@ -131,10 +131,13 @@ def pkeyd(app, once):
 @click.option("--interactive", is_flag=True)
 @click.option("--restart-ckpt", help="Restore the VMs from this checkpoint directory.")
 @click.option("--boot", is_flag=True, help="Boot the VMs even when their template has a snapshot.")
+@click.option("--overrides", help="The cluster's --image and --mount, as JSON (pcocc.templates.apply_overrides).")
 @pass_app
-def launcher(app, definition, name, user_data, batch_script, host_script, interactive, restart_ckpt, boot):
+def launcher(app, definition, name, user_data, batch_script, host_script, interactive, restart_ckpt, boot, overrides):
     """The body of a SLURM job running a virtual cluster."""
+    import json
+
     from pcocc.lifecycle.launcher import run_launcher
 
     sys.exit(run_launcher(app.ctx, definition, name, user_data, batch_script, host_script, interactive, info_out=app.info,
-                          restart_dir=restart_ckpt, boot=boot))
+                          restart_dir=restart_ckpt, boot=boot, overrides=json.loads(overrides) if overrides else None))

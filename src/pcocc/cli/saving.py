@@ -39,13 +39,14 @@ def save(app, jobid, jobname, dest, full, safe, drive, as_json, vm):
     """
     if drive is not None:
         return _save_drive(app, jobid, jobname, drive, dest, full, safe, as_json, vm)
+    targets = Targets(app, jobid, jobname, vm)
+    check_saveable(targets.info)
     if dest is not None:  # checked here first, for a plain answer (the VM's side checks again)
         from pcocc.images.repo import ImageExists
 
         repo, image_name = app.ctx.images().target(dest)
         if repo.revisions(image_name):
             raise ImageExists(f"image '{repo.name}:{image_name}' already exists", "Delete it first, or choose another name.")
-    targets = Targets(app, jobid, jobname, vm)
     if len(targets.ranks) != 1:
         raise click.BadParameter("save one VM at a time", param_hint="'VM'")
     name = targets.vms[targets.ranks[0]]["name"]
@@ -59,6 +60,17 @@ def save(app, jobid, jobname, dest, full, safe, drive, as_json, vm):
     app.info(f"{name}: disk saved as {res['uri']} ({_size(res['layer_bytes'])} written in {res['seconds']:.1f} s"
              f"{', standalone' if res['full'] else ', on ' + res['base']})")
     app.out(res["uri"])
+
+
+def check_saveable(info):
+    """PcoccError unless the disks of the cluster recorded as info may be saved: a cluster
+    started with alloc/batch --image may not (the original pcocc's rule: its VMs' disks are
+    not revisions of their templates' images)."""
+    images = (info.get("overrides") or {}).get("images")
+    if images:
+        what = ", ".join(f"{t}={i}" for t, i in sorted(images.items()))
+        raise PcoccError(f"cluster {info.get('jobid')} was started with --image ({what}): its disks cannot be saved",
+                         "Checkpoint it with 'pcocc ckpt', or start it without --image from a template of that image.")
 
 
 def _call_vm(app, targets, name, interrupted, op, **args):
@@ -127,7 +139,8 @@ def ckpt(app, jobid, jobname, force, as_json, directory):
         checkpoint.check_replaceable(directory)  # -F replaces a checkpoint, nothing else
     targets = Targets(app, jobid, jobname, "all")
     started = time.monotonic()
-    manifest = take_checkpoint(app, targets, directory, force)
+    overrides = targets.info.get("overrides")  # a restart keeps the images the cluster ran on
+    manifest = take_checkpoint(app, targets, directory, force, {"overrides": overrides} if overrides else None)
     with contextlib.suppress(NotFoundError):  # it ends by itself once its VMs stopped
         app.ctx.backend().cancel(targets.jobid)
     total = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))

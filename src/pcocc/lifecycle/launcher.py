@@ -17,6 +17,7 @@ by the job's epilog on each node (the SPANK plugin's `setup delete`).
 import contextlib
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -41,7 +42,15 @@ KILL_GRACE = 30
 
 
 def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_script=None, interactive=False, info_out=print,
-                 restart_dir=None, boot=False):
+                 restart_dir=None, boot=False, overrides=None):
+    """Run a virtual cluster in this SLURM allocation; its exit status (the shell's or script's).
+
+    host_script: a command line (alloc -E, batch -E), split as a shell does;
+    overrides: the cluster's --image/--mount ({"images", "mounts"},
+    pcocc.templates.apply_overrides); a restart takes its checkpoint's instead.
+    """
+    from pcocc.templates import apply_overrides, snapshot_exclusions
+
     env = ctx.env.environ
     jobid = int(env["SLURM_JOB_ID"])
     backend = SlurmBackend(ctx)
@@ -54,13 +63,18 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
 
         try:
             manifest = checkpoint.load(restart_dir)
+            overrides = manifest.get("overrides") or None  # a restart keeps the checkpoint's images
+            resolved = apply_overrides(resolved, overrides)
             checkpoint.check_restart(manifest, restart_dir, vms, resolved)
         except PcoccError as exc:
             info_out(f"pcocc: error: {exc.message}")
             return 1
         opts["restart"] = {"dir": restart_dir, "manifest": manifest}
-    elif not boot and not user_data:
-        opts["instant"] = _instant(ctx, resolved, info_out)
+    else:
+        resolved = apply_overrides(resolved, overrides)
+        if not boot and not user_data:
+            opts["instant"] = _instant(ctx, resolved, info_out, snapshot_exclusions(resolved, overrides))
+    opts["overrides"] = overrides
     prefix = state.cluster_prefix(ctx.env.user, jobid)
     pcocc_bin = os.path.join(os.path.dirname(sys.executable), "pcocc")
     srun = None
@@ -98,18 +112,10 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
         if failed:
             info_out(f"cluster {jobid} goes on with {len(vms) - len(failed)} of its {len(vms)} VMs")
         ctx.store.update(prefix + "info", lambda i: {**i, "state": "running", "started": time.time()})
-        status = 0
-        if host_script or interactive:
-            child_env = dict(env, PCOCC_JOB_ID=str(jobid), PCOCC_JOB_NAME=name, PCOCC_ALLOCATION="1")
-            argv = [host_script] if host_script else [env.get("SHELL") or "/bin/sh"]
-            ended["script"] = "host script" if host_script else "allocation's shell"
-            status = subprocess.call(argv, env=child_env)
-        elif batch_script:
-            ended["script"] = "batch script"
-            status, out, err = backend.run_script_in_vm(jobid, batch_script)
-            sys.stdout.buffer.write(out)
-            sys.stderr.buffer.write(err)
-            sys.stdout.flush()
+        child_env = dict(env, PCOCC_JOB_ID=str(jobid), PCOCC_JOB_NAME=name, PCOCC_ALLOCATION="1")
+        if batch_script or host_script or interactive:
+            ended["script"] = "batch script" if batch_script else "host script" if host_script else "allocation's shell"
+            status = run_user_part(backend, jobid, child_env, batch_script, host_script)
         else:
             status = srun.wait()
         ended["status"] = status
@@ -124,6 +130,62 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
             stop_vms(srun)
         _record_end(ctx, jobid, stopping, ended, to_output=bool(batch_script))
         ctx.store.delete_prefix(prefix)
+
+
+def run_user_part(backend, jobid, env, batch_script=None, host_script=None, out=None, err=None):
+    """Run what a cluster ends with; its exit status.
+
+    batch_script: a script run in vm0 (batch -b), its output written to out and err
+    (default: this process's stdout and stderr); host_script: a command line run here
+    (alloc -E, batch -E; split as a shell does, as the original pcocc does); neither:
+    the user's shell ($SHELL, else /bin/sh). With both, both run at once and the
+    cluster ends with the batch script, as in the original pcocc: the host command,
+    if it still runs then, is stopped (SIGTERM, then SIGKILL after HOST_SCRIPT_GRACE s).
+    """
+    out = out or sys.stdout.buffer
+    err = err or sys.stderr.buffer
+    if not batch_script:
+        argv = shlex.split(host_script) if host_script else [env.get("SHELL") or "/bin/sh"]
+        return _call(argv, env)
+    host = _popen(shlex.split(host_script), env) if host_script else None
+    try:
+        status, stdout, stderr = backend.run_script_in_vm(jobid, batch_script)
+        out.write(stdout)
+        err.write(stderr)
+        out.flush()
+        return status
+    finally:
+        if host is not None:
+            _stop_host_command(host)
+
+
+HOST_SCRIPT_GRACE = 10  # seconds a host command has to end after SIGTERM, once the batch script ended
+
+
+def _call(argv, env):
+    """subprocess.call, a command that cannot start being a PcoccError (127 or 126 by a shell's rule)."""
+    proc = _popen(argv, env)
+    return proc.wait()
+
+
+def _popen(argv, env):
+    try:
+        return subprocess.Popen(argv, env=env)
+    except OSError as exc:
+        raise PcoccError(f"cannot run {argv[0]}: {exc.strerror}") from None
+
+
+def _stop_host_command(proc):
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        proc.wait(HOST_SCRIPT_GRACE)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
 
 
 def _record_end(ctx, jobid, signals, ended, to_output=False):
@@ -204,15 +266,18 @@ def stop_vms(srun, grace=STOP_GRACE, kill_grace=KILL_GRACE):
 
 
 
-def _instant(ctx, resolved, info_out):
-    """{template: restore entry} of the templates whose snapshot can start their VMs (each VM checks its slice)."""
+def _instant(ctx, resolved, info_out, excluded=None):
+    """{template: restore entry} of the templates whose snapshot can start their VMs (each VM checks its slice);
+    excluded: {template: why its snapshot is not used} (pcocc.templates.snapshot_exclusions)."""
     from pcocc.lifecycle import instant
 
     out = {}
     images = ctx.images()
     for name, res in sorted(resolved.items()):
         entry, stale = instant.lookup(images, ctx.env, ctx.config, name, res, None, None)
-        if entry:
+        if (entry or stale) and name in (excluded or {}):
+            info_out(f"template {name}: its snapshot is not used: {excluded[name]}")
+        elif entry:
             out[name] = entry
         elif stale:
             info_out(f"template {name}: its snapshot cannot be used ({stale}): its VMs boot")
