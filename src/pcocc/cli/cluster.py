@@ -307,11 +307,17 @@ def alloc(app, restart_ckpt, boot, user_data, images, mounts, alloc_script, args
     try:
         app.info(f"cluster {jobid} starting")
         backend.wait_ready(jobid, _progress(app, jobid), warn=app.warn)
-        env = dict(app.env.environ, PCOCC_JOB_ID=str(jobid), PCOCC_JOB_NAME=name, PCOCC_ALLOCATION="1")
-        argv = argv or [env.get("SHELL") or "/bin/sh"]
-        if not alloc_script:
+        from pcocc.lifecycle import allocshell
+
+        env = dict(app.env.environ, **allocshell.cluster_environ(app.env, jobid, name, *backend.job(jobid)))
+        rcfile = None
+        if not argv:
+            argv, env, rcfile = allocshell.shell_command(app.env, jobid, env)
             app.info(f"cluster {jobid} ready: a shell in its allocation; exit it to end the cluster")
-        code = subprocess.call(argv, env=env)
+        try:
+            code = subprocess.call(argv, env=env)
+        finally:
+            allocshell.remove_rcfile(rcfile)
         from pcocc.history import script_end
 
         state_, reason, _ = script_end(code, "allocation's script" if alloc_script else "allocation's shell")

@@ -112,10 +112,12 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
         if failed:
             info_out(f"cluster {jobid} goes on with {len(vms) - len(failed)} of its {len(vms)} VMs")
         ctx.store.update(prefix + "info", lambda i: {**i, "state": "running", "started": time.time()})
-        child_env = dict(env, PCOCC_JOB_ID=str(jobid), PCOCC_JOB_NAME=name, PCOCC_ALLOCATION="1")
         if batch_script or host_script or interactive:
+            from pcocc.lifecycle.allocshell import cluster_environ
+
+            child_env = dict(env, **cluster_environ(ctx.env, jobid, name, *backend.job(jobid)))
             ended["script"] = "batch script" if batch_script else "host script" if host_script else "allocation's shell"
-            status = run_user_part(backend, jobid, child_env, batch_script, host_script)
+            status = run_user_part(backend, jobid, child_env, batch_script, host_script, pcocc_env=ctx.env)
         else:
             status = srun.wait()
         ended["status"] = status
@@ -132,21 +134,30 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
         ctx.store.delete_prefix(prefix)
 
 
-def run_user_part(backend, jobid, env, batch_script=None, host_script=None, out=None, err=None):
+def run_user_part(backend, jobid, env, batch_script=None, host_script=None, out=None, err=None, pcocc_env=None):
     """Run what a cluster ends with; its exit status.
 
     batch_script: a script run in vm0 (batch -b), its output written to out and err
     (default: this process's stdout and stderr); host_script: a command line run here
     (alloc -E, batch -E; split as a shell does, as the original pcocc does); neither:
-    the user's shell ($SHELL, else /bin/sh). With both, both run at once and the
-    cluster ends with the batch script, as in the original pcocc: the host command,
-    if it still runs then, is stopped (SIGTERM, then SIGKILL after HOST_SCRIPT_GRACE s).
+    the user's shell ($SHELL, else /bin/sh), its prompt showing the cluster
+    (pcocc.lifecycle.allocshell; pcocc_env: pcocc's Environment, for its private files).
+    With both, both run at once and the cluster ends with the batch script, as in the
+    original pcocc: the host command, if it still runs then, is stopped (SIGTERM, then
+    SIGKILL after HOST_SCRIPT_GRACE s). env: the environment of the command or shell.
     """
     out = out or sys.stdout.buffer
     err = err or sys.stderr.buffer
     if not batch_script:
-        argv = shlex.split(host_script) if host_script else [env.get("SHELL") or "/bin/sh"]
-        return _call(argv, env)
+        if host_script:
+            return _call(shlex.split(host_script), env)
+        from pcocc.lifecycle.allocshell import remove_rcfile, shell_command
+
+        argv, shell_env, rcfile = shell_command(pcocc_env, jobid, env)
+        try:
+            return _call(argv, shell_env)
+        finally:
+            remove_rcfile(rcfile)
     host = _popen(shlex.split(host_script), env) if host_script else None
     try:
         status, stdout, stderr = backend.run_script_in_vm(jobid, batch_script)
