@@ -42,6 +42,7 @@ COMMANDS = {
     "image": ("image", "image", "Manage VM images and repositories"),
     "config": ("config", "config", "Validate and show the configuration"),
     "help": ("helptopics", "help_", "Show a help topic"),
+    "completion": ("completion", "command", "Print the shell completion script (bash, zsh)"),
     "internal": ("internal", "internal", "Commands run by pcocc itself"),
 }
 HIDDEN = {"internal"}
@@ -142,6 +143,10 @@ def run(argv=None, env=None):
     """Run pcocc and return its exit status (used by main and by the tests)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     env = env or Environment()
+    if "_PCOCC_COMPLETE" in env.environ:  # the shell asks for candidates (cli/completion.py): nothing else runs
+        from pcocc.cli.completion import complete
+
+        return complete(program, env)
     debug = _debug_requested(argv)
     app = App(env, debug=debug)
     if any("\x00" in a for a in argv):  # execve cannot pass one; only a caller of run() can
