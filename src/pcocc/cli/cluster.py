@@ -15,7 +15,8 @@ from pcocc.errors import ConfigError, NotFoundError, PcoccError, UsageError
 
 _COMMON = [
     click.option("-r", "--restart-ckpt", metavar="DIR", type=params.Path(file_okay=False),
-                 help="Restart the cluster checkpointed in DIR by 'pcocc ckpt' (same DEFINITION and resources)."),
+                 help="Restart the cluster checkpointed in DIR by 'pcocc ckpt'; DEFINITION, and the cores and memory per VM, "
+                      "are the checkpoint's unless given."),
     click.option("--boot", is_flag=True, help="Boot every VM, even those whose template has a snapshot ('pcocc template snapshot')."),
     click.option("--user-data", type=params.Path(exists=True, dir_okay=False),
                  help="cloud-init user-data file for every VM (overrides the templates'): text, MIME multipart or gzip, at most 1 MiB."),
@@ -29,7 +30,8 @@ _COMMON = [
 ]
 _PASSTHROUGH = {"ignore_unknown_options": True}
 _ALLOC_HELP = """
-    DEFINITION is TEMPLATE[:COUNT][,TEMPLATE[:COUNT]...], e.g. tiny:3. Other
+    DEFINITION is TEMPLATE[:COUNT][,TEMPLATE[:COUNT]...], e.g. tiny:3 (with -r
+    DIR it may be left out: the checkpoint's, as are its cores and memory). Other
     options go to the batch system: with SLURM, to {cmd} unchanged (e.g. -p
     PARTITION, -t TIME, -c CPUS, --mem-per-cpu MB, -J NAME); on one host
     (type: local), -c/--cpus-per-vm, -m/--mem-per-core (MiB) and -J/--job-name.
@@ -135,10 +137,71 @@ def difflib_close(word, choices):
     return close[0] if close else None
 
 
-def _split(args):
+def _split(app, args, restart_ckpt=None):
+    """(batch options, DEFINITION) of alloc/batch's arguments.
+
+    With -r DIR, DEFINITION may be left out, and so may the cores and memory per VM:
+    they are the checkpoint's (its manifest), added to the batch options when none
+    of them is given (restart_options). The last argument is then the DEFINITION
+    only when it is one (its templates exist); else it is a batch option's value.
+    """
+    if restart_ckpt:
+        from pcocc.lifecycle import checkpoint
+
+        manifest = checkpoint.load(os.path.abspath(restart_ckpt))
+        definition = None
+        if args and not args[-1].startswith("-") and _is_definition(app, args[-1]):
+            args, definition = args[:-1], args[-1]
+        return restart_options(list(args), manifest, app.config.batch.type == "slurm"), definition or manifest["definition"]
     if not args:
         raise UsageError("missing the cluster DEFINITION (e.g. tiny:3)")
     return list(args[:-1]), args[-1]
+
+
+def _is_definition(app, text):
+    from pcocc.cluster import parse_definition
+
+    try:
+        parse_definition(text, app.config.templates)
+        return True
+    except PcoccError:
+        return False
+
+
+_CPU_OPTIONS = {"slurm": ("-c", "--cpus-per-task"), "local": ("-c", "--cpus-per-vm")}
+_MEM_OPTIONS = {"slurm": ("--mem", "--mem-per-cpu", "--mem-per-gpu"), "local": ("-m", "--mem-per-core")}
+
+
+def restart_options(batch_opts, manifest, slurm):
+    """batch_opts plus the checkpointed cluster's cores and memory per VM, each unless given:
+    SLURM: -c VCPUS and --mem-per-cpu=MiB (sbatch(1), salloc(1)); one host: -c VCPUS and
+    -m MiB per core. Only when every VM of the checkpoint had the same (else the restart
+    check names what to give)."""
+    sizes = {(vm.get("vcpus"), vm.get("memory_mb")) for vm in manifest.get("vms") or []}
+    if len(sizes) != 1:
+        return batch_opts
+    ((vcpus, memory_mb),) = sizes
+    if not isinstance(vcpus, int) or not isinstance(memory_mb, int) or vcpus < 1:
+        return batch_opts
+    kind = "slurm" if slurm else "local"
+    out = list(batch_opts)
+    if not _given(batch_opts, _CPU_OPTIONS[kind]):
+        out += ["-c", str(vcpus)]
+    if not _given(batch_opts, _MEM_OPTIONS[kind]):
+        per_core = -(-memory_mb // vcpus)
+        out += [f"--mem-per-cpu={per_core}"] if slurm else ["-m", str(per_core)]
+    return out
+
+
+def _given(args, names):
+    """Whether one of the options names (short -x or long --xx) is among args, in any spelling."""
+    for a in args:
+        if a == "--":
+            break
+        for n in names:
+            if a == n or (n.startswith("--") and a.startswith(n + "=")) or (len(n) == 2 and a.startswith(n) and not a.startswith("--")):
+                return True
+    return False
 
 
 def _prepare(app, definition, user_data, images, mounts, restart_ckpt, cpus=None, memory_mb=None):
@@ -289,10 +352,10 @@ def _progress(app, jobid):
 @click.option("-E", "--alloc-script", metavar="COMMAND",
               help="Run this command line on the host instead of a shell (split as a shell does: -E 'mpirun ./a.out', "
                    "or a script's path); the cluster ends with it.")
-@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[BATCH_OPTIONS]... DEFINITION")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[BATCH_OPTIONS]... [DEFINITION]")
 @pass_app
 def alloc(app, restart_ckpt, boot, user_data, images, mounts, alloc_script, args):
-    batch_opts, definition = _split(args)
+    batch_opts, definition = _split(app, args, restart_ckpt)
     # checked before anything starts, not once the cluster runs
     argv = command_line(alloc_script, "-E/--alloc-script") if alloc_script is not None else None
     if app.config.batch.type == "slurm":
@@ -346,10 +409,10 @@ def alloc(app, restart_ckpt, boot, user_data, images, mounts, alloc_script, args
               help="Run this script on the first host once the cluster runs (SLURM); the cluster ends with it, "
                    "or, with -b, with the -b script (as in the original pcocc), which stops it (SIGTERM) if it still runs.")
 @click.option("--wait", is_flag=True, help="Return only when every VM runs (the job id is printed first).")
-@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[BATCH_OPTIONS]... DEFINITION")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[BATCH_OPTIONS]... [DEFINITION]")
 @pass_app
 def batch(app, restart_ckpt, boot, user_data, images, mounts, batch_script, host_script, wait, args):
-    batch_opts, definition = _split(args)
+    batch_opts, definition = _split(app, args, restart_ckpt)
     script = os.path.abspath(batch_script) if batch_script else None
     if app.config.batch.type == "slurm":
         n_vms, opts = _slurm_opts(app, definition, batch_opts, user_data, images, mounts, restart_ckpt, script=script,

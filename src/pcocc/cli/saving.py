@@ -124,8 +124,9 @@ def ckpt(app, jobid, jobname, force, as_json, directory):
     persistent drives and its memory into DIR; the cluster stops once the
     checkpoint is complete and on disk (if anything fails before, or this
     command is interrupted, the cluster goes on as before and DIR is not
-    written). -F replaces DIR only if it holds a pcocc checkpoint. Restart it with 'pcocc alloc|batch -r DIR DEFINITION', with the
-    same definition and resources. VMs with 9p mount points or passthrough
+    written). -F replaces DIR only if it holds a pcocc checkpoint. Restart it with 'pcocc batch -r DIR' or
+    'pcocc alloc -r DIR': the definition, cores and memory per VM are the
+    checkpoint's unless given. VMs with 9p mount points or passthrough
     devices (InfiniBand, PCI) cannot be checkpointed.
 
     DIR must be reachable from every node the cluster runs on.
@@ -147,7 +148,23 @@ def ckpt(app, jobid, jobname, force, as_json, directory):
     if as_json:
         return dump_json(app, {**manifest, "directory": directory, "seconds": round(time.monotonic() - started, 3), "bytes": total})
     app.info(f"cluster {targets.jobid} checkpointed to {directory} ({total / 2**20:.1f} MiB, {time.monotonic() - started:.1f} s) and stopped")
-    app.info(f"restart it with: pcocc alloc|batch -r {directory} {manifest['definition']}")
+    for line in restart_hint(directory, manifest):
+        app.info(line)
+
+
+def restart_hint(directory, manifest):
+    """The lines that tell how to restart a checkpoint: commands that work when pasted (the
+    definition, cores and memory come from the checkpoint: pcocc.cli.cluster.restart_options)."""
+    import shlex
+
+    sizes = sorted({(vm.get("vcpus"), vm.get("memory_mb")) for vm in manifest.get("vms") or []}, key=str)
+    what = f"definition {manifest['definition']}"
+    if len(sizes) == 1:
+        vcpus, memory_mb = sizes[0]
+        what += f", {vcpus} core(s) and {memory_mb} MiB per VM"
+    quoted = shlex.quote(directory)
+    return [f"restart it with: pcocc batch -r {quoted}", f"  or, with a shell in its allocation: pcocc alloc -r {quoted}",
+            f"  (its {what} come from the checkpoint; batch options such as a partition are given again as usual)"]
 
 
 def take_checkpoint(app, targets, directory, force, extra=None):
