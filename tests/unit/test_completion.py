@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,12 @@ class Site:
 @pytest.fixture
 def site(cli, tmp_path):
     return Site(cli, tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def unhurried(cli):
+    """No lookup is cut short by a loaded machine: the bound is tested on a store that never answers."""
+    cli.environ["PCOCC_COMPLETE_SECONDS"] = "600"
 
 
 def test_commands_and_subcommands(site):
@@ -170,13 +177,12 @@ def test_a_broken_templates_file_or_store_completes_nothing_silently(site, cli, 
     cli.write("etc/batch.yaml", "type: slurm\nsettings:\n  etcd-servers: [127.0.0.1]\n  etcd-client-port: 1\n  etcd-auth-type: none\n")
     assert site.ask("cancel", "") == []
     # an etcd that accepts and never answers: the lookup is given up after its bound
-    monkeypatch.setattr(completion, "LOOKUP_SECONDS", 0.5)
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
         hung.listen(8)
         cli.write("etc/batch.yaml", "type: slurm\nsettings:\n  etcd-servers: [127.0.0.1]\n"
                   f"  etcd-client-port: {hung.getsockname()[1]}\n  etcd-auth-type: none\n")
-        assert site.ask("console", "") == []
+        assert site.ask("console", "", PCOCC_COMPLETE_SECONDS="0.5") == []  # whatever the machine's speed
     # an invalid batch.yaml: no config at all
     cli.write("etc/batch.yaml", "type: nosuch\n")
     assert site.ask("cancel", "") == [] and site.ask("batch", "") == []
@@ -209,13 +215,30 @@ def test_completion_command_prints_the_scripts_click_s_way_too(cli):
     assert r.status == 2 and "fish" in r.stderr
 
 
-def test_the_bash_script_sources_registers_and_completes(cli, tmp_path):
-    """What scripts/setup installs: sourced by bash, `complete -p pcocc` shows it, and its
+def _setup_completion_lines():
+    """scripts/setup's lines that install the completion scripts."""
+    lines = (Path(__file__).resolve().parents[2] / "scripts" / "setup").read_text().splitlines()
+    return [line for line in lines if "share/bash-completion" in line or "share/zsh" in line or "pcocc completion" in line
+            if not line.startswith("#")]
+
+
+def test_the_bash_script_the_setup_installs_sources_registers_and_completes(cli, tmp_path):
+    """scripts/setup's completion lines, run in a directory whose .venv/bin/pcocc is this pcocc;
+    the bash script they install, sourced by bash: `complete -p pcocc` shows it, and its
     function, called as bash calls it, fills COMPREPLY through the installed pcocc."""
-    script = tmp_path / "pcocc.bash"
-    script.write_text(cli("completion", "bash").stdout)
     bin_dir = os.path.dirname(sys.executable)
     assert os.access(os.path.join(bin_dir, "pcocc"), os.X_OK)
+    top = tmp_path / "top"
+    (top / ".venv" / "bin").mkdir(parents=True)
+    os.symlink(os.path.join(bin_dir, "pcocc"), top / ".venv" / "bin" / "pcocc")
+    lines = _setup_completion_lines()
+    assert len(lines) == 3, lines
+    r = subprocess.run(["bash", "-c", "set -euo pipefail\n" + "\n".join(lines)], cwd=top, env=cli.environ,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    script = top / ".venv" / "share" / "bash-completion" / "completions" / "pcocc"
+    assert script.read_text() == cli("completion", "bash").stdout
+    assert (top / ".venv" / "share" / "zsh" / "site-functions" / "_pcocc").read_text().startswith("#compdef pcocc\n")
     cli.write("user/templates.yaml", TEMPLATES)
     env = {**cli.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}
     # COMP_WORDS as bash splits them (at ':' too), COMP_LINE and COMP_POINT: what bash gives the function

@@ -18,7 +18,8 @@ commands on the typed path, completers chosen by the parameters' names, options 
 
 Completion never fails loudly: a broken templates.yaml, an unreachable store or any error
 completes nothing, logs and warnings are silenced, and every lookup of the configuration or
-the store is bounded in time (LOOKUP_SECONDS: a hung etcd completes nothing).
+the store is bounded in time (LOOKUP_SECONDS for them all, or $PCOCC_COMPLETE_SECONDS: a hung
+etcd completes nothing).
 
 `pcocc completion bash|zsh` prints the script (scripts/setup installs both into .venv/share);
 `_PCOCC_COMPLETE=bash_source pcocc` prints the same, as click documents. The bash script sends
@@ -34,6 +35,7 @@ import logging
 import os
 import re
 import threading
+import time
 import warnings
 
 import click
@@ -41,7 +43,7 @@ from click.shell_completion import BashComplete, CompletionItem, ZshComplete, sp
 
 COMPLETE_VAR = "_PCOCC_COMPLETE"
 PROG = "pcocc"
-LOOKUP_SECONDS = 3.0  # at most this long for the config and store behind one completion
+LOOKUP_SECONDS = 3.0  # at most this long for all the config and store lookups of one completion
 _DEFAULT_BREAKS = "\"'><=;|&(:"  # bash's default COMP_WORDBREAKS
 
 # ssh(1)/scp(1) options that take a value: the word after one is not a destination
@@ -53,8 +55,16 @@ _SLURM_FLAGS = set("HhIkOQsvVW")
 
 # -- the data behind the candidates: config, templates, clusters, read once per completion
 
-def _bounded(fn, default):
-    """fn() in a daemon thread, at most LOOKUP_SECONDS; default when it fails or takes longer."""
+def _seconds(env):
+    """LOOKUP_SECONDS, or $PCOCC_COMPLETE_SECONDS (a slow store's site, the tests)."""
+    try:
+        return max(0.0, float(env.environ.get("PCOCC_COMPLETE_SECONDS") or LOOKUP_SECONDS))
+    except ValueError:
+        return LOOKUP_SECONDS
+
+
+def _bounded(fn, default, seconds):
+    """fn() in a daemon thread, at most that long; default when it fails or takes longer."""
     box = []
 
     def target():
@@ -63,21 +73,25 @@ def _bounded(fn, default):
 
     t = threading.Thread(target=target, daemon=True, name="pcocc-completion")
     t.start()
-    t.join(LOOKUP_SECONDS)
+    t.join(max(0.0, seconds))
     return box[0] if box else default
 
 
 class Lookups:
     """What completion reads about the user's world, each thing once and bounded in time.
-    It is the root context's obj while completing: the attached completers find it there."""
+    It is the root context's obj while completing: the attached completers find it there. All
+    its lookups together end within LOOKUP_SECONDS of the first (a hung store completes nothing)."""
 
     def __init__(self, env):
         self.env = env
         self._cache = {}
+        self._deadline = None
 
     def _once(self, key, fn, default):
         if key not in self._cache:
-            self._cache[key] = _bounded(fn, default)
+            if self._deadline is None:
+                self._deadline = time.monotonic() + _seconds(self.env)
+            self._cache[key] = _bounded(fn, default, self._deadline - time.monotonic())
         return self._cache[key]
 
     def config(self):
