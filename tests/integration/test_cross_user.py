@@ -52,6 +52,7 @@ class User:
     def remove(self):
         for job in self.ps():
             self.pcocc("cancel", "-j", job["jobid"])
+        shutil.rmtree(f"/tmp/pcocc-{self.uid}", ignore_errors=True)  # its default private dir (the KVM probe's cache)
         subprocess.run(["userdel", self.name], capture_output=True)
 
 

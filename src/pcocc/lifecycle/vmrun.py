@@ -44,9 +44,7 @@ def run_vm(ctx, jobid, rank):
     info = next(iter(info.values()))
     key = state.vm_key(user, jobid, rank)
     spec = info["vms"][rank]
-    jobdir = info.get("rundir") or os.path.join(ctx.env.run_dir, f"job_{jobid}")  # SLURM: this node's
-    rundir = os.path.join(jobdir, f"vm{rank}")
-    os.makedirs(rundir, mode=0o700, exist_ok=True)  # under the run dir, private (env.run_dir checks it)
+    jobdir = rundir = None
     vm = server = agent = None
     locked = []
     stop = threading.Event()
@@ -70,6 +68,13 @@ def run_vm(ctx, jobid, rank):
     signal.signal(signal.SIGINT, on_signal)
     try:
         publish("starting")
+        # in the try: a run dir pcocc refuses (another user's /tmp/pcocc-<uid>, a link) fails
+        # this VM with its reason, which ps and batch --wait show
+        jobdir = info.get("rundir") or os.path.join(ctx.env.run_dir, f"job_{jobid}")  # SLURM: this node's
+        rundir = os.path.join(jobdir, f"vm{rank}")
+        for d in (jobdir, rundir):  # each private (makedirs would give the job's dir the umask's mode)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(d, 0o700)
         cfg, rev = _vm_config(ctx, info, spec, rank, rundir, jobdir)
         vm = vmlib.VM(cfg)
         if stop.is_set():
@@ -133,8 +138,9 @@ def run_vm(ctx, jobid, rank):
             _quietly(agent.close)
         if locked:  # once qemu is gone: the drives are closed
             _quietly(drives.release, store, user, jobid, rank, locked)
-        shutil.rmtree(rundir, ignore_errors=True)
-        if not info.get("rundir"):  # SLURM: the last VM of the job on this node removes the job's dir
+        if rundir:
+            shutil.rmtree(rundir, ignore_errors=True)
+        if jobdir and not info.get("rundir"):  # SLURM: the last VM of the job on this node removes the job's dir
             with contextlib.suppress(OSError):
                 os.rmdir(jobdir)
         _quietly(publish_end, outcome["state"], **({"error": outcome["error"]} if "error" in outcome else {}))
