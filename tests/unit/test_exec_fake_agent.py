@@ -20,7 +20,7 @@ import os
 import subprocess
 import threading
 
-from pcocc.agent.qga import AgentCommandError
+from pcocc.agent.qga import AgentCommandError, AgentError
 
 _MODES = {"r": os.O_RDONLY, "rb": os.O_RDONLY, "r+": os.O_RDWR, "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
           "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND}
@@ -54,11 +54,14 @@ class LocalAgent:
         self.buffers = {}  # handle -> bytes written and not yet flushed
         self.next_handle = 1000
         self.log = []  # (command, arguments) of every call
+        self.closed = False
         self.lock = threading.Lock()
 
     def execute(self, command, arguments=None, timeout=None, reply=True):
         args = arguments or {}
         with self.lock:
+            if self.closed:  # as a real agent whose VM is gone (the handler's background work may still call)
+                raise AgentError(f"guest agent: connection lost during {command}")
             self.log.append((command, args))
             return getattr(self, "_" + command.replace("-", "_"))(**{k.replace("-", "_"): v for k, v in args.items()})
 
@@ -136,6 +139,8 @@ class LocalAgent:
         return {}
 
     def close(self):
+        with self.lock:
+            self.closed = True
         for fd in self.files.values():
             os.close(fd)
         self.files.clear()

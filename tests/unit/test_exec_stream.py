@@ -277,15 +277,139 @@ def test_script_runs_with_its_own_interpreter(one, tmp_path):
     assert (status, out) == (0, b"[a b]\n")
 
 
-def test_nothing_is_left_in_the_exec_directory(one):
+def runners(agent):
+    """[(base, exec id, waits for its command)] of the exec runners an agent started, in order."""
+    found = []
+    for c, a in agent.log:
+        argv = [a.get("path"), *a.get("arg", [])] if c == "guest-exec" else []
+        if qga._EXEC_RUNNER in argv:
+            i = argv.index(qga._EXEC_RUNNER)
+            found.append((argv[i + 2], argv[i + 3], argv[i + 5] == "1"))
+    return found
+
+
+def wait_for(predicate, what, limit=30):
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_only_the_next_execs_runner_is_left_in_the_exec_directory(one):
     assert one.run("echo x") == (0, b"x\n", b"")
-    handler_agent = one.agents[0]
-    base = [a["arg"][4] for c, a in handler_agent.log if c == "guest-exec" and a.get("path") == "setsid"][0]
-    deadline = time.monotonic() + 10
-    while os.listdir(base) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert os.listdir(base) == []
+    (base, first, waits), *_ = runners(one.agents[0])
+    assert not waits  # the VM's first exec starts its own runner (the fake agent has no "ready")
+    wait_for(lambda: any(w for _, _, w in runners(one.agents[0])), "a runner started ahead")
+    spare = [i for _, i, w in runners(one.agents[0]) if w][0]
+    wait_for(lambda: {f.split(".")[0] for f in os.listdir(base)} == {spare}, f"only {spare}'s files in {os.listdir(base)}")
     assert oct(os.stat(base).st_mode & 0o777) == "0o700"
+
+
+def test_the_next_exec_takes_the_runner_started_ahead_with_no_exec_in_the_guest(one):
+    """docs/exec.md, Latency: the runner of the next exec (setsid, sh, its relays) is started
+    while this one runs; the next command only names itself in its FIFO."""
+    assert one.run("echo first") == (0, b"first\n", b"")
+    agent = one.agents[0]
+    wait_for(lambda: len(runners(agent)) == 2, "a runner started ahead")
+    before = len(agent.log)
+    line = "printf '%s|' \"it's\" \"$0\" \"$#\"; echo; set | grep -c pcocc; exit 5"
+    assert one.run(line) == (5, b"it's|sh|0|\n0\n", b"")
+    # the command went to the waiting runner: the only runner started since is the next one
+    assert [w for _, _, w in runners(agent)] == [False, True, True]
+    started = [a for c, a in agent.log[before:] if c == "guest-exec" and qga._EXEC_RUNNER in a.get("arg", [])]
+    assert len(started) == 1
+    # a long or multi-line command goes through a file; the shell's messages read as sh -c's
+    wait_for(lambda: len(runners(agent)) == 3, "a runner started ahead")
+    status, out, err = one.run("echo " + "x" * 5000 + "\nnosuchcommand-pcocc")
+    assert (status, out, err) == (127, b"x" * 5000 + b"\n", b"sh: 2: nosuchcommand-pcocc: not found\n")
+    status, out, err = one.run("echo (")
+    assert (status, out) == (2, b"")
+    assert err.decode().startswith("sh: 1: Syntax error") and "eval" not in err.decode(), err
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_commands_start_with_the_default_sigint_and_sigquit(one, ahead):
+    """Review: commands started as background jobs of the runner's shell had SIGINT and SIGQUIT
+    ignored. A qemu-ga started with SIGQUIT ignored (the tiny image's init) is played here by
+    this process ignoring both: env --default-signal gives them back to every command."""
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGQUIT)}
+    try:
+        if ahead:
+            assert one.run("true")[0] == 0
+            wait_for(lambda: len(runners(one.agents[0])) == 2, "a runner started ahead")
+        status, out, _ = one.run("sed -n 's/^SigIgn:\t//p' /proc/self/status; sh -c 'kill -INT $$; echo survived'")
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert int(out.split()[0], 16) & 0b110 == 0  # bits of SIGINT (2) and SIGQUIT (3)
+    assert (status, out.splitlines()[1:]) == (130, [])
+    assert [w for _, _, w in runners(one.agents[0])][1 if ahead else 0] == ahead  # the runner it ran in
+
+
+def test_ctrl_c_kills_through_the_runner_with_no_exec_in_the_guest(one):
+    assert one.run("true")[0] == 0
+    wait_for(lambda: len(runners(one.agents[0])) == 2, "a runner started ahead")
+    marker = f"{6000 + os.getpid() % 1000}.6"
+
+    def on_out(line):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    status, out, err = one.run(f"sleep {marker} & echo started; wait", on_out=on_out)
+    assert (status, out) == (130, b"started\n")
+    assert b"confirm" not in err, err
+    assert not [a for c, a in one.agents[0].log if c == "guest-exec" and a["arg"][1:2] and a["arg"][1].startswith("kill -KILL -")]
+    wait_for(lambda: processes_with(f"sleep\0{marker}") == [], "the command killed")
+
+
+def test_a_slow_kill_is_waited_for_and_told_only_when_it_was_not_confirmed(one, monkeypatch):
+    """Review: after Ctrl-C under load exec said "no confirmation that the command was killed"
+    when the confirmation came a little after 2 s. It now waits (saying so after
+    EXEC_KILL_NOTICE) and tells a failure only past EXEC_KILL_LIMIT."""
+    from pcocc.cli import access
+
+    real_kill = qga.StreamingExec.kill
+    delay = {"s": 0.6}
+
+    def slow_kill(self):
+        time.sleep(delay["s"])  # a loaded guest
+        real_kill(self)
+
+    monkeypatch.setattr(qga.StreamingExec, "kill", slow_kill)
+    monkeypatch.setattr(access, "EXEC_KILL_NOTICE", 0.2)
+    on_out = lambda line: os.kill(os.getpid(), signal.SIGINT)  # noqa: E731
+    status, out, err = one.run("sleep 1000 & echo started; wait", on_out=on_out)
+    assert (status, out) == (130, b"started\n")
+    assert err == b"pcocc: waiting for vm0 to confirm the kill (Ctrl-C again to leave now)\n"
+    delay["s"] = 3
+    monkeypatch.setattr(access, "EXEC_KILL_LIMIT", 0.5)
+    status, out, err = one.run("sleep 1000 & echo started; wait", on_out=on_out)
+    assert (status, out) == (130, b"started\n")
+    assert err.decode().splitlines()[-1] == ("pcocc: error: vm0: the kill of the command was not confirmed "
+                                             "(no answer in 0.5 s); the VM kills it as its client left")
+
+
+def test_a_runner_failure_is_one_line_with_no_shell_internals(one, tmp_path):
+    """Review: the runner's own text and paths leaked into exec's errors."""
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    handler = one.servers[0].handler
+    handler._exec_dir = str(tmp_path / "link")
+    os.symlink(other, handler._exec_dir)
+    status, out, err = one.run("echo x")
+    assert (status, out) == (255, b"")
+    assert err == f"pcocc: error: vm0: cannot run the command in the guest: {tmp_path} holds a directory of another user in its place\n".encode()
+
+
+@pytest.mark.parametrize("stderr, status, said", [
+    ("sh: 3: cannot create /tmp/pcocc-exec.abc/0123.o.0: Read-only\npcocc-exec: error: cannot create files in /tmp (full or read-only?)", 124,
+     "cannot run the command in the guest: cannot create files in /tmp (full or read-only?)"),
+    ("sh: 12: Syntax error: word unexpected\n  relay() {", 124,
+     "cannot run the command in the guest: its exec runner could not start (is /tmp writable, mkfifo installed?)"),
+    ("sh: 1: cannot open /tmp/pcocc-exec.abc/0123.st: No such file", 125,
+     "the command's exit status was lost in the guest (its runner was killed, or /tmp is full)"),
+])
+def test_runner_errors_are_one_line_for_a_person(stderr, status, said):
+    assert qga.runner_error(stderr, status) == said
 
 
 def test_an_unknown_option_before_the_command_is_a_usage_error_with_a_suggestion(cli):

@@ -153,6 +153,11 @@ class GuestAgent:
         with self._lock:
             self._drop()
 
+    @property
+    def ready(self):
+        """True once connected and synchronised with the guest's agent (read without waiting)."""
+        return self._synced
+
     def _open(self, timeout):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(min(timeout, 5.0))
@@ -395,13 +400,20 @@ EXEC_READ = 1024 * 1024  # bytes asked by one guest-file-read of output (qemu-ga
 STDIN_SEGMENT = 1024 * 1024  # bytes of stdin per segment file; two segments at most in the guest
 PROBE_INTERVAL = 0.5  # seconds between two looks for the next segment of a stream with nothing new
 EXEC_TMP = "/tmp"  # where each VM's private exec directory is made (mode 0700, a random name)
+SPARE_LINE = 3000  # bytes at most of a command passed in a spare runner's go line (else through a file)
 
-_EXEC_RUNNER = r'''B=$1 P=$1/$2 N=$3 IN=$4 SH=$5; shift 5
+_EXEC_RUNNER = r'''B=$1 P=$1/$2 N=$3 W=$4 IN=$5 SH=$6; shift 6
 umask 077
 mkdir -m 700 -- "$B" 2>/dev/null  # made first, then checked: a directory planted meanwhile is not ours
-if [ -L "$B" ] || ! [ -d "$B" ] || ! [ -O "$B" ]; then echo "pcocc-exec: $B is not this user's" >&2; exit 124; fi
-: > "$P.o.0" && : > "$P.e.0" && : > "$P.st" || exit 124
+if [ -L "$B" ] || ! [ -d "$B" ] || ! [ -O "$B" ]; then echo "pcocc-exec: error: ${B%/*} holds a directory of another user in its place" >&2; exit 124; fi
+{ : > "$P.o.0" && : > "$P.e.0" && : > "$P.st"; } 2>/dev/null || { echo "pcocc-exec: error: cannot create files in ${B%/*} (full or read-only?)" >&2; exit 124; }
 fifo() { [ -p "$1" ] || mkfifo "$1" 2>/dev/null || [ -p "$1" ]; }
+if [ "$W" = 1 ]; then  # started ahead: the host names the command in $P.a, then says go in $P.c
+  mkfifo "$P.k" "$P.c" 2>/dev/null || { echo "pcocc-exec: error: mkfifo failed in ${B%/*}" >&2; exit 124; }
+fi
+# a line in $P.k kills the whole process group (the session setsid made): no exec() in the kill path
+( exec </dev/null >/dev/null 2>&1; fifo "$P.k" && read -r _ < "$P.k" && kill -KILL 0 ) &
+w=$!
 relay() {
   i=0
   while :; do
@@ -424,21 +436,35 @@ feed() {
     k=$((k + 1))
   done
 }
-run() {
-  umask 022  # the runner's files are private (077); the command's get the usual default
+cmd() {
   if [ "$SH" = 1 ]; then
-    (exec 2>&3 3>&- 4>&-; pcocc_cmd=$1; unset -f fifo relay feed run; unset B P N IN SH; set --; eval "unset pcocc_cmd; $pcocc_cmd")
+    # a function made of the line, run in a subshell: what sh says about the command reads as
+    # sh -c's (eval would name itself); a line that does not parse so goes to sh -c itself
+    (exec 2>&3 3>&- 4>&-; pcocc_cmd=$1; unset -f fifo relay feed cmd run; unset B P N W IN SH A w go words; set --
+     if command eval "pcocc_cmd() { unset -f pcocc_cmd; $pcocc_cmd
+}" 2>/dev/null; then unset pcocc_cmd; pcocc_cmd; else exec sh -c "$pcocc_cmd" sh; fi)
   else
     "$@" 2>&3 3>&- 4>&-
   fi
+}
+run() {
+  if [ "$W" = 1 ]; then
+    # "go IN SH" then the command's words, quoted for sh, on one line, or "go IN SH file": in $P.a
+    { read -r go IN SH A && read -r words; } < "$P.c" && [ "$go" = go ] || { echo "pcocc-exec: error: no command came" >&2; return 1; }
+    if [ "$A" = file ]; then . "$P.a"; else eval "set -- $words"; fi
+  fi
+  umask 022  # the runner's files are private (077); the command's get the usual default
+  # the command runs in the foreground of its shells, never as an asynchronous list, which would
+  # start it with SIGINT and SIGQUIT ignored (POSIX sh, "Signals"); only the feeder is one
+  if [ "$IN" = 1 ]; then
+    { (exec 2>/dev/null 3>&- 4>&- && feed) & } | cmd "$@"
+  else
+    cmd "$@"
+  fi
   echo $? >&4
 }
-if [ "$IN" = 1 ]; then
-  { (exec 2>/dev/null 3>&- 4>&- && feed) & } | { { run "$@" | relay o 3>&- 4>&-; } 3>&1 | relay e 4>&-; } 4>"$P.st" &
-else
-  { { run "$@" | relay o 3>&- 4>&-; } 3>&1 | relay e 4>&-; } 4>"$P.st" < /dev/null &
-fi
-wait "$!"
+{ { run "$@" | relay o 3>&- 4>&-; } 3>&1 | relay e 4>&-; } 4>"$P.st" < /dev/null
+kill "$w" 2>/dev/null
 read -r st < "$P.st" && [ -n "$st" ] && exit "$st"
 exit 125
 '''
@@ -487,7 +513,7 @@ class StreamingExec:
     """
 
     def __init__(self, agent, argv, base, *, stdin=False, segment=EXEC_SEGMENT,
-                 read_size=EXEC_READ, stdin_segment=STDIN_SEGMENT):
+                 read_size=EXEC_READ, stdin_segment=STDIN_SEGMENT, spare=None, reset_signals=False):
         self.agent = agent
         self.argv = [str(a) for a in argv]
         if not self.argv:
@@ -495,8 +521,9 @@ class StreamingExec:
         # sh -c LINE runs in a subshell of the runner itself (eval): one exec less before the
         # first line, and the same shell (the guest's sh, with no pcocc variable or function left)
         self.shell = len(self.argv) == 3 and self.argv[0] in ("sh", "/bin/sh") and self.argv[1] == "-c"
+        self.spare = spare if spare is not None and spare.base == base and spare.ctl is not None else None
         self.base = base
-        self.id = secrets.token_hex(8)
+        self.id = self.spare.id if self.spare else secrets.token_hex(8)
         self.prefix = f"{base}/{self.id}"
         self.stdin = stdin
         self.segment = int(segment)
@@ -512,14 +539,33 @@ class StreamingExec:
         self._in_eof = False  # close_stdin called
         self._in_eof_sent = False
         self._in_handle = None  # the .in FIFO, opened read-write
+        self._kill_handle = None  # the .k FIFO, opened read-write
+        self.reset_signals = reset_signals  # the guest's env has --default-signal (see _runner_args)
 
     # ---- life ---------------------------------------------------------------------------
 
     def start(self):
-        """Starts the command in the guest (one guest-exec); returns self."""
-        args = ["sh", "-c", _EXEC_RUNNER, "pcocc-exec", self.base, self.id, str(max(1, self.segment // 8192)),
-                "1" if self.stdin else "0", "1" if self.shell else "0", *(self.argv[2:] if self.shell else self.argv)]
-        self.pid = self.agent.execute("guest-exec", {"path": "setsid", "arg": args, "capture-output": True})["pid"]
+        """Starts the command in the guest; returns self.
+
+        With a claimed SpareRunner (see SpareRunner.claim): its command goes to a file and a
+        line in its control FIFO (five agent round trips, no exec() in the guest).  Else one
+        guest-exec starts a new runner with the command.
+        """
+        words = self.argv[2:] if self.shell else self.argv
+        flags = ["1" if self.stdin else "0", "1" if self.shell else "0"]
+        if self.spare is not None:
+            self.pid = self.spare.pid
+            quoted = shlex.join(words)
+            if "\n" in quoted or len(quoted) > SPARE_LINE:  # a FIFO write is atomic up to PIPE_BUF (4 KiB)
+                self._write_file(f"{self.prefix}.a", f"set -- {quoted}\n".encode())
+                line = f"go {' '.join(flags)} file\n\n"
+            else:
+                line = f"go {' '.join(flags)} -\n{quoted}\n"
+            self._write_to(self.spare.ctl, line.encode())
+            return self
+        args = _runner_args(self.base, self.id, self.segment, wait=False, reset_signals=self.reset_signals)
+        args["arg"] += flags + words
+        self.pid = self.agent.execute("guest-exec", args)["pid"]
         return self
 
     def poll(self):
@@ -548,14 +594,31 @@ class StreamingExec:
 
     def kill(self):
         """SIGKILL to the command's process group (the runner's session: every process it
-        started that did not leave it); the next polls see the end."""
+        started that did not leave it); the next polls see the end.
+
+        The runner's watcher does it on a line in its .k FIFO (two agent round trips, no
+        exec() in the guest); `kill -KILL -PID` through guest-exec when that FIFO is not
+        there yet (a runner just started)."""
         self.killed = True
-        if self.pid is not None and self.result is None:
-            self.agent.execute("guest-exec", {"path": "sh", "arg": ["-c", f"kill -KILL -{int(self.pid)} 2>/dev/null"]})
+        if self.pid is None or self.result is not None:
+            return
+        try:
+            if self._kill_handle is None:
+                self._kill_handle = self._open(f"{self.prefix}.k", "r+")
+            if self._kill_handle is not None:
+                self._write_to(self._kill_handle, b"kill\n")
+                return
+        except AgentError:
+            pass  # the runner is gone or stuck: the agent kills the group itself
+        self.agent.execute("guest-exec", {"path": "sh", "arg": ["-c", f"kill -KILL -{int(self.pid)} 2>/dev/null"]})
 
     def cleanup(self):
         """Closes the host's handles and removes the command's files in the guest (does not wait)."""
-        handles = [h for seg in self._streams.values() for h in (seg.handle, seg.ack_handle)] + [self._in_handle]
+        if self.pid is None and self.spare is not None:
+            self.spare.discard()  # never started: the spare still waits
+            return
+        handles = [h for seg in self._streams.values() for h in (seg.handle, seg.ack_handle)]
+        handles += [self._in_handle, self._kill_handle, self.spare.ctl if self.spare else None]
         for h in handles:
             if h is not None:
                 try:
@@ -564,6 +627,9 @@ class StreamingExec:
                     pass
         for seg in self._streams.values():
             seg.handle = seg.ack_handle = None
+        self._kill_handle = None
+        if self.spare is not None:
+            self.spare.ctl = None
         if self.stdin and self._in_handle is None and not self.killed and self._fifo():
             self._close(self._in_handle)  # a feeder waiting for a writer gets one, then the end
         self._in_handle = None
@@ -638,10 +704,14 @@ class StreamingExec:
         return True
 
     def _fifo_write(self, data):
-        done = self.agent.execute("guest-file-write", {"handle": self._in_handle, "buf-b64": base64.b64encode(data).decode()})
+        self._write_to(self._in_handle, data)
+
+    def _write_to(self, handle, data):
+        """A line to a FIFO of the runner, opened read-write (so never blocking)."""
+        done = self.agent.execute("guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(data).decode()})
         if done.get("count") != len(data):
-            raise AgentError("guest agent: the command's stdin feeder stopped reading")
-        self.agent.execute("guest-file-flush", {"handle": self._in_handle})  # qemu-ga writes through stdio
+            raise AgentError("guest agent: the command's runner stopped reading its FIFO")
+        self.agent.execute("guest-file-flush", {"handle": handle})  # qemu-ga writes through stdio
 
     def _write_file(self, path, data):
         handle = self.agent.execute("guest-file-open", {"path": path, "mode": "w"})
@@ -727,9 +797,110 @@ class StreamingExec:
             raise AgentError(f"guest agent: a malformed guest-exec-status reply: {exc}") from None
         if self.killed:
             return ExecResult(code, killed=True, diagnostic=err)
-        if code in (124, 125) and err:
-            raise AgentError(f"guest agent: the exec runner failed in the guest ({code}): {err.splitlines()[-1][:300]}")
+        if code in (124, 125) and err:  # the runner's own failure (the command's stderr goes to the relays)
+            raise AgentError(runner_error(err, code))
         return ExecResult(code, diagnostic=err)
+
+
+def runner_error(stderr, status):
+    """One line for a person, from what a failed exec runner said on stderr (status 124: it
+    could not set up, 125: the command's status was lost).  The runner's own reasons are its
+    lines "pcocc-exec: error: REASON"; anything else (a shell's message naming the runner's
+    internals) is not shown: the line says what failed and where to look."""
+    reasons = [line.split("pcocc-exec: error:", 1)[1].strip() for line in stderr.splitlines() if "pcocc-exec: error:" in line]
+    if reasons:
+        return f"cannot run the command in the guest: {reasons[-1][:200]}"
+    if status == 124:
+        return "cannot run the command in the guest: its exec runner could not start (is /tmp writable, mkfifo installed?)"
+    return "the command's exit status was lost in the guest (its runner was killed, or /tmp is full)"
+
+
+def _runner_args(base, exec_id, segment, wait, reset_signals=False):
+    """guest-exec's arguments that start the exec runner (then come, without wait, the flags
+    and the command).  $0 is "sh": what the guest's shell says about the command reads as sh -c's.
+
+    reset_signals: start it through `env --default-signal=INT,QUIT` (GNU coreutils 8.31 or
+    later; see has_default_signal): a signal ignored when a shell starts stays ignored in all
+    it runs (POSIX), and qemu-ga may have been started with SIGQUIT ignored (seen: the tiny
+    image's init starts it as a background job), which would pass to every command.
+    """
+    head = ["setsid", "sh", "-c", _EXEC_RUNNER, "sh", base, exec_id, str(max(1, int(segment) // 8192))]
+    head += ["1", "0", "0"] if wait else ["0"]  # a spare's flags come with its go line
+    if reset_signals:
+        head = ["env", "--default-signal=INT,QUIT"] + head
+    return {"path": head[0], "arg": head[1:], "capture-output": True}
+
+
+def has_default_signal(agent):
+    """True when the guest's env(1) has --default-signal (GNU coreutils 8.31 or later; busybox's
+    has not): one guest-exec, a fraction of a second under emulation.  Raises AgentError."""
+    try:
+        pid = agent.execute("guest-exec", {"path": "env", "arg": ["--default-signal=INT,QUIT", "true"], "capture-output": True})["pid"]
+    except AgentCommandError:
+        return False  # no env at all
+    deadline, delay = time.monotonic() + 30, 0.01
+    while time.monotonic() < deadline:
+        status = agent.execute("guest-exec-status", {"pid": pid})
+        if status.get("exited"):
+            return status.get("exitcode") == 0
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+    raise AgentTimeout("guest agent: env --default-signal did not end within 30 s")
+
+
+class SpareRunner:
+    """An exec runner started ahead in the guest, waiting for its command (docs/exec.md, Latency).
+
+    Its setsid, sh, FIFOs, watcher and both relays (dd) are already running when an exec
+    comes, so that a command starts with no exec() in the guest before it: the costliest part
+    of the first line under emulation (0.4-0.7 s of the 0.7 s measured cold on an idle host,
+    more under load).  start() runs one guest-exec (raises AgentError); claim() waits until
+    it listens; discard() kills an unused one.  One StreamingExec takes it (spare=...).
+    """
+
+    def __init__(self, agent, base, segment=EXEC_SEGMENT, reset_signals=False):
+        self.agent = agent
+        self.base = base
+        self.reset_signals = reset_signals
+        self.id = secrets.token_hex(8)
+        self.prefix = f"{base}/{self.id}"
+        self.segment = segment
+        self.pid = None
+        self.ctl = None  # the handle of its .c FIFO, read-write, once claimed
+
+    def start(self):
+        self.pid = self.agent.execute("guest-exec", _runner_args(self.base, self.id, self.segment, wait=True,
+                                                                 reset_signals=self.reset_signals))["pid"]
+        return self
+
+    def claim(self, timeout):
+        """True once the runner waits for its command (its .c FIFO opened by the host); False
+        when it ended (a guest rebooted, a qemu-ga restarted) or did not get there in timeout
+        seconds (a guest without mkfifo). Never raises: a spare that fails is a cold start."""
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            try:
+                status = self.agent.execute("guest-exec-status", {"pid": self.pid})
+                if status.get("exited"):
+                    return False
+                self.ctl = self.agent.execute("guest-file-open", {"path": f"{self.prefix}.c", "mode": "r+"})
+                return True
+            except AgentCommandError:
+                pass  # not made yet; or a pid the agent no longer knows, seen by the next status
+            except AgentError:
+                return False
+            if time.monotonic() + delay > deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def discard(self):
+        """Kills an unused runner's group and removes its files (does not wait); never raises."""
+        try:
+            self.agent.execute("guest-exec", {"path": "sh", "arg": ["-c", f'kill -KILL -{int(self.pid)} 2>/dev/null; rm -f -- "$0".*', self.prefix]})
+        except (AgentError, TypeError):
+            pass
 
 
 def new_exec_base():

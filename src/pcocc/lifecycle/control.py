@@ -11,9 +11,15 @@ from pcocc.errors import PcoccError
 
 log = logging.getLogger("pcocc.run")
 
-EXEC_POLL_MAX = 0.1  # seconds between two looks at an idle command's output (the latency of a line after a silence)
+# Seconds between two looks at a command's output after a silence: the wait doubles from
+# EXEC_POLL_MIN after each quiet round, up to EXEC_POLL_FAST in the first second of silence
+# (a command's first line comes then: a round costs the guest about 10 ms of emulated CPU,
+# measured, bench/exec.py), EXEC_POLL_MAX until 5 s, EXEC_POLL_IDLE after.
+EXEC_POLL_MIN = 0.005
+EXEC_POLL_FAST = 0.02
+EXEC_POLL_MAX = 0.1
+EXEC_POLL_IDLE = 0.3
 _EXEC_BASE_LOCK = threading.Lock()
-EXEC_POLL_IDLE = 0.3  # the same after five seconds of silence
 STDIN_CREDIT = 64 * 1024  # stdin bytes passed on to the guest before the client is told it may send more
 
 
@@ -28,6 +34,11 @@ class ControlHandler:
         self.drives = list(drives)  # the persistent drives [(path, cache, format)]
         self._disk_lock = threading.Lock()  # one save or checkpoint at a time
         self.checkpointed = False
+        self._spare = None  # an exec runner started ahead in the guest (agent.qga.SpareRunner)
+        self._spare_mutex = threading.Lock()
+        self._reset_signals = None  # the guest's env has --default-signal (None: not asked yet)
+        if hasattr(agent, "ready"):  # a real agent: the first spare once the guest's agent answers
+            threading.Thread(target=self._first_spare, daemon=True, name=f"exec-spare-{vm.config.name}").start()
 
     def op_ping(self):
         self.agent.ping()
@@ -63,12 +74,16 @@ class ControlHandler:
 
         argv = self._as_user(argv, user)
         feed = bool(stdin) or input_b64 is not None
-        ex = qga.StreamingExec(self.agent, argv, self._exec_base(), stdin=feed, segment=qga.EXEC_SEGMENT,
-                               stdin_segment=qga.STDIN_SEGMENT)
-        ex.start()
+        base = self._exec_base()
+        spare = self._take_spare(base)
+        ex = qga.StreamingExec(self.agent, argv, base, stdin=feed, segment=qga.EXEC_SEGMENT, stdin_segment=qga.STDIN_SEGMENT,
+                               spare=spare, reset_signals=spare is None and self._signals_reset())
+        failed = False
         try:
+            ex.start()
             return self._stream_exec(stream, ex, input_b64, timeout)
         except qga.AgentError:
+            failed = True
             self._exec_dir = None  # e.g. the directory was taken in the guest: the next exec makes another
             raise
         except ClientGone:
@@ -77,11 +92,72 @@ class ControlHandler:
             raise
         finally:
             try:
-                if ex.result is None and not ex.killed:
+                if ex.result is None and not ex.killed and ex.pid is not None:
                     ex.kill()
-                ex.cleanup()
             except PcoccError as exc:
-                log.warning("%s: cleaning up after an exec: %s", self.vm.config.name, exc.message)
+                log.warning("%s: killing an exec's command: %s", self.vm.config.name, exc.message)
+            # the answer goes to the client now: the cleanup and the next spare runner follow in
+            # the background (their guest-exec calls cost 10-100 ms under emulation)
+            threading.Thread(target=self._after_exec, args=(ex, not failed), daemon=True,
+                             name=f"exec-cleanup-{self.vm.config.name}").start()
+
+    def _after_exec(self, ex, spare):
+        if spare:  # first: the next exec waits for it rather than start its own runner
+            self._make_spare()
+        try:
+            ex.cleanup()
+        except PcoccError as exc:
+            log.warning("%s: cleaning up after an exec: %s", self.vm.config.name, exc.message)
+
+    def _first_spare(self):
+        """Starts the VM's first spare runner once its agent answers (given up after 15 min:
+        an image without agent); so that even the first exec after a start finds one."""
+        import time
+
+        end = time.monotonic() + 900
+        while not self.agent.ready and time.monotonic() < end:
+            time.sleep(0.5)
+        if self.agent.ready:
+            self._make_spare()
+
+    def _signals_reset(self):
+        """Whether runners start through env --default-signal (asked once per VM process)."""
+        from pcocc.agent.qga import AgentError, has_default_signal
+
+        if self._reset_signals is None:
+            try:
+                self._reset_signals = has_default_signal(self.agent)
+            except AgentError as exc:
+                log.info("%s: env --default-signal: %s", self.vm.config.name, exc.message)
+                return False
+            if not self._reset_signals:
+                log.info("%s: the guest's env has no --default-signal: commands keep the signals "
+                         "qemu-ga ignores", self.vm.config.name)
+        return self._reset_signals
+
+    def _take_spare(self, base):
+        """The spare runner of this VM, claimed (see agent.qga.SpareRunner), or None (then the
+        exec starts its own runner, and the next spare is made after it)."""
+        with self._spare_mutex:  # held while a spare is being started: the exec waits for it
+            spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        if spare.base == base and spare.claim(getattr(self.agent, "timeout", None) or 30.0):
+            return spare
+        spare.discard()
+        return None
+
+    def _make_spare(self):
+        """Starts a runner ahead for the next exec, unless one waits already; never raises."""
+        from pcocc.agent.qga import AgentError, SpareRunner
+
+        with self._spare_mutex:
+            if self._spare is not None:
+                return
+            try:
+                self._spare = SpareRunner(self.agent, self._exec_base(), reset_signals=self._signals_reset()).start()
+            except AgentError as exc:
+                log.info("%s: no spare exec runner: %s", self.vm.config.name, exc.message)
 
     def _stream_exec(self, stream, ex, input_b64, timeout):
         import time
@@ -95,9 +171,15 @@ class ControlHandler:
         received = credited = 0  # stdin bytes from the client, and given back as credit
         timed_out = False
         wait = 0.0
-        quiet_since = time.monotonic()
+        quiet_since = started = time.monotonic()
+        spare_asked = False
         while ex.result is None:
             chunks = ex.poll()
+            if not spare_asked and (chunks or time.monotonic() - started > 1):
+                # the next exec's runner starts now, once this command is under way (before its
+                # first line it would compete for the guest's CPU), so that it is ready sooner
+                spare_asked = True
+                threading.Thread(target=self._make_spare, daemon=True, name=f"exec-spare-{self.vm.config.name}").start()
             for name, data in chunks:
                 stream.send({f"{name}_b64": encode_bytes(data)})
             passed = received - ex.stdin_queued - credited if window else 0
@@ -107,11 +189,13 @@ class ControlHandler:
             if deadline is not None and not ex.killed and time.monotonic() >= deadline:
                 timed_out = True
                 ex.kill()
+                wait, quiet_since = 0.0, time.monotonic()  # its end comes soon: look often
             if chunks:
                 wait, quiet_since = 0.0, time.monotonic()
             else:  # a long silence is polled less often: each look costs the guest some CPU
                 quiet = time.monotonic() - quiet_since
-                wait = min(max(wait * 2, 0.005), EXEC_POLL_MAX if quiet < 5 else EXEC_POLL_IDLE)
+                limit = EXEC_POLL_FAST if quiet < 1 else EXEC_POLL_MAX if quiet < 5 else EXEC_POLL_IDLE
+                wait = min(max(wait * 2, EXEC_POLL_MIN), limit)
             msg = stream.receive(wait)
             while msg is not None:
                 if "stdin_b64" in msg and window and not ex.stdin_closed:
@@ -122,6 +206,7 @@ class ControlHandler:
                     ex.close_stdin()
                 elif msg.get("signal") and not ex.killed:
                     ex.kill()
+                    wait, quiet_since = 0.0, time.monotonic()
                 msg = stream.receive(0)
         res = ex.result
         return {"status": res.status, "killed": res.killed and not timed_out, "timed_out": timed_out}
