@@ -99,3 +99,25 @@ def test_a_guest_shell_on_a_terminal(cluster, term):
     text = term.wait_for(lambda t: "status=5" in lines(t), "the guest shell's status")
     order = lines(text)
     assert order.index("42") < order.index("still-2") < order.index("status=5")
+
+
+def test_the_original_s_shell_command_is_a_login_shell_on_a_terminal(cluster, term):
+    """pcocc shell [-s SHELL] [LOGIN@]vmN (the original's pcocc-shell(1)): exec --pty with a login shell."""
+    term.wait_for(lambda t: "host$" in t, "the local prompt")
+    # nobody's login shell is nologin: -s names one
+    term.keys(f"cd {shlex.quote(str(cluster.root))} && {PCOCC} shell -j {cluster.jobid} -s sh nobody@vm0", "Enter")
+    term.wait_for(lambda t: lines(t)[-1:] in (["#"], ["$"]) or lines(t)[-1].endswith(("$", "#")), "the guest's prompt")
+    term.keys("echo user=$(id -un)", "Enter")
+    term.wait_for(lambda t: "user=nobody" in lines(t), "the login's name")
+    term.keys("exit 3", "Enter")
+    term.wait_for(lambda t: lines(t)[-1] == "host$", "the local prompt again")
+    term.keys(f"{PCOCC} shell -j {cluster.jobid}", "Enter")  # vm0, as root, root's login shell
+    term.wait_for(lambda t: lines(t)[-1].endswith("#"), "root's prompt")
+    term.keys("echo uid=$(id -u)", "Enter")
+    term.wait_for(lambda t: "uid=0" in lines(t), "root's uid")
+    term.keys("exit", "Enter")
+    term.wait_for(lambda t: lines(t)[-1] == "host$", "the local prompt once more")
+    term.keys("echo status=$?", "Enter")
+    text = term.wait_for(lambda t: "status=0" in lines(t), "the status of the second shell")
+    order = lines(text)
+    assert order.index("user=nobody") < order.index("uid=0") < order.index("status=0")

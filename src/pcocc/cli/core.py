@@ -31,6 +31,7 @@ COMMANDS = {
     "ssh-config": ("remote", "ssh_config", "Print the ssh configuration naming the VMs (for ssh, rsync, ansible)"),
     "exec": ("access", "exec_", "Run a command in VMs through their agent"),
     "cp": ("copy", "cp", "Copy files and directories to and from VMs through their agent"),
+    "shell": ("shell", "shell", "Open a shell in a VM through its agent (exec --pty)"),
     "console": ("access", "console", "Connect to the serial console of a VM"),
     "display": ("access", "display", "Show the remote display of a VM"),
     "reset": ("access", "reset", "Reset VMs"),
