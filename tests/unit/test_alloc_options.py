@@ -347,3 +347,20 @@ def test_a_host_command_alone_gives_its_status(tmp_path):
     from pcocc.lifecycle.launcher import run_user_part
 
     assert run_user_part(None, 1, dict(os.environ), host_script="sh -c 'exit 4'") == 4
+
+
+def test_the_local_supervisor_reaps_only_its_vm_processes():
+    """A batch -E host command is the supervisor's child too: its status is its runner's, not the VM reaper's."""
+    import subprocess
+
+    from pcocc.batch.local import _reap
+
+    other = subprocess.Popen(["sh", "-c", "exit 3"])  # the older child: a waitpid(-1) takes it first
+    vm = subprocess.Popen(["true"])
+    for p in (vm, other):  # both ended (not reaped): a reaper of any child would take both
+        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
+    children = {vm.pid: 0}
+    while children:
+        ended = _reap(children)
+    assert [pid for pid, _ in ended] == [vm.pid]
+    assert other.wait() == 3  # still ours to wait for, with its own status

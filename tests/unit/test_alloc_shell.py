@@ -38,6 +38,7 @@ def test_the_environment_names_the_cluster_its_vms_and_its_ssh_config(tmp_path):
 def test_no_ssh_config_without_a_reverse_nat(tmp_path):
     out = allocshell.cluster_environ(_env(tmp_path), 9, "job", {"jobid": 9, "nodes": {}}, VMS)
     assert "PCOCC_SSH_CONFIG" not in out and out["PCOCC_VM_COUNT"] == "2"
+    assert not os.path.exists(tmp_path / "run" / "ssh") or os.listdir(tmp_path / "run" / "ssh") == []  # no file left
     assert allocshell.cluster_environ(_env(tmp_path), 9, "job") == {"PCOCC_JOB_ID": "9", "PCOCC_JOB_NAME": "job", "PCOCC_ALLOCATION": "1"}
 
 

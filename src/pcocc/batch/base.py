@@ -79,6 +79,7 @@ class Backend:
             "definition": opts["definition"],
             "created": time.time(), "state": "submitted", "user_data": opts.get("user_data"),
             "script": opts.get("script"), "cwd": opts.get("cwd"),
+            "host_script": opts.get("host_script"),  # batch -E's command line (local backend; SLURM's launcher runs it)
             "restart": opts.get("restart"),  # {dir, manifest} of a checkpoint to restart from, read by every VM
             "instant": opts.get("instant"),  # {template: {dir, vm}}: VMs restored from their template's snapshot
             # {"images": {template: image}, "mounts": {tag: mount}} of alloc/batch --image/--mount, or None:

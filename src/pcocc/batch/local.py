@@ -254,6 +254,7 @@ class LocalBackend(Backend):
         whether its end goes to the history (not for a submission that failed: its caller says why)."""
         prefix = state.cluster_prefix(self.user, jobid)
         _kill_vm_processes(self.ctx.store, prefix)
+        _kill_host_command(info)
         self._cleanup(jobid, info.get("rundir"), reason="its supervisor (or the process submitting it) ended without cleaning up",
                       record=record)
 
@@ -288,7 +289,7 @@ class LocalBackend(Backend):
             with contextlib.suppress(Exception):
                 done = history.get(self.ctx.store, self.user, jobid)
                 record = not (isinstance(done, dict) and done.get("uuid") == info["uuid"])
-        if record and info.get("script") and info.get("cwd"):
+        if record and (info.get("script") or info.get("host_script")) and info.get("cwd"):
             _append_end(os.path.join(info["cwd"], f"pcocc_{jobid}.out"), jobid, end_state, reason)
         try:  # first: a second cleanup (a reclaim racing this one) sees it and records nothing
             if record:
@@ -404,7 +405,7 @@ def run_root(env):
 
 def _supervise(ctx, jobid):
     """The supervisor process of a local cluster (runs detached; exits when the cluster ends)."""
-    status, children, prefix, script = 1, {}, state.cluster_prefix(ctx.env.user, jobid), None
+    status, children, prefix, script, host = 1, {}, state.cluster_prefix(ctx.env.user, jobid), None, None
     end_state, reason, exit_code = history.FAILED, "its supervisor failed", None
     info_key = prefix + "info"
     me = _me()
@@ -428,13 +429,17 @@ def _supervise(ctx, jobid):
         started = time.time()
         store.update(info_key, lambda i: i and {**i, "state": "running", "started": started})
         script = _ScriptRunner(backend, jobid, info) if info.get("script") else None
+        host = _HostRunner(backend, jobid, info) if info.get("host_script") else None
         checked = 0.0
         end_state, reason = None, None
-        while children and not stopping and not (script and script.done):
+        # the cluster ends with its batch script (-b), else with its host command (-E), as in the original pcocc
+        while children and not stopping and not (script and script.done) and not (host and not script and host.done):
             for pid, code in _reap(children):
                 _vm_process_ended(store, prefix, pid, code)
             if script:
                 script.poll()
+            if host:
+                host.poll()
             if time.monotonic() - checked > OWNER_CHECK:
                 checked = time.monotonic()
                 current = store.get(info_key)
@@ -448,14 +453,17 @@ def _supervise(ctx, jobid):
                     end_state, reason = history.CANCELLED, f"the process holding it (pid {holder[0]}) ended"
                     break
             time.sleep(0.1)
-        status = 0 if script is None or script.status == 0 else 1
+        ender = script or host
+        status = 0 if ender is None or ender.status == 0 else 1
         if end_state is None:
-            end_state, reason, exit_code = _end_of(stopping, script, children)
+            end_state, reason, exit_code = _end_of(stopping, script, children, host)
     except BaseException as exc:  # noqa: BLE001 - whatever happened, the cluster is cleaned below
         log.error("supervisor of cluster %s: %s", jobid, getattr(exc, "message", exc))
         end_state, reason = history.FAILED, f"its supervisor failed: {getattr(exc, 'message', exc)}"
     finally:
         try:
+            if host is not None:  # still running when the batch script ended (or the cluster was stopped)
+                host.stop()
             _stop_vms(ctx, prefix, children)
             info = ctx.store.get(info_key)  # its cleanup undoes the node setup too
             LocalBackend(ctx)._cleanup(jobid, info["rundir"] if info else None, reason=reason, end_state=end_state,
@@ -466,18 +474,20 @@ def _supervise(ctx, jobid):
             os._exit(status)
 
 
-def _end_of(stopping, script, children):
-    """(end state, reason, script exit status) of a supervisor's loop that ended by itself."""
+def _end_of(stopping, script, children, host=None):
+    """(end state, reason, script exit status) of a supervisor's loop that ended by itself:
+    by a signal, its batch script's end (-b), its host command's end (-E, without -b), or its VMs'."""
     if stopping:
         name = signal.Signals(stopping[0]).name if stopping[0] in signal.valid_signals() else str(stopping[0])
         return history.CANCELLED, f"its supervisor got {name}", None
-    if script is not None and script.done:
-        if script.error:
-            return history.FAILED, script.error, script.code
-        if script.code is None:
-            return history.FAILED, "the batch script did not run: a VM ended first", None
-        state_ = history.COMPLETED if script.code == 0 else history.FAILED
-        return state_, f"the batch script exited with status {script.code}", script.code
+    for runner, what in ((script, "batch script"), (host if script is None else None, "host script")):
+        if runner is not None and runner.done:
+            if runner.error:
+                return history.FAILED, runner.error, runner.code
+            if runner.code is None:
+                return history.FAILED, f"the {what} did not run: a VM ended first", None
+            state_ = history.COMPLETED if runner.code == 0 else history.FAILED
+            return state_, f"the {what} exited with status {runner.code}", runner.code
     if not children:
         return history.COMPLETED, "every VM stopped", None
     return history.FAILED, "its supervisor stopped", None
@@ -544,17 +554,18 @@ def _fork_vm(ctx, jobid, rank):
 
 
 def _reap(children):
-    """[(pid, wait status)] of the children that ended; they leave `children`."""
+    """[(pid, wait status)] of the children that ended; they leave `children`. Only these
+    children are waited for: the supervisor's other children (a batch -E host command) are
+    their owners' to reap."""
     ended = []
-    while children:
+    for pid in list(children):
         try:
-            pid, code = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            children.clear()
-            break
-        if not pid:
-            break
-        if children.pop(pid, None) is not None:
+            done, code = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # not ours to wait for any more
+            children.pop(pid, None)
+            continue
+        if done:
+            children.pop(pid, None)
             ended.append((pid, code))
     return ended
 
@@ -661,7 +672,8 @@ class _ScriptRunner:
             backend = LocalBackend(Context(self.backend.ctx.env, self.backend.ctx.config))  # its own store connection
             code, out, err = backend.run_script_in_vm(self.jobid, self.info["script"])
             self.code = code
-            with open_output(path) as f:
+            # after the host command's output (-E), which opened the file when the cluster started
+            with open_output(path, truncate=not self.info.get("host_script")) as f:
                 f.write(out)
                 f.write(err)
             self.status = code
@@ -673,3 +685,81 @@ class _ScriptRunner:
             log.error("batch script: %s", getattr(exc, "message", exc))
             self.error = f"the batch script could not run in vm0: {getattr(exc, 'message', exc)}"
             self.status = 1
+
+
+HOST_GRACE = 10  # seconds a host command (batch -E) has to end after SIGTERM
+
+
+class _HostRunner:
+    """batch -E on one host: the command line runs here once every VM runs, in its own session,
+    with the cluster in its environment (pcocc.lifecycle.allocshell), its output going to
+    pcocc_<jobid>.out as it comes (as sbatch's output file). Its process is recorded in the
+    cluster's record (host_command, host_command_start), so that a reclaim stops it too."""
+
+    def __init__(self, backend, jobid, info):
+        self.backend, self.jobid, self.info = backend, jobid, info
+        self.proc, self.status, self.error, self.code = None, None, None, None
+
+    @property
+    def done(self):
+        return self.status is not None
+
+    def poll(self):
+        if self.status is not None:
+            return
+        if self.proc is not None:
+            if self.proc.poll() is not None:
+                self.code = self.status = self.proc.returncode
+            return
+        info, vms = self.backend.job(self.jobid)
+        if any(v["state"] in FINAL_STATES for v in vms):
+            self.status = 1
+        elif all(v["state"] == "running" for v in vms):
+            self._start(info, vms)
+
+    def _start(self, info, vms):
+        import shlex
+        import subprocess
+
+        from pcocc.lifecycle.allocshell import cluster_environ
+
+        env = self.backend.ctx.env
+        cwd = info.get("cwd") or os.getcwd()
+        path = os.path.join(cwd, f"pcocc_{self.jobid}.out")
+        try:
+            with open_output(path) as out:
+                environ = dict(env.environ, **cluster_environ(env, self.jobid, info.get("name"), info, vms))
+                self.proc = subprocess.Popen(shlex.split(info["host_script"]), cwd=cwd, env=environ, stdin=subprocess.DEVNULL,
+                                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        except (OSError, ValueError) as exc:
+            self.error = f"the host script could not run: {getattr(exc, 'strerror', None) or exc}"
+            log.error("%s", self.error)
+            self.status = 1
+            return
+        owner = [self.proc.pid, process_start(self.proc.pid)]
+        key = state.cluster_prefix(self.backend.user, self.jobid) + "info"
+        self.backend.ctx.store.update(key, lambda i: i and {**i, **_named("host_command", owner)})
+
+    def stop(self):
+        """SIGTERM to the command's process group, SIGKILL after HOST_GRACE s (nothing if it ended)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + HOST_GRACE
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+        _signal_group(self.proc.pid, signal.SIGKILL)  # what it started and left behind, too
+        self.proc.wait()
+
+
+def _signal_group(pgid, signum):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _kill_host_command(info):
+    """A reclaim's part: the host command (batch -E) of a cluster whose supervisor died, if it still runs."""
+    owner = _owner(info, "host_command")
+    if _alive(owner):
+        _signal_group(owner[0], signal.SIGKILL)

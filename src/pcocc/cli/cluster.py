@@ -265,8 +265,8 @@ def _instant(app, resolved, cpus, memory_mb, excluded=None):
     return out or None
 
 
-def _submit_local(app, definition, batch_opts, user_data, images=(), mounts=(), script=None, restart_ckpt=None, boot=False,
-                  hold=False):
+def _submit_local(app, definition, batch_opts, user_data, images=(), mounts=(), script=None, host_script=None,
+                  restart_ckpt=None, boot=False, hold=False):
     from pcocc import templates
 
     local = _local_options(batch_opts)
@@ -275,8 +275,8 @@ def _submit_local(app, definition, batch_opts, user_data, images=(), mounts=(), 
     backend = app.ctx.backend()
     opts = {
         "name": local["job_name"], "cpus": cpus, "mem_per_core": local["mem_per_core"], "definition": definition,
-        "user_data": os.path.abspath(user_data) if user_data else None, "script": script, "cwd": os.getcwd(),
-        "restart": restart, "hold": hold, "overrides": overrides,
+        "user_data": os.path.abspath(user_data) if user_data else None, "script": script, "host_script": host_script,
+        "cwd": os.getcwd(), "restart": restart, "hold": hold, "overrides": overrides,
         "instant": None if restart or boot or user_data else _instant(app, resolved, cpus, mem, templates.snapshot_exclusions(resolved, overrides)),
     }
     return backend, backend.submit(vms, resolved, opts), local["job_name"]
@@ -406,7 +406,7 @@ def alloc(app, restart_ckpt, boot, user_data, images, mounts, alloc_script, args
 @common_options
 @click.option("-b", "--batch-script", type=params.Path(exists=True, dir_okay=False), help="Run this script in vm0 once the cluster runs; the cluster ends with it.")
 @click.option("-E", "--host-script", type=params.Path(exists=True, dir_okay=False),
-              help="Run this script on the first host once the cluster runs (SLURM); the cluster ends with it, "
+              help="Run this script on the first host once the cluster runs; the cluster ends with it, "
                    "or, with -b, with the -b script (as in the original pcocc), which stops it (SIGTERM) if it still runs.")
 @click.option("--wait", is_flag=True, help="Return only when every VM runs (the job id is printed first).")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[BATCH_OPTIONS]... [DEFINITION]")
@@ -420,9 +420,8 @@ def batch(app, restart_ckpt, boot, user_data, images, mounts, batch_script, host
         backend = app.ctx.backend()
         jobid = backend.submit_batch(n_vms, definition, opts, batch_opts)
     else:
-        if host_script:
-            raise UsageError("-E/--host-script needs the SLURM backend (on one host, use 'pcocc alloc -E')")
         backend, jobid, _ = _submit_local(app, definition, batch_opts, user_data, images, mounts, script=script,
+                                          host_script=script_command(host_script, "-E/--host-script") if host_script else None,
                                           restart_ckpt=restart_ckpt, boot=boot)
     try:
         app.out(str(jobid))

@@ -43,12 +43,14 @@ def cluster_environ(env, jobid, name, info=None, vms=()):
     names = [v.get("name") or f"vm{v['rank']}" for v in sorted(vms, key=lambda v: v["rank"])]
     out["PCOCC_VMS"] = " ".join(names)
     out["PCOCC_VM_COUNT"] = str(len(names))
-    from pcocc.lifecycle.remote import write_ssh_config
+    from pcocc.lifecycle.remote import port_map, write_ssh_config
 
+    if not port_map(info, list(vms)):
+        return out  # no reverse-NATed ssh port: no ssh config to give
     try:
         out["PCOCC_SSH_CONFIG"] = write_ssh_config(env, info, list(vms))
     except PcoccError:
-        pass  # no reverse-NATed ssh port: no ssh config to give
+        pass
     except OSError as exc:
         log.warning("cluster %s: its ssh config could not be written: %s", jobid, exc)
     return out
