@@ -87,3 +87,38 @@ def test_another_shell_gets_the_original_s_prompt_command(tmp_path):
     argv, shell_env, rcfile = allocshell.shell_command(env, 5, dict(env.environ, SHELL="/usr/bin/zsh"))
     assert argv == ["/usr/bin/zsh"] and rcfile is None
     assert shell_env["PROMPT_COMMAND"] == 'echo -n "(pcocc/5) "'
+
+
+def test_alloc_s_shell_is_started_with_the_prompt_and_the_cluster_s_environment(cli, tmp_path, monkeypatch):
+    """Local alloc: the shell gets cluster_environ() and shell_command()'s argv; the rc file goes afterwards."""
+    import pcocc.cli.cluster as cluster_cli
+    from fake_backend import install, local_site
+
+    local_site(cli, tmp_path)
+    cli.environ.update(SHELL=shutil.which("bash") or "/bin/bash", PCOCC_RUN_DIR=str(tmp_path / "run"))
+    calls = []
+
+    def call(argv, env):
+        calls.append((argv, env, open(argv[2]).read() if "--rcfile" in argv else None))
+        return 0
+
+    monkeypatch.setattr(cluster_cli.subprocess, "call", call)
+    with install():
+        r = cli("alloc", "-m", "256", "tiny:2")
+    assert r.status == 0, r.stderr
+    ((argv, env, rc),) = calls
+    assert argv[1] == "--rcfile" and "(pcocc/1) " in rc and "~/.bashrc" in rc and not os.path.exists(argv[2])
+    assert (env["PCOCC_JOB_ID"], env["PCOCC_VMS"], env["PCOCC_VM_COUNT"], env["PCOCC_ALLOCATION"]) == ("1", "vm0 vm1", "2", "1")
+
+
+def test_the_slurm_launcher_s_shell_gets_the_prompt(tmp_path, monkeypatch):
+    from pcocc.lifecycle import launcher
+
+    env = _env(tmp_path)
+    calls = []
+    monkeypatch.setattr(launcher, "_call", lambda argv, environ: calls.append((argv, environ, open(environ["ENV"]).read())) or 5)
+    status = launcher.run_user_part(None, 12, dict(env.environ, SHELL="/bin/dash"), pcocc_env=env)
+    assert status == 5
+    ((argv, environ, rc),) = calls
+    assert argv == ["/bin/dash"] and "(pcocc/12) " in rc
+    assert not os.path.exists(environ["ENV"])  # removed once the shell ended
