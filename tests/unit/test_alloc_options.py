@@ -364,3 +364,18 @@ def test_the_local_supervisor_reaps_only_its_vm_processes():
         ended = _reap(children)
     assert [pid for pid, _ in ended] == [vm.pid]
     assert other.wait() == 3  # still ours to wait for, with its own status
+
+
+def test_a_reclaim_kills_the_host_command_of_a_dead_supervisor():
+    """batch -E on one host: the command's process group is recorded; a reclaim (its supervisor died) kills it."""
+    import subprocess
+
+    from pcocc.batch.local import _kill_host_command
+    from pcocc.procs import process_start
+
+    proc = subprocess.Popen(["sh", "-c", "sleep 1000 & wait"], start_new_session=True)
+    info = {"host_command": proc.pid, "host_command_start": process_start(proc.pid)}
+    _kill_host_command({"host_command": proc.pid, "host_command_start": "not its start"})  # another process: left alone
+    assert proc.poll() is None
+    _kill_host_command(info)
+    assert proc.wait() == -9  # the group's leader, and its sleep with it (same group)
