@@ -4,9 +4,12 @@ stopped with the cluster. The SLURM side is in test_alloc_image_mount.py."""
 
 import json
 import os
+import shlex
 
 import pytest
 from waiting import wait_for
+
+from pcocc.errors import ExitStatus
 
 pytestmark = pytest.mark.integration
 
@@ -49,3 +52,37 @@ def test_batch_e_alone_ends_the_cluster_with_its_status(site):
     assert (rec["state"], rec["exit_code"], rec["reason"]) == ("FAILED", 3, "the host script exited with status 3"), rec
     out = (site.root / f"pcocc_{jobid}.out").read_text().splitlines()
     assert out == ["vm0", f"pcocc: cluster {jobid} ended: FAILED (the host script exited with status 3)"], out
+
+
+MARK = "pcocc_test_image=other"
+
+
+def test_a_cluster_with_image_is_not_saved_and_restarts_on_its_checkpoint_s_image(site, tiny_image):
+    """--image (issue 13) through ckpt and a restart given only -r DIR (issue 14): the checkpoint's
+    definition, cores, memory and image; save refused before and after."""
+    from pcocc.config.models import Repo
+    from pcocc.images.store import ImageStore
+
+    store = ImageStore([Repo("user", str(site.repo), "user")], site.environ["USER"])
+    boot = {"kernel": str(tiny_image.vmlinux or tiny_image.kernel), "initrd": str(tiny_image.initrd),
+            "append": f"{tiny_image.append} {MARK}"}
+    store.import_(str(tiny_image.disk), "other", "qcow2", boot=boot)  # the same disk, told apart by its kernel line
+    site.write(".pcocc/templates.yaml", "tiny:\n  image: user:tiny\n")
+    r = site.pcocc("batch", "-m", "256", "--image", "user:other", "--wait", "tiny:1")
+    assert r.returncode == 0, r.stderr
+    job = int(r.stdout.split()[0])
+    assert MARK in site.pcocc("exec", "-j", job, "cat /proc/cmdline", check=True).stdout
+    r = site.pcocc("save", "-j", job)
+    assert r.returncode == ExitStatus.ERROR and "its disks cannot be saved" in r.stderr, r.stderr
+    ck = site.root / "ck img"
+    r = site.pcocc("ckpt", "-j", job, ck)
+    assert r.returncode == 0, r.stderr
+    hint = [line for line in r.stderr.splitlines() if line.startswith("restart it with: ")]
+    assert hint == [f"restart it with: pcocc batch -r '{ck}'"], r.stderr
+    r = site.pcocc(*shlex.split(hint[0].split(": ", 1)[1])[1:], "--wait")  # as pasted (plus --wait)
+    assert r.returncode == 0, r.stderr
+    job = int(r.stdout.split()[0])
+    assert MARK in site.pcocc("exec", "-j", job, "cat /proc/cmdline", check=True).stdout  # the checkpoint's image
+    r = site.pcocc("save", "-j", job)
+    assert r.returncode == ExitStatus.ERROR and "its disks cannot be saved" in r.stderr, r.stderr
+    site.pcocc("cancel", "-j", job, check=True)
