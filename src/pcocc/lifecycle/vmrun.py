@@ -45,7 +45,7 @@ def run_vm(ctx, jobid, rank):
     key = state.vm_key(user, jobid, rank)
     spec = info["vms"][rank]
     jobdir = rundir = None
-    vm = server = agent = None
+    vm = server = agent = relay = None
     locked = []
     stop = threading.Event()
     outcome = {"state": "stopped"}
@@ -85,8 +85,14 @@ def run_vm(ctx, jobid, rank):
                              ctx.backend().job_alive)
         if cfg.incoming:
             publish("restoring")
+        spice_password = _spice_password(spec["settings"], rundir)
         vm.start(pin=spec["settings"]["bind-vcpus"] and spec.get("pin", True))
         qemu = {"qemu_pid": vm.proc.pid, "qemu_pid_start": process_start(vm.proc.pid)}
+        if spice_password:  # pcocc display: a TCP port of this node's, relayed to qemu's socket
+            from pcocc.hypervisor import spice
+
+            relay = spice.Relay(ctx.control_host, cfg.path(spice.SOCKET)).start()
+            qemu["display"] = spice.display_record(relay.host, relay.port, spice_password)
         publish("qemu-start", **qemu)
         agent = GuestAgent(vm.qga_path, timeout=30)
         ca = store.get(state.cluster_prefix(user, jobid) + "ca")
@@ -131,6 +137,8 @@ def run_vm(ctx, jobid, rank):
         # Each step on its own: a failure in one must not skip the others.
         if server is not None:
             _quietly(server.stop)
+        if relay is not None:
+            _quietly(relay.stop)
         if vm is not None:
             _quietly(vm.stop, graceful=bool(spec["settings"]["persistent-drives"]))
             _quietly(vm.close)
@@ -151,6 +159,16 @@ def _quietly(fn, *args, **kwargs):
         fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - cleanup goes on, and says what failed
         log.warning("cleanup: %s: %s: %s", getattr(fn, "__qualname__", fn), type(exc).__name__, exc)
+
+
+def _spice_password(settings, rundir):
+    """A new password for the VM's SPICE display, in its private run dir for qemu, when its
+    template sets `remote-display: spice`; else None."""
+    if settings.get("remote-display") != "spice":
+        return None
+    from pcocc.hypervisor import spice
+
+    return spice.write_password(rundir)
 
 
 class AgentAbsent(PcoccError):
