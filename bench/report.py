@@ -26,6 +26,15 @@ def write(name, title, headers, rows, extra=None):
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     for key, value in (extra or {}).items():
         lines.append(f"\n{key}: {value}")
-    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+    md = os.path.join(RESULTS, f"{name}.md")
+    with open(md, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    try:  # the figure beside the table (bench/plot.py); the table stands without it
+        import plot
+
+        png = plot.plot(os.path.join(RESULTS, f"{name}.json"))
+        if png:
+            plot.link(md, png)
+    except ImportError as exc:
+        print(f"no plot: {exc} (matplotlib comes with the test extras: pip install -e '.[test]')")
