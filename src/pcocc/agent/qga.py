@@ -575,13 +575,16 @@ class StreamingExec:
         (an ExecResult).  A round with nothing new is the caller's cue to wait a little.
         """
         chunks = []
-        for name, seg in self._streams.items():
-            data = self._read_stream(seg)
-            if data:
-                chunks.append((name, data))
-        self._send_acks()
-        if self.stdin:
-            self._flush_stdin()
+        if not self.killed:  # once killed, only its end matters: one call a round, not three
+            for name, seg in self._streams.items():
+                data = self._read_stream(seg)
+                if data:
+                    chunks.append((name, data))
+            self._send_acks()
+            if self.stdin:
+                self._flush_stdin()
+            if self._kill_handle is None and self.spare is not None:
+                self._kill_handle = self._open(f"{self.prefix}.k", "r+")  # ready for a Ctrl-C: one call less then
         if not chunks:
             status = self.agent.execute("guest-exec-status", {"pid": self.pid})
             if status.get("exited"):

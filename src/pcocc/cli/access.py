@@ -368,15 +368,26 @@ class _ExecRun:
         import signal
 
         def on_signal(signum, frame):
-            self.interrupted += 1  # the loop sees it within its select's 0.1 s
+            self.interrupted += 1
 
+        # a signal also writes a byte to this pipe, which wakes the loop's select at once
+        self._wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
         saved = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            saved_wake = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread (an embedding program): the select's 0.1 s then
+            saved_wake = None
         try:
             self._start()
             self._loop()
         finally:
+            if saved_wake is not None:
+                signal.set_wakeup_fd(saved_wake)
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
+            os.close(self._wake_r)
+            os.close(wake_w)
             for stream in self.streams.values():
                 stream.client.close()
         if self.gather:
@@ -420,7 +431,7 @@ class _ExecRun:
             readers = [s for s in self.streams.values() if not s.ready()]
             ready_now = [s for s in self.streams.values() if s.ready()]
             want_stdin = self.stdin_fd is not None and not self.interrupted and all(self.credit.get(n, 0) > 0 for n in self.streams)
-            fds = readers + ([self.stdin_fd] if want_stdin else [])
+            fds = readers + ([self.stdin_fd] if want_stdin else []) + [self._wake_r]
             if not ready_now:
                 try:
                     readable, _, _ = select.select(fds, [], [], 0.1)
@@ -428,6 +439,8 @@ class _ExecRun:
                     continue
             else:
                 readable = []
+            if self._wake_r in readable:
+                os.read(self._wake_r, 64)
             if want_stdin and self.stdin_fd in readable:
                 self._pass_stdin()
             for name, stream in list(self.streams.items()):
