@@ -125,9 +125,31 @@ def test_ctrl_c_or_timeout_leave_no_process_of_the_command(cluster, how):
             proc.kill()
             proc.wait()
     assert code == (130 if how == "ctrl-c" else 9), err
+    assert b"not confirmed" not in err  # review: a false "no confirmation" after Ctrl-C under load
     assert b"never" not in out
     left = in_vms(cluster, f"ps -o args | grep -c '^sleep {marker}' || true")
     assert sorted(left.splitlines()) == ["vm0: 0", "vm1: 0"]
+
+
+def test_commands_get_sigint_and_sigquit_at_their_default(cluster):
+    """Review: commands started by the runner had SIGINT and SIGQUIT ignored (a background job
+    of its shell; and the tiny image's init starts qemu-ga with SIGQUIT ignored). Two execs in a
+    row: the second runs in the runner started ahead during the first."""
+    for _ in range(2):
+        r = cluster.pcocc("exec", "-j", cluster.jobid, "-n", "-w", "vm1",
+                          "sed -n 's/^SigIgn:\t//p' /proc/self/status; sh -c 'kill -INT $$; echo survived'")
+        assert r.returncode == 130, r.stderr
+        assert int(r.stdout.split()[0], 16) & 0b110 == 0  # bits of SIGINT (2) and SIGQUIT (3)
+        assert r.stdout.splitlines()[1:] == []
+
+
+def test_the_shells_messages_read_as_sh_c_and_no_runner_internal_leaks(cluster):
+    """Review: exec's errors showed the runner's internals (its name, eval, paths)."""
+    r = cluster.pcocc("exec", "-j", cluster.jobid, "-n", "-w", "vm0", "echo one; nosuchcommand-pcocc")
+    assert (r.returncode, r.stdout, r.stderr) == (127, "one\n", "sh: 1: nosuchcommand-pcocc: not found\n")
+    r = cluster.pcocc("exec", "-j", cluster.jobid, "-n", "-w", "vm0", "echo (")
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr.startswith("sh: 1: Syntax error") and "eval" not in r.stderr and len(r.stderr.splitlines()) == 1
 
 
 def test_unknown_option_is_a_usage_error_with_a_suggestion(cluster):

@@ -193,10 +193,8 @@ def pty_argv(line, rows, cols, term=None):
     through the shell on it, logs nothing (/dev/null), and exits with CMD's status (-e; 128+N
     for a signal N). stty(1) gives the terminal its size before CMD starts; TERM (the local
     one, when it is made of letters, digits, '-', '+', '.' and '_') tells CMD what it draws on.
-    The exec runner starts commands as background jobs of a shell without job control, so with
-    SIGINT and SIGQUIT ignored (POSIX sh, "Signals"), which no shell below may undo: env(1)'s
-    --default-signal (GNU coreutils 8.31 or later) gives them back their default, so that
-    Ctrl-C on the terminal interrupts CMD; without it (busybox) CMD runs with them ignored.
+    Ctrl-C on the terminal interrupts CMD: the exec runner starts every command with SIGINT
+    and SIGQUIT at their default (agent.qga's runner, docs/exec.md).
     """
     import re
     import shlex
@@ -205,7 +203,7 @@ def pty_argv(line, rows, cols, term=None):
     if term and re.fullmatch(r"[A-Za-z0-9.+_-]{1,64}", term):
         setup = f"TERM={term}; export TERM; " + setup
     script = "script -q -e -c " + shlex.quote(setup + line) + " /dev/null"
-    return ["/bin/sh", "-c", f"env --default-signal=INT true 2>/dev/null && exec env --default-signal=INT,QUIT {script}; exec {script}"]
+    return ["/bin/sh", "-c", f"exec {script}"]
 
 
 def _terminal_fd(app):
