@@ -75,6 +75,8 @@ class LocalAgent:
         return {"pid": p.pid}
 
     def _guest_exec_status(self, pid):
+        if pid not in self.procs:  # qemu-ga's answer for a pid it did not start (or forgot, restarted)
+            raise AgentCommandError("guest-exec-status", {"class": "GenericError", "desc": "Invalid parameter 'pid'"})
         proc = self.procs[pid]
         code = proc.popen.poll()
         if code is None or any(t.is_alive() for t in proc.threads):

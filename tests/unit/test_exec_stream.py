@@ -541,3 +541,17 @@ def test_pty_ctrl_c_interrupts_the_guest_command_not_the_session(one):
     assert status == 7, (out, err)
     keys, _, after = out.partition(b"^C")  # the terminal echoes Ctrl-C as ^C
     assert after.endswith(b"alive\r\n") and b"not-interrupted" not in after
+
+
+def test_a_runner_started_ahead_that_the_agent_no_longer_knows_is_passed_over(one):
+    """A rebooted guest, or a restarted qemu-ga: the spare's pid is unknown. The exec starts
+    its own runner at once (no wait for the spare's FIFO)."""
+    assert one.run("true")[0] == 0
+    wait_for(lambda: len(runners(one.agents[0])) == 2, "a runner started ahead")
+    handler = one.servers[0].handler
+    with handler._spare_mutex:
+        handler._spare.pid = 999999999  # no such child of the agent
+        fifo = handler._spare.prefix + ".c"
+    assert one.run("echo fresh") == (0, b"fresh\n", b"")
+    assert [w for _, _, w in runners(one.agents[0])][2] is False  # a runner of its own
+    assert not [a for c, a in one.agents[0].log if c == "guest-file-open" and a["path"] == fifo]  # no wait for the spare

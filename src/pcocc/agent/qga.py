@@ -884,13 +884,15 @@ class SpareRunner:
         delay = 0.005
         while True:
             try:
-                status = self.agent.execute("guest-exec-status", {"pid": self.pid})
-                if status.get("exited"):
+                if self.agent.execute("guest-exec-status", {"pid": self.pid}).get("exited"):
                     return False
+            except AgentError:
+                return False  # a pid this agent does not know: it restarted, or the guest rebooted
+            try:
                 self.ctl = self.agent.execute("guest-file-open", {"path": f"{self.prefix}.c", "mode": "r+"})
                 return True
             except AgentCommandError:
-                pass  # not made yet; or a pid the agent no longer knows, seen by the next status
+                pass  # not made yet
             except AgentError:
                 return False
             if time.monotonic() + delay > deadline:
