@@ -105,7 +105,7 @@ PACKAGE_OF = {
     "ip": "iproute2", "bridge": "iproute2", "tc": "iproute2", "ss": "iproute2",
     "iptables": "iptables", "iptables-save": "iptables", "iptables-restore": "iptables", "ip6tables": "iptables",
     "ethtool": "ethtool", "tcpdump": "tcpdump", "dnsmasq": "dnsmasq-base", "socat": "socat",
-    "nc": "netcat-openbsd", "tmux": "tmux", "man": "man-db", "ssh": "openssh-client", "scp": "openssh-client", "sftp": "openssh-client", "ssh-keygen": "openssh-client",
+    "nc": "netcat-openbsd", "tmux": "tmux", "remote-viewer": "virt-viewer", "Xvfb": "xvfb", "man": "man-db", "ssh": "openssh-client", "scp": "openssh-client", "sftp": "openssh-client", "ssh-keygen": "openssh-client",
     "ssh-keyscan": "openssh-client",
     "qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-utils", "qemu-io": "qemu-utils",
     "qemu-nbd": "qemu-utils",

@@ -33,7 +33,7 @@ COMMANDS = {
     "cp": ("copy", "cp", "Copy files and directories to and from VMs through their agent"),
     "shell": ("shell", "shell", "Open a shell in a VM through its agent (exec --pty)"),
     "console": ("access", "console", "Connect to the serial console of a VM"),
-    "display": ("access", "display", "Show the remote display of a VM"),
+    "display": ("display", "display", "Show the graphical console of a VM (remote-viewer)"),
     "reset": ("access", "reset", "Reset VMs"),
     "monitor-cmd": ("access", "monitor_cmd", "Send a command to the qemu monitor of VMs"),
     "dump": ("access", "dump", "Dump the memory of a VM to a file"),

@@ -116,7 +116,7 @@ class Relay:
                 for key, mask in sel.select():
                     if key.fileobj is self._listener:
                         self._accept(sel, ends)
-                    elif key.fileobj is not self._wake_r:
+                    elif key.fileobj is not self._wake_r and not key.data.done:  # (its pair may have closed in this round)
                         key.data.ready(sel, mask)
                 for end in [e for e in ends if e.done]:
                     ends.discard(end)
@@ -151,16 +151,19 @@ class Relay:
 
 
 class _End:
-    """One socket of a relayed pair; `out` holds what its peer read and it has still to send."""
+    """One socket of a relayed pair; `out` holds what its peer read and it has still to send.
+    When one end reads its end of file, what it read before still goes to the other end; then
+    the pair is closed (SPICE makes no use of half-closed connections)."""
 
     def __init__(self, sock):
         self.sock, self.peer, self.out = sock, None, bytearray()
-        self.events, self.done = 0, False
+        self.events, self.eof, self.done = 0, False, False
 
     def update(self, sel):
         if self.done:
             return
-        events = (selectors.EVENT_READ if len(self.peer.out) < _BUFFER else 0) | (selectors.EVENT_WRITE if self.out else 0)
+        reading = not self.eof and len(self.peer.out) < _BUFFER
+        events = (selectors.EVENT_READ if reading else 0) | (selectors.EVENT_WRITE if self.out else 0)
         if events == self.events:
             return
         if not events:
@@ -175,14 +178,18 @@ class _End:
         try:
             if mask & selectors.EVENT_READ:
                 data = self.sock.recv(65536)
-                if not data:
-                    raise ConnectionResetError
-                self.peer.out += data
+                if data:
+                    self.peer.out += data
+                else:
+                    self.eof = True
             if mask & selectors.EVENT_WRITE and self.out:
                 del self.out[:self.sock.send(self.out)]
         except (BlockingIOError, InterruptedError):
             pass
-        except OSError:  # an end closed or failed: the pair ends (SPICE has no half-closed use)
+        except OSError:  # an end failed: the pair ends
+            self.close(sel)
+            return
+        if (self.eof and not self.peer.out) or (self.peer.eof and not self.out):
             self.close(sel)
             return
         self.update(sel)
