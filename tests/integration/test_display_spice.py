@@ -14,6 +14,7 @@ import select
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import time
 
@@ -69,6 +70,35 @@ def find_in(shot, screen, min_equal=0.98):
                         return best
             i = line.find(row, i + 1)
     return best
+
+
+def _recv_exact(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError("the server closed the connection")
+        data += chunk
+    return data
+
+
+def spice_login(address, password):
+    """SPICE's link result (0: accepted, 7: permission denied) for `password` on the main
+    channel at address (host, port): the link message with no capabilities, then the password
+    encrypted with the server's RSA key (RSA-OAEP, SHA-1), as SPICE's ticket authentication
+    has it."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    with socket.create_connection(address, timeout=60) as sock:
+        mess = struct.pack("<IBBIII", 0, 1, 0, 0, 0, 18)  # connection id, main channel 0, no caps (offset 18)
+        sock.sendall(struct.pack("<4sIII", b"REDQ", 2, 2, len(mess)) + mess)
+        magic, _, _, size = struct.unpack("<4sIII", _recv_exact(sock, 16))
+        reply = _recv_exact(sock, size)
+        assert magic == b"REDQ" and struct.unpack("<I", reply[:4])[0] == 0, reply[:4]
+        key = serialization.load_der_public_key(reply[4:166])
+        sock.sendall(key.encrypt(password.encode() + b"\0", padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)))
+        return struct.unpack("<I", _recv_exact(sock, 4))[0]
 
 
 class Xvfb:
@@ -135,6 +165,11 @@ def test_remote_viewer_shows_the_vm_s_screen(site, tmp_path):
         "delete-this-file": "1", "toggle-fullscreen": "shift+f11", "release-cursor": "shift+f12",
         "secure-attention": "ctrl+alt+end"}
     assert vv["virt-viewer"]["title"] == f"vm1 - pcocc job {jobid} (pcocc)"  # its default job name
+
+    # Through the relay, SPICE takes each VM's password and no other
+    assert spice_login(("127.0.0.1", d1["port"]), "not" + d1["password"]) == 7
+    assert spice_login(("127.0.0.1", d1["port"]), d0["password"]) == 7
+    assert spice_login(("127.0.0.1", d1["port"]), d1["password"]) == 0
 
     # The passwords: on no command line, and in no file another user could read
     args = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
@@ -229,3 +264,52 @@ def _check_private(site, secrets):
                     private = not os.stat(d).st_mode & 0o077
                     d = os.path.dirname(d)
                 assert private, f"{path} holds a display password and others can read it (mode {oct(st.st_mode)})"
+
+
+@pytest.mark.xdist_group("slurm")
+def test_from_a_login_node_to_vms_on_slurm_nodes(testcluster, slurm_user, tiny_image, tmp_path):
+    """Under SLURM the display is reached from the login node (the test host) on each VM's node
+    address, with that VM's password only, by remote-viewer too."""
+    from test_slurm_cluster import SlurmSite
+
+    site = SlurmSite.with_image(testcluster, slurm_user, tiny_image, "repo-display", TEMPLATES)
+    xvfb = viewer = None
+    try:
+        r = site.pcocc("batch", "-N", "2", "--ntasks-per-node=1", "--mem-per-cpu=256", "--wait", "spicy:2")
+        assert r.returncode == 0, r.stderr
+        jobid = int(r.stdout.split()[0])
+        files = {}
+        for vm in ("vm0", "vm1"):
+            r = site.pcocc("display", "-j", jobid, "-p", vm)
+            assert r.returncode == 0, r.stderr
+            vv = configparser.ConfigParser(interpolation=None)
+            vv.read_string(r.stdout)
+            files[vm] = (r.stdout, vv["virt-viewer"])
+        (_, d0), (_, d1) = files["vm0"], files["vm1"]
+        assert d0["host"] != d1["host"] and not d0["host"].startswith("127.")  # each node's own address
+        assert spice_login((d0["host"], int(d0["port"])), d1["password"]) == 7
+        assert spice_login((d0["host"], int(d0["port"])), d0["password"]) == 0
+        records = site.keys(f"/pcocc/users/{site.user}/clusters/{jobid}/vms/")
+        assert {v["name"]: v["display"]["password"] for v in records.values()} == {"vm0": d0["password"], "vm1": d1["password"]}
+
+        xvfb = Xvfb()
+        path = tmp_path / "vm1.vv"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(files["vm1"][0])
+        viewer = subprocess.Popen(["remote-viewer", str(path)], env={**os.environ, "DISPLAY": xvfb.display},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: (out := site.pcocc("monitor-cmd", "-j", jobid, "-w", "vm1", "info", "spice").stdout)
+                 and "Channels: none" not in out and "channel" in out.lower(), timeout=180, what="remote-viewer to connect to vm1")
+        assert not path.exists()  # read, then deleted by remote-viewer
+    finally:
+        if viewer is not None:
+            viewer.terminate()
+            try:
+                viewer.wait(30)
+            except subprocess.TimeoutExpired:
+                viewer.kill()
+                viewer.wait()
+        if xvfb is not None:
+            xvfb.stop()
+        site.cancel_all()
