@@ -276,3 +276,26 @@ def test_a_client_waits_for_no_dead_socket(tmp_path):
         assert wait_for(lambda: relay._thread.is_alive(), timeout=10)
     finally:
         relay.stop()
+
+
+def test_the_relay_s_port_is_outside_the_reverse_nat_ports(tmp_path):
+    """A reverse-NAT DNAT rule catches its port on every local address: the relay takes none of them."""
+    from types import SimpleNamespace
+
+    from pcocc.config.models import Network
+
+    config = SimpleNamespace(networks={
+        "l3": Network("l3", "ethernet", {"reverse-nat": {"vm-port": 22, "min-host-port": 40000, "max-host-port": 50000}}),
+        "l2": Network("l2", "ethernet", {"reverse-nat": None}), "ib": Network("ib", "infiniband", {})})
+    assert spice.reverse_nat_ranges(config) == [(40000, 50000)]
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low, high = map(int, f.read().split())
+    half = (low, (low + high) // 2)  # the kernel's picks fall there half of the time
+    relays = [spice.Relay("127.0.0.1", str(tmp_path / "x.sock"), avoid=[half]) for _ in range(8)]
+    try:
+        assert not [r.port for r in relays if half[0] <= r.port <= half[1]]
+    finally:
+        for r in relays:
+            r.stop()
+    with pytest.raises(PcoccError, match=r"the kernel gave 64 ports within the reverse-NAT ranges of networks.yaml"):
+        spice.Relay("127.0.0.1", str(tmp_path / "x.sock"), avoid=[(1, 65535)])

@@ -91,7 +91,7 @@ def run_vm(ctx, jobid, rank):
         if spice_password:  # pcocc display: a TCP port of this node's, relayed to qemu's socket
             from pcocc.hypervisor import spice
 
-            relay = spice.Relay(ctx.control_host, cfg.path(spice.SOCKET)).start()
+            relay = spice.Relay(ctx.control_host, cfg.path(spice.SOCKET), avoid=spice.reverse_nat_ranges(ctx.config)).start()
             qemu["display"] = spice.display_record(relay.host, relay.port, spice_password)
         publish("qemu-start", **qemu)
         agent = GuestAgent(vm.qga_path, timeout=30)
