@@ -322,9 +322,10 @@ def test_simulation_generic_pci_unbound_device_and_release_to_host_driver(sqlite
 
 # ---------------------------------------------------------------- the qemu side
 
-def test_qemu_command_line_for_vfio_passthrough(tmp_path):
+def test_qemu_command_line_for_vfio_passthrough(tmp_path, monkeypatch):
     from pcocc.hypervisor import topology
     from pcocc.hypervisor.qemu import VMConfig, command_line
+    from pcocc.networks import hostnet
     from pcocc.templates import SETTINGS
 
     objects = {"ib": {"vms": {"3": {"addr": "0000:03:00.2", "group": "304"}}}}
@@ -334,6 +335,7 @@ def test_qemu_command_line_for_vfio_passthrough(tmp_path):
     (etc / "resources.yaml").write_text(RESOURCES)
     cfg = Context(Environment(environ={"PCOCC_SYSTEM_CONF_DIR": str(etc)}, user="u", home=str(tmp_path))).config
     settings = {k: s.default for k, s in SETTINGS.items()} | {"resource-set": "both"}
+    monkeypatch.setattr(hostnet, "kernel_has_ovs_datapath", lambda: True)  # the ethernet network's datapath is the kernel's
     nics = jobnet.nic_args(cfg, settings, 12, 3, objects)
     assert nics == [["-netdev", "tap,id=net0,ifname=pnt12_3,script=no,downscript=no", "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:00:00:03"],
                     ["-device", "vfio-pci,host=0000:03:00.2,id=hostdev1"]]  # the ethernet NIC as before, then the VF

@@ -84,10 +84,35 @@ def test_nic_arguments():
     assert netdev.nic_args(12, 3, 0, "virtio-net") == [
         "-netdev", "tap,id=net0,ifname=pnt12_3,script=no,downscript=no,vnet_hdr=off",
         "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:00:00:03"]
-    kernel = ethernet.EthernetDriver(eth(mtu=9000))
+    kernel = ethernet.EthernetDriver(eth(mtu=9000, **{"datapath-type": "system"}))
     args = kernel.nic_args(12, 3, 1, "virtio-net")
     assert "vnet_hdr" not in args[1] and args[3].endswith(",host_mtu=8950") and "id=net1" in args[1]
     assert kernel.nic_args(12, 3, 0, "e1000")[3].startswith("e1000,netdev=net0,")
+
+
+def test_datapath_auto_is_the_kernels_where_the_kernel_has_it(monkeypatch):
+    from pcocc.networks import hostnet
+
+    # a network written with the original's keys only: datapath-type is ours, its default asks the kernel
+    auto = eth().settings
+    assert auto["datapath-type"] == "auto"
+    assert ethernet.datapath_type(auto, kernel_has_it=lambda: True) == "system"
+    assert ethernet.datapath_type(auto, kernel_has_it=lambda: False) == "netdev"
+    for written in ("system", "netdev"):  # a written value is kept, whatever the kernel has
+        assert ethernet.datapath_type(eth(**{"datapath-type": written}).settings, kernel_has_it=lambda: False) == written
+    # the VM's tap follows the same answer as the node's bridge
+    monkeypatch.setattr(hostnet, "kernel_has_ovs_datapath", lambda: False)
+    assert "vnet_hdr=off" in ethernet.EthernetDriver(eth()).nic_args(1, 0, 0, "virtio-net")[1]
+    monkeypatch.setattr(hostnet, "kernel_has_ovs_datapath", lambda: True)
+    assert "vnet_hdr" not in ethernet.EthernetDriver(eth()).nic_args(1, 0, 0, "virtio-net")[1]
+
+
+def test_generic_netlink_families_are_found_by_name():
+    from pcocc.networks import hostnet
+
+    assert hostnet.genl_family_exists("nlctrl")  # the controller itself: every kernel has it
+    assert not hostnet.genl_family_exists("pcocc_no_such_family")
+    assert hostnet.kernel_has_ovs_datapath() == hostnet.genl_family_exists("ovs_datapath")
 
 
 def test_networks_too_small_fail_clearly():

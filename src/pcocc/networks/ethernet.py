@@ -5,6 +5,8 @@ ours; its deprecated types are read here too: `pv` as an L2 `ethernet` network,
 `nat` refused (see NAT_REFUSAL).
 """
 
+import logging
+
 from pcocc.config.schema import INVALID, At, Bool, Enum, F, Int, Problems, Str, Struct
 from pcocc.errors import PcoccError
 from pcocc.networks import Driver, NetworkType, names, register
@@ -40,8 +42,8 @@ SETTINGS = Struct(
                 }
             )
         ),
-        # Ours: the Open vSwitch datapath (kernel 'system' in production, 'netdev' where there is no module).
-        "datapath-type": F(Enum("system", "netdev"), default="system"),
+        # Ours: the Open vSwitch datapath: kernel 'system', userspace 'netdev', or 'auto' (datapath_type()).
+        "datapath-type": F(Enum("auto", "system", "netdev"), default="auto"),
         # Ours: the resolver file whose servers the network's DNS forwards to when dns-server is unset.
         "resolv-file": F(Str(), default="/etc/resolv.conf"),
     }
@@ -100,6 +102,15 @@ def vm_mac(settings, rank):
         raise PcoccError(str(exc)) from None
 
 
+def datapath_type(settings, kernel_has_it=None):
+    """The Open vSwitch datapath of a network: its `datapath-type`, or for `auto` (the default,
+    so that a network written with the original's keys works on any node) what
+    hostnet.ovs_datapath() finds in this kernel."""
+    from pcocc.networks.hostnet import ovs_datapath
+
+    return ovs_datapath(settings["datapath-type"], kernel_has_it)
+
+
 class EthernetDriver(Driver):
     """One OVS bridge per job and node, a tap per local VM, a VXLAN tunnel to each
     other node of the job with the job's VNI. NORMAL switching is enough: each job has
@@ -125,8 +136,12 @@ class EthernetDriver(Driver):
         job.undo.record(jobid, "pool", pool=VNI_POOL[0], owner=owner, nodes=job.nodes_key, host=job.host)
         (vni,) = Pool(job.store, *VNI_POOL).allocate(owner, alive=job.owner_alive)
         bridge = bridge_name(s, jobid)
+        datapath = datapath_type(s)
+        if datapath != s["datapath-type"]:
+            logging.getLogger("pcocc.setup").info("network '%s': Open vSwitch's %s datapath (datapath-type: auto)",
+                                                  self.network.name, datapath)
         job.undo.record(jobid, "ovs-bridge", bridge=bridge)
-        ovs.add_bridge(bridge, s["datapath-type"])
+        ovs.add_bridge(bridge, datapath)
         for rank in job.ranks:
             tap = tap_name(s, jobid, rank)
             job.undo.record(jobid, "tap", name=tap)
@@ -153,7 +168,7 @@ class EthernetDriver(Driver):
         s = self.settings
         model = "virtio-net-pci" if nic_model == "virtio-net" else nic_model
         netdev = f"tap,id=net{index},ifname={tap_name(s, jobid, rank)},script=no,downscript=no"
-        if s["datapath-type"] == "netdev":
+        if datapath_type(s) == "netdev":
             netdev += ",vnet_hdr=off"  # the userspace datapath forwards partial checksums unfixed: TCP would fail
         device = f"{model},netdev=net{index},mac={vm_mac(s, rank)}"
         if s["mtu"] != 1500 and model.startswith("virtio-net"):

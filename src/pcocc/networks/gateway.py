@@ -234,7 +234,7 @@ def _namespace(job, network, a, ns, bridge, ext):
     ovs.add_port(bridge, gw_port, protected=True)
     undo.record(jobid, "link", name=uplink)
     ip.add_veth_into(uplink, "up", ns, s["mtu"])
-    if s["datapath-type"] == "netdev":
+    if hostnet.ovs_datapath(s["datapath-type"]) == "netdev":
         hostnet.tx_checksum_off("gw", environ, ns)
     ip.addr_add("gw", f"{a.gateway}/{a.int_net.prefixlen}", netns=ns)
     for rank, address in ext.items():

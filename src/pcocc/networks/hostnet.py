@@ -8,12 +8,47 @@ instance, as the test cluster does).
 
 import os
 import signal
+import socket
+import struct
 import time
 
 from pcocc.errors import CommandError
 from pcocc.runner import run
 
 OVS_TIMEOUT = 30  # seconds ovs-vsctl waits for ovsdb-server and ovs-vswitchd
+
+
+def genl_family_exists(family):
+    """Whether the kernel has the generic netlink family `family` (asked with CTRL_CMD_GETFAMILY,
+    which any user may do; a family is visible from every network namespace)."""
+    name = family.encode() + b"\0"
+    attr = struct.pack("=HH", 4 + len(name), 2) + name + b"\0" * (-len(name) % 4)  # CTRL_ATTR_FAMILY_NAME
+    body = struct.pack("=BBH", 3, 1, 0) + attr  # CTRL_CMD_GETFAMILY, version 1
+    request = struct.pack("=IHHII", 16 + len(body), 0x10, 1, 1, 0) + body  # to GENL_ID_CTRL, NLM_F_REQUEST
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 16) as s:  # NETLINK_GENERIC
+            s.settimeout(5)
+            s.send(request)
+            reply = s.recv(65536)
+    except OSError:
+        return False  # no generic netlink: no family
+    # the family's description (type GENL_ID_CTRL), or NLMSG_ERROR (ENOENT) when it is not registered
+    return len(reply) >= 16 and struct.unpack_from("=H", reply, 4)[0] == 0x10
+
+
+def kernel_has_ovs_datapath():
+    """Whether this kernel has Open vSwitch's datapath (the openvswitch module, loaded or built in)."""
+    return genl_family_exists("ovs_datapath")
+
+
+def ovs_datapath(datapath_type="auto", kernel_has_it=None):
+    """The Open vSwitch datapath to use: datapath_type when it is 'system' or 'netdev'; for
+    'auto', the kernel's ('system') where this kernel has it, else the userspace one ('netdev').
+    The node setup (the bridge) and the VM's qemu (the tap's options) ask the same kernel, so
+    they agree."""
+    if datapath_type != "auto":
+        return datapath_type
+    return "system" if (kernel_has_it or kernel_has_ovs_datapath)() else "netdev"
 
 
 class Ovs:
