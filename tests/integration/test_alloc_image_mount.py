@@ -78,11 +78,11 @@ def test_alloc_without_image_boots_the_template_s_image(site):
 
 def test_batch_b_and_e_both_run_and_the_job_ends_with_b(site):
     host = _write(site, "host-b.sh", "#!/bin/sh\necho \"host command in job $PCOCC_JOB_ID\"\nexec sleep 100000\n", 0o755)
-    job = _write(site, "job-b.sh", "#!/bin/sh\necho \"batch script on $(hostname)\"\n")
+    job = _write(site, "job-b.sh", "#!/bin/sh\necho \"batch script on $(hostname) in $PCOCC_JOB_ID\"\n")
     r = site.pcocc("batch", "-N", "1", "--mem-per-cpu=256", "-b", job, "-E", host, "tiny:1")
     assert r.returncode == 0, r.stderr
     jobid = int(r.stdout.strip())
     wait_for(lambda: not site.squeue(), timeout=600, what="the batch job to end with its -b script")
     out = (site.home / f"pcocc_{jobid}.out").read_text()
-    assert f"host command in job {jobid}" in out and "batch script on vm0" in out, out
+    assert f"host command in job {jobid}" in out and f"batch script on vm0 in {jobid}" in out, out
     assert f"pcocc: cluster {jobid} ended: COMPLETED (the batch script exited with status 0)" in out, out

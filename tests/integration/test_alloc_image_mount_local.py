@@ -25,7 +25,7 @@ def test_batch_b_and_e_both_run_and_the_cluster_ends_with_b(site):
     host = site.root / "host.sh"  # not executable: run by its #! line, as the original ran its copy
     host.write_text(f"#!/bin/sh\necho \"host in $PCOCC_JOB_ID: $PCOCC_VMS ($PCOCC_VM_COUNT)\"\necho $$ > {pidfile}\nexec sleep 100000\n")
     job = site.root / "job.sh"
-    job.write_text("#!/bin/sh\necho \"script on $(hostname)\"\n")
+    job.write_text("#!/bin/sh\necho \"script on $(hostname) in $PCOCC_JOB_ID: $PCOCC_VMS\"\n")
     r = site.pcocc("batch", "-m", "256", "-b", job, "-E", host, "tiny:1")
     assert r.returncode == 0, r.stderr
     jobid = int(r.stdout)
@@ -33,7 +33,7 @@ def test_batch_b_and_e_both_run_and_the_cluster_ends_with_b(site):
     assert (rec["state"], rec["reason"]) == ("COMPLETED", "the batch script exited with status 0"), rec
     out = (site.root / f"pcocc_{jobid}.out").read_text()
     lines = out.splitlines()
-    assert f"host in {jobid}: vm0 (1)" in lines and "script on vm0" in lines, out
+    assert f"host in {jobid}: vm0 (1)" in lines and f"script on vm0 in {jobid}: vm0" in lines, out
     assert lines[-1] == f"pcocc: cluster {jobid} ended: COMPLETED (the batch script exited with status 0)", out
     pid = int(pidfile.read_text())
     with pytest.raises(ProcessLookupError):  # stopped with the cluster (its group: sleep too)

@@ -122,3 +122,16 @@ def test_the_slurm_launcher_s_shell_gets_the_prompt(tmp_path, monkeypatch):
     ((argv, environ, rc),) = calls
     assert argv == ["/bin/dash"] and "(pcocc/12) " in rc
     assert not os.path.exists(environ["ENV"])  # removed once the shell ended
+
+
+def test_a_batch_script_in_vm0_gets_the_cluster_in_its_environment(tmp_path):
+    """The argv sent to the guest agent, run here by /bin/sh as the guest would: the variables, quoted."""
+    from pcocc.agent.qga import run_script_argv
+    from pcocc.batch.base import script_argv
+
+    argv = script_argv(4, {"name": "it's $(a) job"}, [{"rank": 1, "name": "vm1"}, {"rank": 0, "name": "vm0"}],
+                       run_script_argv(interpreter=None))
+    script = b'#!/bin/sh\nprintf "%s|%s|%s|%s" "$PCOCC_JOB_ID" "$PCOCC_JOB_NAME" "$PCOCC_VMS" "$PCOCC_VM_COUNT"\n'
+    r = subprocess.run(argv, input=script, capture_output=True, timeout=60, env={"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"4|it's $(a) job|vm0 vm1|2"

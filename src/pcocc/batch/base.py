@@ -256,11 +256,16 @@ class Backend:
             time.sleep(POLL)
 
     def run_script_in_vm(self, jobid, script_path, rank=0):
-        """Copy a script into a VM, run it there; (exit status, stdout bytes, stderr bytes)."""
+        """Copy a script into a VM, run it there; (exit status, stdout bytes, stderr bytes).
+
+        The script gets the cluster in its environment, as a host command does
+        (pcocc.lifecycle.allocshell): PCOCC_JOB_ID, PCOCC_JOB_NAME, PCOCC_VMS,
+        PCOCC_VM_COUNT (no ssh config: it names host ports, for the hosts).
+        """
         from pcocc.agent.endpoint import ControlClient, decode_bytes, encode_bytes
         from pcocc.agent.qga import MAX_SCRIPT, run_script_argv
 
-        _, vms = self.job(jobid)
+        info, vms = self.job(jobid)
         creds = self.credentials(jobid)
         with open(script_path, "rb") as f:
             data = f.read()
@@ -269,8 +274,21 @@ class Backend:
         with ControlClient(tuple(vms[rank]["control"]), ca_pem=creds["ca"], cert_pem=creds["cert"], key_pem=creds["key"], timeout=None) as client:
             # run from a private directory of a random name in the guest (a guest user could plant
             # a link at a predictable path in /tmp), executed as a file (its #! line), then removed
-            result = client.call("exec", argv=run_script_argv(interpreter=None), input_b64=encode_bytes(data), timeout=10**9)
+            result = client.call("exec", argv=script_argv(jobid, info, vms, run_script_argv(interpreter=None)),
+                                 input_b64=encode_bytes(data), timeout=10**9)
         return result["exit"], decode_bytes(result["stdout_b64"]), decode_bytes(result["stderr_b64"])
+
+
+def script_argv(jobid, info, vms, argv):
+    """argv (/bin/sh -c SCRIPT ..., pcocc.agent.qga.run_script_argv) whose script first exports the
+    cluster's variables (Backend.run_script_in_vm), each value quoted for the shell."""
+    import shlex
+
+    names = [v.get("name") or f"vm{v['rank']}" for v in sorted(vms, key=lambda v: v["rank"])]
+    values = {"PCOCC_JOB_ID": str(jobid), "PCOCC_JOB_NAME": str(info.get("name") or ""), "PCOCC_VMS": " ".join(names),
+              "PCOCC_VM_COUNT": str(len(names))}
+    exports = "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in values.items()) + "; "
+    return [*argv[:2], exports + argv[2], *argv[3:]]
 
 
 def _cluster_uuid(restart):
