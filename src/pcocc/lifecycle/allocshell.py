@@ -7,6 +7,7 @@ Environment (both backends, alloc's shell, alloc -E and batch -E):
     PCOCC_VM_COUNT                their number
     PCOCC_SSH_CONFIG              the ssh_config of 'pcocc ssh-config' (ssh -F "$PCOCC_SSH_CONFIG" vm1),
                                   only when the VMs have a reverse-NATed ssh port
+A batch script (-b) in vm0 gets all but PCOCC_ALLOCATION and PCOCC_SSH_CONFIG (pcocc.batch.base.script_argv).
 
 Prompt: the original pcocc prefixed the shell's prompt with "(pcocc/JOBID) " through
 PROMPT_COMMAND, which a user's ~/.bashrc may reset and other shells ignore. Here the
