@@ -392,9 +392,13 @@ class GuestAgent:
 # its descriptors are set with exec in a subshell: a redirection on a function call would make
 # dash keep a copy of the runner's stderr, whose end qemu-ga waits for before it says "exited".
 # Only POSIX sh, dd with status=none (coreutils >= 8.20), cat, mkdir, mkfifo (coreutils) and setsid (util-linux) are
-# needed in the guest: any stock cloud image has them. Every exec() costs 0.1-0.3 s under TCG, so
-# only setsid, sh and the two dd run before the first line: a `sh -c LINE` runs in a subshell of
-# the runner (eval), and each FIFO is made by whoever needs it first, after the start.
+# needed in the guest: any stock cloud image has them. Every exec() costs 0.06-0.3 s under TCG, so
+# each VM keeps a runner started ahead (SpareRunner): its setsid, sh, FIFOs and relays run before
+# the command comes, in a line of its FIFO .c, and a `sh -c LINE` runs in a subshell of the runner
+# (as a function, so that the shell's messages read as sh -c's). A runner started for one exec
+# (none ahead) makes each FIFO when it is first needed, after the command started. The command runs
+# in the foreground (an asynchronous list would start it with SIGINT and SIGQUIT ignored), and a
+# watcher kills the group on a line in the FIFO .k: no exec() in the guest for a Ctrl-C.
 EXEC_SEGMENT = 4 * 1024 * 1024  # bytes at most per output segment: dd reads of at most 8 KiB, EXEC_SEGMENT / 8 KiB reads
 EXEC_READ = 1024 * 1024  # bytes asked by one guest-file-read of output (qemu-ga's cap is 48 MiB)
 STDIN_SEGMENT = 1024 * 1024  # bytes of stdin per segment file; two segments at most in the guest
@@ -408,7 +412,7 @@ mkdir -m 700 -- "$B" 2>/dev/null  # made first, then checked: a directory plante
 if [ -L "$B" ] || ! [ -d "$B" ] || ! [ -O "$B" ]; then echo "pcocc-exec: error: ${B%/*} holds a directory of another user in its place" >&2; exit 124; fi
 { : > "$P.o.0" && : > "$P.e.0" && : > "$P.st"; } 2>/dev/null || { echo "pcocc-exec: error: cannot create files in ${B%/*} (full or read-only?)" >&2; exit 124; }
 fifo() { [ -p "$1" ] || mkfifo "$1" 2>/dev/null || [ -p "$1" ]; }
-if [ "$W" = 1 ]; then  # started ahead: the host names the command in $P.a, then says go in $P.c
+if [ "$W" = 1 ]; then  # started ahead: the host's go line in $P.c names the command (or $P.a holds it)
   mkfifo "$P.k" "$P.c" 2>/dev/null || { echo "pcocc-exec: error: mkfifo failed in ${B%/*}" >&2; exit 124; }
 fi
 # a line in $P.k kills the whole process group (the session setsid made): no exec() in the kill path
@@ -547,9 +551,10 @@ class StreamingExec:
     def start(self):
         """Starts the command in the guest; returns self.
 
-        With a claimed SpareRunner (see SpareRunner.claim): its command goes to a file and a
-        line in its control FIFO (five agent round trips, no exec() in the guest).  Else one
-        guest-exec starts a new runner with the command.
+        With a claimed SpareRunner (see SpareRunner.claim): the command goes in a line of its
+        control FIFO (two agent calls; five for a command of several lines or over SPARE_LINE
+        bytes, which goes through a file), and no exec() in the guest.  Else one guest-exec
+        starts a new runner with the command.
         """
         words = self.argv[2:] if self.shell else self.argv
         flags = ["1" if self.stdin else "0", "1" if self.shell else "0"]

@@ -13,8 +13,9 @@ log = logging.getLogger("pcocc.run")
 
 # Seconds between two looks at a command's output after a silence: the wait doubles from
 # EXEC_POLL_MIN after each quiet round, up to EXEC_POLL_FAST in the first second of silence
-# (a command's first line comes then: a round costs the guest about 10 ms of emulated CPU,
-# measured, bench/exec.py), EXEC_POLL_MAX until 5 s, EXEC_POLL_IDLE after.
+# (a command's first line comes then), EXEC_POLL_MAX until 5 s, EXEC_POLL_IDLE after: a round
+# is three agent calls, which the guest's agent answers on its one emulated CPU (traced: 1-5 ms
+# each on an idle host, 10-50 ms on a loaded one).
 EXEC_POLL_MIN = 0.005
 EXEC_POLL_FAST = 0.02
 EXEC_POLL_MAX = 0.1
