@@ -408,7 +408,7 @@ SPARE_LINE = 3000  # bytes at most of a command passed in a spare runner's go li
 
 _EXEC_RUNNER = r'''B=$1 P=$1/$2 N=$3 W=$4 IN=$5 SH=$6; shift 6
 umask 077
-mkdir -m 700 -- "$B" 2>/dev/null  # made first, then checked: a directory planted meanwhile is not ours
+[ -d "$B" ] || mkdir -m 700 -- "$B" 2>/dev/null  # then checked: a directory planted meanwhile is not ours
 if [ -L "$B" ] || ! [ -d "$B" ] || ! [ -O "$B" ]; then echo "pcocc-exec: error: ${B%/*} holds a directory of another user in its place" >&2; exit 124; fi
 { : > "$P.o.0" && : > "$P.e.0" && : > "$P.st"; } 2>/dev/null || { echo "pcocc-exec: error: cannot create files in ${B%/*} (full or read-only?)" >&2; exit 124; }
 fifo() { [ -p "$1" ] || mkfifo "$1" 2>/dev/null || [ -p "$1" ]; }
@@ -544,7 +544,7 @@ class StreamingExec:
         self._in_eof_sent = False
         self._in_handle = None  # the .in FIFO, opened read-write
         self._kill_handle = None  # the .k FIFO, opened read-write
-        self.reset_signals = reset_signals  # the guest's env has --default-signal (see _runner_args)
+        self.reset_signals = reset_signals  # start through env --default-signal (see _runner_args)
 
     # ---- life ---------------------------------------------------------------------------
 
@@ -827,10 +827,10 @@ def _runner_args(base, exec_id, segment, wait, reset_signals=False):
     """guest-exec's arguments that start the exec runner (then come, without wait, the flags
     and the command).  $0 is "sh": what the guest's shell says about the command reads as sh -c's.
 
-    reset_signals: start it through `env --default-signal=INT,QUIT` (GNU coreutils 8.31 or
-    later; see has_default_signal): a signal ignored when a shell starts stays ignored in all
-    it runs (POSIX), and qemu-ga may have been started with SIGQUIT ignored (seen: the tiny
-    image's init starts it as a background job), which would pass to every command.
+    reset_signals: start it through `env --default-signal=INT,QUIT` (see signals_to_reset): a
+    signal ignored when a shell starts stays ignored in all it runs (POSIX), and qemu-ga may have
+    been started with SIGQUIT ignored (the tiny image's init starts it as a background job),
+    which would pass to every command.
     """
     head = ["setsid", "sh", "-c", _EXEC_RUNNER, "sh", base, exec_id, str(max(1, int(segment) // 8192))]
     head += ["1", "0", "0"] if wait else ["0"]  # a spare's flags come with its go line
@@ -839,21 +839,39 @@ def _runner_args(base, exec_id, segment, wait, reset_signals=False):
     return {"path": head[0], "arg": head[1:], "capture-output": True}
 
 
-def has_default_signal(agent):
-    """True when the guest's env(1) has --default-signal (GNU coreutils 8.31 or later; busybox's
-    has not): one guest-exec, a fraction of a second under emulation.  Raises AgentError."""
+def signals_to_reset(agent):
+    """True when the agent's children start with SIGINT or SIGQUIT ignored (seen: a qemu-ga
+    started as a background job, by the tiny image's init) and the guest's env(1) can reset
+    them (--default-signal: GNU coreutils 8.31 or later; busybox's cannot).  One guest-exec,
+    a fraction of a second under emulation.  Raises AgentError."""
+    probe = 'sed -n "s/^SigIgn:[[:space:]]*//p" /proc/$$/status; env --default-signal=INT,QUIT true 2>/dev/null && echo reset'
+    code, out, _ = agent_run(agent, ["sh", "-c", probe])
+    words = out.decode(errors="replace").split()
     try:
-        pid = agent.execute("guest-exec", {"path": "env", "arg": ["--default-signal=INT,QUIT", "true"], "capture-output": True})["pid"]
-    except AgentCommandError:
-        return False  # no env at all
-    deadline, delay = time.monotonic() + 30, 0.01
-    while time.monotonic() < deadline:
+        ignored = int(words[0], 16) & 0b110  # the bits of SIGINT (2) and SIGQUIT (3)
+    except (IndexError, ValueError):
+        return False
+    return bool(ignored) and "reset" in words
+
+
+def agent_run(agent, argv, timeout=30):
+    """(exit code, stdout, stderr) of argv run to its end through agent.execute alone
+    (guest-exec with its output captured, then guest-exec-status).  Raises AgentError."""
+    pid = agent.execute("guest-exec", {"path": argv[0], "arg": list(argv[1:]), "capture-output": True})["pid"]
+    deadline, delay = time.monotonic() + timeout, 0.01
+    while True:
         status = agent.execute("guest-exec-status", {"pid": pid})
         if status.get("exited"):
-            return status.get("exitcode") == 0
+            break
+        if time.monotonic() > deadline:
+            raise AgentTimeout(f"guest agent: {' '.join(argv)[:60]} did not end within {timeout} s")
         time.sleep(delay)
-        delay = min(delay * 2, 0.2)
-    raise AgentTimeout("guest agent: env --default-signal did not end within 30 s")
+        delay = min(delay * 2, 0.05)
+    try:
+        return (status.get("exitcode"), base64.b64decode(status.get("out-data", ""), validate=True),
+                base64.b64decode(status.get("err-data", ""), validate=True))
+    except (TypeError, ValueError) as exc:
+        raise AgentError(f"guest agent: a malformed guest-exec-status reply: {exc}") from None
 
 
 class SpareRunner:
