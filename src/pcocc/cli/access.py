@@ -367,6 +367,8 @@ class _ExecRun:
 
         def on_signal(signum, frame):
             self.interrupted += 1
+            if self.interrupted > 1 and not self._looping:
+                raise KeyboardInterrupt  # still connecting: leave now (the loop handles it after)
 
         # a signal also writes a byte to this pipe, which wakes the loop's select at once
         self._wake_r, wake_w = os.pipe()
@@ -376,8 +378,10 @@ class _ExecRun:
             saved_wake = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         except ValueError:  # not the main thread (an embedding program): the select's 0.1 s then
             saved_wake = None
+        self._looping = False
         try:
             self._start()
+            self._looping = True
             self._loop()
         finally:
             if saved_wake is not None:
