@@ -89,7 +89,7 @@ def row(hosts, runs, prev):
         round(statistics.median(r["requests"] / vms for r in use), 1),
         round(median(use, "teardown_s"), 2) if median(use, "teardown_s") else "",
         int(median(use, "objects") or 0), int(median(use, "commands") or 0),
-        sum(len(r["problems"]) for r in runs),
+        sum(r.get("problem_count", len(r["problems"])) for r in runs), sum(r.get("teardown_problems", 0) for r in runs),
         round(statistics.median(r.get("loadavg", [0])[0] for r in use), 1),
     ], ((hosts, setup, per_vm) if ok else prev)
 
@@ -97,7 +97,8 @@ def row(hosts, runs, prev):
 HEADERS = ["hosts", "VMs", "runs without problem", "set-up s (median)", "ms per VM", "growth vs previous size",
            "node set-up s (median)", "node set-up s (slowest)", "node wait for record and peers s (median)",
            "node set-up CPU ms per host", "VM start CPU ms per VM", "cluster record MiB", "etcd requests per VM",
-           "teardown s", "host objects checked", "commands faked", "problems", "load average at start"]
+           "teardown s", "host objects checked", "commands faked", "problems", "of which left after the teardown",
+           "load average at start"]
 
 
 def main():
@@ -108,6 +109,8 @@ def main():
     ap.add_argument("--cap", type=float, default=600, help="seconds a phase may take")
     ap.add_argument("--out", default=report.RESULTS)
     ap.add_argument("--merge", action="store_true", help="keep the runs of other sizes from the last results")
+    ap.add_argument("--append", action="store_true", help="with --merge: keep the last results' runs of these sizes too")
+    ap.add_argument("--render", action="store_true", help="write the table and plot again from the last results, run nothing")
     args = ap.parse_args()
     from pcocc.testcluster.etcd3 import Etcd3
 
@@ -118,10 +121,20 @@ def main():
         import json
 
         with open(os.path.join(args.out, "scale_setup_runs.json")) as f:
-            kept = {int(h): runs for h, runs in json.load(f).items() if int(h) not in sizes}
+            kept = {int(h): runs for h, runs in json.load(f).items() if int(h) not in sizes or args.append}
+    if args.render:
+        with open(os.path.join(args.out, "scale_setup_runs.json")) as f:
+            kept = {int(h): runs for h, runs in __import__("json").load(f).items()}
+        results, rows, prev = [], [], None
+        for h in sorted(kept):
+            results.append({"hosts": h, "runs": kept[h]})
+            r, prev = row(h, kept[h], prev)
+            rows.append(r)
+        write(rows, results, args)
+        return 0
     with Etcd3(tempfile.mkdtemp(prefix="scale-setup-etcd-")) as cluster:
         for hosts in sizes:
-            kept[hosts] = one_size(cluster.endpoints, hosts, args.reps, args.workers, args.cap)
+            kept[hosts] = kept.get(hosts, []) + one_size(cluster.endpoints, hosts, args.reps, args.workers, args.cap)
             results, rows, prev = [], [], None
             for h in sorted(kept):
                 results.append({"hosts": h, "runs": kept[h]})
@@ -145,10 +158,58 @@ def write(rows, results, args):
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "scale_setup_runs.json"), "w") as f:  # every run's figures
-        json.dump({str(r["hosts"]): [{k: v for k, v in run.items() if k != "problems"} | {"problems": run["problems"][:5]}
+        json.dump({str(r["hosts"]): [{k: v for k, v in run.items() if k not in ("problems", "errors")}
+                                     | {"problems": run["problems"][:5], "errors": run.get("errors", [])[:20],
+                                        "problem_count": run.get("problem_count", len(run["problems"]))}
                                      for run in r["runs"]] for r in results}, f, indent=1)
     report.write("scale_setup", "Cluster state set-up through the real node-setup code (simulated hosts x 16 VMs, 3-member etcd)",
                  HEADERS, rows, extra=notes)
+    plot(results, os.path.join(args.out, "scale_setup.png"))  # in place of plot.py's one-bar-per-column figure
+
+
+def plot(results, path):
+    """Four panels against the number of hosts (log scales): set-up wall time; per VM; a node's
+    own CPU (node set-up per host, VM start per VM); the cluster record's size against etcd's limit."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    ok = [(r["hosts"], [x for x in r["runs"] if not x["problems"]]) for r in results]
+    ok = [(h, runs) for h, runs in ok if runs]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    xs = [h for h, _ in ok]
+    setup = [median(runs, "setup_s") for _, runs in ok]
+    axes[0].plot(xs, setup, "s-", label="set-up (until the launcher sees every VM running)")
+    axes[0].plot(xs, [median(runs, "slowest_setup_s") for _, runs in ok], "o--", label="slowest node's set-up")
+    axes[1].plot(xs, [s / (h * VMS) * 1000 for h, s in zip(xs, setup)], "s-", label="set-up ms per VM")
+    axes[2].plot(xs, [statistics.median(x["setup_cpu_s"] / h for x in runs) * 1000 for h, runs in ok], "s-",
+                 label="node set-up CPU ms per host")
+    axes[2].plot(xs, [statistics.median(x["vms_cpu_s"] / (h * VMS) for x in runs) * 1000 for h, runs in ok], "o--",
+                 label="VM start CPU ms per VM")
+    rec = [(r["hosts"], median(r["runs"], "record_bytes")) for r in results if median(r["runs"], "record_bytes")]
+    axes[3].plot([h for h, _ in rec], [b / 2**20 for _, b in rec], "s-", label="cluster record (MiB)")
+    axes[3].axhline(1.5, color="red", linestyle=":", label="etcd's request limit (1.5 MiB)")
+    for h, runs in ((r["hosts"], r["runs"]) for r in results):
+        if all(x["problems"] for x in runs):
+            axes[0].annotate(f"{h} hosts: failed\n(record refused)", (xs[-1] if xs else 1, setup[-1] if setup else 1),
+                             textcoords="offset points", xytext=(-90, -30), fontsize=8)
+    titles = ("set-up wall time (s)", "set-up per VM (ms)", "a node's own CPU (ms)", "cluster record")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("hosts (16 VMs each)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Cluster state set-up through the real node-setup code, simulated hosts, 3-member etcd (median of runs; 2-core host)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

@@ -859,6 +859,7 @@ def simulate(endpoints, base, hosts, workers=None, jobid=None, check_order=False
                 errors.append(f"{kind}: {data['error']}")
             elif kind == "down":
                 problems += data["problems"]
+                result["teardown_problems"] = result.get("teardown_problems", 0) + len(data["problems"])
         counts = {key: n for key, n in reports.items() if key[0] == "requests"}
         counts.update(_drain(out, "requests", len(children) - len(counts), children, 60))
         requests = sum(counts.values())
@@ -869,6 +870,7 @@ def simulate(endpoints, base, hosts, workers=None, jobid=None, check_order=False
         left = launcher_ctx.store.range(prefix)
         if left:
             problems.append(f"{len(left)} keys of the cluster left after the teardown")
+        result["teardown_problems"] = result.get("teardown_problems", 0) + bool(mine) + bool(left)
     finally:
         go.set()
         for e in phase.values():
