@@ -132,7 +132,16 @@ def main():
             rows.append(r)
         write(rows, results, args)
         return 0
-    with Etcd3(tempfile.mkdtemp(prefix="scale-setup-etcd-")) as cluster:
+    etcd_dir = tempfile.mkdtemp(prefix="scale-setup-etcd-")
+    try:
+        run_sizes(Etcd3, etcd_dir, sizes, kept, args)
+    finally:
+        shutil.rmtree(etcd_dir, ignore_errors=True)  # the members are stopped (by pid) first, on leaving Etcd3
+    return 0
+
+
+def run_sizes(Etcd3, etcd_dir, sizes, kept, args):
+    with Etcd3(etcd_dir) as cluster:
         for hosts in sizes:
             kept[hosts] = kept.get(hosts, []) + one_size(cluster.endpoints, hosts, args.reps, args.workers, args.cap)
             results, rows, prev = [], [], None
@@ -141,7 +150,6 @@ def main():
                 r, prev = row(h, kept[h], prev)
                 rows.append(r)
             write(rows, results, args)
-    return 0
 
 
 def write(rows, results, args):
