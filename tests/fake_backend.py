@@ -29,7 +29,8 @@ class FakeBackend:
     def submit_batch(self, n_vms, definition, opts, batch_opts):
         return self.submit([type("V", (), {"rank": i})() for i in range(n_vms)], {}, {**opts, "definition": definition})
 
-    def wait_ready(self, jobid, progress=None, timeout=3600, alive=None, warn=None):
+    def wait_ready(self, jobid, progress=None, timeout=3600, alive=None, warn=None, until="running"):
+        self.waited_until = until
         return None
 
     def jobs(self, user=None):

@@ -18,6 +18,15 @@ import time
 
 STARTING_PHASES = ("pending", "starting", "restoring", "qemu-start", "booting")
 ENDED = ("stopped", "failed")
+# qemu runs: what the original pcocc waited for before it gave the user the alloc shell or ran
+# -E (its VMs needed no agent for that); the guest agent's answer ("running") comes after
+QEMU_RUNS = ("restoring", "qemu-start", "booting", "running")
+
+
+def started(vm, until="running"):
+    """Whether a VM record has reached `until`: "running" (its guest agent answered, or none
+    did within the bound: agent "none") or "qemu" (qemu runs: QEMU_RUNS)."""
+    return vm.get("state") == "running" if until == "running" else vm.get("state") in QEMU_RUNS
 
 
 def summary(vms, now=None):

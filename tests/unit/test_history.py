@@ -80,7 +80,7 @@ def _local(tmp_path, monkeypatch):
     return backend
 
 
-@pytest.mark.parametrize("case", ["completed", "vm-failed", "cancel-request", "reclaim", "script"])
+@pytest.mark.parametrize("case", ["completed", "vm-failed", "cancel-request", "reclaim", "reclaim-after-end", "script"])
 def test_the_local_backend_records_each_end(tmp_path, monkeypatch, case):
     backend = _local(tmp_path, monkeypatch)
     store, prefix = backend.ctx.store, state.cluster_prefix("alice", 3)
@@ -89,7 +89,10 @@ def test_the_local_backend_records_each_end(tmp_path, monkeypatch, case):
         info["end_request"] = {"state": "COMPLETED", "reason": "the allocation's shell exited with status 0", "exit_code": 0}
     store.put(prefix + "info", info)
     store.put(prefix + "vms/0", {"rank": 0, "name": "vm0", "state": "failed" if case == "vm-failed" else "stopped", "error": "boom"})
-    if case == "reclaim":
+    if case == "reclaim-after-end":  # the supervisor decided its end (kept by _stop_vms), then died cleaning
+        info.update(state="ending", end={"state": "FAILED", "reason": "the batch script exited with status 3", "exit_code": 3})
+        store.put(prefix + "info", info)
+    if case.startswith("reclaim"):
         backend._reclaim(3, info)
     elif case == "script":
         (tmp_path / "pcocc_3.out").write_text("hello\n")
@@ -101,10 +104,13 @@ def test_the_local_backend_records_each_end(tmp_path, monkeypatch, case):
     expected = {"completed": ("COMPLETED", "every VM stopped"), "vm-failed": ("FAILED", "vm0 failed: boom"),
                 "cancel-request": ("COMPLETED", "the allocation's shell exited with status 0"),
                 "reclaim": ("FAILED", "its supervisor (or the process submitting it) ended without cleaning up"),
+                "reclaim-after-end": ("FAILED", "the batch script exited with status 3"),
                 "script": ("FAILED", "the batch script exited with status 3")}[case]
     assert (r["state"], r["reason"]) == expected
     assert store.range(prefix) == {}
     assert backend.ended(3)["jobid"] == 3  # what batch --wait reads
+    if case == "reclaim-after-end":
+        assert r["exit_code"] == 3
     if case == "script":  # the output file keeps the script's output, then the end
         assert (tmp_path / "pcocc_3.out").read_text() == "hello\npcocc: cluster 3 ended: FAILED (the batch script exited with status 3)\n"
         assert r["exit_code"] == 3

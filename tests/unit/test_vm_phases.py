@@ -1,6 +1,8 @@
 """The phases a VM process publishes while it starts (lifecycle.vmrun): one store update per
 phase, "booting" at the guest's first console output."""
 
+import pytest
+
 from pcocc.lifecycle.vmrun import _ConsoleQuiet
 
 
@@ -85,3 +87,28 @@ def test_waiting_for_a_cluster_warns_of_vms_without_agent():
     Fake().wait_ready(1, alive=lambda j: True, warn=warned.append)
     assert warned == ["vm1 runs without a guest agent (exec, save's freeze and ckpt need qemu-guest-agent in the image): "
                       "the guest agent of vm1 did not answer"]
+
+
+def test_the_alloc_shell_waits_for_qemu_and_batch_wait_for_the_agents():
+    """The original's rule: the shell and -E start once every qemu runs (until="qemu"); batch
+    --wait and a batch script wait for the guest agents (until="running")."""
+    from pcocc.batch.base import Backend
+    from pcocc.errors import TimeoutExpired
+    from pcocc.phases import started
+
+    assert [started({"state": s}, "qemu") for s in ("starting", "qemu-start", "booting", "restoring", "running", "failed")] == \
+        [False, True, True, True, True, False]
+    assert [started({"state": s}) for s in ("booting", "running")] == [False, True]
+
+    class Fake(Backend):
+        def __init__(self):
+            pass
+
+        def job(self, jobid):
+            return {"nodes": {}, "state": "running"}, [{"name": "vm0", "state": "running"}, {"name": "vm1", "state": "booting"}]
+
+    seen = []
+    Fake().wait_ready(1, progress=lambda n, total: seen.append((n, total)), alive=lambda j: True, until="qemu")
+    assert seen == [(2, 2)]
+    with pytest.raises(TimeoutExpired):
+        Fake().wait_ready(1, alive=lambda j: True, timeout=0)

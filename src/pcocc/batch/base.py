@@ -201,12 +201,16 @@ class Backend:
         listed = ", ".join(f"{i['jobid']} ({one_line(i['name'])})" for i, _ in jobs[:20]) + (", ..." if len(jobs) > 20 else "")
         raise UsageError(f"you have {len(jobs)} virtual clusters: {listed}: choose one with -j JOBID or -J NAME")
 
-    def wait_ready(self, jobid, progress=None, timeout=3600, alive=None, warn=None):
+    def wait_ready(self, jobid, progress=None, timeout=3600, alive=None, warn=None, until="running"):
         """Wait until every VM runs; raise with the first node's or VM's failure.
 
-        warn(line): told of each VM that runs without a guest agent (agent "none": an image
-        without qemu-guest-agent; exec, save's freeze and ckpt need one).
+        until: "running" (every guest agent answered, or the VM runs without one: batch
+        --wait, a batch script) or "qemu" (every qemu runs: the alloc shell and -E start
+        then, as in the original pcocc; pcocc.phases.started). progress(n, total): n VMs
+        there. warn(line): told of each VM that runs without a guest agent (agent "none": an
+        image without qemu-guest-agent; exec, save's freeze and ckpt need one).
         """
+        from pcocc.phases import started
         alive = alive or self.job_alive
         deadline = time.monotonic() + timeout
         last, seen, checked_alive = None, False, 0.0
@@ -226,7 +230,9 @@ class Backend:
                 if not alive(jobid):
                     ended = self.ended(jobid)
                     if ended and (ended.get("error") or ended.get("state") == "CANCELLED"):
-                        raise PcoccError(f"cluster {jobid}: {ended.get('error') or ended.get('reason') or 'cancelled'}",
+                        why = ended.get("error") or ended.get("reason") or "cancelled"
+                        why = why[len(f"cluster {jobid}: "):] if why.startswith(f"cluster {jobid}: ") else why  # the launcher's own words
+                        raise PcoccError(f"cluster {jobid}: {why}",
                                          f"See 'pcocc history -j {jobid}'.") from None
                     what = "ended before all its VMs ran" if seen else "ended before it started"
                     raise PcoccError(f"cluster {jobid} {what}", self.where_to_look(jobid)) from None
@@ -242,7 +248,7 @@ class Backend:
                     raise PcoccError(f"cluster {jobid}: {v['name']} {v['state']}: {v.get('error', 'before it ran')}")
                 if info["state"] in ("ending", "ended") or not still_alive():
                     raise PcoccError(f"cluster {jobid} ended before all its VMs ran")
-                running = sum(v["state"] == "running" for v in vms)
+                running = sum(started(v, until) for v in vms)
                 if progress and running != last:
                     progress(running, len(vms))
                     last = running

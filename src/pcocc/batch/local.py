@@ -29,7 +29,7 @@ import stat
 import sys
 import time
 
-from pcocc import history, state
+from pcocc import history, phases, state
 from pcocc.batch.base import Backend
 from pcocc.batch.hostres import HostReservations
 from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, ResourceError
@@ -255,6 +255,11 @@ class LocalBackend(Backend):
         prefix = state.cluster_prefix(self.user, jobid)
         _kill_vm_processes(self.ctx.store, prefix)
         _kill_host_command(info)
+        end = info.get("end") or {}  # the supervisor had decided how it ended, then died while cleaning
+        if end.get("state") in history.END_STATES:
+            self._cleanup(jobid, info.get("rundir"), reason=end.get("reason"), end_state=end["state"],
+                          exit_code=end.get("exit_code"), record=record)
+            return
         self._cleanup(jobid, info.get("rundir"), reason="its supervisor (or the process submitting it) ended without cleaning up",
                       record=record)
 
@@ -464,7 +469,7 @@ def _supervise(ctx, jobid):
         try:
             if host is not None:  # still running when the batch script ended (or the cluster was stopped)
                 host.stop()
-            _stop_vms(ctx, prefix, children)
+            _stop_vms(ctx, prefix, children, end={"state": end_state, "reason": reason, "exit_code": exit_code})
             info = ctx.store.get(info_key)  # its cleanup undoes the node setup too
             LocalBackend(ctx)._cleanup(jobid, info["rundir"] if info else None, reason=reason, end_state=end_state,
                                        exit_code=exit_code)
@@ -582,10 +587,14 @@ def _vm_process_ended(store, prefix, pid, code):
             store.update(key, lambda cur: cur and (cur if cur.get("state") in FINAL_STATES else {**cur, "state": "failed", "error": reason}))
 
 
-def _stop_vms(ctx, prefix, children):
-    """SIGTERM the VM processes, wait for them, then SIGKILL what is left, qemu included."""
+def _stop_vms(ctx, prefix, children, end=None):
+    """SIGTERM the VM processes, wait for them, then SIGKILL what is left, qemu included.
+
+    end: {"state", "reason", "exit_code"} as the supervisor decided it, kept in the cluster's
+    record first: should the supervisor die before its cleanup is over, the reclaim that
+    finishes it records that end, not a supervisor that "ended without cleaning up"."""
     with contextlib.suppress(Exception):
-        ctx.store.update(prefix + "info", lambda i: i and {**i, "state": "ending"})
+        ctx.store.update(prefix + "info", lambda i: i and {**i, "state": "ending", **({"end": end} if end else {})})
     for pid in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -714,7 +723,7 @@ class _HostRunner:
         info, vms = self.backend.job(self.jobid)
         if any(v["state"] in FINAL_STATES for v in vms):
             self.status = 1
-        elif all(v["state"] == "running" for v in vms):
+        elif all(phases.started(v, "qemu") for v in vms):  # as the original: once qemu runs, agents or not
             self._start(info, vms)
 
     def _start(self, info, vms):

@@ -338,11 +338,11 @@ def command_line(text, option):
     return argv
 
 
-def _progress(app, jobid):
+def _progress(app, jobid, what="VMs running"):
     start = time.monotonic()
 
     def show(running, total):
-        app.info(f"cluster {jobid}: {running}/{total} VMs running ({time.monotonic() - start:.1f} s)")
+        app.info(f"cluster {jobid}: {running}/{total} {what} ({time.monotonic() - start:.1f} s)")
 
     return show
 
@@ -369,7 +369,9 @@ def alloc(app, restart_ckpt, boot, user_data, images, mounts, alloc_script, args
     end = None
     try:
         app.info(f"cluster {jobid} starting")
-        backend.wait_ready(jobid, _progress(app, jobid), warn=app.warn)
+        # the shell or -E starts once every qemu runs, as in the original; the guest agents answer
+        # later (exec waits for them; ps --vms shows them)
+        backend.wait_ready(jobid, _progress(app, jobid, "VMs with qemu running"), warn=app.warn, until="qemu")
         from pcocc.lifecycle import allocshell
 
         env = dict(app.env.environ, **allocshell.cluster_environ(app.env, jobid, name, *backend.job(jobid)))

@@ -101,12 +101,17 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
         def progress(vms):
             info_out(f"cluster {jobid}: {phases.summary(vms)} ({time.monotonic() - start:.1f} s)")
 
-        failed = wait_started(backend, jobid, progress, alive=lambda: srun.poll() is None and not stopping)
+        # a batch script runs in vm0 through its agent; the shell and -E only need qemu to run
+        failed = wait_started(backend, jobid, progress, alive=lambda: srun.poll() is None and not stopping,
+                              until="running" if batch_script else "qemu")
         for vm in failed:
             info_out(f"pcocc: warning: cluster {jobid}: {vm['name']} failed: {vm.get('error') or 'no reason given'}")
-        for vm in backend.job(jobid)[1]:
+        now = backend.job(jobid)[1]
+        for vm in now:
             if vm.get("agent") == "none":
                 info_out(f"pcocc: warning: {agent_missing(vm)}")
+        if any(vm["state"] not in ("running", *VM_FINAL_STATES) for vm in now):
+            info_out(f"cluster {jobid}: every qemu runs ({phases.summary(now)}); exec waits for the guests still booting")
         if failed and batch_script:
             raise PcoccError(f"cluster {jobid}: the batch script runs once every VM runs, and {failed[0]['name']} failed")
         if failed:
@@ -214,10 +219,13 @@ def _record_end(ctx, jobid, signals, ended, to_output=False):
         log.warning("cluster %s: its end could not be recorded in the history: %s", jobid, exc.message)
 
 
-def wait_started(backend, jobid, progress, alive, timeout=3600):
+def wait_started(backend, jobid, progress, alive, timeout=3600, until="running"):
     """Wait until every VM of the job runs or has ended; return the records of those that
     ended (failed or stopped), in rank order: the cluster goes on without them, as on the
     local backend (a VM whose qemu or task was killed is shown failed by ps).
+
+    until: "running" (its guest agent answered, or it runs without one) or "qemu" (its
+    qemu runs: the alloc shell and -E start then, as in the original; pcocc.phases.started).
 
     progress(vms): called with the VM records whenever a VM changes phase (pcocc.phases).
     alive(): whether the VM step still runs. Raises PcoccError when a node's setup failed,
@@ -234,7 +242,7 @@ def wait_started(backend, jobid, progress, alive, timeout=3600):
             node, st = failed_nodes[0]
             raise PcoccError(f"cluster {jobid}: node setup failed on {node}: {st.get('error', 'unknown reason')}")
         ended = [v for v in vms if v["state"] in VM_FINAL_STATES]
-        running = sum(v["state"] == "running" for v in vms)
+        running = sum(phases.started(v, until) for v in vms)
         if vms and len(ended) == len(vms):
             v = ended[0]
             raise PcoccError(f"cluster {jobid}: every VM ended before it ran ({v['name']}: {v.get('error') or v['state']})")
