@@ -15,6 +15,7 @@ from pcocc.cli import display as display_cli
 from pcocc.errors import ExitStatus, PcoccError
 from pcocc.hypervisor import spice, topology
 from pcocc.hypervisor.qemu import VMConfig, command_line
+from pcocc.listen import reverse_nat_ranges
 from pcocc.templates import SETTINGS
 from waiting import wait_for
 
@@ -287,7 +288,7 @@ def test_the_relay_s_port_is_outside_the_reverse_nat_ports(tmp_path):
     config = SimpleNamespace(networks={
         "l3": Network("l3", "ethernet", {"reverse-nat": {"vm-port": 22, "min-host-port": 40000, "max-host-port": 50000}}),
         "l2": Network("l2", "ethernet", {"reverse-nat": None}), "ib": Network("ib", "infiniband", {})})
-    assert spice.reverse_nat_ranges(config) == [(40000, 50000)]
+    assert reverse_nat_ranges(config) == [(40000, 50000)]
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
         low, high = map(int, f.read().split())
     half = (low, (low + high) // 2)  # the kernel's picks fall there half of the time

@@ -464,3 +464,21 @@ def test_a_usage_error_on_the_vm_side_is_a_usage_error_for_the_client():
     response = _error_response(UsageError("vm0 has no persistent drive 3"))
     assert response["kind"] == "usage"
     assert _KIND_ERRORS[response["kind"]] is UsageError
+
+
+def test_the_endpoint_s_port_is_never_one_the_reverse_nat_takes(creds):
+    """The node's reverse-NAT DNAT rules take their ports on every local address (pcocc.listen):
+    an endpoint there would never be reached. Half of the kernel's ephemeral range is avoided."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low, high = map(int, f.read().split())
+    half = (low, (low + high) // 2)
+    cert, key = creds["server"]
+    servers = [ControlServer(FakeHandler(), ca_pem=creds["ca"][0], cert_pem=cert, key_pem=key, owner=OWNER, avoid=[half]).start()
+               for _ in range(8)]
+    try:
+        assert not [s.address[1] for s in servers if half[0] <= s.address[1] <= half[1]]
+        with client(creds, servers[0].address) as c:
+            assert c.call("ping")["pong"] is True
+    finally:
+        for s in servers:
+            s.stop()

@@ -283,9 +283,12 @@ class ControlServer:
     """
 
     def __init__(self, handler, *, ca_pem, cert_pem, key_pem, owner, host="127.0.0.1", port=0,
-                 max_pending=MAX_PENDING, local_uids=None):
+                 max_pending=MAX_PENDING, local_uids=None, avoid=()):
         """local_uids: the uids of local peers let through to TLS (default: this process's
-        effective uid only); max_pending: remote connections not yet authenticated."""
+        effective uid only); max_pending: remote connections not yet authenticated; avoid:
+        [(min, max)] ports a kernel-picked port must not be in (pcocc.listen: the node's
+        reverse-NAT ranges, whose DNAT rules would take its connections)."""
+        self._avoid = list(avoid)
         self.handler = handler
         self.owner = owner
         self.max_pending = max_pending
@@ -309,8 +312,9 @@ class ControlServer:
         return f"<ControlServer {_where(self.address or self._bind)} owner={self.owner}>"
 
     def start(self):
-        family = socket.AF_INET6 if ":" in self._bind[0] else socket.AF_INET
-        self._listener = socket.create_server(self._bind, family=family, backlog=128)
+        from pcocc.listen import listen_outside
+
+        self._listener = listen_outside(self._bind[0], self._avoid, self._bind[1], what="serve the VM's control endpoint")
         self.address = self._listener.getsockname()[:2]
         self._accepter = threading.Thread(target=self._accept_loop, name=f"pcocc-control-{self.address[1]}", daemon=True)
         self._accepter.start()

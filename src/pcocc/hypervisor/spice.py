@@ -22,6 +22,7 @@ import socket
 import threading
 
 from pcocc.errors import PcoccError
+from pcocc.listen import listen_outside
 
 log = logging.getLogger("pcocc.spice")
 
@@ -67,21 +68,6 @@ def connection_file(display, title):
     ]) + "\n"
 
 
-BIND_TRIES = 64  # ports the kernel may hand out inside the reverse-NAT ranges before the relay gives up
-
-
-def reverse_nat_ranges(config):
-    """[(min, max)] of the host ports that the configured networks reverse-NAT (networks.yaml
-    `reverse-nat` `min-host-port`/`max-host-port`, any network: other jobs on the node may use
-    any). Their DNAT rules catch every local address, so a relay port there would be lost."""
-    ranges = []
-    for network in config.networks.values():
-        rnat = (network.settings or {}).get("reverse-nat")
-        if isinstance(rnat, dict) and rnat.get("min-host-port") and rnat.get("max-host-port"):
-            ranges.append((rnat["min-host-port"], rnat["max-host-port"]))
-    return ranges
-
-
 class Relay:
     """Relays each TCP connection accepted on (host, port) to the unix socket `target`, in one
     thread (a selector loop: no thread or limit per connection, so that idle connections opened
@@ -91,27 +77,8 @@ class Relay:
     password itself, behind the relay. PcoccError when it cannot listen there."""
 
     def __init__(self, host, target, port=0, avoid=()):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.target = target
-        held = []
-        try:
-            for _ in range(BIND_TRIES):
-                self._listener = socket.socket(family, socket.SOCK_STREAM)
-                try:
-                    self._listener.bind((host, port))
-                except OSError as exc:
-                    self._listener.close()
-                    raise PcoccError(f"cannot listen for the remote display on {host}: {exc.strerror}") from None
-                if port or not any(low <= self._listener.getsockname()[1] <= high for low, high in avoid):
-                    break
-                held.append(self._listener)
-            else:
-                raise PcoccError(f"cannot listen for the remote display on {host}: the kernel gave {BIND_TRIES} ports "
-                                 "within the reverse-NAT ranges of networks.yaml (keep them out of net.ipv4.ip_local_port_range)")
-        finally:
-            for s in held:
-                s.close()
-        self._listener.listen(64)
+        self._listener = listen_outside(host, avoid, port, backlog=64, what="listen for the remote display")
         self._listener.setblocking(False)
         self.host, self.port = host, self._listener.getsockname()[1]
         self._wake_r, self._wake_w = socket.socketpair()

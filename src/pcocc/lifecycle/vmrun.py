@@ -23,6 +23,7 @@ from pcocc.errors import NotFoundError, PcoccError
 from pcocc.hypervisor import accel, seed, topology, vm as vmlib
 from pcocc.lifecycle import drives
 from pcocc.lifecycle.control import ControlHandler
+from pcocc.listen import reverse_nat_ranges
 from pcocc.networks import jobnet
 from pcocc.procs import process_start
 
@@ -91,14 +92,14 @@ def run_vm(ctx, jobid, rank):
         if spice_password:  # pcocc display: a TCP port of this node's, relayed to qemu's socket
             from pcocc.hypervisor import spice
 
-            relay = spice.Relay(ctx.control_host, cfg.path(spice.SOCKET), avoid=spice.reverse_nat_ranges(ctx.config)).start()
+            relay = spice.Relay(ctx.control_host, cfg.path(spice.SOCKET), avoid=reverse_nat_ranges(ctx.config)).start()
             qemu["display"] = spice.display_record(relay.host, relay.port, spice_password)
         publish("qemu-start", **qemu)
         agent = GuestAgent(vm.qga_path, timeout=30)
         ca = store.get(state.cluster_prefix(user, jobid) + "ca")
         handler = ControlHandler(vm, agent, rev, ctx.images, cfg.drives)
         server = ControlServer(handler, ca_pem=ca["cert"], cert_pem=ca["server_cert"], key_pem=ca["server_key"],
-                               owner=info["owner"], host=ctx.control_host).start()
+                               owner=info["owner"], host=ctx.control_host, avoid=reverse_nat_ranges(ctx.config)).start()
         restored = _restart_of(info, rank) if cfg.incoming else None
         agent_state = {"agent": "ready"}
         try:
