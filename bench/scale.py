@@ -94,30 +94,15 @@ class OldPool:
 
 
 # --------------------------------------------------------------------------- one client process
-def _count_requests():
-    """Count every request this process sends to etcd (retries included)."""
-    from pcocc.store import etcd
-
-    counter = {"n": 0}
-    lock = threading.Lock()
-    real = etcd.EtcdClient._call_once
-
-    def counted(self, path, body, what):
-        with lock:
-            counter["n"] += 1
-        return real(self, path, body, what)
-
-    etcd.EtcdClient._call_once = counted
-    return counter
-
-
 def _client(slot0, threads, slots, endpoints, design, tasks, cap, go, go_down, out):
     """One process: `threads` threads, thread k serving the tasks i with i % slots == slot0 + k."""
     from pcocc.allocator import Pool
     from pcocc.store.etcd import EtcdStore
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
-    requests = _count_requests()
+    from pcocc.testcluster.simhosts import count_requests  # every request to etcd, retries included
+
+    requests = count_requests()
     cls = Pool if design == "new" else OldPool
     alive = lambda owner: True  # noqa: E731 - every job of the bench runs
     got, errors, undone, lock = {}, [], [0, 0], threading.Lock()

@@ -680,7 +680,9 @@ class SimHost:
 
 
 # --------------------------------------------------------------------------- a worker process
-def _count_requests():
+def count_requests():
+    """Count every request this process sends to etcd (retries included): {"n": count}, updated
+    as they go (EtcdClient._call_once wrapped). For the benches and the harness only."""
     from pcocc.store import etcd
 
     counter = {"n": 0}
@@ -702,7 +704,7 @@ def _worker(indexes, base, endpoints, nhosts, jobid, uid, user, check_order, go,
     from pcocc.env import Environment
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
-    requests = _count_requests()
+    requests = count_requests()
     runners = FakeRunners().install()
     env = Environment(environ={"PCOCC_SYSTEM_CONF_DIR": str(Path(base) / "etc"), "PCOCC_USER_CONF_DIR": str(Path(base) / USER_CONF)},
                       home=str(base))
