@@ -214,17 +214,9 @@ class Run:
         finally:
             go.set()
             go_down.set()
-            # a child exits only once its queue is read: drain it while they finish
-            deadline = time.monotonic() + 60
-            while any(c.is_alive() for c in children) and time.monotonic() < deadline:
-                try:
-                    out.get(timeout=0.2)
-                except Exception:  # noqa: BLE001 - queue.Empty, or a half-written item of a killed child
-                    pass
-            for c in children:
-                if c.is_alive():
-                    os.kill(c.pid, signal.SIGKILL)
-                c.join()
+            from pcocc.testcluster.simhosts import stop_workers
+
+            stop_workers(children, out)
         got = {k: v for r in reports for k, v in r["got"].items()}
         left = len(admin.range("/pcocc/global/pools/")) + len(admin.range("/pcocc/global/pool-owners/"))
         admin.close()

@@ -680,6 +680,21 @@ class SimHost:
 
 
 # --------------------------------------------------------------------------- a worker process
+def stop_workers(children, out, timeout=60):
+    """Let worker processes (multiprocessing) end, reading their queue `out` meanwhile (a child
+    exits only once what it put there is read); SIGKILL by pid those still there after timeout s."""
+    deadline = time.monotonic() + timeout
+    while any(c.is_alive() for c in children) and time.monotonic() < deadline:
+        try:
+            out.get(timeout=0.2)
+        except Exception:  # noqa: BLE001 - queue.Empty, or a half-written item of a killed child
+            pass
+    for c in children:
+        if c.is_alive():
+            os.kill(c.pid, signal.SIGKILL)
+        c.join()
+
+
 def count_requests():
     """Count every request this process sends to etcd (retries included): {"n": count}, updated
     as they go (EtcdClient._call_once wrapped). For the benches and the harness only."""
@@ -877,16 +892,7 @@ def simulate(endpoints, base, hosts, workers=None, jobid=None, check_order=False
         go.set()
         for e in phase.values():
             e.set()
-        deadline = time.monotonic() + 60
-        while any(c.is_alive() for c in children) and time.monotonic() < deadline:
-            try:
-                out.get(timeout=0.2)
-            except Exception:  # noqa: BLE001 - queue.Empty, or a half-written item of a killed child
-                pass
-        for c in children:
-            if c.is_alive():
-                os.kill(c.pid, signal.SIGKILL)
-            c.join()
+        stop_workers(children, out)
         launcher_ctx.close_store()
     ups = [d for (k, _), d in reports.items() if k == "up" and "error" not in d]
     downs = [d["timings"] for (k, _), d in reports.items() if k == "down" and "error" not in d]
