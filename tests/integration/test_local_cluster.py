@@ -106,6 +106,10 @@ def test_console_log_and_monitor(cluster):
     assert r.returncode == 0 and "PCOCC-READY vm0" in r.stdout
     r = cluster.pcocc("monitor-cmd", "-w", "vm0", "info", "status")
     assert r.returncode == 0 and "running" in r.stdout
+    r = cluster.pcocc("monitor-cmd", "vm1", "info", "name")  # the original's form: the VM first
+    assert r.returncode == 0 and r.stdout.strip() == "vm1", r.stdout + r.stderr
+    r = cluster.pcocc("monitor-cmd", "-w", "vm0", "vm1", "info", "name")
+    assert r.returncode == 2 and "two VM lists" in r.stderr
 
 
 def test_dump_and_reset(cluster):

@@ -2,17 +2,15 @@
 their control endpoints (ssh, scp and nc, through the network, are in remote.py)."""
 
 import os
+import re
 import sys
 
 import click
 
 from pcocc.cli import params
 from pcocc.cli.core import pass_app
-from pcocc.cli.pending import pending_command
 from pcocc.errors import NotFoundError, PcoccError, UsageError
 from pcocc.phases import STARTING_PHASES
-
-display = pending_command("display", "Show the remote display of a VM", "remote display support")
 
 
 def job_options(f):
@@ -577,14 +575,27 @@ def reset(app, jobid, jobname, vms):
     _report(app, Targets(app, jobid, jobname, vms).call_all("reset", {}), "reset")
 
 
+_VM_WORD = re.compile(r"vm[0-9]+")
+
+
 @click.command("monitor-cmd", context_settings={"allow_interspersed_args": False})
 @job_options
-@click.option("-w", "--vms", default="vm0", show_default=True, help="VMs: vm0, vm[0-3,5] or all.")
-@click.argument("command", nargs=-1, required=True)
+@click.option("-w", "--vms", default=None, help="VMs: vm0, vm[0-3,5] or all (default: vm0).")
+@click.argument("command", nargs=-1, required=True, metavar="[VM] COMMAND...")
 @pass_app
 def monitor_cmd(app, jobid, jobname, vms, command):
-    """Send COMMAND to the qemu monitor of VMs (e.g. 'info registers')."""
-    results = Targets(app, jobid, jobname, vms).call_all("monitor_cmd", {"command": " ".join(command)})
+    """Send COMMAND to the qemu monitor of VMs (e.g. 'info registers'), as it is.
+
+    The VM may come first, as in the original pcocc: 'pcocc monitor-cmd vm1 info version'
+    is 'pcocc monitor-cmd -w vm1 info version'; 'pcocc monitor-cmd help' asks vm0.
+    """
+    if _VM_WORD.fullmatch(command[0]):
+        if vms is not None:
+            raise UsageError(f"two VM lists: -w {vms} and {command[0]}: give one")
+        vms, command = command[0], command[1:]
+        if not command:
+            raise UsageError(f"no monitor command for {vms} (e.g. 'pcocc monitor-cmd {vms} info version')")
+    results = Targets(app, jobid, jobname, vms or "vm0").call_all("monitor_cmd", {"command": " ".join(command)})
     failed = False
     for name, (ok, res) in results.items():
         if len(results) > 1:
