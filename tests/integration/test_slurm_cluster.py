@@ -199,3 +199,43 @@ def test_alloc_host_script_and_batch_script(site):
     assert entry["state"] == "COMPLETED" and entry["started"] and entry["exit_code"] == 0, entry
     assert not qemu_processes(site.pw.pw_uid)
     assert site.keys(f"/pcocc/users/{site.user}/clusters/") == {}
+
+
+def test_console_from_the_login_node(site):
+    """pcocc console and console -l from a host other than the VM's (the original's rule): here the
+    login node (the host's namespace), the VM on node1, through the VM's control endpoint."""
+    import select
+    import time
+
+    r = site.pcocc("batch", "-N", "1", "-w", "node1", "--mem-per-cpu=256", "--wait", "tiny:1")
+    assert r.returncode == 0, r.stderr
+    jobid = int(r.stdout.split()[0])
+    try:
+        wait_for(lambda: "PCOCC-READY vm0" in site.pcocc("console", "-l", "-j", jobid, "vm0").stdout,
+                 timeout=300, what="the console log, read from the login node")
+        env = {"HOME": str(site.home), "USER": site.user, "PATH": f"{Path(PCOCC).parent}:/usr/bin:/bin:/usr/sbin:/sbin"}
+        proc = subprocess.Popen(["runuser", "-u", site.user, "--", PCOCC, "console", "-j", str(jobid), "vm0"],
+                                env={**os.environ, **site.tc.env, **env}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=site.home, start_new_session=True)
+        try:
+            out, deadline = b"", time.monotonic() + 300
+            proc.stdin.write(b"echo mark-$((6*7))\n")  # the tiny image's root shell on its serial console
+            proc.stdin.flush()
+            while b"mark-42" not in out and time.monotonic() < deadline:
+                if select.select([proc.stdout], [], [], 1.0)[0]:
+                    out += os.read(proc.stdout.fileno(), 4096)
+                if b"mark-42" not in out:
+                    proc.stdin.write(b"\n")  # a prompt, should the first line have come before the shell read
+                    proc.stdin.flush()
+            assert b"mark-42" in out, out[-2000:]
+            proc.stdin.write(b"\x1d")  # Ctrl-] detaches
+            proc.stdin.flush()
+            assert proc.wait(timeout=60) == 0
+            assert b"detached" in proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+    finally:
+        site.tc.run(["scancel", str(jobid)], user=site.user)
+        wait_for(lambda: not site.squeue(), what="the job to end")

@@ -482,3 +482,48 @@ def test_the_endpoint_s_port_is_never_one_the_reverse_nat_takes(creds):
     finally:
         for s in servers:
             s.stop()
+
+
+def test_the_console_ops_reach_a_vm_s_console_from_another_host(creds, tmp_path):
+    """console and console -l from another host than the VM's (the original's): the VM's console
+    socket and log, through its endpoint. Here a unix socket server that echoes stands for qemu's."""
+    import base64
+    from types import SimpleNamespace
+
+    from pcocc.lifecycle.control import ControlHandler
+
+    sock_path = tmp_path / "console.sock"
+    (tmp_path / "console.log").write_bytes(b"boot\nPCOCC-READY vm0\n")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock_path))
+    listener.listen(1)
+
+    def echo():
+        conn, _ = listener.accept()
+        with conn:
+            while data := conn.recv(4096):
+                conn.sendall(data.upper())
+
+    t = threading.Thread(target=echo, daemon=True)
+    t.start()
+    vm = SimpleNamespace(config=SimpleNamespace(name="vm0", path=lambda name: str(tmp_path / name)))
+    srv = start_server(creds, ControlHandler(vm, agent=None, rev=None, images=None, drives=[]))
+    try:
+        with client(creds, srv.address) as c:
+            log = c.call("console_log")
+            assert base64.b64decode(log["data_b64"]) == b"boot\nPCOCC-READY vm0\n" and log["cut"] == 0
+        with client(creds, srv.address) as c:
+            stream = c.stream("console")
+            assert stream.first == {"attached": True}
+            stream.send({"in_b64": base64.b64encode(b"echo hi\r").decode()})
+            got = b""
+            while b"ECHO HI\r" not in got:
+                kind, value = stream.receive(None)
+                assert kind == "event", (kind, value)
+                got += base64.b64decode(value["out_b64"])
+        with client(creds, srv.address, who="stranger") as c:  # another user is refused, as for every op
+            with pytest.raises(PermissionDenied):
+                c.call("console_log")
+    finally:
+        srv.stop()
+        listener.close()

@@ -206,6 +206,15 @@ class Stream:
         """The client's next message (a dict), or None after timeout seconds; raises ClientGone."""
         return self._channel.receive(timeout)
 
+    def fileno(self):
+        """The connection's socket, for select() beside other files (look at ready() first:
+        TLS may hold a decrypted message that select does not see)."""
+        return self._channel.fileno()
+
+    def ready(self):
+        """True when receive(0) has something (a message buffered, or the client's end)."""
+        return self._channel.ready()
+
 
 class Session:
     """The connection a request came on, as its handler sees it (see the module's docstring)."""

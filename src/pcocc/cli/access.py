@@ -514,11 +514,15 @@ class _ExecRun:
 @click.argument("vm", default="vm0")
 @pass_app
 def console(app, jobid, jobname, show_log, vm):
-    """Attach to the serial console of VM (default vm0); Ctrl-] detaches."""
+    """Attach to the serial console of VM (default vm0); Ctrl-] detaches.
+
+    From any host: on the VM's own host through its console socket, from another one (a
+    login node) through the VM's control endpoint, as the original pcocc did.
+    """
     targets = Targets(app, jobid, jobname, vm)
     info = targets.vms[targets.ranks[0]]
     if info.get("host") and info["host"] != app.ctx.hostname:
-        raise PcoccError(f"{info['name']} runs on {info['host']}: run 'pcocc console' there (ssh {info['host']})")
+        return _remote_console(app, targets, info, show_log)
     rundir = info.get("rundir") or os.path.join(targets.info["rundir"], info["name"])
     if show_log:
         try:
@@ -528,6 +532,62 @@ def console(app, jobid, jobname, show_log, vm):
             raise NotFoundError(f"no console log for {info['name']} (is it running?)") from None
         return
     _attach(os.path.join(rundir, "console.sock"), app)
+
+
+def _remote_console(app, targets, vm, show_log):
+    """console and console -l of a VM of another host, through its control endpoint (the ops
+    console_log and console of lifecycle.control)."""
+    from pcocc.agent.endpoint import ControlClient, decode_bytes
+
+    if vm.get("state") not in ("booting", "running") or not vm.get("control"):  # its endpoint answers from booting on
+        raise PcoccError(targets._not_running(vm))
+    creds = targets.creds
+    client = ControlClient(tuple(vm["control"]), ca_pem=creds["ca"], cert_pem=creds["cert"], key_pem=creds["key"])
+    try:
+        if show_log:
+            res = client.call("console_log")
+            if res.get("cut"):
+                app.info(f"pcocc: the first {res['cut']} bytes of {vm['name']}'s console log are left out")
+            app.env.stdout.write(decode_bytes(res["data_b64"]).decode(errors="replace"))
+            return
+        stream = client.stream("console")
+        _attach_stream(stream, app)
+    finally:
+        client.close()
+
+
+def _attach_stream(stream, app):
+    """The terminal loop of _attach, over a console stream of the control endpoint."""
+    import select
+    import termios
+    import tty
+
+    from pcocc.agent.endpoint import decode_bytes, encode_bytes
+
+    app.info("attached to the console; Ctrl-] detaches")
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    try:
+        if saved:
+            tty.setraw(fd)
+        while not stream.done:
+            ready = [stream] if stream.ready() else select.select([stream, fd], [], [])[0]
+            if stream in ready:
+                kind, value = stream.receive(0)
+                if kind == "event" and "out_b64" in value:
+                    os.write(sys.stdout.fileno(), decode_bytes(value["out_b64"]))
+            if fd in ready:
+                data = os.read(fd, 1024)
+                if not data or b"\x1d" in data:
+                    data = data.split(b"\x1d")[0]
+                    if data:
+                        stream.send({"in_b64": encode_bytes(data)})
+                    break
+                stream.send({"in_b64": encode_bytes(data)})
+    finally:
+        if saved:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+    app.info("\ndetached")
 
 
 def _attach(path, app):

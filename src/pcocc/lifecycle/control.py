@@ -230,6 +230,56 @@ class ControlHandler:
     def op_readfile(self, path):
         return {"data_b64": encode_bytes(self.agent.read_file(path))}
 
+    CONSOLE_LOG_MAX = 16 << 20  # bytes of the console log sent back: its end, a guest may print for ever
+
+    def op_console_log(self):
+        """The VM's console log (its last CONSOLE_LOG_MAX bytes): pcocc console -l from another
+        host than the VM's. {"data_b64", "cut": bytes left out at its start}."""
+        path = self.vm.config.path("console.log")
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(max(0, size - self.CONSOLE_LOG_MAX))
+                data = f.read(self.CONSOLE_LOG_MAX)
+        except OSError as exc:
+            raise PcoccError(f"{self.vm.config.name}: no console log: {exc.strerror}") from None
+        return {"data_b64": encode_bytes(data), "cut": max(0, size - self.CONSOLE_LOG_MAX)}
+
+    @streaming
+    def op_console(self, stream):
+        """The VM's serial console, both ways: pcocc console from another host than the VM's.
+
+        Events: {"attached": true} first, then {"out_b64"} as the guest writes. Messages:
+        {"in_b64"} (keystrokes). It ends when the client leaves (Ctrl-] on its side) or the
+        console closes (qemu ended): result {"closed": true}. qemu serves one console client
+        at a time, as on the VM's host."""
+        import select
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.connect(self.vm.config.path("console.sock"))
+        except OSError as exc:
+            sock.close()
+            raise PcoccError(f"{self.vm.config.name}: cannot attach to its console: {exc.strerror}") from None
+        try:
+            stream.send({"attached": True})
+            while True:
+                ready = [stream] if stream.ready() else select.select([sock, stream], [], [], 5.0)[0]
+                if sock in ready:
+                    data = sock.recv(65536)
+                    if not data:
+                        return {"closed": True}
+                    stream.send({"out_b64": encode_bytes(data)})
+                if stream in ready:
+                    msg = stream.receive(0)  # ClientGone when the client left: the console is free again
+                    while msg is not None:
+                        if "in_b64" in msg:
+                            sock.sendall(decode_bytes(msg["in_b64"]))
+                        msg = stream.receive(0)
+        finally:
+            sock.close()
+
     def op_reset(self):
         self.vm.monitor.cmd("system_reset")
         return {}

@@ -103,7 +103,9 @@ def run_vm(ctx, jobid, rank):
         restored = _restart_of(info, rank) if cfg.incoming else None
         agent_state = {"agent": "ready"}
         try:
-            _wait_agent(agent, vm, stop, booting=not cfg.incoming, on_console=lambda: publish("booting", **qemu))
+            # the endpoint answers from now on: console (pcocc console from another host) works while it boots
+            booting = {**qemu, "control": list(server.address)}
+            _wait_agent(agent, vm, stop, booting=not cfg.incoming, on_console=lambda: publish("booting", **booting))
         except AgentAbsent as exc:
             if restored and restored.get("identity"):
                 raise  # an instant VM gets its own identity through its agent: without it, it would be a twin
