@@ -239,6 +239,11 @@ nat-ssh:
     line = next(x for x in r.stderr.splitlines() if "nat-ssh" in x)
     assert f"{path}:2: nat-ssh.type:" in line
     assert "no traffic between VMs" in line and "use type 'ethernet' with network-layer L3" in line
+    # a resource set naming it is told so, not that the network is unknown (the original's sample confs do this)
+    rpath = cli.write("etc/resources.yaml", "cluster:\n  networks:\n    - nat-ssh\n  default: true\n")
+    r = cli("config", "validate")
+    assert f"{rpath}:3: cluster.networks: network 'nat-ssh' is refused in networks.yaml (see its problem)" in r.stderr, r.stderr
+    assert "unknown network" not in r.stderr
 
 
 # ---------------------------------------------------------------- images given as a directory

@@ -86,6 +86,7 @@ class _Loader:
         self.warnings = []  # "file:line: what": accepted, but worth a word (deprecated forms, ignored keys)
         self.files = []
         self.path_values = {"homedir": env.home, "user": env.user}
+        self.refused_networks = set()  # defined in networks.yaml, refused there
 
     def read(self, path):
         """Parsed YAML of a file (None when absent); parse errors are recorded."""
@@ -165,6 +166,7 @@ class _Loader:
         checked = top.check(data, self.at(path, data))
         if checked is INVALID:
             checked = {}
+        self.refused_networks = set(checked)  # each leaves the set once it loads: resources.yaml names the others apart
         for name, net in checked.items():
             raw = data[name]
             line = line_of(data, name)
@@ -183,6 +185,7 @@ class _Loader:
             settings = ntype.settings.check(raw.get("settings"), At(path, line_of(raw, "settings"), f"{name}.settings", self.problems))
             if settings is not INVALID:
                 out[name] = Network(name, ntype.name, settings, path, line)
+        self.refused_networks -= set(out)
         return out
 
     def _deprecated_network(self, path, name, raw, type_name):
@@ -226,7 +229,10 @@ class _Loader:
             for i, net in enumerate(rset["networks"]):
                 if net not in nets:
                     line = line_of(raw.get("networks"), i)
-                    self.problems.append(f"{path}:{line}: {name}.networks: unknown network '{net}' (not in networks.yaml)")
+                    if net in self.refused_networks:  # its own problem is told at its line
+                        self.problems.append(f"{path}:{line}: {name}.networks: network '{net}' is refused in networks.yaml (see its problem)")
+                    else:
+                        self.problems.append(f"{path}:{line}: {name}.networks: unknown network '{net}' (not in networks.yaml)")
             out[name] = ResourceSet(name, tuple(rset["networks"]), rset["default"], path, line_of(data, name))
         return out
 
