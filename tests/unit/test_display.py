@@ -300,3 +300,35 @@ def test_the_relay_s_port_is_outside_the_reverse_nat_ports(tmp_path):
             r.stop()
     with pytest.raises(PcoccError, match=r"the kernel gave 64 ports within the reverse-NAT ranges of networks.yaml"):
         spice.Relay("127.0.0.1", str(tmp_path / "x.sock"), avoid=[(1, 65535)])
+
+
+def test_another_local_user_gets_no_relay_slot_and_a_flood_cannot_kill_the_relay(echo_server, monkeypatch):
+    """Review finding: idle connections of another user exhausted the VM process's descriptors and
+    the relay died for good. Local peers of another uid are reset at once (as by the control
+    endpoint); remote ones beyond MAX_PAIRS evict the oldest; the relay goes on relaying."""
+    from pcocc.agent import endpoint
+
+    relay = spice.Relay("127.0.0.1", echo_server).start()
+    try:
+        monkeypatch.setattr(endpoint, "local_peer_uid", lambda sock: os.geteuid() + 1)  # as if another user
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=60) as c:
+            try:
+                assert c.recv(10) == b""  # reset or closed: never relayed
+            except ConnectionResetError:
+                pass
+        monkeypatch.setattr(endpoint, "local_peer_uid", lambda sock: None)  # remote peers
+        monkeypatch.setattr(spice, "MAX_PAIRS", 4)
+        held = [socket.create_connection(("127.0.0.1", relay.port), timeout=60) for _ in range(10)]
+        try:
+            assert _exchange(relay.port, b"still relayed") == b"still relayed"
+            first = held[0]
+            first.settimeout(60)
+            try:
+                assert first.recv(10) == b""  # the oldest was evicted
+            except ConnectionResetError:
+                pass
+        finally:
+            for s in held:
+                s.close()
+    finally:
+        relay.stop()

@@ -633,9 +633,11 @@ def _kill_vm_processes(store, prefix, timeout=10.0):
 def open_output(path, truncate=True):
     """Open the batch script's output file for writing, as sbatch's --output would, safely in a
     shared directory: never through a symlink, never into a file of another user or one with
-    other names (hard links); an existing file of ours is truncated (truncate=False: appended
-    to). Raises OSError."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (0 if truncate else os.O_APPEND)
+    other names (hard links); an existing file of ours is truncated (truncate=False: kept), and
+    every write appends. Raises OSError."""
+    # O_APPEND always: a batch -E host command and the -b script's output share the file, and
+    # what one writes late must land after the other's, never over it
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_APPEND
     fd = os.open(path, flags, 0o644)
     try:
         st = os.fstat(fd)

@@ -723,6 +723,9 @@ def history(app, jobids, starttime, endtime, states, name, fmt, long_, noheader,
 
     fields = _fields(fmt or HISTORY_DEFAULT, HISTORY_FIELDS, "--format")
     ids = [j for group in jobids for j in group] or None
+    if app.config.batch.type == "local":  # as ps: a cluster whose supervisor died has ended, and is reclaimed into the history
+        with contextlib.suppress(PcoccError):
+            app.ctx.backend().jobs()
     records = hist.list_records(app.ctx.store, app.env.user, jobids=ids, since=starttime, until=endtime,
                                 states=states or None, name=name)
     if as_json:

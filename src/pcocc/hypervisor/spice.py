@@ -13,13 +13,16 @@ Without TLS the display (and keystrokes) cross the network in clear, as in the o
 password itself is sent encrypted with the server's RSA key by the SPICE protocol.
 """
 
+import contextlib
 import errno
 import logging
 import os
 import secrets
 import selectors
 import socket
+import struct
 import threading
+import time
 
 from pcocc.errors import PcoccError
 from pcocc.listen import listen_outside
@@ -68,6 +71,9 @@ def connection_file(display, title):
     ]) + "\n"
 
 
+MAX_PAIRS = 64  # relayed connections at once; a viewer opens about 6 (SPICE channels)
+
+
 class Relay:
     """Relays each TCP connection accepted on (host, port) to the unix socket `target`, in one
     thread (a selector loop: no thread or limit per connection, so that idle connections opened
@@ -83,6 +89,8 @@ class Relay:
         self.host, self.port = host, self._listener.getsockname()[1]
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop = False
+        self._pairs = []  # the client ends of the relayed pairs, oldest first
+        self._warned = -1e9
         self._thread = threading.Thread(target=self._loop, name="spice-relay", daemon=True)
 
     def start(self):
@@ -127,13 +135,21 @@ class Relay:
             conn, _ = self._listener.accept()
         except OSError as exc:  # EMFILE and the like: the connection waits in the backlog
             if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED):
-                log.warning("spice relay: accept: %s", exc.strerror)
+                self._warn(f"accept: {exc.strerror}")
+                time.sleep(0.1)  # no busy loop while the descriptors are out
             return
-        inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if not self._admit(conn):
+            return
+        try:
+            inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            self._warn(f"{self.target}: {exc.strerror}")
+            conn.close()
+            return
         try:
             inner.connect(self.target)  # qemu's socket, on this host: at once
         except OSError as exc:
-            log.warning("spice relay: %s: %s", self.target, exc.strerror)
+            self._warn(f"{self.target}: {exc.strerror}")
             inner.close()
             conn.close()
             return
@@ -143,6 +159,35 @@ class Relay:
             end.sock.setblocking(False)
             ends.add(end)
             end.update(sel)
+        self._pairs.append(a)
+        live = [p for p in self._pairs if not p.done]
+        while len(live) > MAX_PAIRS:  # the oldest goes: a flood of remote peers cannot exhaust the VM's descriptors
+            oldest = live.pop(0)
+            oldest.close(sel)
+            oldest.peer.close(sel)
+        self._pairs = live
+
+    def _admit(self, conn):
+        """False (and the connection reset) for a local peer of another uid: as for the control
+        endpoint, another user of this host never takes a relay slot (agent.endpoint.local_peer_uid)."""
+        from pcocc.agent.endpoint import local_peer_uid
+
+        try:
+            uid = local_peer_uid(conn)
+        except OSError:
+            return True  # unknown: SPICE's password still stands
+        if uid is None or uid == os.geteuid():
+            return True
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+        return False
+
+    def _warn(self, text):
+        now = time.monotonic()
+        if now - self._warned > 60:  # at most a line a minute: a flood must not fill the log
+            self._warned = now
+            log.warning("spice relay: %s", text)
 
 
 class _End:
