@@ -103,3 +103,22 @@ def test_slurm_restart_passes_the_checkpoint_s_resources_to_sbatch(cli, tmp_path
     assert "-pbatch" in passed and "--mem-per-cpu=256" in passed and passed[passed.index("-c") + 1] == "2", passed
     launcher = shlex.split(got[got.index("--wrap") + 1])
     assert launcher[launcher.index("--definition") + 1] == "tiny:1" and launcher[launcher.index("--restart-ckpt") + 1] == str(d)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m.pop("definition"), "'definition' is missing"),
+    (lambda m: m["vms"][0].pop("rank"), "VM 0: its 'rank' is missing"),
+    (lambda m: m["vms"][0].update(template=7), "VM 0: its 'template' is missing or not text"),
+    (lambda m: m.update(overrides=7), "its 'overrides'"),
+    (lambda m: m.update(overrides={"images": 3}), "its 'overrides'"),
+])
+def test_a_manifest_edited_by_hand_is_one_line(site, tmp_path, edit, words):
+    """Review finding: a cut or hand-edited ckpt.json gave internal errors (KeyError, TypeError)."""
+    from pcocc.lifecycle import checkpoint
+
+    d, manifest = _checkpoint(site, tmp_path)
+    edit(manifest)
+    (d / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    r = site("batch", "-r", d)
+    assert r.status != 0 and "internal error" not in r.stderr and words in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) <= 2 and site.backend.submitted == []

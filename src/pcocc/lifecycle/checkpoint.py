@@ -385,7 +385,29 @@ def _read_manifest(directory):
     if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("vms"), list)
             or not all(isinstance(vm, dict) for vm in manifest["vms"])):
         raise CheckpointError(f"{path}: not a checkpoint manifest this pcocc understands")
+    problem = _manifest_problem(manifest)
+    if problem:  # a manifest edited by hand, or cut: one line, never a traceback later on
+        raise CheckpointError(f"{path}: {problem}")
     return manifest
+
+
+def _manifest_problem(manifest):
+    """What is wrong in the shape of a manifest that a restart reads, or None: a definition, each
+    VM's rank, template, vcpus and memory_mb, and the cluster's --image/--mount overrides."""
+    if not isinstance(manifest.get("definition"), str) or not manifest["definition"]:
+        return "its 'definition' is missing or not text"
+    for i, vm in enumerate(manifest["vms"]):
+        for key, kind in (("rank", int), ("template", str), ("settings_digest", str), ("vcpus", int), ("memory_mb", int)):
+            if key in ("vcpus", "memory_mb") and key not in vm:
+                continue  # older manifests: the restart's resources are then given by the user
+            if not isinstance(vm.get(key), kind) or isinstance(vm.get(key), bool):
+                return f"VM {i}: its '{key}' is missing or not {'a number' if kind is int else 'text'}"
+    overrides = manifest.get("overrides")
+    if overrides is not None and (not isinstance(overrides, dict)
+                                  or not isinstance(overrides.get("images") or {}, dict)
+                                  or not isinstance(overrides.get("mounts") or {}, dict)):
+        return "its 'overrides' (--image and --mount) are not {images: {...}, mounts: {...}}"
+    return None
 
 
 def check_restart(manifest, directory, vms, resolved, cpus=None, memory_mb=None):
