@@ -142,6 +142,7 @@ def test_job_ids_job_names_and_vm_names_from_the_store(site):
     assert site.values("exec", "-J", "alpha", "-x", "") == ["vm0", "vm1", "all"]
     assert site.values("exec", "-j", "12", "-w", "vm0,") == ["vm0,vm0", "vm0,vm1", "vm0,vm2"]
     assert site.values("console", "-j", "5", "") == ["vm0", "vm1"]
+    assert site.values("shell", "-j", "5", "") == ["vm0", "vm1"]
     assert site.values("reset", "") == []
     assert site.values("reset", "", PCOCC_JOB_ID="12") == ["vm0", "vm1", "vm2", "all"]
     assert site.values("save", "-j", "12", "vm1") == ["vm1"]

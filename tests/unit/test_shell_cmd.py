@@ -25,3 +25,9 @@ def test_the_guest_command_is_a_login_shell():
     assert shlex.split(shell_command("my shell; rm -rf /")) == ["exec", "my shell; rm -rf /", "-l"]  # one word, quoted
     default = shell_command()
     assert "/etc/passwd" in default and default.endswith('exec "${s:-/bin/sh}" -l')
+
+
+def test_click_s_own_errors_stay_on_one_line(cli):
+    """A missing choice argument: click lays the choices out on lines of their own; one line here."""
+    r = cli("completion")
+    assert r.status == 2 and r.stderr.splitlines()[0] == "pcocc: error: Missing argument '{bash|zsh}'. Choose from: bash, zsh", r.stderr

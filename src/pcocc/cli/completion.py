@@ -318,7 +318,8 @@ def _completer_for(path, param):
     metavar = param.metavar or ""
     if "DEFINITION" in metavar:
         return _definition
-    by_name = {"vm": _vm, "vms": _vmset, "job_args": _jobids, "ssh_args": _ssh, "scp_args": _scp, "nc_args": _nc}
+    by_name = {"vm": _vm, "vms": _vmset, "job_args": _jobids, "ssh_args": _ssh, "scp_args": _scp, "nc_args": _nc,
+               "target": _vm}  # pcocc shell [LOGIN@]vmN
     if param.name in by_name:
         return by_name[param.name]
     if path == ("cp",) and param.name == "paths":

@@ -178,7 +178,10 @@ def _run(app, argv, env, debug):
         # non-standalone click returns what a command raised as click.exceptions.Exit(code)
         return rv if isinstance(rv, int) else ExitStatus.OK
     except click.ClickException as exc:  # usage errors: exit 2 with a hint
-        env.stderr.write(f"pcocc: error: {one_line(exc.format_message())}\n")
+        # click lays out the choices of an option on lines of their own ("Choose from:\n\tbash,\n\tzsh"):
+        # on one line here; any other control character (a user's value) stays escaped
+        message = exc.format_message().replace(":\n\t", ": ").replace(",\n\t", ", ")
+        env.stderr.write(f"pcocc: error: {one_line(message)}\n")
         if exc.ctx is not None and isinstance(exc, click.UsageError):
             env.stderr.write(f"Try '{exc.ctx.command_path} --help' for help.\n")
         return exc.exit_code
