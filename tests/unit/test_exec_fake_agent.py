@@ -147,9 +147,35 @@ class LocalAgent:
             os.close(fd)
         self.files.clear()
         for proc in self.procs.values():
+            # the whole tree, by pid: a runner leaves children that wait on FIFOs (they outlived the tests)
+            for pid in _descendants(proc.popen.pid):
+                try:
+                    os.kill(pid, 9)
+                except OSError:
+                    pass
             if proc.popen.poll() is None:
                 try:
                     os.killpg(proc.popen.pid, 9)
                 except OSError:
                     proc.popen.kill()
             proc.popen.wait()
+
+
+def _descendants(pid):
+    """The pids of pid's children, grandchildren... (from /proc/PID/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
