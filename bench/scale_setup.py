@@ -25,6 +25,7 @@ Results: bench/results/scale_setup.md, .json and .png (bench/plot.py). Everythin
 """
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -118,19 +119,12 @@ def main():
     sizes = [int(h) for h in args.hosts.split(",")]
     kept = {}
     if args.merge:
-        import json
-
         with open(os.path.join(args.out, "scale_setup_runs.json")) as f:
             kept = {int(h): runs for h, runs in json.load(f).items() if int(h) not in sizes or args.append}
     if args.render:
         with open(os.path.join(args.out, "scale_setup_runs.json")) as f:
-            kept = {int(h): runs for h, runs in __import__("json").load(f).items()}
-        results, rows, prev = [], [], None
-        for h in sorted(kept):
-            results.append({"hosts": h, "runs": kept[h]})
-            r, prev = row(h, kept[h], prev)
-            rows.append(r)
-        write(rows, results, args)
+            kept = {int(h): runs for h, runs in json.load(f).items()}
+        write_all(kept, args)
         return 0
     etcd_dir = tempfile.mkdtemp(prefix="scale-setup-etcd-")
     try:
@@ -144,12 +138,17 @@ def run_sizes(Etcd3, etcd_dir, sizes, kept, args):
     with Etcd3(etcd_dir) as cluster:
         for hosts in sizes:
             kept[hosts] = kept.get(hosts, []) + one_size(cluster.endpoints, hosts, args.reps, args.workers, args.cap)
-            results, rows, prev = [], [], None
-            for h in sorted(kept):
-                results.append({"hosts": h, "runs": kept[h]})
-                r, prev = row(h, kept[h], prev)
-                rows.append(r)
-            write(rows, results, args)
+            write_all(kept, args)  # after each size: a cut run keeps what it measured
+
+
+def write_all(kept, args):
+    """The table and figure of every size kept ({hosts: [runs]}), growth against the size before."""
+    results, rows, prev = [], [], None
+    for h in sorted(kept):
+        results.append({"hosts": h, "runs": kept[h]})
+        r, prev = row(h, kept[h], prev)
+        rows.append(r)
+    write(rows, results, args)
 
 
 def write(rows, results, args):

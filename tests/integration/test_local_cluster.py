@@ -10,7 +10,7 @@ import time
 import pytest
 from waiting import wait_for
 
-from local_site import LocalSite
+from local_site import PCOCC, LocalSite
 from pcocc.errors import ExitStatus
 
 pytestmark = pytest.mark.integration
@@ -110,6 +110,29 @@ def test_console_log_and_monitor(cluster):
     assert r.returncode == 0 and r.stdout.strip() == "vm1", r.stdout + r.stderr
     r = cluster.pcocc("monitor-cmd", "-w", "vm0", "vm1", "info", "name")
     assert r.returncode == 2 and "two VM lists" in r.stderr
+
+
+def test_console_attach_on_the_vm_s_host(cluster):
+    """pcocc console on the VM's own host: keystrokes reach the guest's serial shell, Ctrl-] detaches."""
+    import select
+
+    proc = subprocess.Popen([str(PCOCC), "console", "vm0"], env=cluster.environ, cwd=cluster.root,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, deadline = b"", time.monotonic() + 300
+        while b"mark-42" not in out and time.monotonic() < deadline:
+            proc.stdin.write(b"echo mark-$((6*7))\n")  # the tiny image's root shell on its serial console
+            proc.stdin.flush()
+            while select.select([proc.stdout], [], [], 2.0)[0] and b"mark-42" not in out:
+                out += os.read(proc.stdout.fileno(), 4096)
+        assert b"mark-42" in out, out[-2000:]
+        proc.stdin.write(b"\x1d")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0 and b"detached" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
 
 
 def test_dump_and_reset(cluster):

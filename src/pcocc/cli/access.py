@@ -557,50 +557,43 @@ def _remote_console(app, targets, vm, show_log):
 
 
 def _attach_stream(stream, app):
-    """The terminal loop of _attach, over a console stream of the control endpoint."""
-    import select
-    import termios
-    import tty
-
+    """The console over a console stream of the control endpoint (another host's VM)."""
     from pcocc.agent.endpoint import decode_bytes, encode_bytes
 
-    app.info("attached to the console; Ctrl-] detaches")
-    fd = sys.stdin.fileno()
-    saved = termios.tcgetattr(fd) if os.isatty(fd) else None
-    try:
-        if saved:
-            tty.setraw(fd)
-        while not stream.done:
-            ready = [stream] if stream.ready() else select.select([stream, fd], [], [])[0]
-            if stream in ready:
-                kind, value = stream.receive(0)
-                if kind == "event" and "out_b64" in value:
-                    os.write(sys.stdout.fileno(), decode_bytes(value["out_b64"]))
-            if fd in ready:
-                data = os.read(fd, 1024)
-                if not data or b"\x1d" in data:
-                    data = data.split(b"\x1d")[0]
-                    if data:
-                        stream.send({"in_b64": encode_bytes(data)})
-                    break
-                stream.send({"in_b64": encode_bytes(data)})
-    finally:
-        if saved:
-            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-    app.info("\ndetached")
+    def receive():
+        if stream.done:
+            return None
+        kind, value = stream.receive(0)
+        return decode_bytes(value["out_b64"]) if kind == "event" and "out_b64" in value else b""
+
+    _terminal_loop(app, stream, receive, lambda data: stream.send({"in_b64": encode_bytes(data)}), stream.ready)
 
 
 def _attach(path, app):
-    import select
+    """The console through the VM's console socket (a VM of this host)."""
     import socket
-    import termios
-    import tty
 
     sock = socket.socket(socket.AF_UNIX)
     try:
         sock.connect(path)
     except OSError as exc:
         raise PcoccError(f"cannot attach to the console {path}: {exc.strerror} (is the VM running?)") from None
+    try:
+        _terminal_loop(app, sock, lambda: sock.recv(4096) or None, sock.sendall)
+    finally:
+        sock.close()
+
+
+def _terminal_loop(app, source, receive, send, buffered=lambda: False):
+    """The local terminal (raw when it is one) joined to a console until Ctrl-] or its end.
+
+    source: a selectable object; receive() -> the console's bytes (b"": nothing this time,
+    None: it ended); send(bytes): keystrokes to it; buffered(): whether receive() has data
+    select() cannot see (TLS)."""
+    import select
+    import termios
+    import tty
+
     app.info("attached to the console; Ctrl-] detaches")
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd) if os.isatty(fd) else None
@@ -608,21 +601,24 @@ def _attach(path, app):
         if saved:
             tty.setraw(fd)
         while True:
-            ready, _, _ = select.select([sock, fd], [], [])
-            if sock in ready:
-                data = sock.recv(4096)
-                if not data:
+            ready = [source] if buffered() else select.select([source, fd], [], [])[0]
+            if source in ready:
+                data = receive()
+                if data is None:
                     break
-                os.write(sys.stdout.fileno(), data)
+                if data:
+                    os.write(sys.stdout.fileno(), data)
             if fd in ready:
                 data = os.read(fd, 1024)
                 if not data or b"\x1d" in data:
+                    keys = data.split(b"\x1d")[0]
+                    if keys:  # what came before Ctrl-] still goes
+                        send(keys)
                     break
-                sock.sendall(data)
+                send(data)
     finally:
         if saved:
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-        sock.close()
     app.info("\ndetached")
 
 
