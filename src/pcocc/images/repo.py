@@ -384,8 +384,14 @@ class Repository:
         for r in revs:
             if r.revision == revision:
                 return r
-        gone = " was deleted (numbers are never reused)" if revision <= max(self.high_water(name), revs[-1].revision) else " does not exist"
-        raise NotFoundError(f"revision {revision} of image '{self.name}:{name}'{gone} (revisions: {', '.join(str(r.revision) for r in revs)})")
+        raise NotFoundError(f"revision {revision} of image '{self.name}:{name}'{self._why_missing(name, revision, revs)} "
+                            f"(revisions: {', '.join(str(r.revision) for r in revs)})")
+
+    def _why_missing(self, name, revision, revs):
+        """Why a revision absent from revs (the image's, oldest first) is missing: deleted (below
+        the high-water mark: numbers are never reused) or never made."""
+        deleted = revision <= max(self.high_water(name), revs[-1].revision)
+        return " was deleted (numbers are never reused)" if deleted else " does not exist"
 
     def high_water(self, name):
         """The highest revision number image name ever had (published, then deleted), or -1."""

@@ -280,16 +280,10 @@ class UpstreamRepository(Repository):
         if metas and all(m["kind"] != KIND_VM for m in metas):
             raise UsageError(f"image '{self.name}:{name}' is a '{metas[-1]['kind']}' image of the original pcocc (a container): "
                              "pcocc runs VM images only")
-        revs = self.revisions(name)
-        if not revs:
-            raise NotFoundError(f"no image '{name}' in repository '{self.name}'")
-        if revision is None:
-            return revs[-1]
-        for r in revs:
-            if r.revision == revision:
-                return r
-        raise NotFoundError(f"revision {revision} of image '{self.name}:{name}' does not exist "
-                            f"(revisions: {', '.join(str(r.revision) for r in revs)})")
+        return super().get(name, revision)
+
+    def _why_missing(self, name, revision, revs):
+        return " does not exist"  # the original gives a deleted revision's number again
 
     def high_water(self, name):
         """Always -1: the original gives a deleted top revision's number again."""
