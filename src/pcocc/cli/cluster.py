@@ -143,19 +143,41 @@ def _split(app, args, restart_ckpt=None):
     With -r DIR, DEFINITION may be left out, and so may the cores and memory per VM:
     they are the checkpoint's (its manifest), added to the batch options when none
     of them is given (restart_options). The last argument is then the DEFINITION
-    only when it is one (its templates exist); else it is a batch option's value.
+    only when it is one (its templates exist) and is not the value of the option
+    before it (-J NAME, where NAME may be a template's name too).
     """
+    slurm = app.config.batch.type == "slurm"
+    last_is_value = len(args) >= 2 and _takes_value(args[-2], slurm)
     if restart_ckpt:
         from pcocc.lifecycle import checkpoint
 
         manifest = checkpoint.load(os.path.abspath(restart_ckpt))
         definition = None
-        if args and not args[-1].startswith("-") and _is_definition(app, args[-1]):
+        if args and not args[-1].startswith("-") and not last_is_value and _is_definition(app, args[-1]):
             args, definition = args[:-1], args[-1]
-        return restart_options(list(args), manifest, app.config.batch.type == "slurm"), definition or manifest["definition"]
-    if not args:
+        return restart_options(list(args), manifest, slurm), definition or manifest["definition"]
+    if not args or last_is_value:
         raise UsageError("missing the cluster DEFINITION (e.g. tiny:3)")
     return list(args[:-1]), args[-1]
+
+
+# Options of the batch system that take the next argument as their value when it is not
+# attached (-J NAME, --job-name NAME): the local backend's, and sbatch(1)'s and salloc(1)'s
+# (SLURM 22.05) with a required value; those whose value is optional take it only attached.
+_LOCAL_VALUE_OPTIONS = {"-J", "--job-name", "-c", "--cpus-per-vm", "-m", "--mem-per-core"}
+_SLURM_VALUE_OPTIONS = {f"-{c}" for c in "ABCDFGJLMNSabcdeimnopqtwx"} | {"--" + o for o in (
+    "account acctg-freq array batch bb bbf begin chdir cluster-constraint clusters comment constraint container "
+    "core-spec cores-per-socket cpu-freq cpus-per-gpu cpus-per-task deadline delay-boot dependency distribution error "
+    "exclude export export-file extra-node-info gid gpu-bind gpu-freq gpus gpus-per-node gpus-per-socket gpus-per-task "
+    "gres gres-flags hint input job-name kill-on-invalid-dep licenses mail-type mail-user mcs-label mem mem-bind "
+    "mem-per-cpu mem-per-gpu mincpus network nodefile nodelist nodes ntasks ntasks-per-core ntasks-per-gpu "
+    "ntasks-per-node ntasks-per-socket open-mode output partition power prefer priority profile qos reservation "
+    "signal sockets-per-node switches thread-spec threads-per-core time time-min tmp uid wait-all-nodes wckey wrap").split()}
+
+
+def _takes_value(arg, slurm):
+    """Whether arg, an option typed without its value attached, takes the next argument as its value."""
+    return arg in (_SLURM_VALUE_OPTIONS if slurm else _LOCAL_VALUE_OPTIONS)
 
 
 def _is_definition(app, text):
@@ -176,7 +198,13 @@ def restart_options(batch_opts, manifest, slurm):
     """batch_opts plus the checkpointed cluster's cores and memory per VM, each unless given:
     SLURM: -c VCPUS and --mem-per-cpu=MiB (sbatch(1), salloc(1)); one host: -c VCPUS and
     -m MiB per core. Only when every VM of the checkpoint had the same (else the restart
-    check names what to give)."""
+    check names what to give).
+
+    The memory asked for is the checkpoint's exactly, as the restart checks it (a VM restores
+    only into the memory size it was checkpointed with): a memory that is not a whole number
+    of MiB per core (a SLURM --mem per node shared by its tasks) is asked as SLURM's --mem
+    with one VM per node (--ntasks-per-node=1), where the node's memory is the VM's; on one
+    host, only MiB per core can be asked: nothing is added, and the restart check says why."""
     sizes = {(vm.get("vcpus"), vm.get("memory_mb")) for vm in manifest.get("vms") or []}
     if len(sizes) != 1:
         return batch_opts
@@ -188,9 +216,55 @@ def restart_options(batch_opts, manifest, slurm):
     if not _given(batch_opts, _CPU_OPTIONS[kind]):
         out += ["-c", str(vcpus)]
     if not _given(batch_opts, _MEM_OPTIONS[kind]):
-        per_core = -(-memory_mb // vcpus)
-        out += [f"--mem-per-cpu={per_core}"] if slurm else ["-m", str(per_core)]
+        if memory_mb % vcpus == 0:
+            per_core = memory_mb // vcpus
+            out += [f"--mem-per-cpu={per_core}"] if slurm else ["-m", str(per_core)]
+        elif slurm and not _given(batch_opts, ("--ntasks-per-node",)):
+            out += ["--ntasks-per-node=1", f"--mem={memory_mb}"]
     return out
+
+
+def _slurm_size(batch_opts):
+    """(cores, memory MiB) per VM that sbatch/salloc options ask for, each None when they do not
+    say it in a way known here: -c/--cpus-per-task (default 1), and --mem-per-cpu (MiB, or
+    with a K, M, G or T suffix) times the cores (pcocc.hypervisor.topology.task_slice)."""
+    cpus = _option_value(batch_opts, ("-c", "--cpus-per-task"))
+    cpus = 1 if cpus is None else int(cpus) if cpus.isascii() and cpus.isdigit() else None
+    per_cpu = _option_value(batch_opts, ("--mem-per-cpu",))
+    memory = None
+    if per_cpu and cpus:
+        import re
+
+        m = re.fullmatch(r"([0-9]+)([KMGT]?)[Bb]?", per_cpu.strip(), re.I)
+        if m and int(m.group(1)) > 0:  # 0: all of the node's memory (sbatch(1)): not known here
+            kib = int(m.group(1)) * 1024 ** "KMGT".index((m.group(2) or "M").upper())
+            memory = kib // 1024 * cpus if kib % 1024 == 0 else None
+    if _option_value(batch_opts, ("--mem", "--mem-per-gpu")) is not None:
+        memory = None  # which one SLURM takes is its business: not checked here
+    return cpus, memory
+
+
+def _option_value(args, names):
+    """The value of the last of the options names in args (-c4, -c 4, --opt=4, --opt 4), or None."""
+    value = None
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            break
+        for n in names:
+            if a == n and i + 1 < len(args):
+                value = args[i + 1]
+                i += 1
+                break
+            if n.startswith("--") and a.startswith(n + "="):
+                value = a[len(n) + 1:]
+                break
+            if len(n) == 2 and a.startswith(n) and not a.startswith("--") and len(a) > 2:
+                value = a[2:]
+                break
+        i += 1
+    return value
 
 
 def _given(args, names):
@@ -221,7 +295,7 @@ def _prepare(app, definition, user_data, images, mounts, restart_ckpt, cpus=None
     resolved = {name: tset.resolve(name) for name in {v.template for v in vms}}
     names = [v.template for v in vms]
     image_opts = templates.parse_image_options(images, names)
-    mount_opts = templates.parse_mount_options(mounts, os.getcwd(), check_dir=app.config.batch.type != "slurm")
+    mount_opts = _mount_options(mounts, check_dir=app.config.batch.type != "slurm")
     restart = None
     if restart_ckpt:
         from pcocc.lifecycle import checkpoint
@@ -242,6 +316,22 @@ def _prepare(app, definition, user_data, images, mounts, restart_ckpt, cpus=None
         resolved = templates.apply_overrides(resolved, overrides)
     _check_user_data(app, user_data, vms, resolved)
     return vms, resolved, overrides, restart
+
+
+def _mount_options(values, check_dir):
+    """templates.parse_mount_options of --mount values; check_dir (the VMs run on this host):
+    each PATH must be a directory here, and a refusal says what it is instead."""
+    from pcocc import pathtpl, templates
+
+    mounts = templates.parse_mount_options(values, os.getcwd())
+    if check_dir:
+        for value in values:
+            tag, _ = templates.parse_mount_option(value, os.getcwd())
+            path = pathtpl.expand(mounts[tag]["path"], {}, {})  # as typed (kept literal for the path templates)
+            if not os.path.isdir(path):
+                what = "not a directory" if os.path.exists(path) else "no such directory"
+                raise UsageError(f"--mount {value}: {what}: {path}")
+    return mounts
 
 
 def _instant(app, resolved, cpus, memory_mb, excluded=None):
@@ -283,9 +373,11 @@ def _submit_local(app, definition, batch_opts, user_data, images=(), mounts=(), 
 
 
 def _slurm_opts(app, definition, batch_opts, user_data, images=(), mounts=(), restart_ckpt=None, **launcher_opts):
-    """(number of VMs, launcher options) for a SLURM submission; checks the definition first
-    (the launcher checks a restart's checkpoint again)."""
-    vms, _, overrides, restart = _prepare(app, definition, user_data, images, mounts, restart_ckpt)
+    """(number of VMs, launcher options) for a SLURM submission; checks the definition first,
+    and a restart's cores and memory per VM when the options say them (_slurm_size); the
+    launcher checks the checkpoint again, and each VM its own slice."""
+    cpus, memory_mb = _slurm_size(batch_opts) if restart_ckpt else (None, None)
+    vms, _, overrides, restart = _prepare(app, definition, user_data, images, mounts, restart_ckpt, cpus, memory_mb)
     name = _slurm_name(batch_opts) or "pcocc"
     return len(vms), {"name": name, "user_data": os.path.abspath(user_data) if user_data else None,
                       "restart_dir": restart["dir"] if restart else None, "overrides": overrides, **launcher_opts}
@@ -298,8 +390,16 @@ def script_command(path, option):
     import shlex
 
     path = os.path.abspath(path)
+    return shlex.join(_interpreter(path, option) + [path])
+
+
+def _interpreter(path, option):
+    """[] for an executable file, else the argv of its #! line's interpreter (which then runs
+    it); UsageError (one line) when it is neither executable nor has a #! line."""
+    import shlex
+
     if os.access(path, os.X_OK):
-        return shlex.quote(path)
+        return []
     try:
         with open(path, "rb") as f:
             first = f.readline(4096)
@@ -308,16 +408,17 @@ def script_command(path, option):
     if not first.startswith(b"#!") or not first[2:].strip():
         raise UsageError(f"{option} {path}: not executable and has no #! line (chmod +x it)")
     try:
-        interpreter = shlex.split(first[2:].decode("utf-8", "strict").strip())
+        return shlex.split(first[2:].decode("utf-8", "strict").strip())
     except (UnicodeDecodeError, ValueError):
         raise UsageError(f"{option} {path}: its #! line cannot be read") from None
-    return shlex.join([*interpreter, path])
 
 
 def command_line(text, option):
     """argv of a command line given to an option (alloc -E), split as a shell does (shlex,
-    as the original pcocc splits it): "mpirun ./a.out", or a path. Its command must be an
-    executable file (a name without / is looked up in PATH). UsageError (one line) if not."""
+    as the original pcocc splits it): "mpirun ./a.out", or a script's path. Its command must
+    be a file (a name without / is looked up in PATH) that is executable or, as batch -E
+    takes it (script_command), a script with a #! line, then run by its interpreter.
+    UsageError (one line) if not."""
     import shlex
     import shutil
 
@@ -330,21 +431,20 @@ def command_line(text, option):
     cmd = argv[0]
     if "/" not in cmd:
         if shutil.which(cmd) is None:
-            raise UsageError(f"{option}: command not found: {cmd}")
-    elif not os.path.isfile(cmd):
+            here = f" (the file here is ./{cmd})" if os.path.isfile(cmd) else ""
+            raise UsageError(f"{option}: command not found: {cmd}{here}")
+        return argv
+    if not os.path.isfile(cmd):
         raise UsageError(f"{option}: no such file: {cmd}")
-    elif not os.access(cmd, os.X_OK):
-        raise UsageError(f"{option} {cmd}: not executable (chmod +x it)")
-    return argv
+    return _interpreter(cmd, option) + argv
 
 
-def _progress(app, jobid, what="VMs running"):
-    start = time.monotonic()
+def _start_progress(app, backend, jobid, until="running"):
+    """The start's progress (pcocc.cli.progress.start_progress): a context manager yielding the
+    callback for backend.wait_ready; the VM records are read from the store as it goes."""
+    from pcocc.cli.progress import start_progress
 
-    def show(running, total):
-        app.info(f"cluster {jobid}: {running}/{total} {what} ({time.monotonic() - start:.1f} s)")
-
-    return show
+    return start_progress(app, f"cluster {jobid}", lambda: backend.job(jobid)[1], until=until)
 
 
 @click.command(cls=params.PassthroughCommand, context_settings=_PASSTHROUGH, help="Run a virtual cluster and a shell in its allocation; the cluster ends with the shell.\n" + _ALLOC_HELP.format(cmd="salloc"))
@@ -359,8 +459,11 @@ def alloc(app, restart_ckpt, boot, user_data, images, mounts, alloc_script, args
     # checked before anything starts, not once the cluster runs
     argv = command_line(alloc_script, "-E/--alloc-script") if alloc_script is not None else None
     if app.config.batch.type == "slurm":
+        import shlex
+
+        # the launcher runs the command line as it is split here (a script through its #! line)
         n_vms, opts = _slurm_opts(app, definition, batch_opts, user_data, images, mounts, restart_ckpt,
-                                  host_script=alloc_script, boot=boot)
+                                  host_script=shlex.join(argv) if argv else None, boot=boot)
         argv = app.ctx.backend().interactive_allocation(n_vms, definition, opts, batch_opts)
         os.execvp(argv[0], argv)
     # held: the cluster ends with this process, however it ends (exit, SIGHUP, SIGTERM, SIGKILL)
@@ -371,13 +474,15 @@ def alloc(app, restart_ckpt, boot, user_data, images, mounts, alloc_script, args
         app.info(f"cluster {jobid} starting")
         # the shell or -E starts once every qemu runs, as in the original; the guest agents answer
         # later (exec waits for them; ps --vms shows them)
-        backend.wait_ready(jobid, _progress(app, jobid, "VMs with qemu running"), warn=app.warn, until="qemu")
+        with _start_progress(app, backend, jobid, until="qemu") as progress:
+            backend.wait_ready(jobid, progress, warn=app.warn, until="qemu")
         from pcocc.lifecycle import allocshell
 
-        env = dict(app.env.environ, **allocshell.cluster_environ(app.env, jobid, name, *backend.job(jobid)))
+        info, vms = backend.job(jobid)
+        env = dict(app.env.environ, **allocshell.cluster_environ(app.env, jobid, name, info, vms))
         rcfile = None
-        if not argv:
-            argv, env, rcfile = allocshell.shell_command(app.env, jobid, env)
+        if not argv:  # its rc file in the cluster's run dir: removed with the cluster, however this process ends
+            argv, env, rcfile = allocshell.shell_command(app.env, jobid, env, info.get("rundir"))
             app.info(f"cluster {jobid} ready: a shell in its allocation; exit it to end the cluster")
         try:
             code = subprocess.call(argv, env=env)
@@ -410,7 +515,8 @@ def alloc(app, restart_ckpt, boot, user_data, images, mounts, alloc_script, args
 @click.option("-E", "--host-script", type=params.Path(exists=True, dir_okay=False),
               help="Run this script on the first host once the cluster runs; the cluster ends with it, "
                    "or, with -b, with the -b script (as in the original pcocc), which stops it (SIGTERM) if it still runs.")
-@click.option("--wait", is_flag=True, help="Return only when every VM runs (the job id is printed first).")
+@click.option("--wait", is_flag=True, help="Return only when every VM runs (the job id is printed first); the VMs' phases are shown as they go "
+                   "(a live line on a terminal, else a line per change).")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[BATCH_OPTIONS]... [DEFINITION]")
 @pass_app
 def batch(app, restart_ckpt, boot, user_data, images, mounts, batch_script, host_script, wait, args):
@@ -429,7 +535,8 @@ def batch(app, restart_ckpt, boot, user_data, images, mounts, batch_script, host
         app.out(str(jobid))
         app.env.stdout.flush()
         if wait:
-            backend.wait_ready(jobid, _progress(app, jobid), timeout=3600, warn=app.warn)
+            with _start_progress(app, backend, jobid) as progress:
+                backend.wait_ready(jobid, progress, timeout=3600, warn=app.warn)
     except KeyboardInterrupt:  # as sbatch: the job is submitted, only the waiting stops
         app.info(f"cluster {jobid} goes on (stop it with 'pcocc cancel -j {jobid}')")
         raise

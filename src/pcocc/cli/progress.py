@@ -1,4 +1,5 @@
-"""A one-line progress bar on stderr, shown only when stderr is a terminal."""
+"""Progress on stderr: a one-line bar shown only on a terminal (image import, export), and a
+cluster's start (pcocc.phases.start_line: a live line on a terminal, log lines elsewhere)."""
 
 import contextlib
 
@@ -26,3 +27,14 @@ def progress_bar(app, label):
         if last[0] >= 0:
             err.write("\n")
             err.flush()
+
+
+def start_progress(app, prefix, fetch=None, until="running", interval=0.5):
+    """pcocc.phases.start_line() on the CLI's stderr: a live line on a terminal, else log
+    lines (app.info); nothing with -q. A context manager yielding the progress callback."""
+    if app.verbosity < 0:
+        return contextlib.nullcontext(lambda running=None, total=None, vms=None: None)
+    from pcocc.phases import start_line
+
+    return start_line(app.env.stderr, prefix, app.info, tty=app.env.stderr_is_tty(), fetch=fetch, until=until,
+                      interval=interval)

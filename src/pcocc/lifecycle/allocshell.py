@@ -12,7 +12,8 @@ A batch script (-b) in vm0 gets all but PCOCC_ALLOCATION and PCOCC_SSH_CONFIG (p
 Prompt: the original pcocc prefixed the shell's prompt with "(pcocc/JOBID) " through
 PROMPT_COMMAND, which a user's ~/.bashrc may reset and other shells ignore. Here the
 user's rc files are read as usual and never written: bash starts with --rcfile, a file
-of ours (in the user's private run dir) that reads ~/.bashrc and then prefixes PS1;
+of ours (in the cluster's run dir on one host, removed with the cluster however alloc
+ends; else in the user's private run dir) that reads ~/.bashrc and then prefixes PS1;
 POSIX shells (sh, dash, ash, ksh, mksh) read the file named by $ENV, so ENV points at
 ours, which reads the user's own $ENV (kept in PCOCC_USER_ENV) first. Other shells (zsh,
 fish, csh...) get the original's PROMPT_COMMAND only, which they ignore: their prompt is
@@ -22,6 +23,7 @@ their own.
 import contextlib
 import logging
 import os
+import re
 import shlex
 
 from pcocc.errors import PcoccError
@@ -57,11 +59,15 @@ def cluster_environ(env, jobid, name, info=None, vms=()):
     return out
 
 
-def shell_command(env, jobid, environ):
+def shell_command(env, jobid, environ, directory=None):
     """(argv, environ, rcfile) that start the user's interactive shell ($SHELL, else /bin/sh) with
     the "(pcocc/JOBID) " prompt; rcfile: the file of ours to remove once the shell ended, or None.
 
     environ: the variables the shell gets (cluster_environ() included); a new dict is returned.
+    directory: where the rc file goes: the cluster's own run dir when it has one on this host
+    (the local backend's: removed with the cluster, so that nothing is left however the CLI
+    ends, a SIGKILL included); else the user's private run dir, where a file whose process
+    is gone is removed by the next one written (_write_rcfile).
     """
     shell = environ.get("SHELL") or "/bin/sh"
     kind = os.path.basename(shell)
@@ -71,7 +77,7 @@ def shell_command(env, jobid, environ):
         environ.pop("PROMPT_COMMAND")  # our PS1 says it: not twice
         text = ('[ -f ~/.bashrc ] && . ~/.bashrc\n'
                 f'PS1={shlex.quote(prefix)}"${{PS1-\\s-\\v\\$ }}"\n')
-        rcfile = _write_rcfile(env, jobid, "bashrc", text)
+        rcfile = _write_rcfile(env, jobid, "bashrc", text, directory)
         return [shell, "--rcfile", rcfile], environ, rcfile
     if kind in _POSIX_SHELLS:
         environ.pop("PROMPT_COMMAND")
@@ -80,21 +86,44 @@ def shell_command(env, jobid, environ):
             environ["PCOCC_USER_ENV"] = user_env
         text = ('if [ -n "${PCOCC_USER_ENV:-}" ] && [ -r "$PCOCC_USER_ENV" ]; then . "$PCOCC_USER_ENV"; fi\n'
                 f'PS1={shlex.quote(prefix)}"${{PS1-\\$ }}"\n')
-        rcfile = _write_rcfile(env, jobid, "shrc", text)
+        rcfile = _write_rcfile(env, jobid, "shrc", text, directory)
         environ["ENV"] = rcfile
         return [shell], environ, rcfile
     return [shell], environ, None
 
 
-def _write_rcfile(env, jobid, kind, text):
-    """A file of ours in the user's private run dir (never a predictable path in a shared directory)."""
+def _write_rcfile(env, jobid, kind, text, directory=None):
+    """A file of ours, never at a predictable path in a shared directory: in directory (the
+    cluster's private run dir) if given, else in the user's private run dir. Its name holds our
+    pid and its start time, by which the files of processes that died without removing
+    theirs (a SIGKILL) are found and removed here."""
     from pcocc.fsutil import private_dir
+    from pcocc.procs import process_start
 
-    d = private_dir(os.path.join(env.run_dir, "shell"))
-    path = os.path.join(d, f"{kind}-{int(jobid)}-{os.getpid()}")
-    with open(path, "w") as f:
+    pid = os.getpid()
+    d = directory or private_dir(os.path.join(env.run_dir, "shell"))
+    if not directory:
+        _remove_orphans(d)
+    path = os.path.join(d, f"{kind}-{int(jobid)}-{pid}-{process_start(pid)}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
         f.write(text)
     return path
+
+
+_RCFILE = re.compile(r"(?:bash|sh)rc-[0-9]+-([0-9]+)-([0-9]+|None)")
+
+
+def _remove_orphans(directory):
+    """Remove the rc files of directory whose process (pid and start time in the name) is gone."""
+    from pcocc.procs import pid_alive
+
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            m = _RCFILE.fullmatch(name)
+            if m and not pid_alive(int(m.group(1)), None if m.group(2) == "None" else int(m.group(2))):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
 
 
 def remove_rcfile(rcfile):
