@@ -24,6 +24,7 @@ from pcocc.names import one_line
 
 VIEWER = "remote-viewer"
 _QEMU_UP = ("qemu-start", "restoring", "booting", "running")  # VM states in which its qemu serves the display
+_STARTING = ("pending", "starting", "restoring")  # before its display record (published with "qemu-start": lifecycle.vmrun)
 _PASSWORD = re.compile(r"[A-Za-z0-9_-]{16,60}")  # what spice.write_password makes (SPICE takes up to 60 bytes)
 
 
@@ -49,6 +50,9 @@ def vm_display(info, vms, vm_name, here):
     display = vm.get("display")
     if vm.get("state") not in _QEMU_UP or not isinstance(display, dict):
         state = one_line(str(vm.get("state")))
+        if vm.get("state") in _STARTING:  # its display is published with its qemu ("qemu-start")
+            raise PcoccError(f"{vm_name} is {state}" + (" (from a checkpoint or a snapshot)" if state == "restoring" else "")
+                             + ": its display is there once its qemu runs; try again in a moment ('pcocc ps --vms' shows it)")
         raise PcoccError(f"{vm_name} is not running (state: {state})" if vm.get("state") not in _QEMU_UP else
                          f"{vm_name} publishes no display (it was started by an older pcocc): start a new cluster")
     try:
