@@ -3,7 +3,7 @@
 import re
 from dataclasses import dataclass
 
-from pcocc.errors import UsageError
+from pcocc.errors import NotFoundError, UsageError
 from pcocc.names import shown
 
 _PART = re.compile(r"([a-zA-Z0-9][a-zA-Z0-9_.-]*)(?::([0-9]+))?", re.ASCII)
@@ -103,3 +103,102 @@ def _vmset(text, count, allow_all):
     if not ranks:
         raise UsageError(f"invalid VM list {shown(text)}", _HOW_VMS)
     return ranks
+
+
+# ---- the VMs of a cluster's record (Backend.cluster_info), whatever pcocc wrote it -------------
+#
+# The record names each template's settings once, {"templates": {name: settings}}, and which
+# template each rank runs as runs of consecutive ranks, {"layout": [[name, count], ...]} in
+# rank order: its size grows with the number of templates, not of VMs (a 16,000-VM cluster's
+# record is a few KiB, far below etcd's request limit). A record written by an older pcocc
+# has instead {"vms": [{"rank", "template", "settings", ...}]}, one entry per VM; a record of
+# the new shape may also carry per-VM placement ({"placement": {"cores": [[core] per rank],
+# "memory_mb": MiB, "pin": bool}}, the local backend's). Read them only through the functions
+# below, which take both shapes.
+
+
+def record_vms(vms, resolved):
+    """The VM fields of a new cluster record: {"templates": {name: settings}, "layout":
+    [[name, count], ...]} (runs of consecutive ranks of one template, in rank order).
+
+    vms: [VMSpec] ranked 0..N-1 in order; resolved: {template name: Resolved}. Raises
+    ValueError when the ranks are not 0..N-1 in order."""
+    layout = []
+    for i, vm in enumerate(vms):
+        if vm.rank != i:
+            raise ValueError(f"VM ranks must be 0..{len(vms) - 1} in order, not {vm.rank} at {i}")
+        if layout and layout[-1][0] == vm.template:
+            layout[-1][1] += 1
+        else:
+            layout.append([vm.template, 1])
+    return {"templates": {name: resolved[name].values for name, _ in layout}, "layout": layout}
+
+
+def settings_runs(info):
+    """[(template, settings, first rank, count)] of a cluster record, in rank order: each run
+    of consecutive VMs with one template and its settings (one run per template and part of
+    the definition; an older record's VMs are compared one by one). settings: a dict the
+    caller must not change."""
+    if "layout" in info:
+        out, first = [], 0
+        for name, count in info["layout"]:
+            out.append((name, info["templates"][name], first, count))
+            first += count
+        return out
+    out = []
+    for rank, vm in enumerate(info.get("vms") or []):  # an older record: one entry per VM
+        template, settings = vm.get("template"), vm.get("settings") or {}
+        if out and out[-1][0] == template and out[-1][1] == settings:
+            out[-1] = (template, out[-1][1], out[-1][2], out[-1][3] + 1)
+        else:
+            out.append((template, settings, rank, 1))
+    return out
+
+
+def vm_count(info):
+    """How many VMs a cluster record has (0 for a placeholder without VMs)."""
+    if "layout" in info:
+        return sum(count for _, count in info["layout"])
+    return len(info.get("vms") or [])
+
+
+def vm_template(info, rank):
+    """The template name of VM `rank`; NotFoundError when the record has no such rank."""
+    if "layout" in info:
+        first = 0
+        for name, count in info["layout"]:
+            if rank < first + count:
+                if rank >= 0:
+                    return name
+                break
+            first += count
+    else:
+        vms = info.get("vms") or []
+        if 0 <= rank < len(vms):
+            return vms[rank].get("template")
+    raise NotFoundError(f"VM rank {rank} is not in the cluster's record ({vm_count(info)} VMs)")
+
+
+def vm_settings(info, rank):
+    """The template settings of VM `rank` (a dict the caller must not change); NotFoundError
+    when the record has no such rank."""
+    template = vm_template(info, rank)
+    if "templates" in info:
+        return info["templates"][template]
+    return info["vms"][rank].get("settings") or {}
+
+
+def vm_spec(info, rank):
+    """What the record says of VM `rank`: {"rank", "template", "settings"}, plus its placement
+    when the record has one ("cores": [core], "memory_mb": MiB, "pin": bool; the local
+    backend's; absent under SLURM, where the task's slice decides). NotFoundError when the
+    record has no such rank."""
+    spec = {"rank": rank, "template": vm_template(info, rank), "settings": vm_settings(info, rank)}
+    vms = info.get("vms") or []
+    if rank < len(vms):  # an older record, or a per-VM list next to the layout
+        spec.update({k: v for k, v in vms[rank].items() if k in ("cores", "memory_mb", "pin")})
+    placement = info.get("placement")
+    if placement:
+        spec.update(cores=placement["cores"][rank], memory_mb=placement["memory_mb"], pin=placement.get("pin", True))
+    return spec
+

@@ -63,7 +63,9 @@ def make_record(info, vms, end_state, reason=None, exit_code=None, started=None,
     info = info or {}
     now = time.time() if ended is None else ended
     by_rank = {v.get("rank", i): v for i, v in enumerate(vms or [])}
-    n = max(len(info.get("vms") or []), len(by_rank))
+    from pcocc.cluster import vm_count
+
+    n = max(vm_count(info), len(by_rank))
     vm_list = []
     for rank in range(n):
         v = by_rank.get(rank, {})

@@ -4,6 +4,7 @@ import time
 import uuid
 
 from pcocc import state
+from pcocc.cluster import record_vms, vm_count
 from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, TimeoutExpired, UsageError
 from pcocc.names import one_line, parse_job_id
 
@@ -63,7 +64,9 @@ class Backend:
 
     # -- shared
     def cluster_info(self, jobid, vms, resolved, opts, **extra):
-        """The cluster's record in the store: definition, owner, VMs with their settings.
+        """The cluster's record in the store: definition, owner, its templates' settings (each
+        once) and which template each rank runs (pcocc.cluster.record_vms; read them through
+        pcocc.cluster.vm_spec and its neighbours, which also read an older pcocc's records).
 
         "uuid" names this cluster among all clusters ever started, whatever
         their job ids (which repeat: a new SLURM controller, another site): 32
@@ -85,8 +88,14 @@ class Backend:
             # {"images": {template: image}, "mounts": {tag: mount}} of alloc/batch --image/--mount, or None:
             # already in the VMs' settings; kept for save (refused with images) and checkpoints (restarts keep them)
             "overrides": opts.get("overrides"),
-            "vms": [{"rank": v.rank, "template": v.template, "settings": resolved[v.template].values} for v in vms],
+            # each template's settings once, and the rank -> template runs (pcocc.cluster.record_vms):
+            # read through pcocc.cluster's vm_spec, vm_settings, vm_count...
+            **record_vms(vms, resolved),
             **extra,
+            # the local backend adds each VM's cores to its entry here (batch/local.py, submit): it keeps
+            # the older per-VM list, which pcocc.cluster reads too, until it records a "placement" instead
+            **({"vms": [{"rank": v.rank, "template": v.template, "settings": resolved[v.template].values} for v in vms]}
+               if extra.get("backend") == "local" else {}),
         }
 
     def write_credentials(self, jobid, server_ips):
@@ -173,7 +182,7 @@ class Backend:
         nodes_prefix = state.nodes_prefix(self.user, jobid)
         nodes = {k[len(nodes_prefix):]: v for k, v in items.items() if k.startswith(nodes_prefix)}
         info = {**info, "nodes": nodes}
-        return info, [vms.get(i, {"rank": i, "name": f"vm{i}", "state": "pending"}) for i in range(len(info["vms"]))]
+        return info, [vms.get(i, {"rank": i, "name": f"vm{i}", "state": "pending"}) for i in range(vm_count(info))]
 
     def find(self, jobid=None, name=None):
         """The job a command acts on: -j, -J, $PCOCC_JOB_ID/$SLURM_JOB_ID, or the only cluster."""

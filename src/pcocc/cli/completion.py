@@ -177,7 +177,9 @@ class Lookups:
         info = clusters.get(jobid) if isinstance(jobid, int) else None
         if not info:
             return []
-        return [f"vm{r}" for r in range(len(info.get("vms") or []))]
+        from pcocc.cluster import vm_count
+
+        return [f"vm{r}" for r in range(vm_count(info))]
 
 
 def _lookups(ctx):

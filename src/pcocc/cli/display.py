@@ -41,7 +41,9 @@ def vm_display(info, vms, vm_name, here):
     rank = int(m.group(1))
     if rank >= len(vms):
         raise NotFoundError(f"cluster {info['jobid']} has no {vm_name} (it has {len(vms)} VMs)")
-    spec = info["vms"][rank]
+    from pcocc.cluster import vm_spec
+
+    spec = vm_spec(info, rank)
     if (spec.get("settings") or {}).get("remote-display") != "spice":
         template = one_line(str(spec.get("template")))
         raise PcoccError(f"{vm_name} has no remote display: add 'remote-display: spice' to its template {template!r} "

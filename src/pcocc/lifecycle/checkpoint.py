@@ -46,6 +46,7 @@ import stat
 import uuid
 
 from pcocc import __version__
+from pcocc.cluster import settings_runs
 from pcocc.errors import NotFoundError, PcoccError, UsageError
 from pcocc.hypervisor import snapshot
 
@@ -82,9 +83,10 @@ def unmigratable(config, vm_settings):
 def check_cluster(config, info):
     """CheckpointError naming every VM that cannot be checkpointed, and why."""
     problems = []
-    for vm in info["vms"]:
-        for reason in unmigratable(config, vm["settings"]):
-            problems.append(f"vm{vm['rank']}: {reason}")
+    for _, settings, first, count in settings_runs(info):  # each template once, not each VM
+        why = unmigratable(config, settings)
+        for rank in range(first, first + count) if why else ():
+            problems += [f"vm{rank}: {reason}" for reason in why]
     if problems:
         raise CheckpointError(f"cannot checkpoint cluster {info['jobid']}: {problems[0]}"
                               + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
@@ -197,9 +199,10 @@ def write_manifest(staging, info, saved, stamps=None, extra=None):
     absent. CheckpointError (one line) on any OS error, e.g. ENOSPC.
     """
     vms = []
-    for vm in info["vms"]:
-        rank = vm["rank"]
-        entry = {**saved[rank], "rank": rank, "template": vm["template"], "settings_digest": settings_digest(vm["settings"])}
+    ranks = [(rank, template, digest) for template, settings, first, count in settings_runs(info)
+             for digest in [settings_digest(settings)] for rank in range(first, first + count)]  # each template once
+    for rank, template, digest in ranks:
+        entry = {**saved[rank], "rank": rank, "template": template, "settings_digest": digest}
         entry["drives"] = [dict(d) for d in entry.get("drives", [])]
         by_path = {s["path"]: s for s in (stamps or {}).get(rank, {}).get("drives", [])}
         for d in entry["drives"]:

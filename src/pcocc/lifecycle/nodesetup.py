@@ -32,6 +32,7 @@ import stat
 import time
 
 from pcocc import state
+from pcocc.cluster import settings_runs
 from pcocc.errors import CommandError, PcoccError, UsageError
 from pcocc.networks import jobnet
 from pcocc.networks.undo import UndoLog
@@ -168,7 +169,7 @@ def _plan(ctx, jobid, user, ranks, alive, multi_node):
         return jobnet.NodePlan()
     info = jobnet.wait_info(ctx.store, user, jobid, alive)
     if ranks is None:
-        if any(jobnet.vm_networks(ctx.config, vm["settings"]) for vm in info["vms"]):
+        if any(jobnet.vm_networks(ctx.config, settings) for _, settings, _, _ in settings_runs(info)):
             raise PcoccError("the VM ranks of this node are unknown (PCOCC_LOCAL_RANKS, set by the SPANK plugin)")
         ranks = []
     return jobnet.plan(ctx.config, info, ranks, ctx.env.environ, ctx.hostname, multi_node)

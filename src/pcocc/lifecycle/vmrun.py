@@ -19,6 +19,7 @@ import time
 from pcocc import pathtpl, state
 from pcocc.agent.endpoint import ControlServer
 from pcocc.agent.qga import GuestAgent
+from pcocc.cluster import vm_spec, vm_template
 from pcocc.errors import NotFoundError, PcoccError
 from pcocc.hypervisor import accel, seed, topology, vm as vmlib
 from pcocc.lifecycle import drives
@@ -44,7 +45,7 @@ def run_vm(ctx, jobid, rank):
         raise NotFoundError(f"no cluster {jobid} in the store")
     info = next(iter(info.values()))
     key = state.vm_key(user, jobid, rank)
-    spec = info["vms"][rank]
+    spec = vm_spec(info, rank)  # its template settings, and its cores on one host
     jobdir = rundir = None
     vm = server = agent = relay = None
     locked = []
@@ -305,7 +306,7 @@ def _restart_of(info, rank):
     restart = info.get("restart")
     if restart:
         return {"dir": restart["dir"], "vm": restart["manifest"]["vms"][rank]}
-    snap = (info.get("instant") or {}).get(info["vms"][rank]["template"])
+    snap = (info.get("instant") or {}).get(vm_template(info, rank))
     if snap:  # an instant cluster: restored from its template's snapshot, then given its own identity
         return {"dir": snap["dir"], "vm": {**snap["vm"], "name": f"vm{rank}"}, "identity": True}
     return None

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from pcocc import networks, state
+from pcocc.cluster import settings_runs, vm_count
 from pcocc.errors import PcoccError, TimeoutExpired
 from pcocc.runner import run
 
@@ -85,13 +86,15 @@ def wait_info(store, user, jobid, alive, timeout=WAIT_TIMEOUT):
 def plan(config, info, ranks, environ, host, multi_node=True):
     """This node's networks: the ones its VMs (ranks) use, each checked on this node."""
     out = NodePlan()
-    for vm in info["vms"]:
-        for net in vm_networks(config, vm["settings"]):
-            out.members.setdefault(net.name, []).append(vm["rank"])
+    runs = [(first, count, vm_networks(config, settings)) for _, settings, first, count in settings_runs(info)]
+    for first, count, nets in runs:  # each template (each run of ranks) once, not each VM
+        for net in nets:
+            out.members.setdefault(net.name, []).extend(range(first, first + count))
     for rank in ranks:
-        if rank >= len(info["vms"]):
-            raise PcoccError(f"VM rank {rank} is not in the cluster's record ({len(info['vms'])} VMs)")
-        for net in vm_networks(config, info["vms"][rank]["settings"]):
+        nets = next((nets for first, count, nets in runs if first <= rank < first + count), None)
+        if nets is None:
+            raise PcoccError(f"VM rank {rank} is not in the cluster's record ({vm_count(info)} VMs)")
+        for net in nets:
             if net.name not in out.networks:
                 driver = networks.driver(net)
                 driver.check()
