@@ -221,3 +221,18 @@ def test_a_second_cleanup_of_the_same_cluster_records_nothing(tmp_path, monkeypa
     store.put(prefix + "info", {**info, "uuid": "v" * 32})  # a new cluster of the same job id is recorded
     backend._cleanup(3, None, end_state=history.CANCELLED, reason="cancelled by alice")
     assert history.get(store, "alice", 3)["state"] == "CANCELLED"
+
+
+def test_a_reclaim_tells_why_the_supervisor_s_cleanup_failed(tmp_path, monkeypatch, caplog):
+    """The supervisor's log goes with the run dir that the reclaim removes: the cause of a cleanup
+    that failed is kept in the cluster's record, and the reclaim that finishes it says it."""
+    backend = _local(tmp_path, monkeypatch)
+    store, prefix = backend.ctx.store, state.cluster_prefix("alice", 3)
+    info = _info(3, rundir=str(tmp_path / "job_3"), cwd=str(tmp_path), state="ending",
+                 end={"state": "COMPLETED", "reason": "every VM stopped", "exit_code": None},
+                 cleanup_error="StoreError: state store s.db: still locked")
+    store.put(prefix + "info", info)
+    with caplog.at_level("WARNING", logger="pcocc.local"):
+        backend._reclaim(3, info)
+    assert "cluster 3: its supervisor's cleanup failed (StoreError: state store s.db: still locked): finished now" in caplog.text
+    assert history.get(store, "alice", 3)["state"] == "COMPLETED" and store.range(prefix) == {}

@@ -255,6 +255,8 @@ class LocalBackend(Backend):
         prefix = state.cluster_prefix(self.user, jobid)
         _kill_vm_processes(self.ctx.store, prefix)
         _kill_host_command(info)
+        if info.get("cleanup_error"):
+            log.warning("cluster %s: its supervisor's cleanup failed (%s): finished now", jobid, info["cleanup_error"])
         end = info.get("end") or {}  # the supervisor had decided how it ended, then died while cleaning
         if end.get("state") in history.END_STATES:
             self._cleanup(jobid, info.get("rundir"), reason=end.get("reason"), end_state=end["state"],
@@ -474,7 +476,11 @@ def _supervise(ctx, jobid):
             LocalBackend(ctx)._cleanup(jobid, info["rundir"] if info else None, reason=reason, end_state=end_state,
                                        exit_code=exit_code)
         except BaseException as exc:  # noqa: BLE001
-            log.error("cleanup of cluster %s: %s", jobid, getattr(exc, "message", exc))
+            # supervisor.log goes with the run dir that the reclaim removes: the record keeps the why
+            why = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+            log.exception("cleanup of cluster %s: %s", jobid, why)
+            with contextlib.suppress(BaseException):
+                ctx.store.update(info_key, lambda i: i and {**i, "cleanup_error": why})
         finally:
             os._exit(status)
 
