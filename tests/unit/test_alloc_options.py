@@ -379,3 +379,22 @@ def test_a_reclaim_kills_the_host_command_of_a_dead_supervisor():
     assert proc.poll() is None
     _kill_host_command(info)
     assert proc.wait() == -9  # the group's leader, and its sleep with it (same group)
+
+
+def test_a_host_command_stops_once_the_job_is_gone(tmp_path, monkeypatch):
+    """salloc stops its command when the job is cancelled, unless salloc itself was killed
+    (bench/faults.py kill-cli: the launcher and its -E command ran on for ever): the launcher
+    asks the batch system while the command runs, and stops it once the job is gone."""
+    from pcocc.lifecycle import launcher
+
+    class Backend:
+        asked = 0
+
+        def job_alive(self, jobid):
+            self.asked += 1
+            return self.asked < 3  # gone at the third question
+
+    monkeypatch.setattr(launcher, "JOB_GONE_CHECK", 0.01)
+    backend = Backend()
+    status = launcher.run_user_part(backend, 5, dict(os.environ), host_script="sleep 1000")
+    assert status == -15 and backend.asked == 3  # SIGTERM, as a host command at the end of -b

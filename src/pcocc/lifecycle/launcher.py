@@ -154,13 +154,14 @@ def run_user_part(backend, jobid, env, batch_script=None, host_script=None, out=
     out = out or sys.stdout.buffer
     err = err or sys.stderr.buffer
     if not batch_script:
+        gone = lambda: not backend.job_alive(jobid)  # noqa: E731
         if host_script:
-            return _call(shlex.split(host_script), env)
+            return _call(shlex.split(host_script), env, gone)
         from pcocc.lifecycle.allocshell import remove_rcfile, shell_command
 
         argv, shell_env, rcfile = shell_command(pcocc_env, jobid, env)
         try:
-            return _call(argv, shell_env)
+            return _call(argv, shell_env, gone)
         finally:
             remove_rcfile(rcfile)
     host = _popen(shlex.split(host_script), env) if host_script else None
@@ -178,9 +179,27 @@ def run_user_part(backend, jobid, env, batch_script=None, host_script=None, out=
 HOST_SCRIPT_GRACE = 10  # seconds a host command has to end after SIGTERM, once the batch script ended
 
 
-def _call(argv, env):
-    """subprocess.call, a command that cannot start being a PcoccError (127 or 126 by a shell's rule)."""
+JOB_GONE_CHECK = 15  # seconds between two questions to the batch system while the shell or -E runs
+
+
+def _call(argv, env, gone=None):
+    """subprocess.call, a command that cannot start being a PcoccError (127 or 126 by a shell's rule).
+
+    gone: f() -> True once the cluster's job ended, asked every JOB_GONE_CHECK s; the command is
+    then stopped as a host command is (SIGTERM, SIGKILL after HOST_SCRIPT_GRACE s). salloc does
+    so when its job is cancelled, unless it was killed: then nothing else would stop it."""
     proc = _popen(argv, env)
+    if gone is not None:
+        import select
+
+        ended = os.pidfd_open(proc.pid)  # readable once it exits: no polling in between
+        try:
+            while not select.select([ended], [], [], JOB_GONE_CHECK)[0]:
+                if gone():
+                    _stop_host_command(proc)
+                    break
+        finally:
+            os.close(ended)
     return proc.wait()
 
 
