@@ -92,18 +92,17 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
         # The VMs' step first: its node setup (root) gives a first-time user an etcd account,
         # and the VMs wait for the cluster's record, written as soon as we may.
         srun = srun_vms(pcocc_bin, len(vms))
-        start = time.monotonic()
         info_out("Configuring hosts...")  # the original's phase messages, which site scripts read
         _wait_for_store_access(ctx, prefix, lambda: srun.poll() is None and not stopping)
         backend.write_credentials(jobid, [])
         ctx.store.put(prefix + "info", backend.cluster_info(jobid, vms, resolved, opts, backend="slurm", rundir=None, launcher_host=ctx.hostname))
 
-        def progress(vms):
-            info_out(f"cluster {jobid}: {phases.summary(vms)} ({time.monotonic() - start:.1f} s)")
-
         # a batch script runs in vm0 through its agent; the shell and -E only need qemu to run
-        failed = wait_started(backend, jobid, progress, alive=lambda: srun.poll() is None and not stopping,
-                              until="running" if batch_script else "qemu")
+        until = "running" if batch_script else "qemu"
+        # the phases as they change: a live line on salloc's terminal, a line per change in sbatch's output
+        with phases.start_line(ctx.env.stderr, f"cluster {jobid}", info_out, until=until) as show:
+            failed = wait_started(backend, jobid, lambda vms: show(vms=vms),
+                                  alive=lambda: srun.poll() is None and not stopping, until=until)
         for vm in failed:
             info_out(f"pcocc: warning: cluster {jobid}: {vm['name']} failed: {vm.get('error') or 'no reason given'}")
         now = backend.job(jobid)[1]
