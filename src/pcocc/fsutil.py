@@ -117,3 +117,11 @@ def fsync_dir(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def not_a_dir(path):
+    """Why path is not a usable directory, for a message ('no such directory' or 'not a
+    directory'); None when it is one (following links, as os.path.isdir does)."""
+    if os.path.isdir(path):
+        return None
+    return "not a directory" if os.path.exists(path) else "no such directory"

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from pcocc.config.schema import Anything, Bool, ByKind, Const, Enum, F, Int, ListOf, MapOf, Nullable, OneKeyMap, Str, Struct
 from pcocc.errors import NotFoundError, PcoccError
+from pcocc.fsutil import not_a_dir
 
 _TEMPLATE_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")  # as the config loader and cluster definitions accept
 _CACHE_MODES = ("writeback", "none", "unsafe", "writethrough", "directsync")
@@ -335,8 +336,8 @@ def parse_mount_option(value, cwd, check_dir=False):
     if not rest:
         raise UsageError(f"{where}: no PATH after '{tag}='")
     path = os.path.normpath(os.path.join(cwd, os.path.expanduser(rest)))
-    if check_dir and not os.path.isdir(path):
-        raise UsageError(f"{where}: no such directory: {path}")
+    if check_dir and (why := not_a_dir(path)):
+        raise UsageError(f"{where}: {why}: {path}")
     return tag, {"path": _literal(path), "type": opts.get("type", "virtio-9p"),
                  "readonly": opts.get("readonly", False)}
 

@@ -142,3 +142,20 @@ def test_accel_cache_is_not_kept_in_a_shared_dir(tmp_path, monkeypatch):
     assert accel.choose(str(shared), "qemu-x") == "tcg"
     assert accel.choose(str(shared), "qemu-x") == "tcg"
     assert len(calls) == 2 and list(shared.iterdir()) == []
+
+
+def test_a_mount_point_that_is_a_file_is_called_so_everywhere(tmp_path):
+    """One rule (fsutil.not_a_dir) for --mount, a template's mount-points and virtio-fs."""
+    from pcocc import templates
+    from pcocc.errors import PcoccError, UsageError
+    from pcocc.fsutil import not_a_dir
+    from pcocc.hypervisor.virtiofs import Share
+
+    f = tmp_path / "f"
+    f.write_text("x")
+    assert (not_a_dir(str(tmp_path)), not_a_dir(str(f)), not_a_dir(str(tmp_path / "nope"))) == \
+        (None, "not a directory", "no such directory")
+    with pytest.raises(UsageError, match=f"not a directory: {f}$"):
+        templates.parse_mount_option(f"d={f}", str(tmp_path), check_dir=True)
+    with pytest.raises(PcoccError, match=f"mount point 'd': not a directory: {f}$"):
+        Share("d", str(f), False, str(tmp_path / "sock")).start()

@@ -11,6 +11,7 @@ from pcocc.cli import params
 from pcocc.cli.core import pass_app
 from pcocc.cli.render import colour, colour_enabled, dump_json, table, table_lines
 from pcocc.errors import ConfigError, NotFoundError, PcoccError, UsageError
+from pcocc.fsutil import not_a_dir
 
 
 _COMMON = [
@@ -328,9 +329,8 @@ def _mount_options(values, check_dir):
         for value in values:
             tag, _ = templates.parse_mount_option(value, os.getcwd())
             path = pathtpl.expand(mounts[tag]["path"], {}, {})  # as typed (kept literal for the path templates)
-            if not os.path.isdir(path):
-                what = "not a directory" if os.path.exists(path) else "no such directory"
-                raise UsageError(f"--mount {value}: {what}: {path}")
+            if why := not_a_dir(path):
+                raise UsageError(f"--mount {value}: {why}: {path}")
     return mounts
 
 

@@ -27,6 +27,7 @@ import subprocess
 
 from pcocc import procs
 from pcocc.errors import PcoccError
+from pcocc.fsutil import not_a_dir
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"  # Debian 12, qemu-system-common
 START_TIMEOUT = 10  # seconds for virtiofsd to take the socket over
@@ -79,8 +80,8 @@ class Share:
     def start(self):
         """Start virtiofsd (it dies with the calling process: PR_SET_PDEATHSIG). Raises PcoccError
         when the directory is missing, virtiofsd is not installed, or it ends at once."""
-        if not os.path.isdir(self.path):
-            raise PcoccError(f"mount point '{self.tag}': no such directory: {self.path}")
+        if why := not_a_dir(self.path):
+            raise PcoccError(f"mount point '{self.tag}': {why}: {self.path}")
         if "," in self.path:  # virtiofsd's -o splits on commas: a path with one would add options
             raise PcoccError(f"mount point '{self.tag}': a virtio-fs path may not hold a comma: {self.path}")
         binary = virtiofsd_path()

@@ -19,6 +19,7 @@ import time
 from pcocc import pathtpl, state
 from pcocc.agent.endpoint import ControlServer
 from pcocc.agent.qga import GuestAgent
+from pcocc.fsutil import not_a_dir
 from pcocc.cluster import vm_spec, vm_template
 from pcocc.errors import NotFoundError, PcoccError
 from pcocc.hypervisor import accel, seed, topology, vm as vmlib
@@ -279,8 +280,8 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
     mounts, fs_shares = [], []
     for tag, m in settings["mount-points"].items():
         path = expand(m["path"])
-        if not os.path.isdir(path):
-            raise PcoccError(f"mount point '{tag}': no such directory: {path}")
+        if why := not_a_dir(path):
+            raise PcoccError(f"mount point '{tag}': {why}: {path}")
         (fs_shares if m["type"] == "virtio-fs" else mounts).append((tag, path, m["readonly"]))
     if fs_shares:
         from pcocc.hypervisor.virtiofs import check_sound, virtiofsd_path
