@@ -122,3 +122,31 @@ def test_a_manifest_edited_by_hand_is_one_line(site, tmp_path, edit, words):
     r = site("batch", "-r", d)
     assert r.status != 0 and "internal error" not in r.stderr and words in r.stderr, r.stderr
     assert len(r.stderr.splitlines()) <= 2 and site.backend.submitted == []
+
+
+def test_a_template_s_emulator_cores_are_asked_for_again_at_restart():
+    """A VM with emulator-cores ran on more cores than it has vCPUs: the restart asks for its
+    slice (the checkpoint's "cores"), and the check takes that number, not the vCPUs."""
+    from pcocc.errors import UsageError
+    from pcocc.lifecycle import checkpoint
+
+    manifest = {"definition": "tiny:1", "vms": [{"rank": 0, "template": "tiny", "settings_digest": "d", "vcpus": 1, "cores": 2,
+                                                 "memory_mb": 512}]}
+    assert restart_options([], manifest, slurm=True) == ["-c", "2", "--mem-per-cpu=256"]
+    assert restart_options([], manifest, slurm=False) == ["-c", "2", "-m", "256"]
+    assert "2 core(s) and 512 MiB per VM" in restart_hint("/ck", manifest)[2]
+    assert checkpoint._manifest_problem(manifest) is None
+    assert checkpoint._manifest_problem({**manifest, "vms": [{**manifest["vms"][0], "cores": "2"}]}) == \
+        "VM 0: its 'cores' is missing or not a number"
+
+    class Resolved:
+        values = {}
+
+    digest = checkpoint.settings_digest({})
+    manifest["vms"][0]["settings_digest"] = digest
+    vms = [type("VM", (), {"template": "tiny", "rank": 0})()]
+    checkpoint.check_restart(manifest, "/ck", vms, {"tiny": Resolved}, cpus=2, memory_mb=512)
+    with pytest.raises(UsageError, match=r"vm0 had 2 core\(s\) when checkpointed, not 1: restart with -c 2"):
+        checkpoint.check_restart(manifest, "/ck", vms, {"tiny": Resolved}, cpus=1, memory_mb=512)
+    del manifest["vms"][0]["cores"]  # an older manifest: its vCPUs
+    assert restart_options([], manifest, slurm=False) == ["-c", "1", "-m", "512"]

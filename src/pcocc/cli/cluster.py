@@ -197,7 +197,7 @@ _MEM_OPTIONS = {"slurm": ("--mem", "--mem-per-cpu", "--mem-per-gpu"), "local": (
 
 def restart_options(batch_opts, manifest, slurm):
     """batch_opts plus the checkpointed cluster's cores and memory per VM, each unless given:
-    SLURM: -c VCPUS and --mem-per-cpu=MiB (sbatch(1), salloc(1)); one host: -c VCPUS and
+    SLURM: -c CORES and --mem-per-cpu=MiB (sbatch(1), salloc(1)); one host: -c CORES and
     -m MiB per core. Only when every VM of the checkpoint had the same (else the restart
     check names what to give).
 
@@ -206,19 +206,21 @@ def restart_options(batch_opts, manifest, slurm):
     of MiB per core (a SLURM --mem per node shared by its tasks) is asked as SLURM's --mem
     with one VM per node (--ntasks-per-node=1), where the node's memory is the VM's; on one
     host, only MiB per core can be asked: nothing is added, and the restart check says why."""
-    sizes = {(vm.get("vcpus"), vm.get("memory_mb")) for vm in manifest.get("vms") or []}
+    from pcocc.lifecycle.checkpoint import slice_cores
+
+    sizes = {(slice_cores(vm), vm.get("memory_mb")) for vm in manifest.get("vms") or []}
     if len(sizes) != 1:
         return batch_opts
-    ((vcpus, memory_mb),) = sizes
-    if not isinstance(vcpus, int) or not isinstance(memory_mb, int) or vcpus < 1:
+    ((cores, memory_mb),) = sizes
+    if not isinstance(cores, int) or not isinstance(memory_mb, int) or cores < 1:
         return batch_opts
     kind = "slurm" if slurm else "local"
     out = list(batch_opts)
     if not _given(batch_opts, _CPU_OPTIONS[kind]):
-        out += ["-c", str(vcpus)]
+        out += ["-c", str(cores)]
     if not _given(batch_opts, _MEM_OPTIONS[kind]):
-        if memory_mb % vcpus == 0:
-            per_core = memory_mb // vcpus
+        if memory_mb % cores == 0:
+            per_core = memory_mb // cores
             out += [f"--mem-per-cpu={per_core}"] if slurm else ["-m", str(per_core)]
         elif slurm and not _given(batch_opts, ("--ntasks-per-node",)):
             out += ["--ntasks-per-node=1", f"--mem={memory_mb}"]

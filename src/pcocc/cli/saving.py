@@ -157,7 +157,9 @@ def restart_hint(directory, manifest):
     definition, cores and memory come from the checkpoint: pcocc.cli.cluster.restart_options)."""
     import shlex
 
-    sizes = sorted({(vm.get("vcpus"), vm.get("memory_mb")) for vm in manifest.get("vms") or []}, key=str)
+    from pcocc.lifecycle.checkpoint import slice_cores
+
+    sizes = sorted({(slice_cores(vm), vm.get("memory_mb")) for vm in manifest.get("vms") or []}, key=str)
     what = f"definition {manifest['definition']}"
     if len(sizes) == 1:
         vcpus, memory_mb = sizes[0]

@@ -123,7 +123,10 @@ def save_vm(vm, rev, drives, directory, cancelled=None):
     status = vm.monitor.cmd("query-status")["status"]
     if status not in ("paused", "postmigrate"):
         raise CheckpointError(f"{name}: not paused (state {status}): the checkpoint must pause every VM first")
-    out = {"name": name, "vcpus": vm.config.topology.vcpus, "memory_mb": vm.config.topology.memory_mb, "drives": []}
+    topo = vm.config.topology
+    # cores: the task's slice, the emulator cores (template emulator-cores) included: what a restart asks for
+    out = {"name": name, "vcpus": topo.vcpus, "cores": topo.vcpus + len(topo.emulator_cores), "memory_mb": topo.memory_mb,
+           "drives": []}
     sizes = {b["device"]: b["inserted"]["image"]["virtual-size"] for b in vm.monitor.cmd("query-block") if b.get("inserted")}
     index = 0
     if vm.config.disk:
@@ -400,9 +403,10 @@ def _manifest_problem(manifest):
     if not isinstance(manifest.get("definition"), str) or not manifest["definition"]:
         return "its 'definition' is missing or not text"
     for i, vm in enumerate(manifest["vms"]):
-        for key, kind in (("rank", int), ("template", str), ("settings_digest", str), ("vcpus", int), ("memory_mb", int)):
-            if key in ("vcpus", "memory_mb") and key not in vm:
-                continue  # older manifests: the restart's resources are then given by the user
+        for key, kind in (("rank", int), ("template", str), ("settings_digest", str), ("vcpus", int), ("memory_mb", int),
+                          ("cores", int)):
+            if key in ("vcpus", "memory_mb", "cores") and key not in vm:
+                continue  # older manifests: the restart's resources are then given by the user (or cores = vcpus)
             if not isinstance(vm.get(key), kind) or isinstance(vm.get(key), bool):
                 return f"VM {i}: its '{key}' is missing or not {'a number' if kind is int else 'text'}"
     overrides = manifest.get("overrides")
@@ -411,6 +415,13 @@ def _manifest_problem(manifest):
                                   or not isinstance(overrides.get("mounts") or {}, dict)):
         return "its 'overrides' (--image and --mount) are not {images: {...}, mounts: {...}}"
     return None
+
+
+def slice_cores(vm):
+    """The cores of a checkpointed VM's slice (its manifest entry): its vCPUs and its emulator
+    cores (template emulator-cores), which -c asks for. Manifests written before it was
+    recorded have only "vcpus" (right unless the template kept emulator cores)."""
+    return vm.get("cores", vm.get("vcpus"))
 
 
 def check_restart(manifest, directory, vms, resolved, cpus=None, memory_mb=None):
@@ -425,8 +436,8 @@ def check_restart(manifest, directory, vms, resolved, cpus=None, memory_mb=None)
         name = f"vm{v['rank']}"
         if settings_digest(resolved[v["template"]].values) != v["settings_digest"]:
             raise UsageError(f"template '{v['template']}' changed since the checkpoint of {directory} was taken ({name} ran with other settings)")
-        if cpus is not None and cpus != v["vcpus"]:
-            raise UsageError(f"{name} had {v['vcpus']} core(s) when checkpointed, not {cpus}: restart with -c {v['vcpus']}")
+        if cpus is not None and cpus != slice_cores(v):
+            raise UsageError(f"{name} had {slice_cores(v)} core(s) when checkpointed, not {cpus}: restart with -c {slice_cores(v)}")
         if memory_mb is not None and memory_mb != v["memory_mb"]:
             raise UsageError(f"{name} had {v['memory_mb']} MiB of memory when checkpointed, not {memory_mb}"
                              f" (use the same -c and -m as for the checkpointed cluster)")
