@@ -195,6 +195,47 @@ def test_wait_sees_changes_from_another_connection(store, connect):
     assert time.monotonic() - started < 2
 
 
+def test_follow_tells_only_what_changed(store, connect):
+    store.put("/f/a", 1)
+    store.put("/f/b", {"x": 1})
+    store.put("/g/out", 0)
+    other = connect()
+    with store.follow("/f/") as follower:
+        assert follower.items == {"/f/a": 1, "/f/b": {"x": 1}}
+        other.put("/f/c", [1, 2])
+        other.put("/g/out", 1)  # not under the prefix
+        other.delete("/f/a")
+        other.put("/f/b", {"x": 2})
+        seen = {}
+        while len(seen) < 3:  # together or in several batches, each change told once
+            changed = follower.changes(5)
+            assert changed, "no change told within 5 s"
+            seen.update(changed)
+        assert seen == {"/f/c": [1, 2], "/f/a": None, "/f/b": {"x": 2}}
+        assert follower.items == {"/f/b": {"x": 2}, "/f/c": [1, 2]}
+        assert follower.changes(0.2) == {}  # nothing new: it returns empty-handed at the timeout
+        other.put("/f/b", {"x": 3})
+        assert follower.changes(5) == {"/f/b": {"x": 3}}
+
+
+def test_follow_reads_again_when_its_watch_fails(store, connect, monkeypatch):
+    """etcd: a watch refused (its revision compacted, a member gone) is replaced by one read of
+    the prefix; the caller still gets exactly what changed (SQLite: its polling does that anyway)."""
+    store.put("/h/a", 1)
+    follower = store.follow("/h/")
+    connect().put("/h/b", 2)
+    if hasattr(store, "client"):
+        from pcocc.store.etcd import EtcdError
+
+        def refused(*args, **kwargs):
+            raise EtcdError("etcd cancelled a watch on /h/: compacted")
+            yield  # a generator, as the real one
+
+        monkeypatch.setattr(store.client, "watch", refused)
+    assert follower.changes(5) == {"/h/b": 2}
+    assert follower.items == {"/h/a": 1, "/h/b": 2}
+
+
 def test_state_file_is_private(tmp_path):
     import os
     import stat

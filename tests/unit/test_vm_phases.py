@@ -78,6 +78,11 @@ def test_waiting_for_a_cluster_warns_of_vms_without_agent():
         def __init__(self):
             pass
 
+        def watch_job(self, jobid):  # the records below, as they are
+            from pcocc.batch.base import JobView
+
+            return JobView.of(*self.job(jobid))
+
         def job(self, jobid):
             return {"nodes": {}, "state": "running"}, [
                 {"name": "vm0", "state": "running", "agent": "ready"},
@@ -103,6 +108,11 @@ def test_the_alloc_shell_waits_for_qemu_and_batch_wait_for_the_agents():
     class Fake(Backend):
         def __init__(self):
             pass
+
+        def watch_job(self, jobid):  # the records below, as they are
+            from pcocc.batch.base import JobView
+
+            return JobView.of(*self.job(jobid))
 
         def job(self, jobid):
             return {"nodes": {}, "state": "running"}, [{"name": "vm0", "state": "running"}, {"name": "vm1", "state": "booting"}]

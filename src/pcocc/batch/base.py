@@ -217,12 +217,13 @@ class Backend:
         --wait, a batch script) or "qemu" (every qemu runs: the alloc shell and -E start
         then, as in the original pcocc; pcocc.phases.started). progress(n, total): n VMs
         there. warn(line): told of each VM that runs without a guest agent (agent "none": an
-        image without qemu-guest-agent; exec, save's freeze and ckpt need one).
+        image without qemu-guest-agent; exec, save's freeze and ckpt need one). The cluster's
+        records are followed through the store (JobView): read once, then only what changes.
         """
-        from pcocc.phases import started
         alive = alive or self.job_alive
         deadline = time.monotonic() + timeout
         last, seen, checked_alive = None, False, 0.0
+        view = None
 
         def still_alive():  # asking the batch system is not free: at most every few seconds
             nonlocal checked_alive
@@ -231,44 +232,59 @@ class Backend:
             checked_alive = time.monotonic()
             return alive(jobid)
 
-        while True:
-            try:
-                info, vms = self.job(jobid)
-                seen = True
-            except (NotFoundError, PermissionDenied):  # not recorded yet, no account yet (a first job), or gone
-                if not alive(jobid):
-                    ended = self.ended(jobid)
-                    if ended and (ended.get("error") or ended.get("state") == "CANCELLED"):
-                        why = ended.get("error") or ended.get("reason") or "cancelled"
-                        why = why[len(f"cluster {jobid}: "):] if why.startswith(f"cluster {jobid}: ") else why  # the launcher's own words
-                        raise PcoccError(f"cluster {jobid}: {why}",
-                                         f"See 'pcocc history -j {jobid}'.") from None
-                    what = "ended before all its VMs ran" if seen else "ended before it started"
-                    raise PcoccError(f"cluster {jobid} {what}", self.where_to_look(jobid)) from None
-                info, vms = None, []
-            if info is not None:
-                failed_nodes = [(n, s) for n, s in info["nodes"].items() if s.get("state") == "failed"]
-                if failed_nodes:
-                    node, st = failed_nodes[0]
-                    raise PcoccError(f"cluster {jobid}: node setup failed on {node}: {st.get('error', 'unknown reason')}")
-                ended = [v for v in vms if v["state"] in ("failed", "stopped")]
-                if ended:
-                    v = ended[0]
-                    raise PcoccError(f"cluster {jobid}: {v['name']} {v['state']}: {v.get('error', 'before it ran')}")
-                if info["state"] in ("ending", "ended") or not still_alive():
-                    raise PcoccError(f"cluster {jobid} ended before all its VMs ran")
-                running = sum(started(v, until) for v in vms)
-                if progress and running != last:
-                    progress(running, len(vms))
-                    last = running
-                if running == len(vms):
-                    for v in vms:
-                        if warn and v.get("agent") == "none":
-                            warn(agent_missing(v))
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutExpired(f"cluster {jobid}: not every VM runs after {timeout} s (it goes on: see 'pcocc ps')")
-            time.sleep(POLL)
+        try:
+            while True:
+                look = time.monotonic()
+                if view is None:
+                    try:
+                        view = self.watch_job(jobid)
+                    except PermissionDenied:  # no account yet (a first job)
+                        pass
+                info = view.info if view is not None else None
+                if info is None:  # not recorded yet, or gone
+                    if not alive(jobid):
+                        ended = self.ended(jobid)
+                        if ended and (ended.get("error") or ended.get("state") == "CANCELLED"):
+                            why = ended.get("error") or ended.get("reason") or "cancelled"
+                            why = why[len(f"cluster {jobid}: "):] if why.startswith(f"cluster {jobid}: ") else why  # the launcher's own words
+                            raise PcoccError(f"cluster {jobid}: {why}",
+                                             f"See 'pcocc history -j {jobid}'.") from None
+                        what = "ended before all its VMs ran" if seen else "ended before it started"
+                        raise PcoccError(f"cluster {jobid} {what}", self.where_to_look(jobid)) from None
+                else:
+                    seen = True
+                    failed_node = view.failed_node()
+                    if failed_node:
+                        node, st = failed_node
+                        raise PcoccError(f"cluster {jobid}: node setup failed on {node}: {st.get('error', 'unknown reason')}")
+                    v = view.first_vm(("failed", "stopped"))
+                    if v:
+                        raise PcoccError(f"cluster {jobid}: {v['name']} {v['state']}: {v.get('error', 'before it ran')}")
+                    if info["state"] in ("ending", "ended") or not still_alive():
+                        raise PcoccError(f"cluster {jobid} ended before all its VMs ran")
+                    running, total = view.started(until), view.count()
+                    if progress and running != last:
+                        progress(running, total)
+                        last = running
+                    if running == total:
+                        for v in view.vms():
+                            if warn and v.get("agent") == "none":
+                                warn(agent_missing(v))
+                        return
+                if time.monotonic() > deadline:
+                    raise TimeoutExpired(f"cluster {jobid}: not every VM runs after {timeout} s (it goes on: see 'pcocc ps')")
+                if view is not None:
+                    view.refresh(POLL)  # back at the first change
+                time.sleep(max(0.0, look + POLL - time.monotonic()))  # at most one look per POLL
+
+        finally:
+            if view is not None:
+                view.close()
+
+    def watch_job(self, jobid):
+        """A JobView of one of the user's clusters (read once, then followed); close it after.
+        Raises what the store raises (PermissionDenied before the user's first job)."""
+        return JobView(self.ctx.store, self.user, jobid)
 
     def run_script_in_vm(self, jobid, script_path, rank=0):
         """Copy a script into a VM, run it there; (exit status, stdout bytes, stderr bytes).
@@ -292,6 +308,124 @@ class Backend:
             result = client.call("exec", argv=script_argv(jobid, info, vms, run_script_argv(interpreter=None)),
                                  input_b64=encode_bytes(data), timeout=10**9)
         return result["exit"], decode_bytes(result["stdout_b64"]), decode_bytes(result["stderr_b64"])
+
+
+class JobView:
+    """One cluster's records followed through the store (Store.follow): read once, then kept up
+    to date from the changes alone, with the VMs' states counted as they change, so that a
+    wait on a 16,000-VM cluster costs what changes, not the cluster's size at each look.
+
+    info: the cluster's record (None until written, or once gone); nodes: {node: record};
+    vm_records: {rank: record} of the VMs that published one. refresh(timeout) waits for
+    changes (Follower.changes) and applies them.
+    """
+
+    def __init__(self, store, user, jobid):
+        self.jobid = jobid
+        self.prefix = state.cluster_prefix(user, jobid)
+        self._info_key, self._vms, self._nodes = self.prefix + "info", self.prefix + "vms/", state.nodes_prefix(user, jobid)
+        self.info, self.nodes, self.vm_records = None, {}, {}
+        self._states = {}  # state -> how many VM records are in it
+        self._failed_nodes = set()
+        self._count = None
+        self.follower = store.follow(self.prefix) if store is not None else _Fixed()
+        self._apply(self.follower.items)
+
+    @classmethod
+    def of(cls, info, vms):
+        """A view of records at hand that never change ((info with its "nodes", [VM record])
+        as Backend.job gives them), for a backend without a store to follow (tests' fakes)."""
+        view = cls(None, "-", 0)
+        view.info = {k: v for k, v in info.items() if k != "nodes"}
+        view._count = len(vms)
+        view._apply({view._nodes + name: record for name, record in (info.get("nodes") or {}).items()})
+        view._apply({f"{view._vms}{v.get('rank', i)}": v for i, v in enumerate(vms) if v.get("state") != "pending"})
+        return view
+
+    def _apply(self, changed):
+        for key, value in changed.items():
+            if key == self._info_key:
+                self.info = value
+            elif key.startswith(self._nodes):
+                name = key[len(self._nodes):]
+                self.nodes.pop(name, None)
+                self._failed_nodes.discard(name)
+                if value is not None:
+                    self.nodes[name] = value
+                    if value.get("state") == "failed":
+                        self._failed_nodes.add(name)
+            elif key.startswith(self._vms) and key[len(self._vms):].isdigit():
+                rank = int(key[len(self._vms):])
+                old = self.vm_records.pop(rank, None)
+                if old is not None:
+                    self._states[old.get("state")] -= 1
+                if value is not None:
+                    self.vm_records[rank] = value
+                    self._states[value.get("state")] = self._states.get(value.get("state"), 0) + 1
+        return changed
+
+    def refresh(self, timeout):
+        """Wait up to timeout s for changes, apply them; {key: value or None} of what changed."""
+        return self._apply(self.follower.changes(timeout))
+
+    def count(self):
+        """How many VMs the cluster has (0 before its record)."""
+        if self._count is not None:
+            return self._count
+        return vm_count(self.info) if self.info else 0
+
+    def counts(self):
+        """{state: how many VMs are in it}, "pending" for those without a record yet."""
+        out = {s: n for s, n in self._states.items() if n}
+        pending = self.count() - sum(out.values())
+        if pending > 0:
+            out["pending"] = out.get("pending", 0) + pending
+        return out
+
+    def started(self, until="running"):
+        """How many VMs reached `until` (pcocc.phases.started), from the counts."""
+        from pcocc.phases import started
+
+        return sum(n for s, n in self._states.items() if n and started({"state": s}, until))
+
+    def failed_node(self):
+        """(node, record) of the first node (by name) whose setup failed, or None."""
+        if not self._failed_nodes:
+            return None
+        name = min(self._failed_nodes)
+        return name, self.nodes[name]
+
+    def first_vm(self, states):
+        """The record of the lowest-ranked VM in one of `states`, or None (cheap when none is)."""
+        if not any(self._states.get(s) for s in states):
+            return None
+        return next(v for _, v in sorted(self.vm_records.items()) if v.get("state") in states)
+
+    def vms(self):
+        """[VM record] in rank order, as Backend.job gives them (a pending one for a VM without)."""
+        return [self.vm_records.get(i) or {"rank": i, "name": f"vm{i}", "state": "pending"} for i in range(self.count())]
+
+    def close(self):
+        self.follower.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _Fixed:
+    """The follower of JobView.of: nothing ever changes."""
+
+    items = {}
+
+    def changes(self, timeout):
+        time.sleep(timeout)
+        return {}
+
+    def close(self):
+        pass
 
 
 def script_argv(jobid, info, vms, argv):

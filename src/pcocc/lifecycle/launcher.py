@@ -250,31 +250,36 @@ def wait_started(backend, jobid, progress, alive, timeout=3600, until="running")
     when every VM ended, or when the step ended first; TimeoutExpired after timeout s.
     """
     from pcocc.batch.base import POLL
-    from pcocc.errors import TimeoutExpired
+    from pcocc.errors import NotFoundError, TimeoutExpired
 
     deadline, last = time.monotonic() + timeout, None
-    while True:
-        info, vms = backend.job(jobid)
-        failed_nodes = [(n, s) for n, s in info["nodes"].items() if s.get("state") == "failed"]
-        if failed_nodes:
-            node, st = failed_nodes[0]
-            raise PcoccError(f"cluster {jobid}: node setup failed on {node}: {st.get('error', 'unknown reason')}")
-        ended = [v for v in vms if v["state"] in VM_FINAL_STATES]
-        running = sum(phases.started(v, until) for v in vms)
-        if vms and len(ended) == len(vms):
-            v = ended[0]
-            raise PcoccError(f"cluster {jobid}: every VM ended before it ran ({v['name']}: {v.get('error') or v['state']})")
-        now = [v["state"] for v in vms]
-        if now != last:
-            progress(vms)
-            last = now
-        if running + len(ended) == len(vms):
-            return ended
-        if not alive():
-            raise PcoccError(f"cluster {jobid} ended before all its VMs ran")
-        if time.monotonic() > deadline:
-            raise TimeoutExpired(f"cluster {jobid}: not every VM runs after {timeout} s")
-        time.sleep(POLL)
+    # the cluster's records read once, then only their changes (a watch on etcd): each look
+    # costs what changed, not the cluster's size
+    with backend.watch_job(jobid) as view:
+        while True:
+            look = time.monotonic()
+            if view.info is None:
+                raise NotFoundError(f"no virtual cluster with job id {jobid}", "See 'pcocc ps'.")
+            failed_node = view.failed_node()
+            if failed_node:
+                node, st = failed_node
+                raise PcoccError(f"cluster {jobid}: node setup failed on {node}: {st.get('error', 'unknown reason')}")
+            counts, total = view.counts(), view.count()
+            ended = sum(counts.get(s, 0) for s in VM_FINAL_STATES)
+            if total and ended == total:
+                v = view.first_vm(VM_FINAL_STATES)
+                raise PcoccError(f"cluster {jobid}: every VM ended before it ran ({v['name']}: {v.get('error') or v['state']})")
+            if counts != last:
+                progress(view.vms())
+                last = counts
+            if view.started(until) + ended == total:
+                return [v for _, v in sorted(view.vm_records.items()) if v.get("state") in VM_FINAL_STATES]
+            if not alive():
+                raise PcoccError(f"cluster {jobid} ended before all its VMs ran")
+            if time.monotonic() > deadline:
+                raise TimeoutExpired(f"cluster {jobid}: not every VM runs after {timeout} s")
+            view.refresh(POLL)  # back at the first change
+            time.sleep(max(0.0, look + POLL - time.monotonic()))  # at most one look per POLL: what comes meanwhile, in one batch
 
 
 def ask_to_stop(srun):

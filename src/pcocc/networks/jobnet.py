@@ -152,27 +152,49 @@ def expand_nodes(nodelist, environ=None):
 
 
 def wait_peers(store, nodes_key, nodes, host, alive, jobid, timeout=WAIT_TIMEOUT):
-    """{host: record} of the other nodes, once each has published its networks."""
+    """{host: record} of the other nodes, once each has published its networks.
+
+    The nodes' records are read once, then followed (Store.follow: only the records that
+    change, not every node's at each change). alive(jobid) is asked every 2 s while some
+    node is missing. Raises PcoccError when a node failed or the job ended, TimeoutExpired
+    after timeout s (naming the nodes missing)."""
     others = [n for n in nodes if n != host]
+    other_set = set(others)
     deadline = time.monotonic() + timeout
 
-    def ready(items):
-        records = {k.rsplit("/", 1)[1]: v for k, v in items.items()}
-        return all("networks" in records.get(n, {}) or records.get(n, {}).get("state") == "failed" for n in others)
+    def ready(record):
+        return record is not None and ("networks" in record or record.get("state") == "failed")
 
-    while True:
-        items = store.wait(nodes_key, ready, min(2.0, max(0.0, deadline - time.monotonic())))
-        if items is not None:
-            records = {k.rsplit("/", 1)[1]: v for k, v in items.items()}
-            failed = [n for n in others if records[n].get("state") == "failed"]
+    with store.follow(nodes_key) as follower:
+        records = {k.rsplit("/", 1)[1]: v for k, v in follower.items.items()}
+        waiting = {n for n in others if not ready(records.get(n))}
+        failed = any((records.get(n) or {}).get("state") == "failed" for n in others)
+        checked = time.monotonic()
+        while True:
             if failed:
-                raise PcoccError(f"node {failed[0]} failed: {records[failed[0]].get('error', 'unknown reason')}")
-            return {n: records[n] for n in others}
-        if not alive(jobid):
-            raise PcoccError(f"job {jobid} ended while its nodes were being set up")
-        if time.monotonic() >= deadline:
-            missing = [n for n in others if n not in {k.rsplit("/", 1)[1] for k in store.range(nodes_key)}]
-            raise TimeoutExpired(f"nodes {', '.join(missing) or '?'} did not publish their network setup in {timeout} s")
+                first = next(n for n in others if (records.get(n) or {}).get("state") == "failed")
+                raise PcoccError(f"node {first} failed: {records[first].get('error', 'unknown reason')}")
+            if not waiting:
+                return {n: records[n] for n in others}
+            now = time.monotonic()
+            if now - checked >= 2.0:
+                checked = now
+                if not alive(jobid):
+                    raise PcoccError(f"job {jobid} ended while its nodes were being set up")
+            if now >= deadline:
+                missing = [n for n in others if n not in records]
+                raise TimeoutExpired(f"nodes {', '.join(missing) or '?'} did not publish their network setup in {timeout} s")
+            for key, value in follower.changes(min(2.0, max(0.0, deadline - now))).items():
+                name = key.rsplit("/", 1)[1]
+                if value is None:
+                    records.pop(name, None)
+                else:
+                    records[name] = value
+                if name in waiting and ready(value):
+                    waiting.discard(name)
+                elif name not in waiting and name in other_set and not ready(value):
+                    waiting.add(name)  # gone again
+                failed = failed or (name in other_set and (value or {}).get("state") == "failed")
 
 
 def setup_node(node_plan, peer_records, common):

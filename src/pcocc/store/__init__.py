@@ -100,6 +100,13 @@ class Store:
             pause = min(0.05, pause * 2)
         raise StoreError(f"too much contention on {key}: {retries} compare-and-swap attempts failed")
 
+    def follow(self, prefix):
+        """A Follower of every key under prefix: its `items` ({key: value}) read once now, then
+        kept up to date by `changes(timeout)`, which returns only what changed. Here (SQLite):
+        the prefix is read again when the store's revision moved; etcd follows a watch and
+        reads only the changes. Raises what range raises (PermissionDenied...)."""
+        return PollingFollower(self, prefix)
+
     def wait(self, prefix, predicate, timeout, poll=0.05):
         """Wait until predicate(range(prefix)) is true; return the range, or None on timeout."""
         deadline = time.monotonic() + timeout
@@ -114,6 +121,72 @@ class Store:
             if time.monotonic() >= deadline:
                 return None
             time.sleep(poll)
+
+
+class Follower:
+    """The keys under a prefix, followed (Store.follow). `items`: {key: value} as of the last
+    `changes`; `revision`: the store's revision they were read at (or a later one)."""
+
+    def __init__(self, store, prefix):
+        self.store, self.prefix = store, prefix
+        self.items, self.revision = {}, 0
+
+    def changes(self, timeout):
+        """Wait up to timeout s for a change under the prefix; {key: new value, None when
+        deleted} of what changed since the last call (several changes together when they came
+        together; {} when none came in time), already applied to `items`. Raises StoreError
+        when the store cannot be reached."""
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _apply(self, changed):
+        for key, value in changed.items():
+            if value is None:
+                self.items.pop(key, None)
+            else:
+                self.items[key] = value
+        return changed
+
+
+def diff(old, new):
+    """{key: value, None when gone} of what differs from old ({key: value}) to new."""
+    out = {k: v for k, v in new.items() if k not in old or old[k] != v}
+    out.update({k: None for k in old if k not in new})
+    return out
+
+
+class PollingFollower(Follower):
+    """A Follower for any store: reads the prefix again each time the store's revision moves
+    (looked at every `poll` s), and tells what differs."""
+
+    def __init__(self, store, prefix, poll=0.05):
+        super().__init__(store, prefix)
+        self.poll = poll
+        self.revision = store.revision()  # before the read: a change in between is seen twice, never missed
+        self.items = store.range(prefix)
+
+    def changes(self, timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            rev = self.store.revision()
+            if rev != self.revision:
+                items = self.store.range(self.prefix)
+                self.revision = rev
+                changed = diff(self.items, items)
+                if changed:
+                    self.items = items
+                    return changed
+            if time.monotonic() >= deadline:
+                return {}
+            time.sleep(min(self.poll, max(0.0, deadline - time.monotonic())))
 
 
 def check_transaction(expect, writes, reads):

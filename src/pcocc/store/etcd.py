@@ -18,7 +18,7 @@ import threading
 import time
 
 from pcocc.errors import NotAvailableError, PermissionDenied
-from pcocc.store import Store, StoreError, check_transaction, decode, encode
+from pcocc.store import Follower, Store, StoreError, check_transaction, decode, diff, encode
 
 TIMEOUT = 10.0  # seconds for one request (etcd answers in milliseconds when healthy)
 ELECTION_RETRY = 20.0  # seconds a request is retried while etcd elects a leader (several election timeouts)
@@ -320,6 +320,40 @@ class EtcdClient:
             conn.close()  # cancels the watch on the server
 
 
+class EtcdFollower(Follower):
+    """Follower through etcd's watch: each `changes` watches from the revision after the last
+    change seen and takes the first batch of events (every change since, up to etcd's batch
+    size), so that nothing is read twice. A watch that fails (a member went away, the history
+    was compacted) is replaced by one read of the whole prefix, whose difference is returned."""
+
+    def __init__(self, store, prefix):
+        super().__init__(store, prefix)
+        self.items, self.revision = store._range(prefix)
+
+    def changes(self, timeout):
+        deadline = time.monotonic() + timeout
+        try:
+            watch = self.store.client.watch(self.prefix, self.revision + 1, deadline)
+            try:
+                events = next(watch, None)
+            finally:
+                watch.close()  # closes its connection: the watch ends on the server
+        except PermissionDenied:
+            raise
+        except StoreError:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+            items, self.revision = self.store._range(self.prefix)
+            changed = diff(self.items, items)
+            self.items = items
+            return changed
+        changed = {}
+        for event in events or ():
+            kv = event["kv"]
+            changed[_unb64(kv["key"])] = None if event.get("type") == "DELETE" else _value(kv)
+            self.revision = max(self.revision, int(kv.get("mod_revision", 0)))
+        return self._apply(changed)
+
+
 def _electing(message):
     """Whether an etcd refusal means the members are electing a leader (a transient state)."""
     # etcd's ErrLeaderChanged, ErrNoLeader, ErrTimeoutDueToLeaderFail and ErrTimeout (server/etcdserver/errors.go)
@@ -452,27 +486,23 @@ class EtcdStore(Store):
         # status needs no key permission, unlike a range
         return int(self._call("maintenance/status", {}, "the store's revision")["header"]["revision"])
 
+    def follow(self, prefix):
+        """Store.follow through an etcd watch: the prefix is read once, then only its changes."""
+        return EtcdFollower(self, prefix)
+
     def wait(self, prefix, predicate, timeout, poll=None):
-        """Like Store.wait, woken by an etcd watch instead of polling."""
+        """Like Store.wait, woken by an etcd watch instead of polling; the prefix is read once,
+        then only what changes (predicate still sees every key, sorted)."""
         deadline = time.monotonic() + timeout
-        items, rev = self._range(prefix)
+        follower = self.follow(prefix)
         while True:
+            items = dict(sorted(follower.items.items()))
             if predicate(items):
                 return items
-            if time.monotonic() >= deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return None
-            try:
-                for _events in self.client.watch(prefix, rev + 1, deadline):
-                    items, rev = self._range(prefix)
-                    if predicate(items):
-                        return items
-            except StoreError:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.05)  # a member went away or compacted: re-read, re-watch
-                items, rev = self._range(prefix)
-                continue
-            return None
+            follower.changes(remaining)
 
     def close(self):
         self.client.close()
