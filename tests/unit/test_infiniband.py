@@ -103,7 +103,10 @@ class Site:
 
     def undo_entries(self, name):
         d = self.tmp / name / "state"
-        return [e for p in d.glob("undo-*.json") for e in json.loads(p.read_text())["entries"]]
+        from pcocc.networks.undo import UndoLog
+
+        log = UndoLog(str(d))
+        return [e for job in log.jobs() for e in log.entries(job)]
 
 
 @pytest.fixture

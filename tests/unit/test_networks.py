@@ -1,6 +1,5 @@
 """Private networks without a real host: names, MACs, the undo log, NIC arguments, node setup with fake drivers."""
 
-import json
 
 import pytest
 
@@ -49,7 +48,7 @@ def test_undo_log_replays_in_reverse_then_drops_the_record(tmp_path):
     log.record(7, "b", name="second")
     log.record(8, "a", name="other job")
     assert log.jobs() == [7, 8]
-    assert json.loads((tmp_path / "undo-7.json").read_text())["entries"] == [
+    assert log.entries(7) == [
         {"kind": "a", "args": {"name": "first"}}, {"kind": "b", "args": {"name": "second"}}]
     done = []
     actions = {"a": lambda name: done.append(name), "b": lambda name: done.append(name)}
@@ -191,7 +190,8 @@ class FakeHost:
         self.tunnels = {}  # port -> (remote ip, VNI)
 
     def recorded(self):
-        return [e["args"] for p in self.log_dir.glob("undo-*.json") for e in json.loads(p.read_text())["entries"]]
+        log = UndoLog(str(self.log_dir))
+        return [e["args"] for job in log.jobs() for e in log.entries(job)]
 
     def make(self, obj, args):
         assert args in self.recorded(), f"{obj} made before it was recorded"

@@ -1,8 +1,17 @@
 """The undo log: every host object a node setup makes, recorded before it is made.
 
-One JSON file per job in the node state dir (undo-<jobid>.json), rewritten
-atomically and fsync'd on each record, so that after a crash, even a SIGKILL
-between the record and the creation, the log names everything that may exist.
+One file per job in the node state dir (undo-<jobid>.json), JSON lines: one record
+{"kind", "args"} per line, appended and fsync'd on each record (the directory too when
+the file is made), so that after a crash, even a SIGKILL between the record and the
+creation, the log names everything that may exist. A record costs one short write
+whatever the log's length (a node with thousands of objects). A crash in the middle of
+an append leaves a torn last line: its object was never made (its record had not
+returned), so reading ignores it, and the next record first cuts it off.
+
+A log written by an older pcocc (one JSON document {"job", "entries": [...]}, rewritten
+whole on each record) is read as it is, and rewritten as JSON lines by the first record
+or replay that changes it.
+
 Replaying it runs each undo action in reverse order; the actions are
 idempotent (an object already gone is fine), so a replay can run any number
 of times, also over a half-finished one.
@@ -34,12 +43,15 @@ class UndoLog:
         return os.path.join(self.dir, f"undo-{int(job)}.json")
 
     def entries(self, job):
-        """The job's records, oldest first ([] when it has none)."""
+        """The job's records, oldest first ([] when it has none): [{"kind": str, "args": {}}].
+        A torn last line (a crash during its append) is left out; so is any line that is not
+        a record, with a warning."""
         try:
-            with open(self.path(job)) as f:
-                return json.load(f)["entries"]
+            with open(self.path(job), "rb") as f:
+                data = f.read()
         except FileNotFoundError:
             return []
+        return _parse(data, self.path(job))
 
     def jobs(self):
         """The job ids that have a log on this node."""
@@ -50,8 +62,27 @@ class UndoLog:
         return sorted(int(m.group(1)) for m in map(_FILE.fullmatch, names) if m)
 
     def record(self, job, kind, **args):
-        """Record an object of the job before making it."""
-        self._write(job, self.entries(job) + [{"kind": kind, "args": args}])
+        """Record an object of the job before making it: one line appended and fsync'd.
+        args: JSON-able keyword arguments of the kind's undo action. Raises OSError when the
+        state dir cannot be written (then the object must not be made)."""
+        line = (json.dumps({"kind": kind, "args": args}, separators=(",", ":")) + "\n").encode()
+        os.makedirs(self.dir, mode=0o755, exist_ok=True)
+        path = self.path(job)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                fsync_dir(self.dir)  # a new file: its name is durable before its first record counts
+            elif os.pread(fd, 1, size - 1) != b"\n":  # an older pcocc's log, or a torn last line
+                os.close(fd)
+                fd = -1
+                self._write(job, self.entries(job))
+                fd = os.open(path, os.O_RDWR | os.O_APPEND, 0o600)
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def replay(self, job, actions, deadline=None):
         """Undo the job's objects, newest first, with actions[kind](**args); then drop the log.
@@ -90,19 +121,42 @@ class UndoLog:
         fsync_dir(self.dir)
 
     def _write(self, job, entries):
+        """Replace the job's log by these entries, as JSON lines, atomically (rename)."""
         os.makedirs(self.dir, mode=0o755, exist_ok=True)
         path = self.path(job)
         tmp = os.path.join(self.dir, f".{os.path.basename(path)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"job": int(job), "entries": entries}, f, indent=1)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"".join((json.dumps(e, separators=(",", ":")) + "\n").encode() for e in entries))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(self.dir)
 
 
+def _parse(data, path):
+    """The records of a log's bytes: JSON lines, or an older pcocc's single document."""
+    if data.startswith(b"{\n"):  # an older pcocc's json.dump(indent=1): never the start of a JSON line
+        try:
+            return json.loads(data)["entries"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s: not an undo log pcocc can read: ignored", path)
+            return []
+    lines = data.split(b"\n")
+    if lines[-1]:
+        log.info("%s: its last record was cut by a crash (its object was never made): ignored", path)
+    out = []
+    for n, line in enumerate(lines[:-1], 1):
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict) or not isinstance(entry.get("kind"), str) or not isinstance(entry.get("args"), dict):
+                raise ValueError("not a record")
+        except ValueError:
+            log.warning("%s:%d: not an undo record: ignored", path, n)
+            continue
+        out.append(entry)
+    return out
+
+
 def _describe(args):
     return ",".join(f"{k}={v}" for k, v in args.items())
-
-

@@ -245,9 +245,11 @@ class RecordingFake:
         """check_order: the undo log names this object already."""
         if not self.check_order:
             return
-        path = Path(self.state_dir)
-        for log in path.glob("undo-*.json"):
-            for e in json.loads(log.read_text())["entries"]:
+        from pcocc.networks.undo import UndoLog
+
+        log = UndoLog(str(self.state_dir))
+        for job in log.jobs():
+            for e in log.entries(job):
                 if e["kind"] == kind and all(e["args"].get(k) == v for k, v in args.items()):
                     return
         self.order_errors.append(f"{kind} {args} made before the undo log named it")
