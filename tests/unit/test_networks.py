@@ -217,6 +217,10 @@ class FakeHost:
                 host.make(("port", bridge, port), {"bridge": bridge, "port": port})
                 host.tunnels[port] = (remote_ip, key)
 
+            def add_vxlan_ports(self, bridge, tunnels, key):
+                for port, remote_ip in tunnels:
+                    self.add_vxlan_port(bridge, port, remote_ip, key)
+
             def del_port(self, bridge, port):
                 host.objects.discard(("port", bridge, port))
 

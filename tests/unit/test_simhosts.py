@@ -74,3 +74,21 @@ def test_the_checks_catch_an_object_the_undo_log_does_not_name(fake, tmp_path):
     assert fake.leftovers() == []
     ip.add_tap("plt7_0", 0, 1500)
     assert "('link', 'plt7_0')" in fake.leftovers()
+
+
+def test_the_tunnel_mesh_is_made_in_batches_each_all_or_none(fake, tmp_path):
+    log = UndoLog(str(tmp_path))
+    log.record(7, "ovs-bridge", bridge="pb7")
+    ovs = hostnet.Ovs()
+    ovs.add_bridge("pb7", "netdev")
+    tunnels = [(f"pv7_{i}", f"10.100.0.{i}") for i in range(5)]
+    for port in [p for p, _ in tunnels] + ["pv7_9"]:
+        log.record(7, "ovs-port", bridge="pb7", port=port)
+    before = len(fake.commands)
+    ovs.add_vxlan_ports("pb7", tunnels, 42, batch=2)
+    assert len(fake.commands) - before == 3  # 5 ports, 2 per ovs-vsctl call
+    assert {o for o in fake.objects() if o[0] == "ovs-port"} == {("ovs-port", "pb7", p) for p, _ in tunnels}
+    with pytest.raises(CommandError, match="already exists"):
+        ovs.add_vxlan_ports("pb7", [("pv7_9", "10.100.0.9"), ("pv7_0", "10.100.0.0")], 42)
+    assert ("ovs-port", "pb7", "pv7_9") not in fake.objects()  # one transaction: none made
+    assert fake.order_errors == []

@@ -148,11 +148,11 @@ class EthernetDriver(Driver):
             ip.add_tap(tap, job.uid, s["mtu"])
             job.undo.record(jobid, "ovs-port", bridge=bridge, port=tap)  # undone first: OVS lets go of the tap
             ovs.add_port(bridge, tap)
-        for index, host in enumerate(job.nodes):
-            if host in job.peers:
-                port = tunnel_port_name(s, jobid, index)
-                job.undo.record(jobid, "ovs-port", bridge=bridge, port=port)
-                ovs.add_vxlan_port(bridge, port, job.peers[host], vni)
+        # the mesh: a tunnel to each peer, all recorded, then made in a few ovs-vsctl calls (not one per peer)
+        tunnels = [(tunnel_port_name(s, jobid, index), job.peers[host]) for index, host in enumerate(job.nodes) if host in job.peers]
+        for port, _ in tunnels:
+            job.undo.record(jobid, "ovs-port", bridge=bridge, port=port)
+        ovs.add_vxlan_ports(bridge, tunnels, vni)
         made = {"bridge": bridge, "vni": vni}
         if s["network-layer"] == "L3":
             from pcocc.networks import gateway

@@ -51,6 +51,8 @@ def ovs_datapath(datapath_type="auto", kernel_has_it=None):
     return "system" if (kernel_has_it or kernel_has_ovs_datapath)() else "netdev"
 
 
+VXLAN_BATCH = 200  # tunnel ports per ovs-vsctl call (about 30 KiB of arguments)
+
 class Ovs:
     def __init__(self, environ=None):
         self.environ = environ
@@ -81,10 +83,23 @@ class Ovs:
         self.vsctl("add-port", bridge, port, *(["--", "set", "port", port, *extra] if extra else []))
 
     def add_vxlan_port(self, bridge, port, remote_ip, key):
+        """A VXLAN tunnel port to remote_ip with VNI key (add_vxlan_ports: many at once)."""
         # protected: NORMAL never floods from one tunnel to another (split horizon),
         # so a full mesh of tunnels between 3+ nodes has no loop
         self.vsctl("add-port", bridge, port, "--", "set", "interface", port, "type=vxlan",
                    f"options:remote_ip={remote_ip}", f"options:key={key}", "--", "set", "port", port, "protected=true")
+
+    def add_vxlan_ports(self, bridge, tunnels, key, batch=VXLAN_BATCH):
+        """add_vxlan_port for each (port, remote_ip) of tunnels, `batch` ports per ovs-vsctl
+        call (one OVSDB transaction each: all of its ports are made, or none), so that a node's
+        mesh of tunnels to H peers costs H/batch commands, not H."""
+        tunnels = list(tunnels)
+        for i in range(0, len(tunnels), batch):
+            args = []
+            for port, remote_ip in tunnels[i:i + batch]:
+                args += [*(["--"] if args else []), "add-port", bridge, port, "--", "set", "interface", port, "type=vxlan",
+                         f"options:remote_ip={remote_ip}", f"options:key={key}", "--", "set", "port", port, "protected=true"]
+            self.vsctl(*args)
 
     def del_port(self, bridge, port):
         try:

@@ -359,6 +359,22 @@ class RecordingFake:
         commands.append(cur)
         first, rest = commands[0], commands[1:]
         verb = first[0]
+        if sum(c[:1] == ["add-port"] for c in commands) > 1:  # several ports in one transaction: all or none
+            groups = []
+            for c in commands:
+                if c[:1] == ["add-port"] or not groups:
+                    groups.append([])
+                groups[-1] += [*(["--"] if groups[-1] else []), *c]
+            made = []
+            try:
+                for g in groups:
+                    self._ovs_vsctl(g, ns)
+                    made.append((g[1], g[2]))
+            except FakeFailure:
+                for bridge, port in made:
+                    del self.bridges[bridge]["ports"][port]
+                raise
+            return ""
         if verb == "add-br":
             name = first[1]
             self._recorded("ovs-bridge", bridge=name)
