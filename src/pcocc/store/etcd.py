@@ -23,6 +23,7 @@ from pcocc.store import Follower, Store, StoreError, check_transaction, decode, 
 TIMEOUT = 10.0  # seconds for one request (etcd answers in milliseconds when healthy)
 ELECTION_RETRY = 20.0  # seconds a request is retried while etcd elects a leader (several election timeouts)
 CONNECT_TIMEOUT = 3.0  # a dead member costs this much before the next is tried
+WATCH_SETUP = 5.0  # seconds a Follower's watch may take to be created (then it reads the prefix instead)
 
 # gRPC status codes the gateway returns in {"code": ...}
 _INVALID_ARGUMENT, _ALREADY_EXISTS, _PERMISSION_DENIED, _FAILED_PRECONDITION, _UNAUTHENTICATED = 3, 6, 7, 9, 16
@@ -275,11 +276,16 @@ class EtcdClient:
         return EtcdError(f"etcd at {self.url} refused {what or 'a request'}: {text}", exc.code)
 
     # -- watch
-    def watch(self, prefix, start_revision, deadline):
-        """Yield each batch of events on prefix from start_revision, until deadline (then return)."""
+    def watch(self, prefix, start_revision, deadline, setup=None):
+        """Yield each batch of events on prefix from start_revision, until deadline (then return).
+
+        setup: seconds etcd may take to create the watch, past deadline if need be (a loaded
+        etcd); with it, an empty batch is yielded once etcd confirmed the watch, so that the
+        caller tells "no change until deadline" from "not watched at all"."""
+        first_deadline = max(deadline, time.monotonic() + setup) if setup else deadline
         with self._lock:
             before = self._current
-            conn = self._open(max(0.1, deadline - time.monotonic()))
+            conn = self._open(max(0.1, first_deadline - time.monotonic()))
             if self._current != before:
                 self.close()  # the main connection follows to the member that answered
             if self.user and self._token is None:
@@ -291,8 +297,9 @@ class EtcdClient:
             resp = conn.getresponse()
             if resp.status != 200:
                 self._answer(resp.status, resp.read())
+            created = False
             while True:
-                remaining = deadline - time.monotonic()
+                remaining = (deadline if created else first_deadline) - time.monotonic()
                 if remaining <= 0:
                     return
                 conn.sock.settimeout(remaining)
@@ -308,6 +315,10 @@ class EtcdClient:
                     if "permission denied" in reason:
                         raise PermissionDenied(f"etcd at {self.url} denies watching {prefix} to user {self.user or '(anonymous)'}")
                     raise EtcdError(f"etcd at {self.url} cancelled a watch on {prefix}: {reason or 'compacted'}")
+                if result.get("created") and not created:
+                    created = True
+                    if setup:
+                        yield []
                 if result.get("events"):
                     yield result["events"]
         except TimeoutError:
@@ -332,26 +343,36 @@ class EtcdFollower(Follower):
 
     def changes(self, timeout):
         deadline = time.monotonic() + timeout
+        created, events = False, None
         try:
-            watch = self.store.client.watch(self.prefix, self.revision + 1, deadline)
+            watch = self.store.client.watch(self.prefix, self.revision + 1, deadline, setup=WATCH_SETUP)
             try:
-                events = next(watch, None)
+                for batch in watch:
+                    if batch:
+                        events = batch
+                        break
+                    created = True  # etcd watches: what comes until deadline is every change
             finally:
                 watch.close()  # closes its connection: the watch ends on the server
         except PermissionDenied:
             raise
         except StoreError:
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-            items, self.revision = self.store._range(self.prefix)
-            changed = diff(self.items, items)
-            self.items = items
-            return changed
+            return self._read_again()
+        if events is None and not created:  # etcd did not even confirm the watch (loaded): read it all
+            return self._read_again()
         changed = {}
         for event in events or ():
             kv = event["kv"]
             changed[_unb64(kv["key"])] = None if event.get("type") == "DELETE" else _value(kv)
             self.revision = max(self.revision, int(kv.get("mod_revision", 0)))
         return self._apply(changed)
+
+    def _read_again(self):
+        items, self.revision = self.store._range(self.prefix)
+        changed = diff(self.items, items)
+        self.items = items
+        return changed
 
 
 def _electing(message):
