@@ -9,7 +9,10 @@ with qemu-ga's semantics (qga/commands-posix.c, qga/commands.c of qemu 7.2):
   error; an error (EAGAIN on a FIFO with less than count bytes waiting) fails the command and
   what was read is lost;
 * guest-file-write is fwrite: the bytes stay in the stdio buffer until guest-file-flush or
-  guest-file-close (a FIFO's reader sees nothing before).
+  guest-file-close (a FIFO's reader sees nothing before);
+* handles are numbered from a counter (1000 in a new state file, qga/main.c ga_get_fd_handle)
+  that a restarted agent keeps and a rebooted guest may start again (restart()); a handle
+  the agent does not hold is an error ("handle '%d' has not been found").
 
 So a StreamingExec runs its real runner script (sh, dd, setsid...) on this host.
 """
@@ -56,6 +59,9 @@ class LocalAgent:
         self.log = []  # (command, arguments) of every call
         self.closed = False
         self.lock = threading.Lock()
+        self.handle_epoch = 0  # as GuestAgent.handle_epoch: changes when handle numbers go back
+        self._handle_high = 0
+        self.old = []  # the processes of the agent before restart(), still running
 
     def execute(self, command, arguments=None, timeout=None, reply=True):
         args = arguments or {}
@@ -63,7 +69,31 @@ class LocalAgent:
             if self.closed:  # as a real agent whose VM is gone (the handler's background work may still call)
                 raise AgentError(f"guest agent: connection lost during {command}")
             self.log.append((command, args))
-            return getattr(self, "_" + command.replace("-", "_"))(**{k.replace("-", "_"): v for k, v in args.items()})
+            value = getattr(self, "_" + command.replace("-", "_"))(**{k.replace("-", "_"): v for k, v in args.items()})
+            if command == "guest-file-open":
+                if value <= self._handle_high:
+                    self.handle_epoch += 1
+                self._handle_high = value
+            return value
+
+    def restart(self, counter=None):
+        """A new agent process (qemu-ga restarted, or the guest rebooted): it knows none of the
+        old one's children (which keep running here) or handles. counter: where handle numbers
+        start again (None: where they were, as with a state file that survived)."""
+        with self.lock:
+            for fd in self.files.values():
+                os.close(fd)
+            self.files.clear()
+            self.buffers.clear()
+            self.old += self.procs.values()
+            self.procs = {}
+            if counter is not None:
+                self.next_handle = counter - 1
+
+    def _fd(self, handle):
+        if handle not in self.files:
+            raise AgentCommandError("guest-file", {"desc": f"handle '{handle}' has not been found"})
+        return self.files[handle]
 
     def _guest_exec(self, path, arg=(), capture_output=False, input_data=None, env=None):
         out = subprocess.PIPE if capture_output else subprocess.DEVNULL
@@ -102,7 +132,7 @@ class LocalAgent:
         return self.next_handle
 
     def _guest_file_read(self, handle, count=4096):
-        fd = self.files[handle]
+        fd = self._fd(handle)
         buf = b""
         eof = False
         while len(buf) < count:
@@ -118,21 +148,24 @@ class LocalAgent:
 
     def _guest_file_write(self, handle, buf_b64, count=None):
         # fwrite: into the stdio buffer, which reaches the file at a flush or a close
+        self._fd(handle)
         data = base64.b64decode(buf_b64)
         self.buffers[handle] = self.buffers.get(handle, b"") + data
         return {"count": len(data), "eof": False}
 
     def _guest_file_flush(self, handle):
+        fd = self._fd(handle)
         data = self.buffers.pop(handle, b"")
         while data:
             try:
-                n = os.write(self.files[handle], data)
+                n = os.write(fd, data)
             except BlockingIOError:
                 raise AgentCommandError("guest-file-flush", {"desc": "failed to flush file: Resource temporarily unavailable"}) from None
             data = data[n:]
         return {}
 
     def _guest_file_close(self, handle):
+        self._fd(handle)
         try:
             self._guest_file_flush(handle)
         except AgentCommandError:
@@ -146,7 +179,7 @@ class LocalAgent:
         for fd in self.files.values():
             os.close(fd)
         self.files.clear()
-        for proc in self.procs.values():
+        for proc in [*self.procs.values(), *self.old]:
             # the whole tree, by pid: a runner leaves children that wait on FIFOs (they outlived the tests)
             for pid in _descendants(proc.popen.pid):
                 try:

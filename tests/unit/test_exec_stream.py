@@ -174,6 +174,30 @@ def test_several_vms_prefix_lines_keep_stderr_apart_and_tell_failures(three):
         assert lines.index(f"vm{r}: err".encode()) < lines.index(f"vm{r}: exited with status 2".encode())
 
 
+def test_the_output_of_the_first_vms_is_printed_while_another_still_starts(three):
+    """The CLI takes each VM's stream as it opens: vm2's command starts only once the user saw
+    the lines of vm0 and vm1 (it would never start if the CLI waited for every VM first)."""
+    printed, started = threading.Event(), []
+    handler = three.servers[2].handler
+    take = handler._take_spare
+
+    def slow_start(base):
+        started.append(printed.wait(30))
+        return take(base)
+
+    handler._take_spare = slow_start
+    seen = set()
+
+    def on_out(line):
+        seen.add(line)
+        if {b"vm0: hi", b"vm1: hi"} <= seen:
+            printed.set()
+
+    status, out, _ = three.run("echo hi", on_out=on_out)
+    assert (status, sorted(out.splitlines())) == (0, [b"vm0: hi", b"vm1: hi", b"vm2: hi"])
+    assert out.splitlines()[-1] == b"vm2: hi" and started == [True]
+
+
 def test_empty_output_prints_nothing(three):
     assert three.run("true") == (0, b"", b"")
 
@@ -192,8 +216,13 @@ def test_gather_prints_each_distinct_output_once(three):
     assert sorted(err.splitlines()) == [b"vm0: noise", b"vm1: noise", b"vm2: noise"]
 
 
-def test_large_output_comes_whole_through_many_segments(one, monkeypatch):
+@pytest.mark.parametrize("read_size", [qga.EXEC_READ, 64 * 1024])
+def test_large_output_comes_whole_through_many_segments(one, monkeypatch, read_size):
+    """Also with reads smaller than a segment: a round that reads more of a stream, and moves
+    to its next segment meanwhile, must not take that segment's handle from the round's look
+    for it as a segment further (output was repeated, then cut)."""
     monkeypatch.setattr(qga, "EXEC_SEGMENT", 256 * 1024)
+    monkeypatch.setitem(qga.StreamingExec.__init__.__kwdefaults__, "read_size", read_size)
     status, out, err = one.run("head -c 12000000 /dev/zero | tr '\\0' a; echo; head -c 3000000 /dev/zero | tr '\\0' b >&2")
     assert status == 0, err[-300:]
     assert len(out) == 12000001 and out.count(b"a") == 12000000
@@ -543,15 +572,116 @@ def test_pty_ctrl_c_interrupts_the_guest_command_not_the_session(one):
     assert after.endswith(b"alive\r\n") and b"not-interrupted" not in after
 
 
-def test_a_runner_started_ahead_that_the_agent_no_longer_knows_is_passed_over(one):
-    """A rebooted guest, or a restarted qemu-ga: the spare's pid is unknown. The exec starts
-    its own runner at once (no wait for the spare's FIFO)."""
+def claimed_spare(cluster, rank=0):
+    """The VM's spare runner, once claimed ahead (its handles open: agent.qga.SpareRunner.claim)."""
+    handler = cluster.servers[rank].handler
+    wait_for(lambda: handler._spare is not None, "a runner started ahead and claimed")
+    return handler._spare
+
+
+def count_runs(tmp_path):
+    """A command line that appends a line to a file then prints 'fresh'; and how many lines it has."""
+    path = tmp_path / "runs"
+    return f"echo x >> {path}; echo fresh", lambda: len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_the_next_exec_only_writes_its_command_and_reads(one):
+    """The spare is claimed ahead, in the thread that starts it: its FIFO, first segments and
+    kill FIFO are open before the exec comes, which neither opens nor starts anything."""
     assert one.run("true")[0] == 0
-    wait_for(lambda: len(runners(one.agents[0])) == 2, "a runner started ahead")
-    handler = one.servers[0].handler
-    with handler._spare_mutex:
-        handler._spare.pid = 999999999  # no such child of the agent
-        fifo = handler._spare.prefix + ".c"
-    assert one.run("echo fresh") == (0, b"fresh\n", b"")
+    agent, spare = one.agents[0], claimed_spare(one)
+    assert spare.ctl is not None and set(spare.handles) == {"o", "e", "k"}
+    ctl, out, err = spare.ctl, spare.handles["o"], spare.handles["e"]
+    before = len(agent.log)
+    assert one.run("echo hi; echo there >&2") == (0, b"hi\n", b"there\n")
+    calls = agent.log[before:]
+    ahead = {spare.prefix + suffix for suffix in (".c", ".o.0", ".e.0", ".k")}
+    assert not [a for c, a in calls if c == "guest-file-open" and a["path"] in ahead]
+    assert [w for _, _, w in runners(agent)] == [False, True, True]  # and the next one, ahead
+    # the runner's status (is it still there?) then its go line, then the first round's reads
+    assert [(c, a.get("handle", a.get("pid"))) for c, a in calls[:6]] == [
+        ("guest-exec-status", spare.pid), ("guest-file-write", ctl), ("guest-file-flush", ctl),
+        ("guest-file-read", out), ("guest-file-read", err), ("guest-exec-status", spare.pid)]
+
+
+def test_a_spare_whose_agent_restarted_is_passed_over_and_the_command_runs_once(one, tmp_path):
+    """A restarted qemu-ga knows neither the spare's pid nor its handles (its handle counter
+    went on): the go line is not written anywhere, and the exec starts its own runner."""
+    assert one.run("true")[0] == 0
+    spare = claimed_spare(one)
+    one.agents[0].restart()
+    line, runs = count_runs(tmp_path)
+    assert one.run(line) == (0, b"fresh\n", b"")
     assert [w for _, _, w in runners(one.agents[0])][2] is False  # a runner of its own
-    assert not [a for c, a in one.agents[0].log if c == "guest-file-open" and a["path"] == fifo]  # no wait for the spare
+    time.sleep(0.3)  # the old spare, still there, got nothing either
+    assert runs() == 1
+    assert not os.path.exists(spare.prefix + ".c")  # its files went
+
+
+def test_after_a_reboot_a_spares_handles_are_not_written_to(one, tmp_path):
+    """A rebooted guest's agent may number handles from 1000 again (its state file in a
+    tmpfs) and give the spare's to other files: once handle numbers went back, the spare's
+    handles are neither written to nor closed, and the command runs once, in a new runner."""
+    assert one.run("true")[0] == 0
+    agent, spare = one.agents[0], claimed_spare(one)
+    agent.restart(counter=spare.ctl)
+    other = tmp_path / "other"
+    other.write_bytes(b"")
+    assert agent.execute("guest-file-open", {"path": str(other), "mode": "r+"}) == spare.ctl  # someone else's now
+    before = len(agent.log)
+    line, runs = count_runs(tmp_path)
+    assert one.run(line) == (0, b"fresh\n", b"")
+    assert runs() == 1 and other.read_bytes() == b""
+    # the number the other file got is neither written to nor closed (nor are the spare's
+    # others, which the new agent gives to the new runner's files: not checked here)
+    assert not [c for c, a in agent.log[before:] if c in ("guest-file-write", "guest-file-flush", "guest-file-close")
+                and a.get("handle") == spare.ctl]
+    assert [w for _, _, w in runners(agent)][2] is False
+
+
+def test_a_spare_that_ended_is_passed_over_and_the_command_runs_once(one, tmp_path):
+    """A runner killed in the guest: its status, answered before the go line is written,
+    says it ended; the line went to a FIFO that no one reads, and the exec starts its own."""
+    assert one.run("true")[0] == 0
+    agent, spare = one.agents[0], claimed_spare(one)
+    os.killpg(spare.pid, signal.SIGKILL)
+    wait_for(lambda: agent.procs[spare.pid].popen.poll() is not None, "the spare killed")
+    line, runs = count_runs(tmp_path)
+    assert one.run(line) == (0, b"fresh\n", b"")
+    assert runs() == 1
+    assert [w for _, _, w in runners(agent)][2] is False
+
+
+@pytest.mark.parametrize("op", ["ckpt", "save"])
+def test_no_runner_waits_in_the_guest_while_it_is_checkpointed_or_saved(one, monkeypatch, op):
+    """Review: a spare left in the guest's memory went into checkpoints and template snapshots
+    (asleep for ever after a restore, its handles stale), and its files into saved disks. It is
+    discarded, and waited for, before the VM pauses or its disk is copied; the next one is made
+    after."""
+    from pcocc.lifecycle import checkpoint, saving
+
+    assert one.run("true")[0] == 0
+    agent, spare = one.agents[0], claimed_spare(one)
+    handler = one.servers[0].handler
+    seen = []
+
+    def snapshot(*args, **kwargs):
+        seen.append((handler._spare, agent.procs[spare.pid].popen.poll(), os.path.exists(spare.prefix + ".c")))
+        time.sleep(0.2)  # an exec's end meanwhile would make no spare
+        return {}
+
+    if op == "ckpt":
+        monkeypatch.setattr(checkpoint, "pause", snapshot)
+        monkeypatch.setattr(checkpoint, "resume", lambda vm: {})
+        handler.op_ckpt_pause()
+        assert handler._spare is None
+        handler._make_spare()
+        assert handler._spare is None  # held until the VM resumes
+        handler.op_ckpt_resume()
+    else:
+        monkeypatch.setattr(saving, "save_disk", snapshot)
+        handler.images = lambda: None
+        handler.op_save()
+    assert seen[0][0] is None and seen[0][1] is not None and not seen[0][2]  # gone, killed, its files removed
+    assert claimed_spare(one) is not spare
+    assert one.run("echo after") == (0, b"after\n", b"")

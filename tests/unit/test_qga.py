@@ -261,6 +261,36 @@ def test_error_reply_raises_agent_command_error(sock, fake):
         agent.ping()  # the connection is still in sync
 
 
+def test_several_commands_in_one_round_trip_answer_in_order_with_their_errors(sock, fake):
+    server = fake()
+    with GuestAgent(sock, timeout=2) as agent:
+        ping, missing, handle, status = agent.execute_many([
+            ("guest-ping", None), ("guest-no-such-command", None),
+            ("guest-file-open", {"path": "f", "mode": "w"}), ("guest-fsfreeze-status", None)])
+        assert (ping, handle, status) == ({}, 7, "thawed")
+        assert isinstance(missing, AgentCommandError) and "has not been found" in missing.desc
+        assert [r["execute"] for r in server.requests[-4:]] == ["guest-ping", "guest-no-such-command", "guest-file-open",
+                                                                "guest-fsfreeze-status"]
+        agent.ping()  # still in sync
+        assert agent.execute_many([]) == []
+
+
+def test_the_handle_epoch_changes_when_handle_numbers_go_back(sock, fake):
+    """qemu-ga numbers handles from a counter (from 1000 in a new state file): a number not
+    above every one seen means its counter started again (a rebooted guest), and handles
+    kept from before may name other files now (agent.qga.SpareRunner)."""
+    fake()  # numbers its handles 7 + how many are open
+    with GuestAgent(sock, timeout=2) as agent:
+        a = agent.execute("guest-file-open", {"path": "a", "mode": "w"})
+        b = agent.execute_many([("guest-file-open", {"path": "b", "mode": "w"})])[0]
+        assert (a, b, agent.handle_epoch) == (7, 8, 0)
+        agent.execute("guest-file-close", {"handle": b})
+        assert agent.execute("guest-file-open", {"path": "c", "mode": "w"}) == 8
+        assert agent.handle_epoch == 1
+        assert agent.execute("guest-file-open", {"path": "d", "mode": "w"}) == 9
+        assert agent.handle_epoch == 1
+
+
 def test_a_reply_that_comes_too_late_is_dropped_by_the_next_resync(sock, fake):
     server = fake(delays={"slow": 0.8})
     with GuestAgent(sock, timeout=3) as agent:

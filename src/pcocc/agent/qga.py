@@ -91,6 +91,13 @@ class _ConnectionLost(Exception):
     pass
 
 
+def _request(command, arguments):
+    request = {"execute": command}
+    if arguments:
+        request["arguments"] = arguments
+    return json.dumps(request).encode() + b"\n"
+
+
 class GuestAgent:
     """One connection to a guest agent; methods are thread-safe and reconnect as needed.
 
@@ -105,6 +112,8 @@ class GuestAgent:
         self._buf = b""
         self._synced = False
         self._lock = threading.RLock()
+        self._handle_high = 0  # the highest guest-file-open handle of this epoch (see handle_epoch)
+        self._handle_epoch = 0
 
     def __enter__(self):
         return self
@@ -236,33 +245,82 @@ class GuestAgent:
         not wait; the next command resynchronises first.
         """
         timeout = self.timeout if timeout is None else timeout
-        request = {"execute": command}
-        if arguments:
-            request["arguments"] = arguments
         with self._lock:
             if not self._synced:
                 self.connect(timeout=self.timeout)
-            try:
-                self._send(json.dumps(request).encode() + b"\n")
-                if not reply:
-                    self._synced = False
-                    return None
-                answer = self._recv(time.monotonic() + timeout)
-            except socket.timeout:
-                self._synced = False  # its reply may still come: resync before the next command
-                raise AgentTimeout(f"guest agent: no reply to {command} within {timeout:g} s") from None
-            except _ConnectionLost as e:
-                self._drop()
-                raise AgentError(f"guest agent: connection lost during {command}: {e}") from None
-            except ValueError as e:
+            self._send_now(command, _request(command, arguments))
+            if not reply:
                 self._synced = False
-                raise AgentError(f"guest agent: bad reply to {command}: {e}") from None
-            if "error" in answer:
-                raise AgentCommandError(command, answer["error"])
-            if "return" not in answer:
-                self._synced = False
-                raise AgentError(f"guest agent: unexpected reply to {command}: {answer!r:.200}")
-            return answer["return"]
+                return None
+            return self._answer(command, self._reply(command, timeout))
+
+    def execute_many(self, calls, timeout=None):
+        """Runs several commands in one round trip: their requests go in one write, and the
+        agent answers them in order (qemu-ga feeds what it reads from its channel to a JSON
+        parser that runs each complete request in turn: qga/main.c channel_event_cb).
+
+        calls: [(command, arguments or None)]. Returns, in their order, each command's
+        "return" value, or the AgentCommandError it answered (returned, not raised: every
+        request ran whatever the ones before it answered). Raises AgentError (AgentTimeout)
+        when the connection failed or a reply did not come: then which of them ran is unknown.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        if not calls:
+            return []
+        with self._lock:
+            if not self._synced:
+                self.connect(timeout=self.timeout)
+            self._send_now(calls[0][0], b"".join(_request(c, a) for c, a in calls))
+            results = []
+            for command, _ in calls:
+                try:
+                    results.append(self._answer(command, self._reply(command, timeout)))
+                except AgentCommandError as exc:
+                    results.append(exc)
+            return results
+
+    @property
+    def handle_epoch(self):
+        """Changes whenever guest-file-open gives a handle number not above every number seen
+        before: the agent's counter started again (a guest rebooted with the agent's state
+        file in a tmpfs; qga/main.c ga_get_fd_handle numbers handles from a counter kept in
+        that file, from 1000). A handle opened in an epoch that is still current names what
+        it was opened on, or nothing (an agent restarted since does not know it): see
+        SpareRunner."""
+        return self._handle_epoch
+
+    def _send_now(self, command, data):
+        try:
+            self._send(data)
+        except _ConnectionLost as e:
+            self._drop()
+            raise AgentError(f"guest agent: connection lost during {command}: {e}") from None
+
+    def _reply(self, command, timeout):
+        try:
+            return self._recv(time.monotonic() + timeout)
+        except socket.timeout:
+            self._synced = False  # its reply may still come: resync before the next command
+            raise AgentTimeout(f"guest agent: no reply to {command} within {timeout:g} s") from None
+        except _ConnectionLost as e:
+            self._drop()
+            raise AgentError(f"guest agent: connection lost during {command}: {e}") from None
+        except ValueError as e:
+            self._synced = False
+            raise AgentError(f"guest agent: bad reply to {command}: {e}") from None
+
+    def _answer(self, command, answer):
+        if "error" in answer:
+            raise AgentCommandError(command, answer["error"])
+        if "return" not in answer:
+            self._synced = False
+            raise AgentError(f"guest agent: unexpected reply to {command}: {answer!r:.200}")
+        value = answer["return"]
+        if command == "guest-file-open" and isinstance(value, int):
+            if value <= self._handle_high:
+                self._handle_epoch += 1
+            self._handle_high = value
+        return value
 
     def ping(self, timeout=None):
         self.execute("guest-ping", timeout=timeout)
@@ -405,6 +463,8 @@ STDIN_SEGMENT = 1024 * 1024  # bytes of stdin per segment file; two segments at 
 PROBE_INTERVAL = 0.5  # seconds between two looks for the next segment of a stream with nothing new
 EXEC_TMP = "/tmp"  # where each VM's private exec directory is made (mode 0700, a random name)
 SPARE_LINE = 3000  # bytes at most of a command passed in a spare runner's go line (else through a file)
+CLAIM_FIRST = 0.5  # seconds before the first look at a spare started ahead (its start-up: 0.5-2.5 s under TCG)
+CLAIM_EVERY = 0.2  # seconds between two looks after that, while no exec waits for it
 
 _EXEC_RUNNER = r'''B=$1 P=$1/$2 N=$3 W=$4 IN=$5 SH=$6; shift 6
 umask 077
@@ -525,10 +585,8 @@ class StreamingExec:
         # sh -c LINE runs in a subshell of the runner itself (eval): one exec less before the
         # first line, and the same shell (the guest's sh, with no pcocc variable or function left)
         self.shell = len(self.argv) == 3 and self.argv[0] in ("sh", "/bin/sh") and self.argv[1] == "-c"
-        self.spare = spare if spare is not None and spare.base == base and spare.ctl is not None else None
+        self.spare = spare if spare is not None and spare.base == base and spare.usable() else None
         self.base = base
-        self.id = self.spare.id if self.spare else secrets.token_hex(8)
-        self.prefix = f"{base}/{self.id}"
         self.stdin = stdin
         self.segment = int(segment)
         self.read_size = int(read_size)
@@ -536,15 +594,24 @@ class StreamingExec:
         self.pid = None
         self.result = None
         self.killed = False
-        self._streams = {"out": _Segments(f"{self.prefix}.o"), "err": _Segments(f"{self.prefix}.e")}
+        self._quiet = True  # the last round brought nothing: the next one asks for the status too
+        self._ctl = None  # the spare's .c FIFO, once the command went there
+        self._runner(self.spare.id if self.spare else secrets.token_hex(8))
         self._in = b""  # stdin accepted, not yet in the guest
         self._in_k = 0  # next stdin segment number
         self._in_consumed = 0  # stdin segments known to be emptied by the feeder
         self._in_eof = False  # close_stdin called
         self._in_eof_sent = False
         self._in_handle = None  # the .in FIFO, opened read-write
-        self._kill_handle = None  # the .k FIFO, opened read-write
+        self._kill_handle = self.spare.handles["k"] if self.spare else None  # the .k FIFO, opened read-write
+        if self.spare:
+            self._streams["out"].handle, self._streams["err"].handle = self.spare.handles["o"], self.spare.handles["e"]
         self.reset_signals = reset_signals  # start through env --default-signal (see _runner_args)
+
+    def _runner(self, exec_id):
+        self.id = exec_id
+        self.prefix = f"{self.base}/{exec_id}"
+        self._streams = {"out": _Segments(f"{self.prefix}.o"), "err": _Segments(f"{self.prefix}.e")}
 
     # ---- life ---------------------------------------------------------------------------
 
@@ -552,53 +619,126 @@ class StreamingExec:
         """Starts the command in the guest; returns self.
 
         With a claimed SpareRunner (see SpareRunner.claim): the command goes in a line of its
-        control FIFO (two agent calls; five for a command of several lines or over SPARE_LINE
-        bytes, which goes through a file), and no exec() in the guest.  Else one guest-exec
-        starts a new runner with the command.
+        control FIFO, with no exec() in the guest: one round trip (its status, then the line
+        and its flush), after three more for a command of several lines or over SPARE_LINE
+        bytes, which goes through a file. A spare found ended, or whose handles the agent no
+        longer knows, got nothing: the command then starts as without one. Else one
+        guest-exec starts a new runner with the command.
         """
         words = self.argv[2:] if self.shell else self.argv
         flags = ["1" if self.stdin else "0", "1" if self.shell else "0"]
-        if self.spare is not None:
-            self.pid = self.spare.pid
-            quoted = shlex.join(words)
-            if "\n" in quoted or len(quoted) > SPARE_LINE:  # a FIFO write is atomic up to PIPE_BUF (4 KiB)
-                self._write_file(f"{self.prefix}.a", f"set -- {quoted}\n".encode())
-                line = f"go {' '.join(flags)} file\n\n"
-            else:
-                line = f"go {' '.join(flags)} -\n{quoted}\n"
-            self._write_to(self.spare.ctl, line.encode())
+        if self.spare is not None and self._start_in_spare(words, flags):
             return self
         args = _runner_args(self.base, self.id, self.segment, wait=False, reset_signals=self.reset_signals)
         args["arg"] += flags + words
         self.pid = self.agent.execute("guest-exec", args)["pid"]
+        for seg in self._streams.values():
+            seg.probed = time.monotonic()  # its first segments are not complete yet: no look for the next
         return self
+
+    def _start_in_spare(self, words, flags):
+        """Gives the command to the spare; False (the spare discarded) when it got nothing."""
+        spare = self.spare
+        quoted = shlex.join(words)
+        if "\n" in quoted or len(quoted) > SPARE_LINE:  # a FIFO write is atomic up to PIPE_BUF (4 KiB)
+            self._write_file(f"{self.prefix}.a", f"set -- {quoted}\n".encode())
+            line = f"go {' '.join(flags)} file\n\n"
+        else:
+            line = f"go {' '.join(flags)} -\n{quoted}\n"
+        # the status is answered before the line is written: a runner that had ended could not read it
+        status, wrote, flushed = execute_many(self.agent, [
+            ("guest-exec-status", {"pid": spare.pid}),
+            ("guest-file-write", {"handle": spare.ctl, "buf-b64": base64.b64encode(line.encode()).decode()}),
+            ("guest-file-flush", {"handle": spare.ctl})])
+        ran = not isinstance(status, Exception) and not status.get("exited")
+        if isinstance(wrote, Exception) or (not ran and not isinstance(status, Exception)):
+            # nothing written (an agent that restarted does not know the handle), or written to a
+            # runner that had ended: the command did not start; it starts as without a spare
+            spare.discard()
+            self.spare, self._kill_handle = None, None
+            self._runner(secrets.token_hex(8))
+            return False
+        self.pid, self._ctl = spare.pid, spare.ctl
+        spare.release()  # its handles are this exec's now: cleanup() closes them
+        if isinstance(status, Exception):  # the line was written, to a runner the agent does not know
+            raise AgentError("guest agent: the command's runner is no longer known to the guest agent")
+        if isinstance(flushed, Exception) or wrote.get("count") != len(line.encode()):
+            raise AgentError("guest agent: the command's runner stopped reading its FIFO")
+        for seg in self._streams.values():
+            seg.probed = time.monotonic()
+        return True
 
     def poll(self):
         """One round of reads: [(\"out\"|\"err\", bytes)] that came since the last round.
 
         When the command has ended and everything it wrote was read, sets .result
         (an ExecResult).  A round with nothing new is the caller's cue to wait a little.
+        A round is one round trip to the agent (more when a segment ends, or a stream has
+        more than one read): both streams' reads, a look for a stream's next segment when
+        due, and after a quiet round the command's status.
         """
         chunks = []
-        if not self.killed:  # once killed, only its end matters: one call a round, not three
-            for name, seg in self._streams.items():
-                data = self._read_stream(seg)
-                if data:
-                    chunks.append((name, data))
-            self._send_acks()
-            if self.stdin:
-                self._flush_stdin()
-            if self._kill_handle is None and self.spare is not None:
-                self._kill_handle = self._open(f"{self.prefix}.k", "r+")  # ready for a Ctrl-C: one call less then
-        if not chunks:
+        if self.killed:  # once killed, only its end matters: one call a round, not three
             status = self.agent.execute("guest-exec-status", {"pid": self.pid})
             if status.get("exited"):
-                for name, seg in self._streams.items():  # every segment is final now
-                    data = self._read_stream(seg, final=True)
-                    if data:
-                        chunks.append((name, data))
-                self.result = self._result(status)
+                self._end(status, chunks)
+            return chunks
+        calls, plan = [], []
+        for name, seg in self._streams.items():
+            if seg.handle is None:  # a runner started for this exec makes its files once it runs
+                calls.append(("guest-file-open", {"path": f"{seg.prefix}.{seg.k}", "mode": "r"}))
+                plan.append((name, "open"))
+                continue
+            calls.append(("guest-file-read", {"handle": seg.handle, "count": self.read_size}))
+            plan.append((name, "read"))
+            if seg.fresh or time.monotonic() - seg.probed >= PROBE_INTERVAL:
+                # the relay moves to segment k+1 only after writing to k: no need to look each round
+                seg.fresh, seg.probed = False, time.monotonic()
+                calls.append(("guest-file-open", {"path": f"{seg.prefix}.{seg.k + 1}", "mode": "r"}))
+                plan.append((name, seg.k + 1))
+        if self._quiet:
+            calls.append(("guest-exec-status", {"pid": self.pid}))
+        replies = execute_many(self.agent, calls)
+        status = replies[-1] if self._quiet else None
+        if isinstance(status, Exception):
+            raise status
+        got = {}
+        for (name, what), reply in zip(plan, replies):
+            seg = self._streams[name]
+            if what == "open":
+                if not isinstance(reply, Exception):
+                    seg.handle, seg.probed = reply, time.monotonic()
+                    got[name] = self._read_stream(seg)
+            elif what == "read":
+                if isinstance(reply, Exception):
+                    raise reply
+                got[name] = self._decode(reply)
+                seg.fresh = seg.fresh or bool(got[name])
+                if len(got[name]) == self.read_size and (name, seg.k + 1) not in plan:  # more is waiting
+                    got[name] += self._read_stream(seg)
+            elif isinstance(reply, Exception):
+                pass  # segment `what` is not there yet
+            elif what != seg.k + 1:  # moved there already (a read of more)
+                self._close(reply)
+            else:  # segment k+1 exists: the relay finished k (drained first), and the stream moves on
+                got[name] = got.get(name, b"") + self._next_segment(seg, reply) + self._read_stream(seg)
+        for name in self._streams:
+            if got.get(name):
+                chunks.append((name, got[name]))
+        self._send_acks()
+        if self.stdin:
+            self._flush_stdin()
+        if status is not None and status.get("exited"):
+            self._end(status, chunks)
+        self._quiet = not chunks
         return chunks
+
+    def _end(self, status, chunks):
+        for name, seg in self._streams.items():  # every segment is final now
+            data = self._read_stream(seg, final=True)
+            if data:
+                chunks.append((name, data))
+        self.result = self._result(status)
 
     def kill(self):
         """SIGKILL to the command's process group (the runner's session: every process it
@@ -613,8 +753,7 @@ class StreamingExec:
         try:
             if self._kill_handle is None:
                 self._kill_handle = self._open(f"{self.prefix}.k", "r+")
-            if self._kill_handle is not None:
-                self._write_to(self._kill_handle, b"kill\n")
+            if self._kill_handle is not None and self._write_to(self._kill_handle, b"kill\n") == 5:
                 return
         except AgentError:
             pass  # the runner is gone or stuck: the agent kills the group itself
@@ -626,18 +765,14 @@ class StreamingExec:
             self.spare.discard()  # never started: the spare still waits
             return
         handles = [h for seg in self._streams.values() for h in (seg.handle, seg.ack_handle)]
-        handles += [self._in_handle, self._kill_handle, self.spare.ctl if self.spare else None]
-        for h in handles:
-            if h is not None:
-                try:
-                    self.agent.execute("guest-file-close", {"handle": h})
-                except AgentError:
-                    pass
+        handles += [self._in_handle, self._kill_handle, self._ctl]
+        try:
+            execute_many(self.agent, [("guest-file-close", {"handle": h}) for h in handles if h is not None])
+        except AgentError:
+            pass
         for seg in self._streams.values():
             seg.handle = seg.ack_handle = None
-        self._kill_handle = None
-        if self.spare is not None:
-            self.spare.ctl = None
+        self._kill_handle = self._ctl = None
         if self.stdin and self._in_handle is None and not self.killed and self._fifo():
             self._close(self._in_handle)  # a feeder waiting for a writer gets one, then the end
         self._in_handle = None
@@ -712,14 +847,19 @@ class StreamingExec:
         return True
 
     def _fifo_write(self, data):
-        self._write_to(self._in_handle, data)
+        if self._write_to(self._in_handle, data) != len(data):
+            raise AgentError("guest agent: the command's runner stopped reading its FIFO")
 
     def _write_to(self, handle, data):
-        """A line to a FIFO of the runner, opened read-write (so never blocking)."""
-        done = self.agent.execute("guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(data).decode()})
-        if done.get("count") != len(data):
-            raise AgentError("guest agent: the command's runner stopped reading its FIFO")
-        self.agent.execute("guest-file-flush", {"handle": handle})  # qemu-ga writes through stdio
+        """A line to a FIFO of the runner, opened read-write (so never blocking); the write
+        and its flush (qemu-ga writes through stdio) in one round trip. The count written."""
+        done, flushed = execute_many(self.agent, [
+            ("guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(data).decode()}),
+            ("guest-file-flush", {"handle": handle})])
+        for reply in (done, flushed):
+            if isinstance(reply, Exception):
+                raise reply
+        return int(done.get("count") or 0)
 
     def _write_file(self, path, data):
         handle = self.agent.execute("guest-file-open", {"path": path, "mode": "w"})
@@ -761,18 +901,27 @@ class StreamingExec:
             nxt = self._open(f"{seg.prefix}.{seg.k + 1}")
             if nxt is None:
                 break
-            # segment k+1 exists: the relay finished k, whose end we may not have read yet
-            while len(last := self._read(seg.handle)) > 0:
-                parts.append(last)
-            self._close(seg.handle)
-            seg.handle, seg.k, seg.acks = nxt, seg.k + 1, seg.acks + 1
+            parts.append(self._next_segment(seg, nxt))
+        return b"".join(parts)
+
+    def _next_segment(self, seg, nxt):
+        """Segment k+1 exists (handle nxt): the relay finished k, whose end we may not have
+        read yet. What is left of k; seg moves to k+1."""
+        parts = []
+        while len(last := self._read(seg.handle)) > 0:
+            parts.append(last)
+        self._close(seg.handle)
+        seg.handle, seg.k, seg.acks = nxt, seg.k + 1, seg.acks + 1
         return b"".join(parts)
 
     def _read(self, handle):
-        got = self.agent.execute("guest-file-read", {"handle": handle, "count": self.read_size})
+        return self._decode(self.agent.execute("guest-file-read", {"handle": handle, "count": self.read_size}))
+
+    @staticmethod
+    def _decode(got):
         try:
             return base64.b64decode(got.get("buf-b64", ""), validate=True)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, AttributeError) as exc:
             raise AgentError(f"guest agent: a malformed guest-file-read reply: {exc}") from None
 
     def _close(self, handle):
@@ -789,10 +938,8 @@ class StreamingExec:
                 seg.ack_handle = self._open(f"{seg.prefix}.ack", "r+")
                 if seg.ack_handle is None:
                     continue  # the runner makes it just after starting the command
-            done = self.agent.execute("guest-file-write", {"handle": seg.ack_handle, "buf-b64": base64.b64encode(b"\n" * seg.acks).decode()})
             # qemu-ga's guest-file-write is an fwrite(): the bytes stay in its stdio buffer until a flush
-            self.agent.execute("guest-file-flush", {"handle": seg.ack_handle})
-            seg.acks -= int(done.get("count") or 0)
+            seg.acks -= self._write_to(seg.ack_handle, b"\n" * seg.acks)
 
     def _result(self, status):
         try:
@@ -880,8 +1027,17 @@ class SpareRunner:
     Its setsid, sh, FIFOs, watcher and both relays (dd) are already running when an exec
     comes, so that a command starts with no exec() in the guest before it: the costliest part
     of the first line under emulation (0.4-0.7 s of the 0.7 s measured cold on an idle host,
-    more under load).  start() runs one guest-exec (raises AgentError); claim() waits until
-    it listens; discard() kills an unused one.  One StreamingExec takes it (spare=...).
+    more under load).  start() runs one guest-exec (raises AgentError); claim(), run ahead
+    too, waits until it listens and opens what the exec will use (its .c FIFO, for the go
+    line; .o.0 and .e.0, its first output; .k, for a Ctrl-C), so that the exec itself only
+    writes its go line and reads; discard() kills an unused one.  One StreamingExec takes it
+    (spare=...), which checks in the same round trip as the go line that it still runs.
+
+    Its handles stay open in the agent until the exec comes: they are used only while the
+    agent's handle_epoch is the one they were opened in (a rebooted guest's new agent may
+    number handles from 1000 again, and give ours to other files: see GuestAgent.handle_epoch);
+    within one epoch a handle number is never given twice, so an agent that restarted does
+    not know ours, and a write to them fails with nothing written.
     """
 
     def __init__(self, agent, base, segment=EXEC_SEGMENT, reset_signals=False):
@@ -893,42 +1049,113 @@ class SpareRunner:
         self.segment = segment
         self.pid = None
         self.ctl = None  # the handle of its .c FIFO, read-write, once claimed
+        self.handles = {}  # once claimed: {"o": .o.0, "e": .e.0 (read), "k": .k (read-write)}
+        self.epoch = None  # the agent's handle_epoch they were opened in
 
     def start(self):
         self.pid = self.agent.execute("guest-exec", _runner_args(self.base, self.id, self.segment, wait=True,
                                                                  reset_signals=self.reset_signals))["pid"]
         return self
 
-    def claim(self, timeout):
-        """True once the runner waits for its command (its .c FIFO opened by the host); False
-        when it ended (a guest rebooted, a qemu-ga restarted) or did not get there in timeout
-        seconds (a guest without mkfifo). Never raises: a spare that fails is a cold start."""
+    def claim(self, timeout, hurry=None):
+        """True once the runner waits for its command and its handles are open (see the
+        class); False when it ended (a guest rebooted, a qemu-ga restarted) or did not get
+        there in timeout seconds (a guest without mkfifo). Never raises: a spare that fails
+        is a cold start.  With hurry (a threading.Event), it runs ahead, beside a command
+        that needs the guest's CPU (each look costs the guest some): it looks first after
+        CLAIM_FIRST, then every CLAIM_EVERY, and every 20 ms at most once hurry is set (an
+        exec waits for it); without hurry, every 20 ms at most."""
         deadline = time.monotonic() + timeout
+        epoch = handle_epoch(self.agent)
         delay = 0.005
-        while True:
-            try:
-                if self.agent.execute("guest-exec-status", {"pid": self.pid}).get("exited"):
-                    return False
-            except AgentError:
-                return False  # a pid this agent does not know: it restarted, or the guest rebooted
-            try:
-                self.ctl = self.agent.execute("guest-file-open", {"path": f"{self.prefix}.c", "mode": "r+"})
-                return True
-            except AgentCommandError:
-                pass  # not made yet
-            except AgentError:
-                return False
-            if time.monotonic() + delay > deadline:
-                return False
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-
-    def discard(self):
-        """Kills an unused runner's group and removes its files (does not wait); never raises."""
+        if hurry is not None and not hurry.is_set():
+            hurry.wait(CLAIM_FIRST)  # its start takes longer: no look before (each costs the guest some CPU)
         try:
-            self.agent.execute("guest-exec", {"path": "sh", "arg": ["-c", f'kill -KILL -{int(self.pid)} 2>/dev/null; rm -f -- "$0".*', self.prefix]})
+            while True:
+                status, ctl = execute_many(self.agent, [("guest-exec-status", {"pid": self.pid}),
+                                                        ("guest-file-open", {"path": f"{self.prefix}.c", "mode": "r+"})])
+                if isinstance(ctl, int) and (isinstance(status, Exception) or status.get("exited")):
+                    self._close([ctl])
+                if isinstance(status, Exception) or status.get("exited"):
+                    return False  # a pid this agent does not know: it restarted, or the guest rebooted
+                if isinstance(ctl, int):
+                    break
+                if time.monotonic() + delay > deadline:
+                    return False
+                hurried = hurry is None or hurry.is_set()
+                if hurried:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.02)
+                else:
+                    hurry.wait(CLAIM_EVERY)
+            # made before .c by the runner: its first segments, and the FIFO of a Ctrl-C
+            opened = execute_many(self.agent, [("guest-file-open", {"path": f"{self.prefix}.o.0", "mode": "r"}),
+                                               ("guest-file-open", {"path": f"{self.prefix}.e.0", "mode": "r"}),
+                                               ("guest-file-open", {"path": f"{self.prefix}.k", "mode": "r+"})])
+        except AgentError:
+            return False
+        handles = [ctl] + [h for h in opened if isinstance(h, int)]
+        if len(handles) < 4 or handle_epoch(self.agent) != epoch:
+            self._close(handles)
+            return False
+        self.ctl, self.handles, self.epoch = ctl, dict(zip("oek", opened)), epoch
+        return True
+
+    def usable(self):
+        """Claimed, and its handles still name its files (see the class)."""
+        return self.ctl is not None and handle_epoch(self.agent) == self.epoch
+
+    def release(self):
+        """The handles are an exec's now (it closes them)."""
+        self.ctl, self.handles = None, {}
+
+    def discard(self, wait=False):
+        """Closes its handles, kills an unused runner's group and removes its files; with
+        wait, until done (at most the agent's timeout), else not waited for. Never raises."""
+        held = [self.ctl, *self.handles.values()] if self.usable() else []
+        self.release()
+        try:
+            self._close(held)
+            # its group is killed only while the agent knows it as running: after a reboot, that
+            # pid may be another process of the new boot
+            status = self.agent.execute("guest-exec-status", {"pid": int(self.pid)})
+            kill = f"kill -KILL -{int(self.pid)} 2>/dev/null; " if not status.get("exited") else ""
         except (AgentError, TypeError):
+            kill = ""
+        try:
+            argv = ["sh", "-c", kill + 'rm -f -- "$0".*', self.prefix]
+            if wait:
+                agent_run(self.agent, argv, timeout=getattr(self.agent, "timeout", None) or 30)
+            else:
+                self.agent.execute("guest-exec", {"path": argv[0], "arg": argv[1:]})
+        except AgentError:
             pass
+
+    def _close(self, handles):
+        try:
+            execute_many(self.agent, [("guest-file-close", {"handle": h}) for h in handles if h is not None])
+        except AgentError:
+            pass
+
+
+def execute_many(agent, calls):
+    """agent.execute_many(calls) (GuestAgent: one round trip), or the same one call at a time
+    for an agent object without it: each result, or the AgentCommandError it answered."""
+    many = getattr(agent, "execute_many", None)
+    if many is not None:
+        return many(calls)
+    results = []
+    for command, arguments in calls:
+        try:
+            results.append(agent.execute(command, arguments))
+        except AgentCommandError as exc:
+            results.append(exc)
+    return results
+
+
+def handle_epoch(agent):
+    """GuestAgent.handle_epoch of agent (0 for an agent object that does not track it)."""
+    return getattr(agent, "handle_epoch", 0)
 
 
 def new_exec_base():

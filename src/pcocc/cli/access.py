@@ -310,33 +310,76 @@ class _ExecRun:
     # ---- life -----------------------------------------------------------------------------------
 
     def _start(self):
-        """Opens every VM's stream at once (TLS handshakes in parallel threads)."""
+        """Opens every VM's stream at once, in parallel threads (TLS handshakes, each VM's
+        start of the command); the loop takes each one as it opens (_collect), so that the
+        output of the first VMs is printed while others still start."""
         import concurrent.futures
 
         def one(rank):
-            client = self.targets.client(rank, timeout=60.0)
             try:
-                stream = client.stream("exec_stream", **self.args)
-            except BaseException:
-                client.close()
-                raise
-            client.set_timeout(None)
-            return stream
-
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(16, len(self.names))), thread_name_prefix="pcocc-exec") as pool:
-            futures = {self.targets.vms[r]["name"]: pool.submit(one, r) for r in self.targets.ranks}
-            for name, fut in futures.items():
+                client = self.targets.client(rank, timeout=60.0)
                 try:
-                    stream = fut.result()
+                    stream = client.stream("exec_stream", **self.args)
+                except BaseException:
+                    client.close()
+                    raise
+                client.set_timeout(None)
+                return stream
+            finally:
+                self._wake()
+
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, min(16, len(self.names))), thread_name_prefix="pcocc-exec")
+        self._pending = {self.targets.vms[r]["name"]: self._pool.submit(one, r) for r in self.targets.ranks}
+        self._pool.shutdown(wait=False)  # its threads end with their stream's opening
+
+    def _wake(self):
+        """Wakes the loop's select (from a thread: a stream opened)."""
+        with self._wake_lock:
+            if self._wake_w is not None:
+                try:
+                    os.write(self._wake_w, b"s")
+                except OSError:  # full: the loop wakes anyway
+                    pass
+
+    def _collect(self, killed):
+        """Takes the streams that opened since the last look, in the VMs' order (killed: the
+        command is killed as soon as it started). Once all are open, stdin goes to none if
+        none takes it."""
+        if not self._pending:
+            return
+        for name, fut in list(self._pending.items()):
+            if not fut.done():
+                continue
+            del self._pending[name]
+            try:
+                stream = fut.result()
+            except PcoccError as exc:
+                self._fail(name, exc.message)
+                continue
+            if stream.first is None:  # ended before any event
+                self._end(name, stream.result)
+                stream.client.close()
+                continue
+            self.streams[name] = stream
+            self.credit[name] = int(stream.first.get("stdin_window") or 0)
+            if killed:
+                try:
+                    stream.send({"signal": "KILL"})
                 except PcoccError as exc:
                     self._fail(name, exc.message)
-                    continue
-                if stream.first is None:  # ended before any event
-                    self._end(name, stream.result)
-                    stream.client.close()
-                    continue
-                self.streams[name] = stream
-                self.credit[name] = int(stream.first.get("stdin_window") or 0)
+        if not self._pending and self.stdin_fd is not None and not any(self.credit.get(n, 0) for n in self.streams):
+            self.stdin_fd = None
+
+    def _abandon_pending(self, message):
+        """The streams still opening are given up: failed with message, closed once open."""
+        def close(fut):
+            if not fut.cancelled() and fut.exception() is None:
+                fut.result().client.close()
+
+        for name, fut in list(self._pending.items()):
+            del self._pending[name]
+            fut.add_done_callback(close)
+            self._fail(name, message)
 
     def _fail(self, name, message):
         self.failed[name] = message
@@ -368,9 +411,15 @@ class _ExecRun:
             if self.interrupted > 1 and not self._looping:
                 raise KeyboardInterrupt  # still connecting: leave now (the loop handles it after)
 
-        # a signal also writes a byte to this pipe, which wakes the loop's select at once
+        # a signal also writes a byte to this pipe, which wakes the loop's select at once (and
+        # so does each stream that opens)
+        import threading
+
         self._wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
+        self._wake_lock = threading.Lock()
+        self._wake_w = wake_w
+        self._pending = {}
         saved = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             saved_wake = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
@@ -386,8 +435,11 @@ class _ExecRun:
                 signal.set_wakeup_fd(saved_wake)
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
-            os.close(self._wake_r)
-            os.close(wake_w)
+            self._abandon_pending("interrupted while its command started")
+            with self._wake_lock:  # no thread writes to it any more
+                self._wake_w = None
+                os.close(self._wake_r)
+                os.close(wake_w)
             for stream in self.streams.values():
                 stream.client.close()
         if self.gather:
@@ -404,12 +456,10 @@ class _ExecRun:
         import select
         import time
 
-        stdin_open = self.stdin_fd is not None and any(self.credit.values())
-        if self.stdin_fd is not None and not stdin_open:
-            self.stdin_fd = None
         killed_at = None
         noticed = False
-        while self.streams:
+        while self.streams or self._pending:
+            self._collect(killed_at is not None)
             if self.interrupted and killed_at is None:
                 killed_at = time.monotonic()
                 for name, stream in list(self.streams.items()):
@@ -424,13 +474,16 @@ class _ExecRun:
                     why = "interrupted again" if self.interrupted > 1 else f"no answer in {EXEC_KILL_LIMIT:g} s"
                     for name in list(self.streams):
                         self._fail(name, f"the kill of the command was not confirmed ({why}); the VM kills it as its client left")
+                    self._abandon_pending(f"the kill of the command was not confirmed ({why}); the VM kills it as its client left")
                     break
                 if waited > EXEC_KILL_NOTICE and not noticed:
                     noticed = True
-                    self._say(f"pcocc: waiting for {_fold(list(self.streams))} to confirm the kill (Ctrl-C again to leave now)")
+                    self._say(f"pcocc: waiting for {_fold([*self.streams, *self._pending])} to confirm the kill (Ctrl-C again to leave now)")
             readers = [s for s in self.streams.values() if not s.ready()]
             ready_now = [s for s in self.streams.values() if s.ready()]
-            want_stdin = self.stdin_fd is not None and not self.interrupted and all(self.credit.get(n, 0) > 0 for n in self.streams)
+            # stdin goes to every VM from its start: once every stream is open
+            want_stdin = (self.stdin_fd is not None and not self.interrupted and not self._pending
+                          and all(self.credit.get(n, 0) > 0 for n in self.streams))
             fds = readers + ([self.stdin_fd] if want_stdin else []) + [self._wake_r]
             if not ready_now:
                 try:

@@ -14,8 +14,8 @@ log = logging.getLogger("pcocc.run")
 # Seconds between two looks at a command's output after a silence: the wait doubles from
 # EXEC_POLL_MIN after each quiet round, up to EXEC_POLL_FAST in the first second of silence
 # (a command's first line comes then), EXEC_POLL_MAX until 5 s, EXEC_POLL_IDLE after: a round
-# is three agent calls, which the guest's agent answers on its one emulated CPU (traced: 1-5 ms
-# each on an idle host, 10-50 ms on a loaded one).
+# is up to three agent calls in one round trip (agent.qga.StreamingExec.poll), which the guest's
+# agent answers on its one emulated CPU (traced: 1-5 ms a call on an idle host, 10-50 ms on a loaded one).
 EXEC_POLL_MIN = 0.005
 EXEC_POLL_FAST = 0.02
 EXEC_POLL_MAX = 0.1
@@ -36,8 +36,11 @@ class ControlHandler:
         self.drives = list(drives)  # the persistent drives [(path, cache, format)]
         self._disk_lock = threading.Lock()  # one save or checkpoint at a time
         self.checkpointed = False
-        self._spare = None  # an exec runner started ahead in the guest (agent.qga.SpareRunner)
-        self._spare_mutex = threading.Lock()
+        self._spare = None  # an exec runner started ahead in the guest, claimed (agent.qga.SpareRunner)
+        self._spare_mutex = threading.Lock()  # held while a spare is started and claimed
+        self._spare_wanted = threading.Event()  # an exec waits for the spare being claimed
+        self._spare_held = False  # no spare while the VM is paused for a checkpoint, or saved
+        self._spare_again = False  # one was discarded for it: the next one is made after
         self._reset_signals = None  # runners start through env --default-signal (None: not asked yet)
         if hasattr(agent, "ready"):  # a real agent: the first spare once the guest's agent answers
             threading.Thread(target=self._first_spare, daemon=True, name=f"exec-spare-{vm.config.name}").start()
@@ -138,26 +141,57 @@ class ControlHandler:
     def _take_spare(self, base):
         """The spare runner of this VM, claimed (see agent.qga.SpareRunner), or None (then the
         exec starts its own runner, and the next spare is made after it)."""
+        self._spare_wanted.set()  # a spare still being claimed is looked at more often
         with self._spare_mutex:  # held while a spare is being started: the exec waits for it
             spare, self._spare = self._spare, None
+            self._spare_wanted.clear()
         if spare is None:
             return None
-        if spare.base == base and spare.claim(getattr(self.agent, "timeout", None) or 30.0):
+        if spare.base == base and spare.usable():
             return spare
         spare.discard()
         return None
 
     def _make_spare(self):
-        """Starts a runner ahead for the next exec, unless one waits already; never raises."""
+        """Starts a runner ahead for the next exec and claims it (its FIFO and first segments
+        opened: the exec only writes its command and reads), unless one waits already or
+        the VM is being checkpointed or saved; never raises."""
         from pcocc.agent.qga import AgentError, SpareRunner
 
         with self._spare_mutex:
-            if self._spare is not None:
+            if self._spare is not None or self._spare_held:
                 return
             try:
-                self._spare = SpareRunner(self.agent, self._exec_base(), reset_signals=self._signals_reset()).start()
+                spare = SpareRunner(self.agent, self._exec_base(), reset_signals=self._signals_reset()).start()
             except AgentError as exc:
                 log.info("%s: no spare exec runner: %s", self.vm.config.name, exc.message)
+                return
+            if spare.claim(getattr(self.agent, "timeout", None) or 30.0, hurry=self._spare_wanted):
+                self._spare = spare
+            else:
+                log.info("%s: the spare exec runner did not get ready: the next exec starts its own", self.vm.config.name)
+                spare.discard()
+
+    def _hold_spares(self):
+        """No runner waits in the guest from now on (until _release_spares): a checkpoint or a
+        template snapshot would keep it in the guest's memory, asleep for ever after a restore
+        (the restored VM's process knows nothing of it), and a save would keep its files if
+        the guest's /tmp is on its disk. The spare is discarded, and waited for."""
+        self._spare_wanted.set()
+        with self._spare_mutex:  # waits for a spare being claimed
+            self._spare_held = True
+            spare, self._spare = self._spare, None
+            self._spare_wanted.clear()
+        self._spare_again = spare is not None
+        if spare is not None:
+            spare.discard(wait=True)
+
+    def _release_spares(self):
+        """Spares again, and the next one started now if one was discarded."""
+        if self._spare_held:
+            self._spare_held = False
+            if self._spare_again:
+                threading.Thread(target=self._make_spare, daemon=True, name=f"exec-spare-{self.vm.config.name}").start()
 
     def _stream_exec(self, stream, ex, input_b64, timeout):
         import time
@@ -303,7 +337,11 @@ class ControlHandler:
 
         present = session.present if session is not None else None
         with self._exclusive():
-            return save_disk(self.vm, self.agent, self.rev, self.images(), dest=dest, full=full, safe=safe, client_present=present)
+            self._hold_spares()
+            try:
+                return save_disk(self.vm, self.agent, self.rev, self.images(), dest=dest, full=full, safe=safe, client_present=present)
+            finally:
+                self._release_spares()
 
     def op_save_drive(self, index, target=None, safe=False, session=None):
         """Copy persistent drive `index` (pcocc save -i), published only while the client is still connected."""
@@ -322,7 +360,12 @@ class ControlHandler:
         from pcocc.lifecycle import checkpoint
 
         with self._exclusive():
-            result = checkpoint.pause(self.vm)
+            self._hold_spares()
+            try:
+                result = checkpoint.pause(self.vm)
+            except BaseException:
+                self._release_spares()
+                raise
             if session is not None:
                 self._ckpt_undo = session.on_close(self._resume_abandoned)
             return result
@@ -338,6 +381,8 @@ class ControlHandler:
                 checkpoint.resume(self.vm)
             except PcoccError as exc:
                 log.error("%s: could not resume it: %s", self.vm.config.name, exc.message)
+            else:
+                self._release_spares()
 
     def op_ckpt_save(self, dir, session=None):
         from pcocc.lifecycle import checkpoint
@@ -352,7 +397,9 @@ class ControlHandler:
         with self._exclusive():
             if session is not None and getattr(self, "_ckpt_undo", None):
                 session.discard(self._ckpt_undo)
-            return checkpoint.resume(self.vm)
+            result = checkpoint.resume(self.vm)
+            self._release_spares()
+            return result
 
     def op_ckpt_quit(self, session=None):
         """Stop qemu once the checkpoint is published (the CLI calls it last)."""
