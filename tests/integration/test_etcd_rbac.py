@@ -240,3 +240,30 @@ def test_https_with_a_private_ca(tmp_path):
             EtcdStore([server.url], ca_cert=str(tmp_path / "missing.pem")).get("/tls")
     finally:
         server.stop()
+
+
+def _auth_revision(server):
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("etcd_debugging_auth_revision "):
+                return float(line.split()[1])
+    raise AssertionError("etcd's /metrics has no etcd_debugging_auth_revision")
+
+
+def test_ensure_user_writes_nothing_when_the_account_is_right(secured):
+    """Every node of every job calls ensure_user: once the account is right, it only reads
+    (a write goes through etcd's apply loop, a user add with its bcrypt, and moves the auth
+    revision, which logs every client out: 16 nodes at once timed out)."""
+    server, root = secured
+    etcdauth.ensure_user(root, A, password=f"{A}-pw")
+    before = _auth_revision(server)
+    for _ in range(3):
+        etcdauth.ensure_user(root, A, password=f"{A}-pw")
+    assert _auth_revision(server) == before
+    etcdauth.ensure_user(root, A, password="new-pw")  # a changed password file is followed
+    assert _auth_revision(server) > before
+    as_user(server, A, "new-pw").put(f"/pcocc/users/{A}/x", 1)
+    etcdauth.ensure_user(root, A, password=f"{A}-pw")
+    as_user(server, A).put(f"/pcocc/users/{A}/x", 2)

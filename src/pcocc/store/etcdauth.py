@@ -128,13 +128,26 @@ def ensure_user(store, user, password=None):
         password = user_password_as(user)
     client = store.client
     role = ROLE_PREFIX + user
-    _ignore_exists(client, "auth/role/add", {"name": role}, f"creating role {role}")
+    # Read first, write only what differs: every node of every job calls this, and each write
+    # goes through etcd's serial apply loop (a user add hashes the password with bcrypt there,
+    # 0.3-9 s each on a loaded host) and a grant logs every client out (it moves the auth
+    # revision): 16 nodes doing it at once timed out (bench/results/slurm_scale.md).
+    have = _role_perms(client, role)
+    if have is None:
+        _ignore_exists(client, "auth/role/add", {"name": role}, f"creating role {role}")
+        have = set()
     grants = [("READWRITE", state.user_prefix(user))] + [("READ", p) for p in USER_READ_PREFIXES]
     for perm, prefix in grants:
-        body = {"name": role, "perm": {"permType": perm, **_perm_range(prefix)}}
-        client.call("auth/role/grant", body, f"granting {prefix} to role {role}")
-    _add_user(client, user, password)
-    client.call("auth/user/grant", {"user": user, "role": role}, f"granting role {role} to {user}")
+        wanted = {"permType": perm, **_perm_range(prefix)}
+        if (perm, wanted["key"], wanted["range_end"]) not in have:
+            client.call("auth/role/grant", {"name": role, "perm": wanted}, f"granting {prefix} to role {role}")
+    roles = _user_roles(client, user)
+    if roles is None:
+        _add_user(client, user, password)
+    elif not _password_matches(client, user, password):
+        client.call("auth/user/changepw", {"name": user, "password": password}, f"setting the password of {user}")
+    if role not in (roles or ()):
+        client.call("auth/user/grant", {"user": user, "role": role}, f"granting role {role} to {user}")
 
 
 def remove_user(store, user):
@@ -151,15 +164,46 @@ def _add_user(client, user, password):
     """Create the user, or set its password if it differs (a change logs its sessions out)."""
     if _ignore_exists(client, "auth/user/add", {"name": user, "password": password}, f"creating etcd user {user}"):
         return
+    if not _password_matches(client, user, password):
+        client.call("auth/user/changepw", {"name": user, "password": password}, f"setting the password of {user}")
+
+
+def _password_matches(client, user, password):
+    """Whether etcd authenticates user with password: False for a wrong one, or while
+    authentication is off (then setting it again is harmless). etcd checks it before its
+    apply loop, unlike a user add."""
     probe = EtcdClient([client.url], ca_cert=client.ca_cert)
     try:
         probe.call("auth/authenticate", {"name": user, "password": password}, "checking a password")
-        return  # auth on and the password matches
+        return True
     except (EtcdError, PermissionDenied):
-        pass  # wrong password, or auth still off (then changing is harmless)
+        return False
     finally:
         probe.close()
-    client.call("auth/user/changepw", {"name": user, "password": password}, f"setting the password of {user}")
+
+
+def _role_perms(client, role):
+    """{(permType, key, range_end)} of an etcd role (base64 keys, as the v3 gateway gives
+    them; a READ permission is the enum's default, which its JSON leaves out), or None when
+    there is no such role."""
+    try:
+        got = client.call("auth/role/get", {"role": role}, f"reading role {role}")
+    except EtcdError as exc:
+        if "not found" in exc.message:
+            return None
+        raise
+    return {(p.get("permType", "READ"), p.get("key", ""), p.get("range_end", "")) for p in got.get("perm") or []}
+
+
+def _user_roles(client, user):
+    """The roles of an etcd user, or None when there is no such user."""
+    try:
+        got = client.call("auth/user/get", {"name": user}, f"reading etcd user {user}")
+    except EtcdError as exc:
+        if "not found" in exc.message:
+            return None
+        raise
+    return list(got.get("roles") or [])
 
 
 def _ignore_exists(client, path, body, what):
