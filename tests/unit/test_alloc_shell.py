@@ -113,7 +113,7 @@ def test_the_slurm_launcher_s_shell_gets_the_prompt(tmp_path, monkeypatch):
 
     env = _env(tmp_path)
     calls = []
-    monkeypatch.setattr(launcher, "_call", lambda argv, environ: calls.append((argv, environ, open(environ["ENV"]).read())) or 5)
+    monkeypatch.setattr(launcher, "_call", lambda argv, environ, gone=None: calls.append((argv, environ, open(environ["ENV"]).read())) or 5)
     status = launcher.run_user_part(None, 12, dict(env.environ, SHELL="/bin/dash"), pcocc_env=env)
     assert status == 5
     ((argv, environ, rc),) = calls
