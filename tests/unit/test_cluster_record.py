@@ -107,13 +107,13 @@ def test_a_live_record_of_either_shape_is_listed_by_job(tmp_path, shape):
 
 def test_per_vm_placement_of_one_host(tmp_path):
     vms = _vms(("a", 2))
-    # the local backend's per-VM list next to the layout (as batch/local.py writes it today)
-    info = _backend(tmp_path).cluster_info(7, vms, _resolved(), {"name": "c", "definition": "a:2"}, backend="local")
-    assert [v["rank"] for v in info["vms"]] == [0, 1] and info["layout"] == [["a", 2]]
-    info["vms"][1].update(cores=[3], memory_mb=512, pin=False)
+    # a per-VM list next to the layout (as the local backend wrote it for a while) is read too
+    info = {**_new(tmp_path, vms), "vms": [{"rank": 0}, {"rank": 1, "cores": [3], "memory_mb": 512, "pin": False}]}
     assert cluster.vm_spec(info, 1) == {"rank": 1, "template": "a", "settings": A, "cores": [3], "memory_mb": 512, "pin": False}
-    # or a placement of the whole cluster
-    info = {**_new(tmp_path, vms), "placement": {"cores": [[0], [1]], "memory_mb": 256, "pin": True}}
+    # the local backend's placement of the whole cluster (batch/local.py, submit): no per-VM list
+    info = _backend(tmp_path).cluster_info(7, vms, _resolved(), {"name": "c", "definition": "a:2"}, backend="local")
+    assert "vms" not in info and info["layout"] == [["a", 2]]
+    info = {**info, "placement": {"cores": [[0], [1]], "memory_mb": 256, "pin": True}}
     assert cluster.vm_spec(info, 1) == {"rank": 1, "template": "a", "settings": A, "cores": [1], "memory_mb": 256, "pin": True}
 
 

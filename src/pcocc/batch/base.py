@@ -92,10 +92,6 @@ class Backend:
             # read through pcocc.cluster's vm_spec, vm_settings, vm_count...
             **record_vms(vms, resolved),
             **extra,
-            # the local backend adds each VM's cores to its entry here (batch/local.py, submit): it keeps
-            # the older per-VM list, which pcocc.cluster reads too, until it records a "placement" instead
-            **({"vms": [{"rank": v.rank, "template": v.template, "settings": resolved[v.template].values} for v in vms]}
-               if extra.get("backend") == "local" else {}),
         }
 
     def write_credentials(self, jobid, server_ips):

@@ -32,6 +32,7 @@ import time
 from pcocc import history, phases, state
 from pcocc.batch.base import Backend
 from pcocc.batch.hostres import HostReservations
+from pcocc.cluster import settings_runs, vm_count
 from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, ResourceError
 from pcocc.procs import pid_alive, process_start, set_parent_death_signal, wait_status_text
 
@@ -176,14 +177,13 @@ class LocalBackend(Backend):
                 raise PcoccError(f"{rundir} exists already: another pcocc configuration uses this run directory? "
                                  "Set PCOCC_RUN_DIR") from None
             cores, exclusive = self._reserve(rundir, len(vms), cpus, mem, [_me()])
-            for vm in info["vms"]:
-                vm.update(cores=cores[vm["rank"]], memory_mb=mem, pin=exclusive)
+            info["placement"] = {"cores": cores, "memory_mb": mem, "pin": exclusive}  # read by cluster.vm_spec
             self.write_credentials(jobid, [self.ctx.control_host])
             store.put(info_key, info)
             if networked:  # the node setup SLURM's plugin would run, as root (checked above); errors reach the user
                 from pcocc.lifecycle import nodesetup
 
-                nodesetup.create(self.ctx, jobid, os.getuid(), len(info["vms"]), networked, [self.ctx.hostname],
+                nodesetup.create(self.ctx, jobid, os.getuid(), vm_count(info), networked, [self.ctx.hostname],
                                  alive=self.job_alive)
             supervisor = self._start_supervisor(jobid, info_key)
             if not opts.get("hold"):  # submitted: the cluster no longer depends on this process
@@ -431,7 +431,7 @@ def _supervise(ctx, jobid):
         backend._adopt(info["rundir"], me)
         ctx.close_store()
         if not stopping:
-            children = {_fork_vm(ctx, jobid, vm["rank"]): vm["rank"] for vm in info["vms"]}
+            children = {_fork_vm(ctx, jobid, rank): rank for rank in range(vm_count(info))}
         store = ctx.store
         started = time.time()
         store.update(info_key, lambda i: i and {**i, "state": "running", "started": started})
@@ -528,7 +528,8 @@ def _networked(ctx, info):
     """The ranks of the VMs that are on a network."""
     from pcocc.networks import jobnet
 
-    return [vm["rank"] for vm in info["vms"] if jobnet.vm_networks(ctx.config, vm["settings"])]
+    return [rank for _, settings, first, count in settings_runs(info) if jobnet.vm_networks(ctx.config, settings)
+            for rank in range(first, first + count)]
 
 
 def _detach_stdio(logfile):
