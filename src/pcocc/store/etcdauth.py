@@ -186,24 +186,26 @@ def _role_perms(client, role):
     """{(permType, key, range_end)} of an etcd role (base64 keys, as the v3 gateway gives
     them; a READ permission is the enum's default, which its JSON leaves out), or None when
     there is no such role."""
-    try:
-        got = client.call("auth/role/get", {"role": role}, f"reading role {role}")
-    except EtcdError as exc:
-        if "not found" in exc.message:
-            return None
-        raise
+    got = _get(client, "auth/role/get", {"role": role}, f"reading role {role}")
+    if got is None:
+        return None
     return {(p.get("permType", "READ"), p.get("key", ""), p.get("range_end", "")) for p in got.get("perm") or []}
 
 
 def _user_roles(client, user):
     """The roles of an etcd user, or None when there is no such user."""
+    got = _get(client, "auth/user/get", {"name": user}, f"reading etcd user {user}")
+    return None if got is None else list(got.get("roles") or [])
+
+
+def _get(client, path, body, what):
+    """The answer of an etcd auth read, or None when it names no such user or role."""
     try:
-        got = client.call("auth/user/get", {"name": user}, f"reading etcd user {user}")
+        return client.call(path, body, what)
     except EtcdError as exc:
         if "not found" in exc.message:
             return None
         raise
-    return list(got.get("roles") or [])
 
 
 def _ignore_exists(client, path, body, what):
