@@ -337,3 +337,16 @@ def test_the_exit_status_table_matches_real_failures(real_site, tmp_path, monkey
     seen[130] = cli("batch", "--wait", "tiny:1").status
     # 255 is exec's own (a VM pcocc could not reach): test_exec_stream.py gets it from a real endpoint
     assert seen == {s: s for s in _documented_statuses() - {255}}
+
+
+def test_help_loads_no_configuration_code():
+    """pcocc --help stays fast (issue 14: under 0.05 s): neither the configuration's loader
+    nor network types are imported for it (they cost 30-60 ms), also not after the command."""
+    import subprocess
+    import sys
+
+    code = ("import io, sys; from pcocc.cli.core import run; from pcocc.env import Environment; "
+            "env = Environment(stdout=io.StringIO()); run(['--help'], env); "
+            "print(sorted(m for m in sys.modules if m.startswith(('pcocc.config', 'pcocc.networks', 'yaml'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -161,9 +161,11 @@ def run(argv=None, env=None):
 
 def _warn_ignored_templates(app, env):
     """A command that worked while the template files are invalid says so (config.loader.BrokenTemplates)."""
+    templates = getattr(app.ctx._config, "templates", None)
+    if templates is None:  # no configuration loaded (--help): nor its loader, 30-60 ms of imports
+        return
     from pcocc.config.loader import BrokenTemplates
 
-    templates = getattr(app.ctx._config, "templates", None)
     if isinstance(templates, BrokenTemplates) and not templates.used and app.verbosity >= -1:
         with contextlib.suppress(Exception):
             for text in [*templates.other_warnings, templates.warning()]:
