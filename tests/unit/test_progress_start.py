@@ -253,3 +253,28 @@ def test_batch_wait_logs_each_phase_when_stderr_is_not_a_terminal(site):
 def test_quiet_shows_no_progress(site):
     r = site("-q", "batch", "--wait", "tiny:1")
     assert r.status == 0 and r.stderr == "", r.stderr
+
+
+def test_the_transfer_bar_is_click_s_on_a_terminal_and_absent_elsewhere():
+    """image import/export/copy draw click's bar on a terminal (one way to draw a bar: cp's too)."""
+    import io
+    from types import SimpleNamespace
+
+    from pcocc.cli.progress import progress_bar
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Tty()
+    app = SimpleNamespace(verbosity=0, env=SimpleNamespace(stderr=err, stderr_is_tty=lambda: True))
+    with progress_bar(app, "importing disk.qcow2") as update:
+        for p in (10, 50, 50, 120):
+            update(p)
+    assert "importing disk.qcow2" in err.getvalue() and "100%" in err.getvalue()
+    quiet = SimpleNamespace(verbosity=-1, env=app.env)
+    with progress_bar(quiet, "x") as update:
+        assert update is None
+    piped = SimpleNamespace(verbosity=0, env=SimpleNamespace(stderr=io.StringIO(), stderr_is_tty=lambda: False))
+    with progress_bar(piped, "x") as update:
+        assert update is None

@@ -6,27 +6,24 @@ import contextlib
 
 @contextlib.contextmanager
 def progress_bar(app, label):
-    """Yield a callback progress(percent), or None when no bar should be drawn."""
+    """Yield a callback progress(percent) that draws click's progress bar on stderr, or None
+    when no bar should be drawn (-q, or stderr is not a terminal)."""
     if app.verbosity < 0 or not app.env.stderr_is_tty():
         yield None
         return
-    err = app.env.stderr
-    last = [-1]
+    import click
 
-    def update(percent):
-        p = int(percent)
-        if p != last[0]:
-            last[0] = p
-            filled = p * 30 // 100
-            err.write(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {p:3d}%")
-            err.flush()
+    with click.progressbar(length=100, label=label, file=app.env.stderr, show_pos=False) as bar:
+        done = 0
 
-    try:
+        def update(percent):
+            nonlocal done
+            p = max(0, min(100, int(percent)))
+            if p > done:
+                bar.update(p - done)
+                done = p
+
         yield update
-    finally:
-        if last[0] >= 0:
-            err.write("\n")
-            err.flush()
 
 
 def start_progress(app, prefix, fetch=None, until="running", interval=0.5):
