@@ -42,6 +42,31 @@ def pid_alive(pid, start=None):
     return fields[0] != "Z" and (start is None or int(fields[19]) == start)
 
 
+def descendants(pid):
+    """[(pid, start)] of pid's living descendants now (children first), from the parent links
+    of /proc/*/stat (field 4: proc(5)); a process that ends meanwhile is left out."""
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                fields = _stat_fields(int(name))
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append((int(name), int(fields[19])))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            out.append(child)
+            todo.append(child[0])
+    return out
+
+
+def shell_status(returncode):
+    """A subprocess returncode as a shell reports it: 128 + N for a process killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _libc = None
 

@@ -392,9 +392,22 @@ def test_a_host_command_stops_once_the_job_is_gone(tmp_path, monkeypatch):
 
         def job_alive(self, jobid):
             self.asked += 1
-            return self.asked < 3  # gone at the third question
+            return not pidfile.exists() or self.asked < 3  # gone once the command's child runs
 
     monkeypatch.setattr(launcher, "JOB_GONE_CHECK", 0.01)
     backend = Backend()
-    status = launcher.run_user_part(backend, 5, dict(os.environ), host_script="sleep 1000")
-    assert status == -15 and backend.asked == 3  # SIGTERM, as a host command at the end of -b
+    pidfile = tmp_path / "child.pid"
+    # the command's children go too (a script's, a shell's jobs): here a sleep the shell waits for
+    script = f"sh -c 'sleep 1000 & echo $! > {pidfile}; wait'"
+    status = launcher.run_user_part(backend, 5, dict(os.environ), host_script=script)
+    assert status == -15 and backend.asked >= 3  # SIGTERM, as a host command at the end of -b
+    child = int(pidfile.read_text())
+    import time
+
+    from pcocc.procs import pid_alive, shell_status
+
+    for _ in range(3000):  # signalled before the shell ended; its exit may take a moment
+        if not pid_alive(child):
+            break
+        time.sleep(0.01)
+    assert not pid_alive(child) and shell_status(status) == 143

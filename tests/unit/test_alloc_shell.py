@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from pcocc.env import Environment
-from pcocc.lifecycle import allocshell
+from pcocc.lifecycle import allocshell, launcher
 
 
 def _env(tmp_path):
@@ -88,18 +88,17 @@ def test_another_shell_gets_the_original_s_prompt_command(tmp_path):
 
 def test_alloc_s_shell_is_started_with_the_prompt_and_the_cluster_s_environment(cli, tmp_path, monkeypatch):
     """Local alloc: the shell gets cluster_environ() and shell_command()'s argv; the rc file goes afterwards."""
-    import pcocc.cli.cluster as cluster_cli
     from fake_backend import install, local_site
 
     local_site(cli, tmp_path)
     cli.environ.update(SHELL=shutil.which("bash") or "/bin/bash", PCOCC_RUN_DIR=str(tmp_path / "run"))
     calls = []
 
-    def call(argv, env):
+    def call(argv, env, gone=None):
         calls.append((argv, env, open(argv[2]).read() if "--rcfile" in argv else None))
         return 0
 
-    monkeypatch.setattr(cluster_cli.subprocess, "call", call)
+    monkeypatch.setattr(launcher, "call_while_alive", call)
     with install():
         r = cli("alloc", "-m", "256", "tiny:2")
     assert r.status == 0, r.stderr
@@ -109,11 +108,10 @@ def test_alloc_s_shell_is_started_with_the_prompt_and_the_cluster_s_environment(
 
 
 def test_the_slurm_launcher_s_shell_gets_the_prompt(tmp_path, monkeypatch):
-    from pcocc.lifecycle import launcher
 
     env = _env(tmp_path)
     calls = []
-    monkeypatch.setattr(launcher, "_call", lambda argv, environ, gone=None: calls.append((argv, environ, open(environ["ENV"]).read())) or 5)
+    monkeypatch.setattr(launcher, "call_while_alive", lambda argv, environ, gone=None: calls.append((argv, environ, open(environ["ENV"]).read())) or 5)
     status = launcher.run_user_part(None, 12, dict(env.environ, SHELL="/bin/dash"), pcocc_env=env)
     assert status == 5
     ((argv, environ, rc),) = calls

@@ -2,7 +2,6 @@
 
 import contextlib
 import os
-import subprocess
 import time
 
 import click
@@ -486,8 +485,10 @@ def alloc(app, restart_ckpt, boot, user_data, images, mounts, alloc_script, args
         if not argv:  # its rc file in the cluster's run dir: removed with the cluster, however this process ends
             argv, env, rcfile = allocshell.shell_command(app.env, jobid, env, info.get("rundir"))
             app.info(f"cluster {jobid} ready: a shell in its allocation; exit it to end the cluster")
-        try:
-            code = subprocess.call(argv, env=env)
+        from pcocc.lifecycle.launcher import call_while_alive
+
+        try:  # stopped once the cluster is gone (pcocc cancel), as salloc stops its command
+            code = call_while_alive(argv, env, gone=lambda: not backend.job_alive(jobid))
         finally:
             allocshell.remove_rcfile(rcfile)
         from pcocc.history import script_end
@@ -508,7 +509,9 @@ def alloc(app, restart_ckpt, boot, user_data, images, mounts, alloc_script, args
             else:
                 backend.cancel(jobid)
     if code:
-        raise click.exceptions.Exit(code)
+        from pcocc.procs import shell_status
+
+        raise click.exceptions.Exit(shell_status(code))  # a signal's 128 + N, as a shell says it
 
 
 @click.command(cls=params.PassthroughCommand, context_settings=_PASSTHROUGH, help="Submit a virtual cluster as a batch job and print its job id.\n" + _ALLOC_HELP.format(cmd="sbatch"))

@@ -30,6 +30,7 @@ from pcocc.cluster import parse_definition
 from pcocc.errors import PcoccError, PermissionDenied
 from pcocc.hypervisor.vm import STOP_TIMEOUT
 from pcocc.lifecycle.nodesetup import VM_FINAL_STATES
+from pcocc.procs import shell_status
 
 log = logging.getLogger("pcocc.lifecycle.launcher")
 
@@ -125,7 +126,7 @@ def run_launcher(ctx, definition, name, user_data=None, batch_script=None, host_
         else:
             status = srun.wait()
         ended["status"] = status
-        return status
+        return shell_status(status)  # sys.exit(-15) would give 241, not 143
     except PcoccError as exc:
         ended["error"] = exc.message
         info_out(f"pcocc: error: {exc.message}")
@@ -155,12 +156,12 @@ def run_user_part(backend, jobid, env, batch_script=None, host_script=None, out=
     if not batch_script:
         gone = lambda: not backend.job_alive(jobid)  # noqa: E731
         if host_script:
-            return _call(shlex.split(host_script), env, gone)
+            return call_while_alive(shlex.split(host_script), env, gone)
         from pcocc.lifecycle.allocshell import remove_rcfile, shell_command
 
         argv, shell_env, rcfile = shell_command(pcocc_env, jobid, env)
         try:
-            return _call(argv, shell_env, gone)
+            return call_while_alive(argv, shell_env, gone)
         finally:
             remove_rcfile(rcfile)
     host = _popen(shlex.split(host_script), env) if host_script else None
@@ -181,12 +182,13 @@ HOST_SCRIPT_GRACE = 10  # seconds a host command has to end after SIGTERM, once 
 JOB_GONE_CHECK = 15  # seconds between two questions to the batch system while the shell or -E runs
 
 
-def _call(argv, env, gone=None):
+def call_while_alive(argv, env, gone=None):
     """subprocess.call, a command that cannot start being a PcoccError (127 or 126 by a shell's rule).
 
     gone: f() -> True once the cluster's job ended, asked every JOB_GONE_CHECK s; the command is
-    then stopped as a host command is (SIGTERM, SIGKILL after HOST_SCRIPT_GRACE s). salloc does
-    so when its job is cancelled, unless it was killed: then nothing else would stop it."""
+    then stopped as a host command is (SIGTERM, SIGKILL after HOST_SCRIPT_GRACE s), as salloc
+    stops its command when its job is cancelled (not once salloc itself was killed: then nothing
+    else would). The SLURM launcher and the local pcocc alloc run their shell or -E through it."""
     proc = _popen(argv, env)
     if gone is not None:
         import select
@@ -210,16 +212,27 @@ def _popen(argv, env):
 
 
 def _stop_host_command(proc):
+    """SIGTERM to the command and every process it started (a script's children, a shell's
+    jobs: they are not in a process group of their own, which would take the terminal's Ctrl-C
+    from them), then SIGKILL to what is left after HOST_SCRIPT_GRACE s."""
+    from pcocc.procs import descendants, pid_alive, process_start
+
     if proc.poll() is not None:
         return
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
+    tree = [(proc.pid, process_start(proc.pid)), *descendants(proc.pid)]
+    for pid, start in tree:
+        if pid_alive(pid, start):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
     try:
         proc.wait(HOST_SCRIPT_GRACE)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait()
+        pass
+    for pid, start in tree:  # not descendants() again: once reaped, proc's pid may be another's
+        if pid_alive(pid, start):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _record_end(ctx, jobid, signals, ended, to_output=False):
