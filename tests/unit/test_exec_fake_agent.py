@@ -18,12 +18,14 @@ So a StreamingExec runs its real runner script (sh, dd, setsid...) on this host.
 """
 
 import base64
+import contextlib
 import fcntl
 import os
 import subprocess
 import threading
 
 from pcocc.agent.qga import AgentCommandError, AgentError
+from pcocc.procs import descendants
 
 _MODES = {"r": os.O_RDONLY, "rb": os.O_RDONLY, "r+": os.O_RDWR, "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
           "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND}
@@ -180,35 +182,16 @@ class LocalAgent:
             os.close(fd)
         self.files.clear()
         for proc in [*self.procs.values(), *self.old]:
-            # the whole tree, by pid: a runner leaves children that wait on FIFOs (they outlived the tests)
-            for pid in _descendants(proc.popen.pid):
-                try:
+            # the whole tree, by pid: a runner leaves children that wait on FIFOs (they outlived
+            # the tests); then its process group (setsid made it), also once its leader is gone:
+            # the kernel gives no new process a pid still in use as a group's id
+            for pid, _ in descendants(proc.popen.pid):
+                with contextlib.suppress(OSError):
                     os.kill(pid, 9)
-                except OSError:
-                    pass
+            with contextlib.suppress(OSError):
+                os.killpg(proc.popen.pid, 9)
             if proc.popen.poll() is None:
-                try:
-                    os.killpg(proc.popen.pid, 9)
-                except OSError:
-                    proc.popen.kill()
+                proc.popen.kill()
             proc.popen.wait()
 
 
-def _descendants(pid):
-    """The pids of pid's children, grandchildren... (from /proc/PID/task/*/children)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for t in tasks:
-            try:
-                with open(f"/proc/{p}/task/{t}/children") as f:
-                    kids = [int(x) for x in f.read().split()]
-            except OSError:
-                continue
-            out += kids
-            todo += kids
-    return out
