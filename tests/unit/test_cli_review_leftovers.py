@@ -273,14 +273,14 @@ def test_rc_files_of_processes_that_died_are_removed_by_the_next_one(tmp_path):
 
 
 def test_a_local_alloc_s_rc_file_is_in_its_cluster_s_run_dir(cli, tmp_path, monkeypatch):
-    import pcocc.cli.cluster as cluster_cli
+    from pcocc.lifecycle import launcher
 
     local_site(cli, tmp_path)
     cli.environ.update(SHELL="/bin/sh", PCOCC_RUN_DIR=str(tmp_path / "run"))
     jobdir = tmp_path / "job_1"
     jobdir.mkdir(mode=0o700)
     calls = []
-    monkeypatch.setattr(cluster_cli.subprocess, "call", lambda argv, env: calls.append(env["ENV"]) or 0)
+    monkeypatch.setattr(launcher, "call_while_alive", lambda argv, env, gone=None: calls.append(env["ENV"]) or 0)
     with install() as backend:
         submit = backend.submit
 
