@@ -130,8 +130,14 @@ class StartProgress:
         width = max(self.columns() - 1, 1)
         head, elapsed = self._parts()
         line = head + elapsed
-        if len(line) > width:  # the summary's end is cut, not the elapsed time
-            line = head[:width - len(elapsed)] + elapsed if len(elapsed) < width else line[:width]
+        if len(line) > width:  # the summary's end is cut, at a word, not the elapsed time
+            room = width - len(elapsed) - len("...")
+            if room > 0:
+                kept = head[:room + 1]  # one more: a word that ends just there stays whole
+                kept = kept[:kept.rfind(" ")] if " " in kept else kept[:room]
+                line = kept.rstrip(" ;,") + "..." + elapsed
+            else:
+                line = line[:width]
         if line == self.drawn_line:
             return
         self.stream.write("\r" + line + "\x1b[K")

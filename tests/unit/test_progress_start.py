@@ -82,7 +82,13 @@ def test_the_line_is_cut_to_the_terminal_s_width():
     p.update([vm(f"vm{i}", "qemu-start", 90.0 + i) for i in range(8)])
     p.finish()
     (line,) = redraws(term.getvalue())
-    assert line == "cluster 7: 0/8 VMs runn (1 s)"  # 29 columns (the last one left free: no wrap), the time kept
+    # at most 29 columns (the last one left free: no wrap), cut at a word, the time kept
+    assert line == "cluster 7: 0/8 VMs... (1 s)"
+    p = progress(term := Terminal(), columns=60)
+    p.update([vm(f"vm{i}", "qemu-start", 90.0 + i) for i in range(8)])
+    p.finish()
+    (line,) = redraws(term.getvalue())
+    assert len(line) <= 59 and line.endswith("... (1 s)") and not line[:-len("... (1 s)")].endswith(("qemu-s", " for 9"))
 
 
 def test_finish_ends_the_line_once_and_later_updates_draw_nothing():
