@@ -232,8 +232,9 @@ def test_the_cluster_ends_with_alloc_however_alloc_ends(site, sig):
     shell = site.root / "shell.sh"
     shell.write_text("#!/bin/sh\necho ready\nsleep 600\n")
     shell.chmod(0o755)
-    proc = subprocess.Popen([str(PCOCC), "alloc", "-m", "256", "-E", str(shell), "tiny:1"], env=site.environ,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=site.root,
+    # SIGHUP's default action, whatever this run inherited (under nohup, alloc would ignore it, rightly)
+    proc = subprocess.Popen(["env", "--default-signal=HUP", str(PCOCC), "alloc", "-m", "256", "-E", str(shell), "tiny:1"],
+                            env=site.environ, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=site.root,
                             start_new_session=True)
     try:
         assert proc.stdout.readline().strip() == "ready"  # the script runs once the cluster does

@@ -157,6 +157,11 @@ def test_a_failed_setup_teardown_records_the_node_failed_for_the_others(site):
                 nodes = {k.rsplit("/", 1)[1]: v for k, v in store.range(prefix + "nodes/").items()}
                 return {"nodes": nodes, "vms": [{}, {}]}, [{"name": f"vm{i}", "state": "pending"} for i in range(2)]
 
+            def watch_job(self, j):  # what the launcher follows: here, the records as they are now
+                from pcocc.batch.base import JobView
+
+                return JobView.of(*self.job(j))
+
         with pytest.raises(PcoccError, match="node setup failed on node1: killed by signal 9"):
             wait_started(Backend(), jobid, lambda *a: None, alive=lambda: True, timeout=5)
     finally:
