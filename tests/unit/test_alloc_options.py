@@ -411,3 +411,21 @@ def test_a_host_command_stops_once_the_job_is_gone(tmp_path, monkeypatch):
             break
         time.sleep(0.01)
     assert not pid_alive(child) and shell_status(status) == 143
+
+
+def test_a_store_that_does_not_answer_does_not_end_the_session(monkeypatch):
+    """gone() failing (the store or squeue unreachable for a while) is no reason to stop the
+    user's shell or -E: it is asked again later."""
+    from pcocc.lifecycle import launcher
+    from pcocc.store import StoreError
+
+    asked = []
+
+    def gone():
+        asked.append(1)
+        if len(asked) < 3:
+            raise StoreError("etcd at http://x did not answer within 10 s")
+        return False
+
+    monkeypatch.setattr(launcher, "JOB_GONE_CHECK", 0.01)
+    assert launcher.call_while_alive(["sh", "-c", "sleep 0.5; exit 7"], dict(os.environ), gone) == 7 and len(asked) >= 3

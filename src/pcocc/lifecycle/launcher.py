@@ -196,9 +196,12 @@ def call_while_alive(argv, env, gone=None):
         ended = os.pidfd_open(proc.pid)  # readable once it exits: no polling in between
         try:
             while not select.select([ended], [], [], JOB_GONE_CHECK)[0]:
-                if gone():
-                    _stop_host_command(proc)
-                    break
+                try:
+                    if gone():
+                        _stop_host_command(proc)
+                        break
+                except PcoccError as exc:  # the store or batch system unreachable now: the session goes on
+                    log.warning("cannot tell whether job is still there: %s", exc.message)
         finally:
             os.close(ended)
     return proc.wait()
