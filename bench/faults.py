@@ -640,9 +640,12 @@ class SlurmBench:
             self.close()
             raise
 
-    def _etcd3(self):
+    CANCEL_TIMEOUT = 180  # seconds close() gives the clusters left to end
+
+    def _etcd3(self, auth=True):
         """Three etcd members on three new addresses of the cluster's bridge (one client port, as a
-        production batch.yaml lists several hosts), authentication on, and pcocc's config moved to them."""
+        production batch.yaml lists several hosts), authentication on (off with auth=False:
+        etcd-auth-type none), and pcocc's config moved to them."""
         import ipaddress
 
         from pcocc.store.etcd import EtcdStore
@@ -656,21 +659,24 @@ class SlurmBench:
         self.etcd.own_addresses(added)
         self.etcd.start()
         conf = Path(self.tc.env["PCOCC_SYSTEM_CONF_DIR"])
-        password = (conf / "etcd-password").read_text().strip()
-        store = EtcdStore(self.etcd.endpoints)
-        try:
-            enable_auth(store, password)
-        finally:
-            store.close()
+        if auth:
+            password = (conf / "etcd-password").read_text().strip()
+            store = EtcdStore(self.etcd.endpoints)
+            try:
+                enable_auth(store, password)
+            finally:
+                store.close()
         st = self.etcd.batch_settings()
         text = (conf / "batch.yaml").read_text()
         text = re.sub(r"  etcd-servers: .*\n", f"  etcd-servers: {json.dumps(st['etcd-servers'])}\n", text)
         text = re.sub(r"  etcd-client-port: .*\n", f"  etcd-client-port: {st['etcd-client-port']}\n", text)
+        if not auth:
+            text = re.sub(r"  etcd-auth-type: .*\n", "  etcd-auth-type: none\n", text)
         (conf / "batch.yaml").write_text(text)
 
     def close(self):
         with contextlib.suppress(Exception):
-            self.site.cancel_all(timeout=180)
+            self.site.cancel_all(timeout=self.CANCEL_TIMEOUT)
         with contextlib.suppress(Exception):
             self.tc.down()
         for p in self.extra:

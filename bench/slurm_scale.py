@@ -123,38 +123,15 @@ class ScaleBench(SlurmBench):
             self.close()
             raise
 
+    CANCEL_TIMEOUT = 300
+
     def _etcd3(self):
-        if self.auth == "password":
-            return super()._etcd3()
-        # the same 3 members with authentication off (etcd-auth-type: none): the node setups then
-        # make no etcd account (no bcrypt in etcd's apply loop) and clients never authenticate
-        import ipaddress
-
-        from pcocc.testcluster.etcd3 import Etcd3, free_port
-
-        L = self.tc.layout
-        hosts = [str(ipaddress.ip_address(L.host_ip) + 200 + i) for i in range(3)]
-        added = Etcd3.add_addresses(hosts, L.bridge, L.prefixlen)
-        self.etcd = Etcd3(self.workdir, hosts=hosts, client_port=free_port(L.host_ip), log=log)
-        self.etcd.own_addresses(added)
-        self.etcd.start()
-        conf = Path(self.tc.env["PCOCC_SYSTEM_CONF_DIR"])
-        st = self.etcd.batch_settings()
-        text = (conf / "batch.yaml").read_text()
-        text = re.sub(r"  etcd-servers: .*\n", f"  etcd-servers: {json.dumps(st['etcd-servers'])}\n", text)
-        text = re.sub(r"  etcd-client-port: .*\n", f"  etcd-client-port: {st['etcd-client-port']}\n", text)
-        text = re.sub(r"  etcd-auth-type: .*\n", "  etcd-auth-type: none\n", text)
-        (conf / "batch.yaml").write_text(text)
+        # with auth "none" the same 3 members run with authentication off (etcd-auth-type: none):
+        # the node setups then make no etcd account and clients never authenticate
+        super()._etcd3(auth=self.auth == "password")
 
     def close(self):
-        with contextlib.suppress(Exception):
-            self.site.cancel_all(timeout=300)
-        with contextlib.suppress(Exception):
-            self.tc.down()
-        for p in self.extra:
-            stop(p)
-        if self.etcd:
-            self.etcd.close()
+        super().close()
         if hasattr(self, "pw"):  # its VMs' run dir and KVM probe cache (as the test fixture removes them)
             shutil.rmtree(f"/tmp/pcocc-{self.pw.pw_uid}", ignore_errors=True)
             Path(f"/tmp/pcocc-accel-{self.pw.pw_uid}.json").unlink(missing_ok=True)
