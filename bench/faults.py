@@ -580,21 +580,25 @@ def pool_entries(value):
 
 # --------------------------------------------------------------------------- SLURM backend
 
-SLURM_NET = """\
+def slurm_net(net, prefix, mac="52:54:00:7a", int_network="10.82.0.0/24", ext_network="10.83.0.0/24",
+              domain="faults.test", host_ports=(41000, 41999)):
+    """networks.yaml text of a bench's own L3 network (its addresses, MACs and ports apart from
+    other benches', which may run beside it)."""
+    return f"""\
 {net}:
   type: ethernet
   settings:
     dev-prefix: {prefix}
     network-layer: L3
     datapath-type: netdev
-    mac-prefix: '52:54:00:7a'
-    int-network: 10.82.0.0/24
-    ext-network: 10.83.0.0/24
-    domain-name: faults.test
+    mac-prefix: '{mac}'
+    int-network: {int_network}
+    ext-network: {ext_network}
+    domain-name: {domain}
     reverse-nat:
       vm-port: 22
-      min-host-port: 41000
-      max-host-port: 41999
+      min-host-port: {host_ports[0]}
+      max-host-port: {host_ports[1]}
 """
 SPREFIX = "fq"  # dev-prefix of the bench's network on the SLURM nodes
 
@@ -626,7 +630,7 @@ class SlurmBench:
             self.net = f"fq{self.tc.id}"
             conf = Path(self.tc.env["PCOCC_SYSTEM_CONF_DIR"])
             with open(conf / "networks.yaml", "a") as f:
-                f.write(SLURM_NET.format(net=self.net, prefix=SPREFIX))
+                f.write(slurm_net(self.net, SPREFIX))
             with open(conf / "resources.yaml", "a") as f:
                 f.write(f"fbl3:\n  networks: [{self.net}]\n")
             entry = self.tc.add_user()

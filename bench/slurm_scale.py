@@ -67,23 +67,6 @@ RESULTS = HERE / "results"
 NAME = "slurm_scale"
 POLL = 0.5  # s between two looks at the store while the cluster starts
 
-NET = """\
-{net}:
-  type: ethernet
-  settings:
-    dev-prefix: {prefix}
-    network-layer: L3
-    datapath-type: netdev
-    mac-prefix: '52:54:00:7b'
-    int-network: 10.84.0.0/24
-    ext-network: 10.85.0.0/24
-    domain-name: scale.test
-    reverse-nat:
-      vm-port: 22
-      min-host-port: 42000
-      max-host-port: 42099
-"""
-
 
 class ScaleBench(SlurmBench):
     """faults.SlurmBench on a test cluster of its own base (/tmp/pcocc-tc-scale-PID) and network."""
@@ -110,7 +93,8 @@ class ScaleBench(SlurmBench):
             self.net = f"{faults.SPREFIX}{self.tc.id}"
             conf = Path(self.tc.env["PCOCC_SYSTEM_CONF_DIR"])
             with open(conf / "networks.yaml", "a") as f:
-                f.write(NET.format(net=self.net, prefix=faults.SPREFIX))
+                f.write(faults.slurm_net(self.net, faults.SPREFIX, mac="52:54:00:7b", int_network="10.84.0.0/24",
+                                         ext_network="10.85.0.0/24", domain="scale.test", host_ports=(42000, 42099)))
             with open(conf / "resources.yaml", "a") as f:
                 f.write(f"scalel3:\n  networks: [{self.net}]\n")
             entry = self.tc.add_user()
