@@ -159,3 +159,33 @@ def test_a_mount_point_that_is_a_file_is_called_so_everywhere(tmp_path):
         templates.parse_mount_option(f"d={f}", str(tmp_path), check_dir=True)
     with pytest.raises(PcoccError, match=f"mount point 'd': not a directory: {f}$"):
         Share("d", str(f), False, str(tmp_path / "sock")).start()
+
+
+_FAKE_QEMU = """#!/bin/sh
+# a stand-in for qemu-system-x86_64 in the KVM probe: prints a kernel's first line, or checks
+# the boot sector it is given and exits as the isa-debug-exit port would make qemu exit
+for a in "$@"; do
+    case "$a" in
+        -kernel) echo "[    0.000000] Linux version 6.1.0 (fake)"; exec sleep 30 ;;
+        file=/dev/fd/*) f=${a#file=}; f=${f%%,*}
+                        head -c 2 "$f" | od -An -tx1 | grep -q "b0 01" && exit 3; exit 1 ;;
+    esac
+done
+exec sleep 30
+"""
+
+
+def test_the_kvm_probe_writes_no_file(tmp_path, monkeypatch):
+    """A probe killed half-way used to leave its /tmp/pcocc-probe-* directory: it now has none
+    (console on a pipe, boot sector in a memfd), so nothing can be left."""
+    fake = tmp_path / "qemu"
+    fake.write_text(_FAKE_QEMU)
+    fake.chmod(0o755)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(accel.os, "access", lambda path, mode: True)  # as if /dev/kvm opened
+    assert accel.probe_kvm(str(fake), kernel="/nonexistent/vmlinuz") is True  # its first line, read from the pipe
+    assert accel.probe_kvm(str(fake), kernel=None) is True  # the boot sector reached it through /dev/fd
+    assert accel.probe_kvm("/bin/true", kernel="/nonexistent/vmlinuz") is False  # exited without a line
+    assert list(tmp.iterdir()) == []

@@ -12,12 +12,12 @@ import json
 import os
 import stat
 import subprocess
-import tempfile
 import time
 
 from pcocc import procs
 
 PROBE_TIMEOUT = 4.0
+PROBE_OUTPUT_MAX = 1 << 20  # of the probe's console kept: its first lines are what it looks for
 # mov al, 1; out 0xf4, al; hlt  -> qemu exits with status (1 << 1) | 1 = 3
 _BOOT_SECTOR = bytes([0xB0, 0x01, 0xE6, 0xF4, 0xF4]).ljust(510, b"\0") + b"\x55\xaa"
 
@@ -30,48 +30,61 @@ def _boot_id():
         return "unknown"
 
 
-def _run_until(argv, done, timeout):
-    """Run argv until done() is true (True), it exits (its status), or timeout (None)."""
+def _run_until(argv, done, timeout, pass_fds=()):
+    """Runs argv until done(output so far) is true (True), it exits (its status), or timeout
+    (None). Its stdout (the probe's serial console) is read as it comes, never to a file."""
     # A probe under a KVM that hangs never ends by itself: it dies with its parent, however that ends.
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **procs.dying_with_parent())
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            pass_fds=pass_fds, **procs.dying_with_parent())
+    os.set_blocking(proc.stdout.fileno(), False)
+    output = b""
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            if done():
+            status = proc.poll()  # before the read: what an exited probe printed is all read
+            try:
+                while len(output) < PROBE_OUTPUT_MAX:
+                    chunk = os.read(proc.stdout.fileno(), 65536)
+                    if not chunk:
+                        break
+                    output += chunk
+            except BlockingIOError:
+                pass
+            if done(output):
                 return True
-            if proc.poll() is not None:
-                return proc.returncode
+            if status is not None:
+                return status
             time.sleep(0.02)
         return None
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        proc.stdout.close()
 
 
 def probe_kvm(qemu_bin="qemu-system-x86_64", kernel=None, timeout=PROBE_TIMEOUT):
-    """Whether a VM runs under KVM here (False when /dev/kvm is absent, unusable or hangs)."""
+    """Whether a VM runs under KVM here (False when /dev/kvm is absent, unusable or hangs).
+
+    The probe writes no file: its serial console is a pipe and the boot sector a memfd, so a
+    probe killed half-way (SIGKILL of the VM process) leaves nothing behind.
+    """
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
-    base = [qemu_bin, "-accel", "kvm", "-M", "pc", "-m", "64", "-nodefaults", "-display", "none", "-no-reboot"]
-    with tempfile.TemporaryDirectory(prefix="pcocc-probe-") as tmp:
-        if kernel:
-            log = os.path.join(tmp, "serial.log")
-
-            def printed():
-                try:
-                    with open(log, "rb") as f:
-                        return b"Linux version" in f.read()
-                except OSError:
-                    return False
-
-            argv = base + ["-kernel", kernel, "-append", "console=ttyS0 panic=-1", "-serial", f"file:{log}"]
-            return _run_until(argv, printed, timeout) is True
-        disk = os.path.join(tmp, "boot.img")
-        with open(disk, "wb") as f:
-            f.write(_BOOT_SECTOR)
-        argv = base + ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-drive", f"file={disk},format=raw,if=ide"]
-        return _run_until(argv, lambda: False, timeout) == 3
+    # 256 MiB: in less, a Debian kernel panics before its console is up, and what it printed
+    # is lost with qemu's exit (measured: -m 64 showed no line on the pipe)
+    base = [qemu_bin, "-accel", "kvm", "-M", "pc", "-m", "256", "-nodefaults", "-display", "none", "-no-reboot"]
+    if kernel:
+        argv = base + ["-kernel", kernel, "-append", "console=ttyS0 panic=-1", "-serial", "stdio"]
+        return _run_until(argv, lambda out: b"Linux version" in out, timeout) is True
+    fd = os.memfd_create("pcocc-probe-boot")
+    try:
+        os.write(fd, _BOOT_SECTOR)
+        argv = base + ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                       "-drive", f"file=/dev/fd/{fd},format=raw,if=ide"]
+        return _run_until(argv, lambda out: False, timeout, pass_fds=(fd,)) == 3
+    finally:
+        os.close(fd)
 
 
 def host_kernel():
