@@ -34,10 +34,8 @@ class PcoccError(Exception):
         self.hint = hint
 
     def lines(self):
-        """The lines shown to the user for this error."""
+        """The lines of the error itself (the hint apart: it is not an error, see hint)."""
         yield self.message
-        if self.hint:
-            yield self.hint
 
 
 class UsageError(PcoccError):
@@ -55,8 +53,6 @@ class ConfigError(PcoccError):
 
     def lines(self):
         yield from self.problems
-        if self.hint:
-            yield self.hint
 
 
 class NotFoundError(PcoccError):

@@ -42,7 +42,7 @@ MAX_AGE = 7 * 24 * 3600  # seconds a record is kept after its cluster's end
 MAX_ENTRIES = 1000  # records kept per user (the most recent ends)
 
 # sacct(1) JOB STATE CODES that a virtual cluster's end can have.
-COMPLETED = "COMPLETED"  # its script or shell ended with status 0, or every VM stopped by itself
+COMPLETED = "COMPLETED"  # its script or shell ended with status 0, every VM stopped by itself, or ckpt stopped it
 FAILED = "FAILED"  # a VM or the node setup failed, the script ended with a non-zero status, or its owners died
 CANCELLED = "CANCELLED"  # stopped by `pcocc cancel` or scancel(1)
 TIMEOUT = "TIMEOUT"  # its batch system's time limit was reached

@@ -53,6 +53,8 @@ def test_checkpoint_and_restart_a_cluster_with_state_in_memory(site):
     assert {"ckpt.json", "disk-vm0.qcow2", "disk-vm1.qcow2"} <= set(os.listdir(ck))
     assert ps(site) == []  # the cluster stopped
     assert not [f for f in os.listdir(site.root) if ".partial-" in f]
+    ended = json.loads(site.pcocc("history", "-j", job, "--json", check=True).stdout)
+    assert [(e["state"], e["reason"]) for e in ended] == [("COMPLETED", f"checkpointed to {ck}")]  # not a cancel
 
     # refused before anything starts: another definition, other resources
     r = site.pcocc("batch", "-m", "256", "-r", ck, "tiny:3")

@@ -236,3 +236,32 @@ def test_a_reclaim_tells_why_the_supervisor_s_cleanup_failed(tmp_path, monkeypat
         backend._reclaim(3, info)
     assert "cluster 3: its supervisor's cleanup failed (StoreError: state store s.db: still locked): finished now" in caplog.text
     assert history.get(store, "alice", 3)["state"] == "COMPLETED" and store.range(prefix) == {}
+
+
+@pytest.mark.parametrize("signals,status", [([15], None), ([], 0)])
+def test_a_slurm_cluster_stopped_by_ckpt_is_recorded_as_checkpointed(store, monkeypatch, signals, status):
+    """pcocc ckpt stops the cluster with scancel once the checkpoint is on disk: its history
+    says so (COMPLETED, checkpointed to DIR), not CANCELLED, whether the launcher got scancel's
+    SIGTERM or saw its VMs stop first."""
+    from pcocc.batch.slurm import SlurmBackend
+    from pcocc.lifecycle import launcher
+
+    ctx = SimpleNamespace(env=SimpleNamespace(user="alice"), store=store)
+    prefix = state.cluster_prefix("alice", 9)
+    store.put(prefix + "info", _info(9, backend="slurm"))
+    ran = []
+    monkeypatch.setattr("pcocc.batch.slurm.run", lambda argv, **kw: ran.append(argv))
+    SlurmBackend(ctx).cancel(9, wait=False, end_state="COMPLETED", reason="checkpointed to /ck/1")
+    assert ran == [["scancel", "9"]]
+    launcher._record_end(ctx, 9, signals, {"error": None, "script": None, "status": status})
+    r = history.get(store, "alice", 9)
+    assert (r["state"], r["reason"]) == ("COMPLETED", "checkpointed to /ck/1")
+
+
+def test_a_plain_scancel_stays_cancelled(store):
+    from pcocc.lifecycle import launcher
+
+    ctx = SimpleNamespace(env=SimpleNamespace(user="alice"), store=store)
+    store.put(state.cluster_prefix("alice", 10) + "info", _info(10, backend="slurm"))
+    launcher._record_end(ctx, 10, [15], {"error": None, "script": None, "status": None})
+    assert history.get(store, "alice", 10)["state"] == "CANCELLED"

@@ -28,8 +28,23 @@ class Backend:
         """[(info, vms)] of the user's clusters, by job id."""
         raise NotImplementedError
 
-    def cancel(self, jobid, wait=True):
+    def cancel(self, jobid, wait=True, end_state="CANCELLED", reason=None, exit_code=None):
+        """Stop a cluster; with wait, until it is gone. end_state, reason, exit_code: how its
+        history records the end (request_end)."""
         raise NotImplementedError
+
+    def request_end(self, jobid, end_state="CANCELLED", reason=None, exit_code=None):
+        """Writes how the cluster's history is to record the end that is being asked
+        (info["end_request"]: end_state one of history.END_STATES, reason, exit_code; default
+        CANCELLED, "cancelled by <user>"). The first request wins; the cleanup (local supervisor)
+        or the launcher (SLURM) reads it, and it wins over the plain CANCELLED of the signal that
+        stops the cluster. Best effort: a store error leaves that plain CANCELLED."""
+        import contextlib
+
+        request = {"state": end_state, "reason": reason or f"cancelled by {self.user}", "exit_code": exit_code}
+        with contextlib.suppress(Exception):
+            self.ctx.store.update(state.cluster_prefix(self.user, jobid) + "info",
+                                  lambda i: i and (i if i.get("end_request") else {**i, "end_request": request}))
 
     def wait_gone(self, jobid):
         """Wait until a cluster asked to stop (cancel(wait=False)) is gone; NotFoundError if it was."""

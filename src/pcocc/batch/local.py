@@ -379,10 +379,7 @@ class LocalBackend(Backend):
         CANCELLED, "cancelled by <user>"; alloc records its shell's end)."""
         info, _ = self.job(jobid)
         self._here(info, "cancel")
-        request = {"state": end_state, "reason": reason or f"cancelled by {self.user}", "exit_code": exit_code}
-        with contextlib.suppress(Exception):  # best effort: without it, the end is recorded as a plain CANCELLED
-            self.ctx.store.update(state.cluster_prefix(self.user, jobid) + "info",
-                                  lambda i: i and (i if i.get("end_request") else {**i, "end_request": request}))
+        self.request_end(jobid, end_state, reason, exit_code)
         supervisor = _owner(info, "supervisor")
         if not supervisor:  # still submitting: stop the submitting process, then reclaim what it left
             holder = _owner(info, "holder")

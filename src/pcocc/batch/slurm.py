@@ -127,9 +127,12 @@ class SlurmBackend(Backend):
                 self.record_end(jobid, history.FAILED, "its job ended without its launcher recording the end (killed?)")
             self.ctx.store.delete_prefix(state.cluster_prefix(self.user, jobid))
 
-    def cancel(self, jobid, wait=True):
+    def cancel(self, jobid, wait=True, end_state="CANCELLED", reason=None, exit_code=None):
         """scancel the job; with wait, until SLURM forgets it (its tasks killed, its epilogs run),
-        at most end_bound() seconds."""
+        at most end_bound() seconds. end_state, reason, exit_code: what its history records
+        (request_end; the launcher reads it)."""
+        if end_state != "CANCELLED" or reason:
+            self.request_end(jobid, end_state, reason, exit_code)
         run(["scancel", str(jobid)])
         if wait:
             self.wait_gone(jobid)

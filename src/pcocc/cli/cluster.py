@@ -824,8 +824,8 @@ def _fields(spec, known, option):
 def history(app, jobids, starttime, endtime, states, name, fmt, long_, noheader, as_json):
     """List your ended virtual clusters, as sacct lists ended jobs.
 
-    Each cluster ended COMPLETED (its script or shell ended with status 0, or
-    every VM stopped), FAILED (a VM or its setup failed, its script ended
+    Each cluster ended COMPLETED (its script or shell ended with status 0,
+    every VM stopped, or pcocc ckpt stopped it), FAILED (a VM or its setup failed, its script ended
     with another status, or its owner died), CANCELLED or TIMEOUT; REASON
     says why. The history keeps 7 days and at most 1,000 clusters per user
     (older ones are dropped when a cluster ends). Running clusters are in

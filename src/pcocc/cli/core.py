@@ -202,6 +202,8 @@ def _run(app, argv, env, debug):
             traceback.print_exc(file=env.stderr)
         for line in exc.lines():  # user-given values in a message must not make lines of their own
             env.stderr.write(f"pcocc: error: {one_line(line)}\n")
+        if exc.hint:  # what to do next, on a line of its own, as click's "Try ... --help"
+            env.stderr.write(f"{one_line(exc.hint)}\n")
         return exc.status
     except BrokenPipeError:
         # The reader went away (pcocc ps | head): not an error of ours.

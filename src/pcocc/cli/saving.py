@@ -143,7 +143,7 @@ def ckpt(app, jobid, jobname, force, as_json, directory):
     overrides = targets.info.get("overrides")  # a restart keeps the images the cluster ran on
     manifest = take_checkpoint(app, targets, directory, force, {"overrides": overrides} if overrides else None)
     with contextlib.suppress(NotFoundError):  # it ends by itself once its VMs stopped
-        app.ctx.backend().cancel(targets.jobid)
+        app.ctx.backend().cancel(targets.jobid, end_state="COMPLETED", reason=f"checkpointed to {directory}")
     total = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
     if as_json:
         return dump_json(app, {**manifest, "directory": directory, "seconds": round(time.monotonic() - started, 3), "bytes": total})

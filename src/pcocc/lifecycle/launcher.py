@@ -245,6 +245,13 @@ def _record_end(ctx, jobid, signals, ended, to_output=False):
     from pcocc import history
 
     end_state, reason, code = history.launcher_end(signals, error=ended["error"], script=ended["script"], status=ended["status"])
+    if end_state in (history.CANCELLED, history.COMPLETED):
+        # a stop asked with its own end (pcocc ckpt: request_end) is neither a plain cancel nor VMs
+        # that stopped by themselves
+        with contextlib.suppress(PcoccError):
+            request = (ctx.store.get(state.cluster_prefix(ctx.env.user, jobid) + "info") or {}).get("end_request")
+            if isinstance(request, dict) and request.get("state") in history.END_STATES:
+                end_state, reason, code = request["state"], request.get("reason") or reason, request.get("exit_code")
     if to_output:
         print(f"pcocc: cluster {jobid} ended: {end_state}" + (f" ({reason})" if reason else ""), flush=True)
     try:

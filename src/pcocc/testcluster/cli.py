@@ -107,6 +107,8 @@ def main(argv=None):
     except PcoccError as e:
         for i, line in enumerate(e.lines()):
             click.echo(("pcocc-testcluster: error: " if i == 0 else "  ") + line, err=True)
+        if e.hint:
+            click.echo(e.hint, err=True)
         sys.exit(e.status)
     sys.exit(status or ExitStatus.OK)
 
