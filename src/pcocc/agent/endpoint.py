@@ -62,6 +62,11 @@ exhaust before any authentication):
   handshake can delay the owner, which is what any TLS service accepts.
 * Authenticated connections are not bounded: only the owner holds one (a certificate
   of this cluster's CA with another CN is refused at its first request).
+* The unix socket (``unix_path``, optional; in the VM's private run dir, 0700 and the
+  owner's): the same protocol without TLS, for the host's relay (``agent.relay``).  At
+  accept the peer's credentials (``SO_PEERCRED``, socket(7)) are read and the connection
+  is closed unless its uid is one of ``local_uids`` (the owner's): the kernel vouches for
+  the peer as TLS does for a remote one, so its requests are the owner's.
 
 Usage::
 
@@ -73,6 +78,7 @@ Usage::
 import base64
 import concurrent.futures
 import collections
+import contextlib
 import errno
 import inspect
 import ipaddress
@@ -292,12 +298,17 @@ class ControlServer:
     """
 
     def __init__(self, handler, *, ca_pem, cert_pem, key_pem, owner, host="127.0.0.1", port=0,
-                 max_pending=MAX_PENDING, local_uids=None, avoid=()):
-        """local_uids: the uids of local peers let through to TLS (default: this process's
-        effective uid only); max_pending: remote connections not yet authenticated; avoid:
-        [(min, max)] ports a kernel-picked port must not be in (pcocc.listen: the node's
-        reverse-NAT ranges, whose DNAT rules would take its connections)."""
+                 max_pending=MAX_PENDING, local_uids=None, avoid=(), unix_path=None):
+        """local_uids: the uids of local peers let through to TLS, and to the unix socket
+        (default: this process's effective uid only); max_pending: remote connections not yet
+        authenticated; avoid: [(min, max)] ports a kernel-picked port must not be in
+        (pcocc.listen: the node's reverse-NAT ranges, whose DNAT rules would take its
+        connections); unix_path: also serve on a unix socket there (its directory must be
+        private: see the module's docstring); ``self.unix_path`` is None after start() when
+        it could not be bound (e.g. longer than 107 bytes): TLS only then."""
         self._avoid = list(avoid)
+        self.unix_path = unix_path
+        self._unix = None  # its listening socket
         self.handler = handler
         self.owner = owner
         self.max_pending = max_pending
@@ -327,7 +338,58 @@ class ControlServer:
         self.address = self._listener.getsockname()[:2]
         self._accepter = threading.Thread(target=self._accept_loop, name=f"pcocc-control-{self.address[1]}", daemon=True)
         self._accepter.start()
+        if self.unix_path:
+            self._start_unix()
         return self
+
+    def _start_unix(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.unix_path)  # a former VM process's, left by a SIGKILL
+            sock.bind(self.unix_path)
+            os.chmod(self.unix_path, 0o600)  # the directory is private already: a second lock
+            sock.listen(128)
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte; OSError: too long, no dir
+            sock.close()
+            log.warning("control endpoint %s: no unix socket at %s (%s): the relay reaches this VM by TLS", _where(self.address), self.unix_path, e)
+            self.unix_path = None
+            return
+        self._unix = sock
+        t = threading.Thread(target=self._accept_unix, name=f"pcocc-control-unix-{self.address[1]}", daemon=True)
+        self._unix_accepter = t
+        t.start()
+
+    def _accept_unix(self):
+        try:
+            while True:
+                try:
+                    conn, _ = self._unix.accept()
+                except OSError:
+                    if self._stopping:
+                        return
+                    log.exception("control endpoint %s: accept on the unix socket failed", _where(self.address))
+                    time.sleep(0.1)
+                    continue
+                try:
+                    pid, uid, _gid = peer_credentials(conn)
+                except OSError:
+                    uid = pid = None
+                if uid not in self.local_uids:
+                    self.refused += 1
+                    log.warning("control endpoint %s: refused a connection on its unix socket from uid %s (pid %s)", _where(self.address), uid, pid)
+                    conn.close()
+                    continue
+                with self._lock:
+                    if self._stopping:
+                        conn.close()
+                        return
+                    t = threading.Thread(target=self._serve, args=(conn, ("unix", pid)), kwargs={"tls": False},
+                                         name=f"pcocc-control-unix-{pid}", daemon=True)
+                    self._conns[t] = conn
+                t.start()
+        finally:
+            self._unix.close()
 
     def stop(self, timeout=5.0, drain=3.0):
         """Closes the listening socket, lets the requests being served answer (for up to
@@ -343,8 +405,12 @@ class ControlServer:
             # shutdown() wakes the threads blocked in accept() and recv() (close() alone does
             # not, on Linux); under the lock, so a thread cannot close its socket meanwhile
             _cut(self._listener)
+            if self._unix is not None:
+                _cut(self._unix)
+                with contextlib.suppress(OSError):
+                    os.unlink(self.unix_path)
             self._idle.wait_for(lambda: self._busy == 0, timeout=drain)
-            threads = [t for t in (self._accepter,) if t] + list(self._conns)
+            threads = [t for t in (self._accepter, getattr(self, "_unix_accepter", None)) if t] + list(self._conns)
             for sock in self._conns.values():
                 _cut(sock)
         deadline = time.monotonic() + timeout
@@ -409,18 +475,20 @@ class ControlServer:
         raw.close()
         return False
 
-    def _serve(self, conn, peer):
+    def _serve(self, conn, peer, tls=True):
         rfile = None
         session = None
         try:
-            try:
-                conn.do_handshake()
-            finally:
-                with self._lock:
-                    self._pending.pop(threading.current_thread(), None)
+            if tls:
+                try:
+                    conn.do_handshake()
+                finally:
+                    with self._lock:
+                        self._pending.pop(threading.current_thread(), None)
             conn.settimeout(None)  # an authenticated client may stay idle between requests
             session = Session(conn, peer)
-            cn = _common_name(conn.getpeercert())
+            # a unix peer's uid was checked at accept (SO_PEERCRED): it is the owner
+            cn = _common_name(conn.getpeercert()) if tls else self.owner
             log.debug("control endpoint %s: %s connected as %r", _where(self.address), _where(peer), cn)
             rfile = conn.makefile("rb")
             while line := rfile.readline(MAX_LINE + 1):
@@ -586,10 +654,10 @@ class ControlClient:
         cls = _KIND_ERRORS.get(kind, AgentError)
         raise cls(str(error), response.get("hint"))
 
-    def stream(self, op, **args):
-        """Starts the streaming op ``op`` and returns its ClientStream, once its first event came
-        (raises from the error kind if the op failed before any event).  The connection is the
-        stream's: close the client when it is done."""
+    def open(self, op, **args):
+        """Sends the request ``op`` and returns its ClientStream at once, without waiting for
+        an answer (the caller receives it: ``agent.relay``'s loop, over many connections).
+        A plain op's answer comes as the stream's result.  The connection is the stream's."""
         with self._lock:
             self.connect()
             channel = _Channel(self._sock)
@@ -598,7 +666,13 @@ class ControlClient:
             except OSError as e:
                 self.close()
                 raise self._failure(e) from None
-        stream = ClientStream(self, channel)
+        return ClientStream(self, channel)
+
+    def stream(self, op, **args):
+        """Starts the streaming op ``op`` and returns its ClientStream, once its first event came
+        (raises from the error kind if the op failed before any event).  The connection is the
+        stream's: close the client when it is done."""
+        stream = self.open(op, **args)
         kind, value = stream.receive(self.timeout)
         if kind is None:
             self.close()
@@ -621,6 +695,40 @@ class ControlClient:
         if isinstance(e, TimeoutError):
             return AgentError(f"cannot reach the control endpoint at {where}: timed out")
         return AgentError(f"connection to the control endpoint at {where} failed: {e.strerror or e}")
+
+
+class UnixClient(ControlClient):
+    """A connection to a VM's endpoint on its unix socket (same protocol, no TLS): the host
+    relay's (``agent.relay``) way to the VMs of its own host.  The server checks our uid
+    (SO_PEERCRED); we trust the socket as it lies in the owner's private run dir."""
+
+    def __init__(self, path, *, timeout=DEFAULT_TIMEOUT):
+        self.address = ("unix", path)
+        self.path = path
+        self.timeout = timeout
+        self._sock = self._rfile = None
+        self._lock = threading.Lock()
+
+    def __repr__(self):
+        return f"<UnixClient {self.path}>"
+
+    def connect(self):
+        if self._sock:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except (OSError, ValueError) as e:
+            sock.close()
+            raise AgentError(f"cannot reach the control endpoint at {self.path}: {getattr(e, 'strerror', None) or e}") from None
+        self._sock = sock
+        self._rfile = sock.makefile("rb")
+
+    def _failure(self, e):
+        if isinstance(e, TimeoutError):
+            return AgentError(f"no answer from the control endpoint at {self.path}: timed out")
+        return AgentError(f"connection to the control endpoint at {self.path} failed: {e.strerror or e}")
 
 
 class ClientStream:
@@ -694,7 +802,16 @@ def call_many(targets, op, args, *, ca_pem, cert_pem, key_pem, timeout=DEFAULT_T
         return {name: f.result() for name, f in futures.items()}
 
 
-# ---- who is at the other end of a TCP connection of this host ---------------------------------
+# ---- who is at the other end of a connection of this host --------------------------------------
+
+_UCRED = struct.Struct("=iII")  # struct ucred: pid_t, uid_t, gid_t (socket(7), SO_PEERCRED)
+
+
+def peer_credentials(sock):
+    """(pid, uid, gid) of the process that connected the unix socket sock, as the kernel
+    recorded them at its connect() (socket(7), SO_PEERCRED); raises OSError."""
+    return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+
 
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20

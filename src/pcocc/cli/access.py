@@ -26,8 +26,14 @@ EXEC_START_WAIT = 300.0  # seconds exec waits for VMs still starting (a Debian g
 # for the status), with a margin. A second Ctrl-C returns at once.
 EXEC_KILL_NOTICE = 2.0
 EXEC_KILL_LIMIT = 75.0
+EXEC_OPEN_TIMEOUT = 60.0  # seconds for a VM's stream to open (its command started), per hop (agent.relay)
 EXEC_FAILED = 255  # exec's status when pcocc itself failed on a VM (ssh's rule, ssh(1) EXIT STATUS)
 _STARTING = STARTING_PHASES + ("submitting", "temporary-disk")  # a VM's phases before it runs
+
+
+def not_running(vm):
+    """The error for a VM record that is not running."""
+    return f"{vm['name']} is not running (state: {vm.get('state')}{', ' + vm['error'] if vm.get('error') else ''})"
 
 
 class Targets:
@@ -43,7 +49,7 @@ class Targets:
         self.creds = self.backend.credentials(self.jobid)
 
     def _not_running(self, vm):
-        return f"{vm['name']} is not running (state: {vm.get('state')}{', ' + vm['error'] if vm.get('error') else ''})"
+        return not_running(vm)
 
     def wait_started(self, app, limit=EXEC_START_WAIT):
         """Waits (at most limit seconds, saying so on stderr) while a target VM is still starting."""
@@ -64,19 +70,28 @@ class Targets:
             self.info, self.vms = self.backend.job(self.jobid)
 
     def call_all(self, op, args, timeout=None):
-        """{vm name: (ok, result or error message)}, for every target VM (not running: an error)."""
-        from pcocc.agent.endpoint import call_many
+        """{vm name: (ok, result or error message)}, for every target VM (not running: an error),
+        through the host relays when the records name their unix sockets (agent.relay), else
+        one TLS connection per VM, 16 at a time; timeout: seconds for each VM's answer, per hop."""
+        from pcocc.agent import relay
+        from pcocc.agent.endpoint import DEFAULT_TIMEOUT
 
-        targets, down = [], {}
+        running, down = [], {}
         for r in self.ranks:
             vm = self.vms[r]
             if vm.get("state") == "running" and vm.get("control"):
-                targets.append((vm["name"], tuple(vm["control"])))
+                running.append(vm)
             else:
                 down[vm["name"]] = (False, self._not_running(vm))
-        kw = {"timeout": timeout} if timeout else {}
-        results = call_many(targets, op, args, ca_pem=self.creds["ca"], cert_pem=self.creds["cert"], key_pem=self.creds["key"], **kw) if targets else {}
+        results = relay.call(relay.plan(running), op, args, connect=lambda link, t: self.connect(link["address"], t),
+                             timeout=timeout or DEFAULT_TIMEOUT) if running else {}
         return {self.vms[r]["name"]: ({**results, **down})[self.vms[r]["name"]] for r in self.ranks}
+
+    def connect(self, address, timeout):
+        """A ControlClient of the endpoint at address (a VM's, or a host leader's) with the owner's credentials."""
+        from pcocc.agent.endpoint import ControlClient
+
+        return ControlClient(tuple(address), ca_pem=self.creds["ca"], cert_pem=self.creds["cert"], key_pem=self.creds["key"], timeout=timeout)
 
     def call_one(self, op, **args):
         from pcocc.agent.endpoint import ControlClient
@@ -259,7 +274,9 @@ class _ExecRun:
         self.gather = gather
         self.names = [targets.vms[r]["name"] for r in targets.ranks]
         self.many = len(self.names) > 1
-        self.streams = {}  # name -> ClientStream still running
+        self.fanout = None  # agent.relay.Fanout, once started
+        self.pending = set()  # names whose stream is not open yet
+        self.open = set()  # names whose command runs
         self.credit = {}  # name -> stdin bytes it may still take
         self.status = {}  # name -> its command's status
         self.failed = {}  # name -> pcocc's error message
@@ -310,89 +327,44 @@ class _ExecRun:
     # ---- life -----------------------------------------------------------------------------------
 
     def _start(self):
-        """Opens every VM's stream at once, in parallel threads (TLS handshakes, each VM's
-        start of the command); the loop takes each one as it opens (_collect), so that the
-        output of the first VMs is printed while others still start."""
-        import concurrent.futures
+        """Opens every VM's stream at once through agent.relay.Fanout: a tree of host relays
+        when the VM records name their unix sockets (at most 16 TLS connections from here),
+        else one TLS connection per VM, opened by 16 threads. The loop takes each VM's events
+        as they come, so that the output of the first VMs is printed while others still start."""
+        from pcocc.agent import relay
 
-        def one(rank):
-            try:
-                client = self.targets.client(rank, timeout=60.0)
-                try:
-                    stream = client.stream("exec_stream", **self.args)
-                except BaseException:
-                    client.close()
-                    raise
-                client.set_timeout(None)
-                return stream
-            finally:
-                self._wake()
+        running = []
+        for r in self.targets.ranks:
+            vm = self.targets.vms[r]
+            if vm.get("state") == "running" and vm.get("control"):
+                running.append(vm)
+            else:
+                self._fail(vm["name"], not_running(vm))
+        rank_of = {self.targets.vms[r]["name"]: r for r in self.targets.ranks}
 
-        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, min(16, len(self.names))), thread_name_prefix="pcocc-exec")
-        self._pending = {self.targets.vms[r]["name"]: self._pool.submit(one, r) for r in self.targets.ranks}
-        self._pool.shutdown(wait=False)  # its threads end with their stream's opening
+        def connect(link, timeout):
+            if "vm" in link:  # a VM reached directly (records without a unix socket)
+                return self.targets.client(rank_of[link["vm"]], timeout)
+            return self.targets.connect(link["address"], timeout)  # a host leader
 
-    def _wake(self):
-        """Wakes the loop's select (from a thread: a stream opened)."""
-        with self._wake_lock:
-            if self._wake_w is not None:
-                try:
-                    os.write(self._wake_w, b"s")
-                except OSError:  # full: the loop wakes anyway
-                    pass
-
-    def _collect(self, killed):
-        """Takes the streams that opened since the last look, in the VMs' order (killed: the
-        command is killed as soon as it started). Once all are open, stdin goes to none if
-        none takes it."""
-        if not self._pending:
-            return
-        for name, fut in list(self._pending.items()):
-            if not fut.done():
-                continue
-            del self._pending[name]
-            try:
-                stream = fut.result()
-            except PcoccError as exc:
-                self._fail(name, exc.message)
-                continue
-            if stream.first is None:  # ended before any event
-                self._end(name, stream.result)
-                stream.client.close()
-                continue
-            self.streams[name] = stream
-            self.credit[name] = int(stream.first.get("stdin_window") or 0)
-            if killed:
-                try:
-                    stream.send({"signal": "KILL"})
-                except PcoccError as exc:
-                    self._fail(name, exc.message)
-        if not self._pending and self.stdin_fd is not None and not any(self.credit.get(n, 0) for n in self.streams):
-            self.stdin_fd = None
-
-    def _abandon_pending(self, message):
-        """The streams still opening are given up: failed with message, closed once open."""
-        def close(fut):
-            if not fut.cancelled() and fut.exception() is None:
-                fut.result().client.close()
-
-        for name, fut in list(self._pending.items()):
-            del self._pending[name]
-            fut.add_done_callback(close)
-            self._fail(name, message)
+        self.pending = {vm["name"] for vm in running}
+        self.fanout = relay.Fanout(relay.plan(running), "exec_stream", self.args, connect=connect, open_timeout=EXEC_OPEN_TIMEOUT)
+        self.fanout.start()
 
     def _fail(self, name, message):
         self.failed[name] = message
         self._flush_partial(name)
         self._say(f"pcocc: error: {message if message.startswith(name + ' ') else name + ': ' + message}")
-        stream = self.streams.pop(name, None)
-        if stream is not None:
-            stream.client.close()
+        self.pending.discard(name)
+        self.open.discard(name)
+        if self.fanout is not None:
+            self.fanout.drop(name)  # its stream is closed: the VM kills the command if it still runs
 
     def _end(self, name, result):
         result = result if isinstance(result, dict) else {}
         self._flush_partial(name)
-        self.streams.pop(name, None)
+        self.pending.discard(name)
+        self.open.discard(name)
         if result.get("timed_out"):
             self.timed_out.add(name)
         code = int(result.get("status", 0) or 0)
@@ -411,19 +383,13 @@ class _ExecRun:
             if self.interrupted > 1 and not self._looping:
                 raise KeyboardInterrupt  # still connecting: leave now (the loop handles it after)
 
-        # a signal also writes a byte to this pipe, which wakes the loop's select at once (and
-        # so does each stream that opens)
-        import threading
-
+        # a signal also writes a byte to this pipe, which wakes the loop's poll at once
         self._wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
-        self._wake_lock = threading.Lock()
-        self._wake_w = wake_w
-        self._pending = {}
         saved = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             saved_wake = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        except ValueError:  # not the main thread (an embedding program): the select's 0.1 s then
+        except ValueError:  # not the main thread (an embedding program): the poll's 0.1 s then
             saved_wake = None
         self._looping = False
         try:
@@ -435,13 +401,12 @@ class _ExecRun:
                 signal.set_wakeup_fd(saved_wake)
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
-            self._abandon_pending("interrupted while its command started")
-            with self._wake_lock:  # no thread writes to it any more
-                self._wake_w = None
-                os.close(self._wake_r)
-                os.close(wake_w)
-            for stream in self.streams.values():
-                stream.client.close()
+            for name in [n for n in self.names if n in self.pending]:
+                self._fail(name, "interrupted while its command started")
+            if self.fanout is not None:
+                self.fanout.close()
+            os.close(self._wake_r)
+            os.close(wake_w)
         if self.gather:
             self._print_gathered()
         if self.interrupted:
@@ -453,95 +418,87 @@ class _ExecRun:
         return min(max(self.status.values(), default=0), 255)
 
     def _loop(self):
-        import select
         import time
 
         killed_at = None
         noticed = False
-        while self.streams or self._pending:
-            self._collect(killed_at is not None)
+        stdin_checked = False
+        while self.open or self.pending:
             if self.interrupted and killed_at is None:
                 killed_at = time.monotonic()
-                for name, stream in list(self.streams.items()):
-                    try:
-                        stream.send({"signal": "KILL"})
-                    except PcoccError as exc:
-                        self._fail(name, exc.message)
+                self.fanout.send("all", {"signal": "KILL"})  # those still starting get it once started
             if killed_at is not None:
                 waited = time.monotonic() - killed_at
                 if self.interrupted > 1 or waited > EXEC_KILL_LIMIT:
                     # true either way: each VM kills the command when its client leaves
                     why = "interrupted again" if self.interrupted > 1 else f"no answer in {EXEC_KILL_LIMIT:g} s"
-                    for name in list(self.streams):
+                    for name in [n for n in self.names if n in self.open or n in self.pending]:
                         self._fail(name, f"the kill of the command was not confirmed ({why}); the VM kills it as its client left")
-                    self._abandon_pending(f"the kill of the command was not confirmed ({why}); the VM kills it as its client left")
                     break
                 if waited > EXEC_KILL_NOTICE and not noticed:
                     noticed = True
-                    self._say(f"pcocc: waiting for {_fold([*self.streams, *self._pending])} to confirm the kill (Ctrl-C again to leave now)")
-            readers = [s for s in self.streams.values() if not s.ready()]
-            ready_now = [s for s in self.streams.values() if s.ready()]
+                    self._say(f"pcocc: waiting for {_fold([*self.open, *self.pending])} to confirm the kill (Ctrl-C again to leave now)")
             # stdin goes to every VM from its start: once every stream is open
-            want_stdin = (self.stdin_fd is not None and not self.interrupted and not self._pending
-                          and all(self.credit.get(n, 0) > 0 for n in self.streams))
-            fds = readers + ([self.stdin_fd] if want_stdin else []) + [self._wake_r]
-            if not ready_now:
-                try:
-                    readable, _, _ = select.select(fds, [], [], 0.1)
-                except InterruptedError:
-                    continue
-            else:
-                readable = []
+            want_stdin = (self.stdin_fd is not None and not self.interrupted and not self.pending
+                          and all(self.credit.get(n, 0) > 0 for n in self.open))
+            items, readable = self.fanout.pump(0.1, ([self.stdin_fd] if want_stdin else []) + [self._wake_r])
             if self._wake_r in readable:
                 os.read(self._wake_r, 64)
-            if want_stdin and self.stdin_fd in readable:
+            for item in items:
+                self._item(item)
+            if want_stdin and self.stdin_fd in readable and not self.interrupted and self.open:
                 self._pass_stdin()
-            for name, stream in list(self.streams.items()):
-                if stream in readable or stream.ready():
-                    self._receive(name, stream)
+            if not self.pending and not stdin_checked:  # every stream opened: stdin goes to none if none takes it
+                stdin_checked = True
+                if self.stdin_fd is not None and not any(self.credit.get(n, 0) for n in self.open):
+                    self.stdin_fd = None
 
-    def _receive(self, name, stream):
-        while name in self.streams:
+    def _item(self, item):
+        """One item of the fan-out (agent.relay: an event, the result or an error of a VM)."""
+        name = item.get("vm")
+        if name not in self.open and name not in self.pending:
+            return
+        if "event" in item:
+            event = item["event"] if isinstance(item["event"], dict) else {}
+            if name in self.pending:  # its first event: the command started
+                self.pending.discard(name)
+                self.open.add(name)
+                self.credit[name] = int(event.get("stdin_window") or 0)
+                if self.interrupted:
+                    self.fanout.send(name, {"signal": "KILL"})
+                return
+            self._event(name, event)
+        elif "result" in item:
+            self._end(name, item["result"])
+        else:
+            self._fail(name, str(item.get("error")))
+
+    def _event(self, name, value):
+        if "out_b64" in value or "err_b64" in value:
+            from pcocc.agent.endpoint import decode_bytes
+
+            err = "err_b64" in value
             try:
-                kind, value = stream.receive(0)
-            except PcoccError as exc:
-                self._fail(name, exc.message)
+                data = decode_bytes(value["err_b64" if err else "out_b64"])
+            except ValueError:
+                self._fail(name, "the VM sent malformed output")
                 return
-            if kind is None:
-                return
-            if kind == "result":
-                self._end(name, value)
-                stream.client.close()
-                return
-            if "out_b64" in value or "err_b64" in value:
-                from pcocc.agent.endpoint import decode_bytes
-
-                err = "err_b64" in value
-                try:
-                    data = decode_bytes(value["err_b64" if err else "out_b64"])
-                except ValueError:
-                    self._fail(name, "the VM sent malformed output")
-                    return
-                self._output(name, err, data)
-            elif "stdin_credit" in value:
-                self.credit[name] = self.credit.get(name, 0) + int(value["stdin_credit"])
+            self._output(name, err, data)
+        elif "stdin_credit" in value:
+            self.credit[name] = self.credit.get(name, 0) + int(value["stdin_credit"])
 
     def _pass_stdin(self):
         from pcocc.agent.endpoint import encode_bytes
 
-        room = min(self.credit.get(n, 0) for n in self.streams)
+        room = min(self.credit.get(n, 0) for n in self.open)
         try:
             data = self._read_stdin(min(room, 256 * 1024))
         except OSError as exc:
             self._say(f"pcocc: warning: reading stdin: {exc.strerror}")
             data = b""
-        message = {"stdin_b64": encode_bytes(data)} if data else {"stdin_eof": True}
-        for name, stream in list(self.streams.items()):
-            try:
-                stream.send(message)
-            except PcoccError as exc:
-                self._fail(name, exc.message)
-                continue
+        # one message for all: each relay passes it to its VMs (a failure comes back as an error item)
+        self.fanout.send("all", {"stdin_b64": encode_bytes(data)} if data else {"stdin_eof": True})
+        for name in self.open:
             self.credit[name] = self.credit.get(name, 0) - len(data)
         if not data:
             self.stdin_fd = None

@@ -28,8 +28,13 @@ STDIN_CREDIT = 64 * 1024  # stdin bytes passed on to the guest before the client
 class ControlHandler:
     """What the control endpoint can do to this VM."""
 
-    def __init__(self, vm, agent, rev=None, images=None, drives=()):
+    def __init__(self, vm, agent, rev=None, images=None, drives=(), relay_credentials=None):
+        """relay_credentials(): the cluster owner's client credentials {ca, cert, key} (the
+        store's ``cluster_prefix + "client"``, read as the owner: this process), for the
+        relay op's TLS links to other hosts' leaders; None: this VM relays to unix links only."""
         self.vm = vm
+        self._relay_credentials = relay_credentials
+        self._relay_creds = None
         self.agent = agent
         self.rev = rev  # the image revision the VM's disk is based on
         self.images = images  # a callable giving the ImageStore
@@ -313,6 +318,26 @@ class ControlHandler:
                         msg = stream.receive(0)
         finally:
             sock.close()
+
+    @streaming
+    def op_relay(self, stream, op, args, plan, timeout=None):
+        """This VM as its host's relay: op(**args) on every VM of plan, their events and answers
+        tagged by VM name (agent.relay, which documents the protocol and whose credentials
+        are used: the owner's, of this cluster, as the CLI uses them)."""
+        from pcocc.agent import relay
+
+        return relay.serve(stream, op, args, plan, self._relay_connect, timeout)
+
+    def _relay_connect(self, link, timeout):
+        from pcocc.agent.endpoint import AgentError, ControlClient
+
+        if self._relay_creds is None:
+            creds = self._relay_credentials() if self._relay_credentials else None
+            if not creds:
+                raise AgentError(f"{self.vm.config.name} cannot relay to other hosts: no client credentials of its cluster")
+            self._relay_creds = creds
+        c = self._relay_creds
+        return ControlClient(tuple(link["address"]), ca_pem=c["ca"], cert_pem=c["cert"], key_pem=c["key"], timeout=timeout)
 
     def op_reset(self):
         self.vm.monitor.cmd("system_reset")

@@ -99,14 +99,19 @@ def run_vm(ctx, jobid, rank):
         publish("qemu-start", **qemu)
         agent = GuestAgent(vm.qga_path, timeout=30)
         ca = store.get(state.cluster_prefix(user, jobid) + "ca")
-        handler = ControlHandler(vm, agent, rev, ctx.images, cfg.drives)
+        # the host's relay (agent.relay) uses the owner's client credentials, read as the CLI reads them
+        handler = ControlHandler(vm, agent, rev, ctx.images, cfg.drives,
+                                 relay_credentials=lambda: store.get(state.cluster_prefix(user, jobid) + "client"))
         server = ControlServer(handler, ca_pem=ca["cert"], cert_pem=ca["server_cert"], key_pem=ca["server_key"],
-                               owner=info["owner"], host=ctx.control_host, avoid=reverse_nat_ranges(ctx.config)).start()
+                               owner=info["owner"], host=ctx.control_host, avoid=reverse_nat_ranges(ctx.config),
+                               unix_path=cfg.path("control.sock")).start()
+        # the relay's way in (agent.relay): in the records beside the TLS address, when it could be bound
+        endpoints = {"control": list(server.address), **({"relay": server.unix_path} if server.unix_path else {})}
         restored = _restart_of(info, rank) if cfg.incoming else None
         agent_state = {"agent": "ready"}
         try:
             # the endpoint answers from now on: console (pcocc console from another host) works while it boots
-            booting = {**qemu, "control": list(server.address)}
+            booting = {**qemu, **endpoints}
             _wait_agent(agent, vm, stop, booting=not cfg.incoming, on_console=lambda: publish("booting", **booting))
         except AgentAbsent as exc:
             if restored and restored.get("identity"):
@@ -120,7 +125,7 @@ def run_vm(ctx, jobid, rank):
 
             instant.give_identity(agent, f"vm{rank}", jobnet.vm_macs(ctx.config, spec["settings"], jobid, rank))
         if not stop.is_set() and vm.proc.poll() is None:
-            publish("running", **qemu, **agent_state, control=list(server.address), rundir=rundir)
+            publish("running", **qemu, **agent_state, **endpoints, rundir=rundir)
         while not stop.is_set() and vm.proc.poll() is None:
             stop.wait(0.2)
         if vm.proc.poll() is not None and not stop.is_set():
