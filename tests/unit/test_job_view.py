@@ -109,7 +109,7 @@ def test_wait_ready_waits_for_the_record_then_every_vm(store, connect):
     publisher = threading.Thread(target=later)
     publisher.start()
     try:
-        _Backend(store).wait_ready(JOB, progress=lambda n, total: told.append((n, total)), timeout=60, warn=warned.append)
+        _Backend(store).wait_ready(JOB, progress=lambda n, total, vms: told.append((n, total)), timeout=60, warn=warned.append)
     finally:
         publisher.join()
     assert told[-1] == (2, 2)

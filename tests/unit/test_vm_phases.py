@@ -118,7 +118,7 @@ def test_the_alloc_shell_waits_for_qemu_and_batch_wait_for_the_agents():
             return {"nodes": {}, "state": "running"}, [{"name": "vm0", "state": "running"}, {"name": "vm1", "state": "booting"}]
 
     seen = []
-    Fake().wait_ready(1, progress=lambda n, total: seen.append((n, total)), alive=lambda j: True, until="qemu")
+    Fake().wait_ready(1, progress=lambda n, total, vms: seen.append((n, total)), alive=lambda j: True, until="qemu")
     assert seen == [(2, 2)]
     with pytest.raises(TimeoutExpired):
         Fake().wait_ready(1, alive=lambda j: True, timeout=0)

@@ -226,14 +226,17 @@ class Backend:
 
         until: "running" (every guest agent answered, or the VM runs without one: batch
         --wait, a batch script) or "qemu" (every qemu runs: the alloc shell and -E start
-        then, as in the original pcocc; pcocc.phases.started). progress(n, total): n VMs
-        there. warn(line): told of each VM that runs without a guest agent (agent "none": an
+        then, as in the original pcocc; pcocc.phases.started). progress(n, total, vms): n VMs
+        there, and the VM records ([record] in rank order), at the first look and after each
+        change the watch brings (at most once per POLL): the caller draws the phases from them
+        and reads nothing itself. warn(line): told of each VM that runs without a guest agent (agent "none": an
         image without qemu-guest-agent; exec, save's freeze and ckpt need one). The cluster's
         records are followed through the store (JobView): read once, then only what changes.
         """
         alive = alive or self.job_alive
         deadline = time.monotonic() + timeout
-        last, seen, checked_alive = None, False, 0.0
+        seen, checked_alive = False, 0.0
+        changed = True  # since progress was last told
         view = None
 
         def still_alive():  # asking the batch system is not free: at most every few seconds
@@ -274,9 +277,9 @@ class Backend:
                     if info["state"] in ("ending", "ended") or not still_alive():
                         raise PcoccError(f"cluster {jobid} ended before all its VMs ran")
                     running, total = view.started(until), view.count()
-                    if progress and running != last:
-                        progress(running, total)
-                        last = running
+                    if progress and changed:
+                        progress(running, total, view.vms())
+                        changed = False
                     if running == total:
                         for v in view.vms():
                             if warn and v.get("agent") == "none":
@@ -285,7 +288,7 @@ class Backend:
                 if time.monotonic() > deadline:
                     raise TimeoutExpired(f"cluster {jobid}: not every VM runs after {timeout} s (it goes on: see 'pcocc ps')")
                 if view is not None:
-                    view.refresh(POLL)  # back at the first change
+                    changed = bool(view.refresh(POLL)) or changed  # back at the first change
                 time.sleep(max(0.0, look + POLL - time.monotonic()))  # at most one look per POLL
 
         finally:

@@ -440,12 +440,12 @@ def command_line(text, option):
     return _interpreter(cmd, option) + argv
 
 
-def _start_progress(app, backend, jobid, until="running"):
+def _start_progress(app, jobid, until="running"):
     """The start's progress (pcocc.cli.progress.start_progress): a context manager yielding the
-    callback for backend.wait_ready; the VM records are read from the store as it goes."""
+    callback for backend.wait_ready, which hands it the records of the cluster it follows."""
     from pcocc.cli.progress import start_progress
 
-    return start_progress(app, f"cluster {jobid}", lambda: backend.job(jobid)[1], until=until)
+    return start_progress(app, f"cluster {jobid}", until=until)
 
 
 @click.command(cls=params.PassthroughCommand, context_settings=_PASSTHROUGH, help="Run a virtual cluster and a shell in its allocation; the cluster ends with the shell.\n" + _ALLOC_HELP.format(cmd="salloc"))
@@ -475,7 +475,7 @@ def alloc(app, restart_ckpt, boot, user_data, images, mounts, alloc_script, args
         app.info(f"cluster {jobid} starting")
         # the shell or -E starts once every qemu runs, as in the original; the guest agents answer
         # later (exec waits for them; ps --vms shows them)
-        with _start_progress(app, backend, jobid, until="qemu") as progress:
+        with _start_progress(app, jobid, until="qemu") as progress:
             backend.wait_ready(jobid, progress, warn=app.warn, until="qemu")
         from pcocc.lifecycle import allocshell
 
@@ -540,7 +540,7 @@ def batch(app, restart_ckpt, boot, user_data, images, mounts, batch_script, host
         app.out(str(jobid))
         app.env.stdout.flush()
         if wait:
-            with _start_progress(app, backend, jobid) as progress:
+            with _start_progress(app, jobid) as progress:
                 backend.wait_ready(jobid, progress, timeout=3600, warn=app.warn)
     except KeyboardInterrupt:  # as sbatch: the job is submitted, only the waiting stops
         app.info(f"cluster {jobid} goes on (stop it with 'pcocc cancel -j {jobid}')")
