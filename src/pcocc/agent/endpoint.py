@@ -623,7 +623,7 @@ class ControlClient:
                     pass
         self._sock = self._rfile = None
 
-    def call(self, op, **args):
+    def call(self, op, /, **args):
         """Runs ``op`` on the VM and returns its result; raises from the error kind."""
         request = _encode({"op": op, "args": args})
         with self._lock:
@@ -654,7 +654,7 @@ class ControlClient:
         cls = _KIND_ERRORS.get(kind, AgentError)
         raise cls(str(error), response.get("hint"))
 
-    def open(self, op, **args):
+    def open(self, op, /, **args):
         """Sends the request ``op`` and returns its ClientStream at once, without waiting for
         an answer (the caller receives it: ``agent.relay``'s loop, over many connections).
         A plain op's answer comes as the stream's result.  The connection is the stream's."""
@@ -668,7 +668,7 @@ class ControlClient:
                 raise self._failure(e) from None
         return ClientStream(self, channel)
 
-    def stream(self, op, **args):
+    def stream(self, op, /, **args):
         """Starts the streaming op ``op`` and returns its ClientStream, once its first event came
         (raises from the error kind if the op failed before any event).  The connection is the
         stream's: close the client when it is done."""

@@ -69,7 +69,7 @@ LOST_AFTER = 30.0  # seconds of silence after which a child relay is taken as lo
 _KEEPALIVE = ((socket.TCP_KEEPIDLE, 10), (socket.TCP_KEEPINTVL, 5), (socket.TCP_KEEPCNT, 3))  # a dead host: ~25 s
 
 
-def plan(vms, width=WIDTH):
+def plan(vms, width=None):
     """The root links for VM records (running ones, in rank order: dicts with name, host,
     control [host, port] and, from VM processes that serve one, relay: their unix socket).
 
@@ -78,6 +78,7 @@ def plan(vms, width=WIDTH):
     each level).  Else (records of an older pcocc): one direct TLS link per VM, as before.
     """
     vms = list(vms)
+    width = width or WIDTH
     if not vms or not all(vm.get("relay") and vm.get("host") for vm in vms):
         return [{"vm": vm["name"], "address": list(vm["control"])} for vm in vms]
     groups = collections.OrderedDict()
