@@ -51,7 +51,8 @@ class Environment:
         """Runtime files of this user's VMs (sockets, overlays): short paths, as unix sockets need.
 
         $PCOCC_RUN_DIR, else $XDG_RUNTIME_DIR/pcocc when XDG_RUNTIME_DIR is
-        private (owned by us, mode 0700, not a link), else /tmp/pcocc-<uid>.
+        private (owned by us, mode 0700, not a link), else /tmp/pcocc-<uid>
+        (~/.cache/pcocc/run-<host> when another user took that name: fsutil.default_run_dir).
         Created (mode 0700) and checked on first use (fsutil.private_dir):
         another user's directory or a link there raises PermissionDenied.
         """

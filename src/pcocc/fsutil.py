@@ -6,7 +6,8 @@ keeps its runtime files in a private directory: a real directory (not a
 link), owned by the process's effective uid, with no access for group or
 others. $XDG_RUNTIME_DIR is used when it is such a directory (the XDG Base
 Directory Specification requires it: owned by the user, mode 0700); else
-/tmp/pcocc-<uid>, created and checked. Files in shared places are created with
+/tmp/pcocc-<uid>, created and checked; and when another user made that one first
+(which would lock its owner out of pcocc), ~/.cache/pcocc/run-<host> instead. Files in shared places are created with
 O_CREAT|O_EXCL|O_NOFOLLOW and a random name, then renamed (write_private).
 """
 
@@ -37,14 +38,39 @@ def xdg_runtime_dir(environ, uid=None):
     return None
 
 
+TMP = "/tmp"  # the shared directory of the last fallback (a module constant for the tests)
+
+
 def default_run_dir(environ, uid):
     """The run directory of user uid, found without creating anything (root's node setup uses it
     for a user's tasks): $PCOCC_RUN_DIR, else $XDG_RUNTIME_DIR/pcocc when that is a private
-    directory of uid's, else /tmp/pcocc-<uid>."""
+    directory of uid's, else /tmp/pcocc-<uid> unless something that is not a directory of uid's
+    is there already (another user made it first: a denial of service otherwise), in which
+    case <uid's home>/.cache/pcocc/run-<short host name> (private, per host: a home is shared
+    between nodes). The XDG Base Directory Specification asks for such a replacement
+    directory when XDG_RUNTIME_DIR is unusable."""
     if environ.get("PCOCC_RUN_DIR"):
         return environ["PCOCC_RUN_DIR"]
     xdg = xdg_runtime_dir(environ, uid)
-    return os.path.join(xdg, "pcocc") if xdg else f"/tmp/pcocc-{int(uid)}"
+    if xdg:
+        return os.path.join(xdg, "pcocc")
+    shared = os.path.join(TMP, f"pcocc-{int(uid)}")
+    try:
+        st = os.lstat(shared)
+    except FileNotFoundError:
+        return shared
+    except (OSError, ValueError):
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
+        return shared
+    import pwd
+    import socket
+
+    try:
+        home = pwd.getpwuid(uid).pw_dir
+    except KeyError:
+        return shared  # no home to fall back to: private_dir refuses the taken one, with the fix
+    return os.path.join(home, ".cache", "pcocc", f"run-{socket.gethostname().split('.')[0]}")
 
 
 def private_dir(path):

@@ -9,6 +9,8 @@ import json
 import os
 import pwd
 import shutil
+import socket
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -114,18 +116,22 @@ def _held(path):
         return False
 
 
-def test_another_user_s_directory_at_my_run_dir_is_refused(two_users):
-    """B made /tmp/pcocc-<A's uid> first: A's pcocc refuses it in one line and writes nothing there."""
+def test_another_user_s_directory_at_my_run_dir_is_not_used_and_does_not_lock_me_out(two_users):
+    """B made /tmp/pcocc-<A's uid> first: A's pcocc writes nothing there and runs all the same,
+    from ~/.cache/pcocc/run-<host> (it used to refuse: B could lock A out of pcocc for good)."""
     a, b = two_users
     squat = Path(f"/tmp/pcocc-{a.uid}")
-    if squat.exists() or squat.is_symlink():
-        pytest.skip(f"{squat} exists already on this host")
+    assert not (squat.exists() or squat.is_symlink()), f"{squat} exists already on this host"
     subprocess.run(["runuser", "-u", b.name, "--", "mkdir", "-m", "0777", str(squat)], check=True)
     try:
-        r = a.pcocc("batch", "-m", "256", "tiny:1", run_dir=False)
-        assert r.returncode == ExitStatus.PERMISSION, r.stderr
-        assert str(squat) in r.stderr and len(r.stderr.strip().splitlines()) <= 2
+        r = a.pcocc("batch", "-m", "256", "--wait", "tiny:1", run_dir=False)
+        assert r.returncode == 0, r.stderr
+        job = int(r.stdout)
+        moved = a.home / ".cache" / "pcocc" / f"run-{socket.gethostname().split('.')[0]}"
+        assert (moved / f"job_{job}").is_dir() and moved.stat().st_uid == a.uid
+        assert stat.S_IMODE(moved.stat().st_mode) == 0o700
         assert os.listdir(squat) == []
+        assert a.pcocc("cancel", "-j", job, run_dir=False).returncode == 0
         assert a.ps() == []
     finally:
         shutil.rmtree(squat, ignore_errors=True)

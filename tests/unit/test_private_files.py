@@ -189,3 +189,30 @@ def test_the_kvm_probe_writes_no_file(tmp_path, monkeypatch):
     assert accel.probe_kvm(str(fake), kernel=None) is True  # the boot sector reached it through /dev/fd
     assert accel.probe_kvm("/bin/true", kernel="/nonexistent/vmlinuz") is False  # exited without a line
     assert list(tmp.iterdir()) == []
+
+
+def test_a_run_dir_name_taken_by_another_user_does_not_lock_its_owner_out(tmp_path, monkeypatch):
+    """Without XDG_RUNTIME_DIR, another user who makes /tmp/pcocc-<uid> first (a directory of
+    his, a link, a file) used to stop pcocc for good (it refused the taken name): the owner's
+    run dir moves to ~/.cache/pcocc/run-<host>, found the same way by root's node setup."""
+    import pwd
+    import socket
+    from types import SimpleNamespace
+
+    uid = os.geteuid()
+    monkeypatch.setattr(fsutil, "TMP", str(tmp_path))
+    home = tmp_path / "home"
+    monkeypatch.setattr(pwd, "getpwuid", lambda u: SimpleNamespace(pw_dir=str(home)))
+    moved = str(home / ".cache" / "pcocc" / f"run-{socket.gethostname().split('.')[0]}")
+    shared = tmp_path / f"pcocc-{uid}"
+    assert fsutil.default_run_dir({}, uid) == str(shared)  # free: the usual name
+    shared.mkdir()
+    assert fsutil.default_run_dir({}, uid) == str(shared)  # ours
+    os.chown(shared, 65534, 65534)
+    assert fsutil.default_run_dir({}, uid) == moved  # another user's
+    shared.rmdir()
+    shared.symlink_to(tmp_path)
+    assert fsutil.default_run_dir({}, uid) == moved  # a link
+    assert fsutil.default_run_dir({"PCOCC_RUN_DIR": "/x"}, uid) == "/x"
+    assert fsutil.private_dir(fsutil.default_run_dir({}, uid)) == moved
+    assert fsutil.is_private_dir(moved)
