@@ -294,3 +294,14 @@ def test_a_local_alloc_s_rc_file_is_in_its_cluster_s_run_dir(cli, tmp_path, monk
     assert r.status == 0, r.stderr
     (rcfile,) = calls
     assert os.path.dirname(rcfile) == str(jobdir) and not os.path.exists(rcfile)
+
+
+@pytest.mark.parametrize("cmd", ["batch", "alloc"])
+def test_an_option_after_the_definition_is_what_the_error_names(site, cmd):
+    """'batch nosuch:1 --foo' used to blame nosuch:1 ("unexpected extra argument"): the option
+    where the definition should be is named, with the usage, and nothing is submitted."""
+    r = site(cmd, "tiny:1", "--foo")
+    assert r.status == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines[0] == "pcocc: error: the cluster DEFINITION comes last, after the options: got option '--foo' there"
+    assert lines[1:] == [f"Usage: pcocc {cmd} [OPTIONS] DEFINITION (e.g. tiny:3)"] and site.backend.submitted == []

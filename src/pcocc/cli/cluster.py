@@ -158,6 +158,9 @@ def _split(app, args, restart_ckpt=None):
         return restart_options(list(args), manifest, slurm), definition or manifest["definition"]
     if not args or last_is_value:
         raise UsageError("missing the cluster DEFINITION (e.g. tiny:3)")
+    if args[-1].startswith("-"):  # an option after the definition: blame it, not the definition
+        raise UsageError(f"the cluster DEFINITION comes last, after the options: got option '{args[-1]}' there",
+                         f"Usage: {click.get_current_context().command_path} [OPTIONS] DEFINITION (e.g. tiny:3)")
     return list(args[:-1]), args[-1]
 
 
