@@ -87,3 +87,27 @@ def test_an_older_pcoccs_log_is_replayed(tmp_path):
     assert (tmp_path / "undo-8.json").read_text() == '{"kind":"a","args":{"n":2}}\n'  # what is left, as JSON lines
     log.replay(8, {"a": lambda n: done.append(n)})
     assert done == [3, 1, 2] and log.jobs() == []
+
+
+def test_an_older_pcoccs_log_ending_with_a_newline_keeps_every_record(tmp_path):
+    """An old single-document log that ends with a newline used to get the next record appended
+    after it, which made the whole file unreadable, and every object it named was leaked."""
+    entries = [{"kind": "a", "args": {"n": 1}}, {"kind": "a", "args": {"n": 2}}]
+    _old_format(tmp_path, 7, entries)
+    with open(tmp_path / "undo-7.json", "a") as f:
+        f.write("\n")
+    log = UndoLog(str(tmp_path))
+    log.record(7, "a", n=3)
+    assert log.entries(7) == entries + [{"kind": "a", "args": {"n": 3}}]
+    assert not (tmp_path / "undo-7.json").read_bytes().startswith(b"{\n")  # migrated to JSON lines
+
+
+def test_a_log_appended_to_an_older_pcoccs_document_is_read_whole(tmp_path):
+    """What the rule above prevents, when it is already on a node: the document, then lines."""
+    entries = [{"kind": "a", "args": {"n": 1}}]
+    _old_format(tmp_path, 8, entries)
+    with open(tmp_path / "undo-8.json", "a") as f:
+        f.write('\n{"kind":"a","args":{"n":2}}\n')
+    done = []
+    UndoLog(str(tmp_path)).replay(8, {"a": lambda n: done.append(n)})
+    assert done == [2, 1] and not (tmp_path / "undo-8.json").exists()

@@ -73,7 +73,9 @@ class UndoLog:
             size = os.fstat(fd).st_size
             if size == 0:
                 fsync_dir(self.dir)  # a new file: its name is durable before its first record counts
-            elif os.pread(fd, 1, size - 1) != b"\n":  # an older pcocc's log, or a torn last line
+            elif os.pread(fd, 1, size - 1) != b"\n" or os.pread(fd, 2, 0) == _OLD_START:
+                # a torn last line, or an older pcocc's log (whatever its last byte: a line
+                # appended to it would make the whole file unreadable)
                 os.close(fd)
                 fd = -1
                 self._write(job, self.entries(job))
@@ -134,14 +136,22 @@ class UndoLog:
         fsync_dir(self.dir)
 
 
+_OLD_START = b"{\n"  # an older pcocc's json.dump(indent=1): never the start of a JSON line
+
+
 def _parse(data, path):
-    """The records of a log's bytes: JSON lines, or an older pcocc's single document."""
-    if data.startswith(b"{\n"):  # an older pcocc's json.dump(indent=1): never the start of a JSON line
+    """The records of a log's bytes: JSON lines, or an older pcocc's single document (then
+    any JSON lines after it: what a record appended to it before this rule)."""
+    old = []
+    if data.startswith(_OLD_START):
         try:
-            return json.loads(data)["entries"]
+            doc, end = json.JSONDecoder().raw_decode(data.decode())
+            old, data = list(doc["entries"]), data.decode()[end:].lstrip("\n").encode()
         except (ValueError, KeyError, TypeError):
             log.warning("%s: not an undo log pcocc can read: ignored", path)
             return []
+        if not data:
+            return old
     lines = data.split(b"\n")
     if lines[-1]:
         log.info("%s: its last record was cut by a crash (its object was never made): ignored", path)
@@ -155,7 +165,7 @@ def _parse(data, path):
             log.warning("%s:%d: not an undo record: ignored", path, n)
             continue
         out.append(entry)
-    return out
+    return old + out
 
 
 def _describe(args):
