@@ -685,3 +685,35 @@ def test_no_runner_waits_in_the_guest_while_it_is_checkpointed_or_saved(one, mon
     assert seen[0][0] is None and seen[0][1] is not None and not seen[0][2]  # gone, killed, its files removed
     assert claimed_spare(one) is not spare
     assert one.run("echo after") == (0, b"after\n", b"")
+
+
+def test_a_read_that_fails_loses_no_handle(monkeypatch):
+    """A guest-file-read that fails in a round whose other calls opened handles (a stream's
+    file, a next segment): each is kept for cleanup() or closed, never left open in the agent."""
+    monkeypatch.setattr(qga, "PROBE_INTERVAL", 0.0)  # every round looks for the next segment
+    agent = LocalAgent()
+    try:
+        ex = qga.StreamingExec(agent, ["/bin/sh", "-c", "for i in 1 2 3 4 5 6; do echo out$i; echo err$i >&2; sleep 0.1; done"],
+                               qga.new_exec_base(), segment=8)
+        ex.start()
+        real_read, failed = agent._guest_file_read, []
+
+        def read(handle, count=4096):
+            # fails once, when the stream's next segment is there: the same round's look for
+            # that segment opens it
+            path = os.readlink(f"/proc/self/fd/{agent.files[handle]}")
+            stem, _, k = path.rpartition(".")
+            if not failed and k.isdigit() and os.path.exists(f"{stem}.{int(k) + 1}"):
+                failed.append(path)
+                raise qga.AgentCommandError("guest-file-read", {"desc": "Input/output error"})
+            return real_read(handle, count)
+
+        agent._guest_file_read = read
+        with pytest.raises(qga.AgentError, match="Input/output error"):
+            while ex.result is None:
+                ex.poll()
+        ex.kill()
+        ex.cleanup()
+        assert agent.files == {}, f"handles left open in the agent: {sorted(agent.files)}"
+    finally:
+        agent.close()

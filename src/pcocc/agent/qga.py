@@ -700,18 +700,24 @@ class StreamingExec:
             calls.append(("guest-exec-status", {"pid": self.pid}))
         replies = execute_many(self.agent, calls)
         status = replies[-1] if self._quiet else None
-        if isinstance(status, Exception):
-            raise status
+        error = status if isinstance(status, Exception) else None
         got = {}
         for (name, what), reply in zip(plan, replies):
             seg = self._streams[name]
+            if error is not None:  # a call of this round failed: what the others opened is kept
+                if not isinstance(reply, Exception) and what == "open":  # (cleanup closes it)
+                    seg.handle = reply
+                elif not isinstance(reply, Exception) and what != "read":
+                    self._close(reply)  # a next segment's handle: closed, never lost
+                continue
             if what == "open":
                 if not isinstance(reply, Exception):
                     seg.handle, seg.probed = reply, time.monotonic()
                     got[name] = self._read_stream(seg)
             elif what == "read":
                 if isinstance(reply, Exception):
-                    raise reply
+                    error = reply
+                    continue
                 got[name] = self._decode(reply)
                 seg.fresh = seg.fresh or bool(got[name])
                 if len(got[name]) == self.read_size and (name, seg.k + 1) not in plan:  # more is waiting
@@ -722,6 +728,8 @@ class StreamingExec:
                 self._close(reply)
             else:  # segment k+1 exists: the relay finished k (drained first), and the stream moves on
                 got[name] = got.get(name, b"") + self._next_segment(seg, reply) + self._read_stream(seg)
+        if error is not None:
+            raise error
         for name in self._streams:
             if got.get(name):
                 chunks.append((name, got[name]))
