@@ -3,6 +3,8 @@ down through the real node-setup code on a real etcd (pcocc.testcluster.simhosts
 RecordingFake, which must answer as the real tools do and catch what the undo log misses.
 Checks are on content (ids, objects, leftovers), never on time."""
 
+import os
+
 import pytest
 from store_fixtures import etcd_server  # noqa: F401 - fixture
 
@@ -24,6 +26,19 @@ def test_eight_hosts_set_up_and_tear_down_through_the_real_code(etcd_server, tmp
     # per host at least: a bridge, 16 taps and their ports, 7 tunnels, the gateway's namespace
     assert result["objects"] >= 8 * (1 + 16 + 16 + 7 + 1)
     assert result["record_bytes"] > 0 and result["requests"] > 0
+
+    # the launcher's end, real code: the cluster's history record is what stays of it
+    from pcocc import history
+    from pcocc.store.etcd import EtcdStore
+
+    store = EtcdStore([etcd_server.url])
+    try:
+        import pwd
+
+        ended = history.get(store, pwd.getpwuid(os.getuid()).pw_name, result["jobid"])
+        assert ended["state"] == "COMPLETED" and len(ended["vms"]) == 128
+    finally:
+        store.close()
 
 
 @pytest.fixture

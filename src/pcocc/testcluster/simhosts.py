@@ -12,7 +12,8 @@ Each simulated host runs pcocc's own code with its identity injected (its Contex
   is made, the node's state) and at the end `nodesetup.delete` (the undo log replayed,
   the ids given back);
 - the launcher's part: the cluster's record (`SlurmBackend.cluster_info`, the job's
-  credentials) and its wait for every VM (`launcher.wait_started`), real code;
+  credentials), its wait for every VM (`launcher.wait_started`) and its end (`launcher._record_end`:
+  the history record), real code;
 - the VM processes' part: what `vmrun.run_vm` does with the store, reproduced (its
   `publish` is a closure inside run_vm, not callable alone): read the cluster's record
   and CA, then one record per phase (starting, qemu-start, booting, running) and the
@@ -883,7 +884,10 @@ def simulate(endpoints, base, hosts, workers=None, jobid=None, check_order=False
         t1 = time.perf_counter()
         phase["stop"].set()
         _expect(out, "stopped", hosts, children, cap, reports, errors)
-        launcher_ctx.store.delete_prefix(prefix)  # the launcher's end: the cluster's records go
+        # the launcher's end: the cluster's history record (as its VMs stopped by themselves), then
+        # its records go
+        launcher._record_end(launcher_ctx, jobid, [], {"error": None, "script": None, "status": 0})
+        launcher_ctx.store.delete_prefix(prefix)
         phase["down"].set()
         _expect(out, "down", hosts, children, cap, reports, errors)
         result["teardown_s"] = time.perf_counter() - t1
