@@ -109,3 +109,21 @@ def test_publish_does_not_replace_a_directory_created_meanwhile(tmp_path):
     with pytest.raises(OSError) as info:
         checkpoint._rename(directory + "2", directory, checkpoint._RENAME_NOREPLACE)
     assert info.value.errno == errno.EEXIST
+
+
+def test_a_restart_record_holds_the_manifest_s_digest_not_the_manifest(tmp_path):
+    """At 16,000 VMs the manifest is megabytes: the cluster's record keeps DIR and the digest,
+    each VM reads its entry from DIR, and a checkpoint replaced since (-F) is not restored."""
+    directory, staging = write_checkpoint(tmp_path, "ck", "one")
+    checkpoint.publish(staging, directory, force=False)
+    manifest = checkpoint.load(directory)
+    record = checkpoint.restart_record(directory, manifest)
+    assert set(record) == {"dir", "manifest_sha256"} and len(json.dumps(record)) < 200
+    assert checkpoint.restart_vm(record, 0) == {"dir": directory, "vm": manifest["vms"][0]}
+    assert checkpoint.restart_vm({"dir": directory, "manifest": manifest}, 0)["vm"] == manifest["vms"][0]  # an older record
+    with pytest.raises(checkpoint.CheckpointError, match="no VM of rank 1"):
+        checkpoint.restart_vm(record, 1)
+    again, staging = write_checkpoint(tmp_path, "ck", "two")
+    checkpoint.publish(staging, again, force=True)
+    with pytest.raises(checkpoint.CheckpointError, match="changed since this restart was submitted"):
+        checkpoint.restart_vm(record, 0)

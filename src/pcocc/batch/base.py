@@ -98,7 +98,8 @@ class Backend:
             "created": time.time(), "state": "submitted", "user_data": opts.get("user_data"),
             "script": opts.get("script"), "cwd": opts.get("cwd"),
             "host_script": opts.get("host_script"),  # batch -E's command line (local backend; SLURM's launcher runs it)
-            "restart": opts.get("restart"),  # {dir, manifest} of a checkpoint to restart from, read by every VM
+            # the checkpoint to restart from: {dir, manifest_sha256}, each VM reads its entry in DIR
+            "restart": _restart_record(opts.get("restart")),
             "instant": opts.get("instant"),  # {template: {dir, vm}}: VMs restored from their template's snapshot
             # {"images": {template: image}, "mounts": {tag: mount}} of alloc/batch --image/--mount, or None:
             # already in the VMs' settings; kept for save (refused with images) and checkpoints (restarts keep them)
@@ -452,6 +453,15 @@ def script_argv(jobid, info, vms, argv):
               "PCOCC_VM_COUNT": str(len(names))}
     exports = "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in values.items()) + "; "
     return [*argv[:2], exports + argv[2], *argv[3:]]
+
+
+def _restart_record(restart):
+    """What the cluster's record keeps of opts["restart"] ({dir, manifest}): checkpoint.restart_record."""
+    if not restart:
+        return None
+    from pcocc.lifecycle import checkpoint
+
+    return checkpoint.restart_record(restart["dir"], restart["manifest"])
 
 
 def _cluster_uuid(restart):

@@ -379,6 +379,35 @@ def load(directory):
     return manifest
 
 
+def restart_record(directory, manifest):
+    """What a restarting cluster's record keeps of its checkpoint: {dir, manifest_sha256}. The
+    manifest itself (about 420 bytes per VM: 6.7 MB at 16,000 VMs, over etcd's 1.5 MiB request
+    limit) stays in DIR, which every node reads anyway (its disks and memory are there); its
+    digest makes sure each VM restores the checkpoint that was checked at submission."""
+    return {"dir": directory, "manifest_sha256": manifest_digest(manifest)}
+
+
+def manifest_digest(manifest):
+    """The sha256 (hex) of a manifest's canonical JSON (sorted keys, no spaces)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def restart_vm(restart, rank):
+    """{dir, vm}: the manifest entry of VM `rank` of a restart record (restart_record, or an
+    older pcocc's record that holds the manifest itself). Raises CheckpointError when DIR's
+    manifest is not the one checked at submission (replaced since: pcocc ckpt -F)."""
+    manifest = restart.get("manifest")
+    if manifest is None:
+        manifest = load(restart["dir"])
+        if manifest_digest(manifest) != restart.get("manifest_sha256"):
+            raise CheckpointError(f"checkpoint {restart['dir']} changed since this restart was submitted: not restored")
+    if not 0 <= rank < len(manifest["vms"]):
+        raise CheckpointError(f"checkpoint {restart['dir']} has no VM of rank {rank}")
+    return {"dir": restart["dir"], "vm": manifest["vms"][rank]}
+
+
 def _read_manifest(directory):
     path = os.path.join(directory, MANIFEST)
     try:

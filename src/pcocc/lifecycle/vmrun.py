@@ -310,8 +310,10 @@ def _vm_config(ctx, info, spec, rank, rundir, jobdir):
 def _restart_of(info, rank):
     """{dir, vm} when this VM restarts from a checkpoint, else None."""
     restart = info.get("restart")
-    if restart:
-        return {"dir": restart["dir"], "vm": restart["manifest"]["vms"][rank]}
+    if restart:  # its entry read from the checkpoint's manifest in DIR (the record keeps its digest)
+        from pcocc.lifecycle import checkpoint
+
+        return checkpoint.restart_vm(restart, rank)
     snap = (info.get("instant") or {}).get(vm_template(info, rank))
     if snap:  # an instant cluster: restored from its template's snapshot, then given its own identity
         return {"dir": snap["dir"], "vm": {**snap["vm"], "name": f"vm{rank}"}, "identity": True}
