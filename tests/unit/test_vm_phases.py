@@ -71,6 +71,30 @@ def test_a_guest_without_agent_is_absent_after_the_silence_bound_not_failed(tmp_
         vmrun._wait_agent(NoAgent(), vm, threading.Event(), booting=False)
 
 
+def test_a_late_agent_is_found_by_a_short_look():
+    """A VM that runs with agent "none" is looked at again every AGENT_RECHECK s: each look is
+    bounded (connect and ping with AGENT_PROBE), and one that answers makes the VM's record say so."""
+    from pcocc.errors import PcoccError
+    from pcocc.lifecycle import vmrun
+
+    class Agent:
+        def __init__(self, up):
+            self.up, self.calls = up, []
+
+        def connect(self, deadline=None, *, timeout=None):
+            self.calls.append(("connect", timeout))
+            if not self.up:
+                raise PcoccError("no agent")
+            return self
+
+        def ping(self, timeout=None):
+            self.calls.append(("ping", timeout))
+
+    down, up = Agent(False), Agent(True)
+    assert vmrun._agent_answers(down) is False and down.calls == [("connect", vmrun.AGENT_PROBE)]
+    assert vmrun._agent_answers(up) is True and up.calls == [("connect", vmrun.AGENT_PROBE), ("ping", vmrun.AGENT_PROBE)]
+
+
 def test_waiting_for_a_cluster_warns_of_vms_without_agent():
     from pcocc.batch.base import Backend
 

@@ -33,6 +33,8 @@ log = logging.getLogger("pcocc.run")
 
 AGENT_TIMEOUT = 300  # seconds of console silence before a VM is taken to have no guest agent
 AGENT_TIMEOUT_MAX = 3600  # seconds in all: a TCG boot of a large image on a loaded host can be slow
+AGENT_RECHECK = 30  # seconds between two looks for the agent of a VM that runs without one
+AGENT_PROBE = 2  # seconds one such look may take (the VM's stop waits for it at most that long)
 INFO_TIMEOUT = 120
 
 
@@ -126,8 +128,19 @@ def run_vm(ctx, jobid, rank):
             instant.give_identity(agent, f"vm{rank}", jobnet.vm_macs(ctx.config, spec["settings"], jobid, rank))
         if not stop.is_set() and vm.proc.poll() is None:
             publish("running", **qemu, **agent_state, **endpoints, rundir=rundir)
+        # an agent that starts late (a slow boot, or started by hand) is still found: looked
+        # for every AGENT_RECHECK s, and the VM's record then says it has one
+        recheck = time.monotonic() + AGENT_RECHECK if agent_state["agent"] == "none" else None
         while not stop.is_set() and vm.proc.poll() is None:
             stop.wait(0.2)
+            if recheck is not None and time.monotonic() >= recheck and not stop.is_set():
+                if _agent_answers(agent):
+                    log.info("vm%d: its guest agent answers now", rank)
+                    agent_state, recheck = {"agent": "ready"}, None
+                    store.update(key, lambda cur: cur and {**{k: v for k, v in cur.items() if k != "agent_error"},
+                                                           "agent": "ready"})
+                else:
+                    recheck = time.monotonic() + AGENT_RECHECK
         if vm.proc.poll() is not None and not stop.is_set():
             code = vm.proc.returncode
             if code != 0:
@@ -214,6 +227,17 @@ def _wait_agent(agent, vm, stop, booting=True, on_console=None):
             if time.monotonic() > deadline():
                 raise AgentAbsent(f"the guest agent of {vm.config.name} did not answer (the console was silent for "
                                   f"{AGENT_TIMEOUT} s, or {AGENT_TIMEOUT_MAX} s in all: see its console log)") from None
+
+
+def _agent_answers(agent, timeout=AGENT_PROBE):
+    """Whether the guest agent answers a ping within about `timeout` s (a short look, done
+    while the VM runs without one)."""
+    try:
+        agent.connect(timeout=timeout)
+        agent.ping(timeout=timeout)
+        return True
+    except PcoccError:
+        return False
 
 
 class _ConsoleQuiet:
