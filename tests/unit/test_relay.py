@@ -351,3 +351,77 @@ def test_an_unbindable_unix_path_leaves_tls_only(creds, tmp_path):
         assert relay.plan([{"name": "vm0", "host": "h", "control": list(srv.address)}]) == [{"vm": "vm0", "address": list(srv.address)}]
     finally:
         srv.stop(timeout=2, drain=0)
+
+
+# ---- the real VM handler (lifecycle.control) behind the relays ------------------------------------
+
+
+@pytest.fixture
+def real_vms(creds, tmp_path, monkeypatch):
+    """2 hosts x 2 VMs served by the real ControlHandler (its relay op and credentials lookup)
+    with test_exec_fake_agent's LocalAgent: the real runner, on this host."""
+    from test_exec_fake_agent import LocalAgent
+
+    from pcocc.agent import qga
+    from pcocc.lifecycle.control import ControlHandler
+
+    monkeypatch.setattr(qga, "EXEC_TMP", str(tmp_path))
+    cert, key = creds["server"]
+    owner_cert, owner_key = creds["owner"]
+    client_creds = {"ca": creds["ca"][0], "cert": owner_cert, "key": owner_key}  # as the store's cluster_prefix + "client"
+    servers, agents, vms = [], [], []
+    try:
+        for h in range(2):
+            hostdir = tmp_path / f"h{h}"
+            hostdir.mkdir(mode=0o700)
+            for i in range(2):
+                rank = 2 * h + i
+                agent = LocalAgent()
+                agents.append(agent)
+                handler = ControlHandler(SimpleNamespace(config=SimpleNamespace(name=f"vm{rank}")), agent, relay_credentials=lambda: client_creds)
+                srv = ControlServer(handler, ca_pem=creds["ca"][0], cert_pem=cert, key_pem=key, owner=OWNER,
+                                    unix_path=str(hostdir / f"vm{rank}.sock")).start()
+                servers.append(srv)
+                vms.append({"name": f"vm{rank}", "state": "running", "host": f"h{h}", "control": list(srv.address), "relay": srv.unix_path})
+        yield SimpleNamespace(vms=vms, ranks=list(range(4)), client=lambda rank, t: tls_client(creds, vms[rank]["control"], t),
+                              connect=lambda address, t: tls_client(creds, address, t))
+    finally:
+        for s in servers:
+            s.stop(timeout=2, drain=0.5)
+        for a in agents:
+            a.close()
+
+
+def test_the_real_handler_relays_output_stdin_and_ctrl_c(real_vms, tmp_path, monkeypatch):
+    import signal
+
+    monkeypatch.setattr(relay, "WIDTH", 1)  # a chain: the client reaches h1 through h0's leader
+    from test_exec_stream import Stream, processes_with
+
+    assert relay.depth(relay.plan(real_vms.vms)) == 3  # client -> vm0 (h0) -> vm2 (h1) -> unix sockets
+
+    def run(command, stdin=None, on_out=None):
+        out, err = Stream(on_out), Stream()
+        app = SimpleNamespace(env=SimpleNamespace(stdout=out, stderr=err))
+        status = _ExecRun(app, real_vms, {"argv": ["/bin/sh", "-c", command], "user": None}, stdin, False).run()
+        return status, out.bytes(), err.bytes()
+
+    src = tmp_path / "in"
+    src.write_bytes(b"x" * 300_000)
+    with open(src, "rb") as f:
+        status, out, err = run("wc -c; exit 3", stdin=f.fileno())
+    assert status == 3
+    assert sorted(out.splitlines()) == [f"vm{r}: 300000".encode() for r in range(4)]
+    assert sorted(err.splitlines()) == [f"vm{r}: exited with status 3".encode() for r in range(4)]
+
+    marker = f"{6000 + os.getpid() % 1000}.7"
+    started = []
+
+    def on_out(line):
+        started.append(line)
+        if len(started) == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C once every VM's command runs
+
+    status, out, err = run(f"sleep {marker} & echo started; wait", on_out=on_out)
+    assert status == 130, err
+    assert processes_with(f"sleep\0{marker}") == []  # each VM confirmed the kill through the relays
