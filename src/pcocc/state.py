@@ -55,6 +55,17 @@ def node_key(user, jobid, host):
     return f"{nodes_prefix(user, jobid)}{host}"
 
 
+def peers_prefix(user, jobid):
+    """The job's nodes' tunnel endpoints, apart from their records (node_key: state, objects,
+    timings), so that a node waiting for its peers reads a few bytes per peer, not each
+    peer's whole record: O(H) bytes per node, not O(H x objects) (jobnet.wait_peers)."""
+    return f"{cluster_prefix(user, jobid)}peers/"
+
+
+def peer_key(user, jobid, host):
+    return f"{peers_prefix(user, jobid)}{host}"
+
+
 def pool_key(name):
     return f"/pcocc/global/pools/{name}"
 

@@ -149,8 +149,9 @@ def test_a_failed_setup_teardown_records_the_node_failed_for_the_others(site):
                            env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         assert store.get(prefix + "nodes/node1") == {"state": "failed", "error": "killed by signal 9"}
+        assert store.get(prefix + "peers/node1") == {"state": "failed", "error": "killed by signal 9"}  # what peers wait on
         with pytest.raises(PcoccError, match="node node1 failed: killed by signal 9"):
-            wait_peers(store, prefix + "nodes/", ["node1", "node2"], "node2", lambda j: True, jobid, timeout=5)
+            wait_peers(store, prefix + "peers/", ["node1", "node2"], "node2", lambda j: True, jobid, timeout=5)
 
         class Backend:  # the launcher's view of the job: the records as the store has them
             def job(self, j):

@@ -263,8 +263,9 @@ def put_cluster(ctx, jobid, rsets, peers=()):
     from pcocc import state
 
     ctx.store.put(state.cluster_prefix("root", jobid) + "info", {"jobid": jobid, "vms": [{"rank": i, "settings": {"resource-set": r}} for i, r in enumerate(rsets)]})
-    for host, ip in peers:
+    for host, ip in peers:  # as a peer's node setup publishes itself: its record, and its endpoint apart
         ctx.store.put(state.cluster_prefix("root", jobid) + f"nodes/{host}", {"state": "network-config", "networks": ["priv"], "endpoint": ip})
+        ctx.store.put(state.peer_key("root", jobid, host), {"networks": ["priv"], "endpoint": ip})
 
 
 def test_node_setup_records_then_creates_and_delete_undoes_it(node):
@@ -279,7 +280,10 @@ def test_node_setup_records_then_creates_and_delete_undoes_it(node):
     assert host.tunnels == {"pnx5_1": ("192.0.2.2", vni)}
     record = ctx.store.get(f"/pcocc/users/root/clusters/5/nodes/{ctx.hostname}")
     assert record["state"] == "complete" and record["endpoint"] == "192.0.2.1" and record["objects"] == {"priv": {"bridge": "pnb5", "vni": vni}}
+    # what its peers wait for, apart from its record: the networks and endpoint only
+    assert ctx.store.get(f"/pcocc/users/root/clusters/5/peers/{ctx.hostname}") == {"networks": ["priv"], "endpoint": "192.0.2.1"}
     nodesetup.delete(ctx, 5, 0)
+    assert ctx.store.get(f"/pcocc/users/root/clusters/5/peers/{ctx.hostname}") is None
     assert host.objects == set() and list(state_dir.glob("undo-*")) == []
     assert Pool(ctx.store, "vxlan", 0, 0).owners() == {vni: "5:priv"}  # "far" still holds it
     nodesetup.delete(ctx, 5, 0)  # twice is fine

@@ -95,7 +95,8 @@ def create(ctx, jobid, uid, tasks, ranks=None, step_nodes=None, alive=None, task
             ctx.store.put(key, record)
             peers = {}
             if node_plan.endpoint:
-                peers = jobnet.wait_peers(ctx.store, _nodes_key(user, jobid), nodes, ctx.hostname, alive, jobid)
+                ctx.store.put(state.peer_key(user, jobid, ctx.hostname), node_plan.record())
+                peers = jobnet.wait_peers(ctx.store, state.peers_prefix(user, jobid), nodes, ctx.hostname, alive, jobid)
             waited = time.monotonic()
             with node_lock(ctx.env):
                 _reclaim_dead(ctx, jobid, alive)
@@ -110,6 +111,7 @@ def create(ctx, jobid, uid, tasks, ranks=None, step_nodes=None, alive=None, task
     except (PcoccError, OSError) as exc:
         reason = getattr(exc, "message", None) or f"{exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}".rstrip(": ")
         ctx.store.put(key, {**record, "state": "failed", "error": reason})
+        _peer_failed(ctx, user, jobid, reason)
         raise PcoccError(f"node setup failed on {ctx.hostname}: {reason}") from None
     ctx.store.put(key, {**record, "state": "complete"})
 
@@ -234,6 +236,7 @@ def delete(ctx, jobid, uid, deadline=None, failure=None):
         # node of the job still has one, so the last node out always sees none.
         try:
             ctx.store.delete(_node_key(ctx, user, jobid))
+            ctx.store.delete(state.peer_key(user, jobid, ctx.hostname))
         except PcoccError as exc:  # the store is away: the node's own objects go all the same
             log.warning("job %s: cannot delete this node's record: %s", jobid, exc.message)
         try:
@@ -251,6 +254,15 @@ def _record_failure(ctx, user, jobid, failure):
         ctx.store.put(_node_key(ctx, user, jobid), {"state": "failed", "error": reason})
     except PcoccError as exc:
         log.warning("job %s: cannot record this node's failure: %s", jobid, exc.message)
+    _peer_failed(ctx, user, jobid, reason)
+
+
+def _peer_failed(ctx, user, jobid, reason):
+    """Tells the peers waiting for this node's endpoint (jobnet.wait_peers) that it failed."""
+    try:
+        ctx.store.put(state.peer_key(user, jobid, ctx.hostname), {"state": "failed", "error": reason})
+    except PcoccError as exc:
+        log.warning("job %s: cannot tell the peers of this node's failure: %s", jobid, exc.message)
 
 
 VM_FINAL_STATES = ("stopped", "failed")

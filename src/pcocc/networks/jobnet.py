@@ -151,10 +151,12 @@ def expand_nodes(nodelist, environ=None):
     return run(["scontrol", "show", "hostnames", nodelist], env=environ).stdout.split()
 
 
-def wait_peers(store, nodes_key, nodes, host, alive, jobid, timeout=WAIT_TIMEOUT):
+def wait_peers(store, peers_key, nodes, host, alive, jobid, timeout=WAIT_TIMEOUT):
     """{host: record} of the other nodes, once each has published its networks.
 
-    The nodes' records are read once, then followed (Store.follow: only the records that
+    peers_key: the store prefix where each node publishes what its peers need ({networks,
+    endpoint[, endpoints]} of NodePlan.record, or {state: failed, error}: state.peers_prefix).
+    The records are read once, then followed (Store.follow: only the records that
     change, not every node's at each change). alive(jobid) is asked every 2 s while some
     node is missing. Raises PcoccError when a node failed or the job ended, TimeoutExpired
     after timeout s (naming the nodes missing)."""
@@ -165,7 +167,7 @@ def wait_peers(store, nodes_key, nodes, host, alive, jobid, timeout=WAIT_TIMEOUT
     def ready(record):
         return record is not None and ("networks" in record or record.get("state") == "failed")
 
-    with store.follow(nodes_key) as follower:
+    with store.follow(peers_key) as follower:
         records = {k.rsplit("/", 1)[1]: v for k, v in follower.items.items()}
         waiting = {n for n in others if not ready(records.get(n))}
         failed = any((records.get(n) or {}).get("state") == "failed" for n in others)
