@@ -25,6 +25,9 @@ workers, from /proc), and wall(N) / wall(16) within the same run.  Runs alternat
 designs so that the machine's noise hits both.  The direct design at 4,096 VMs runs once,
 cut after --cap seconds.  The load average is recorded: the machine is shared.
 
+Last, what the relay adds to one exec on 1 and 4 VMs (first line, Ctrl-C to the end), relay
+against direct, with the real VM handler and the unit tests' fake local agent (``latency``).
+
 Results: bench/results/fanout.md, fanout.json and fanout.png.  Every worker is stopped by
 its pid and the temporary directory removed, also on failure or Ctrl-C.
 """
@@ -235,6 +238,7 @@ def main():
     ap.add_argument("--reps-large", type=int, default=3)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--cap", type=float, default=180.0)
+    ap.add_argument("--no-latency", action="store_true", help="skip the 1- and 4-VM latency comparison")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
@@ -292,11 +296,106 @@ def main():
             runs[n] = res
             hosts.stop()
             hosts = None
-        write(runs, args, sizes)
+        lat = latency() if not args.no_latency else {}
+        write(runs, args, sizes, lat)
     finally:
         if hosts is not None:
             hosts.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def latency(reps=7):
+    """First line and Ctrl-C through the relay against direct TLS, 1 and 4 VMs on one host:
+    the real ControlHandler with the unit tests' fake local agent (tests/unit/
+    test_exec_fake_agent.LocalAgent: the real runner script, run on this host), the CLI's exec
+    loop (_ExecRun) in this process, so that the figures hold only what the relay changes
+    (no CLI start, no guest).  {"VMs design what": [seconds]}, alternated runs."""
+    import io
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(HERE.parent / "tests" / "unit"))
+    from test_exec_fake_agent import LocalAgent
+
+    from pcocc.agent import pki, qga
+    from pcocc.agent.endpoint import ControlClient, ControlServer
+    from pcocc.cli.access import _ExecRun
+    from pcocc.lifecycle.control import ControlHandler
+
+    tmp = tempfile.mkdtemp(prefix="pcocc-bench-latency-")
+    qga.EXEC_TMP = tmp  # the runner's private directories
+    ca = pki.make_ca("latency")
+    srv = pki.issue(*ca, "vm", server=True, ips=("127.0.0.1",))
+    own = pki.issue(*ca, "alice")
+    owner_creds = {"ca": ca[0], "cert": own[0], "key": own[1]}
+
+    def client(address, timeout):
+        return ControlClient(tuple(address), ca_pem=ca[0], cert_pem=own[0], key_pem=own[1], timeout=timeout)
+
+    class Out(io.RawIOBase):
+        def __init__(self, seen):
+            self.seen = seen
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.seen(bytes(b))
+            return len(b)
+
+    def run(vms, tree, command, seen):
+        recs = [vm if tree else {k: v for k, v in vm.items() if k != "relay"} for vm in vms]
+        targets = SimpleNamespace(vms=recs, ranks=list(range(len(recs))), client=lambda r, t: client(recs[r]["control"], t), connect=client)
+        data = []
+        out = io.TextIOWrapper(io.BufferedWriter(Out(lambda b: (data.append(b), seen(b"".join(data))))), write_through=True)
+        app = SimpleNamespace(env=SimpleNamespace(stdout=out, stderr=io.TextIOWrapper(io.BytesIO(), write_through=True)))
+        return _ExecRun(app, targets, {"argv": ["/bin/sh", "-c", command], "user": None}, None, False).run()
+
+    res = {}
+    servers, agents = [], []
+    try:
+        for n in (1, 4):
+            hostdir = os.path.join(tmp, f"h{n}")
+            os.mkdir(hostdir, 0o700)
+            vms = []
+            for r in range(n):
+                agents.append(LocalAgent())
+                handler = ControlHandler(SimpleNamespace(config=SimpleNamespace(name=f"vm{r}")), agents[-1], relay_credentials=lambda: owner_creds)
+                servers.append(ControlServer(handler, ca_pem=ca[0], cert_pem=srv[0], key_pem=srv[1], owner="alice",
+                                             unix_path=os.path.join(hostdir, f"vm{r}.sock")).start())
+                vms.append({"name": f"vm{r}", "state": "running", "host": "h", "control": list(servers[-1].address), "relay": servers[-1].unix_path})
+            for tree in (True, False):
+                run(vms, tree, "true", lambda data: None)  # warm-up
+            for _ in range(reps):
+                for tree in (True, False):
+                    design = "tree" if tree else "direct"
+                    time.sleep(0.7)  # the next spare runner gets ready, as between two commands typed
+                    t0, got = time.perf_counter(), {}
+
+                    def first(data):
+                        if "t" not in got and data.count(b"first") >= n:
+                            got["t"] = time.perf_counter() - t0
+
+                    run(vms, tree, "echo first", first)
+                    res.setdefault(f"{n} {design} first line", []).append(got["t"])
+                    time.sleep(0.7)
+
+                    def interrupt(data):
+                        if "t" not in got and data.count(b"started") >= n:
+                            got["t"] = time.perf_counter()
+                            os.kill(os.getpid(), signal.SIGINT)  # what a terminal's Ctrl-C sends
+
+                    got = {}
+                    status = run(vms, tree, "sleep 100 & echo started; wait", interrupt)
+                    if status != 130:
+                        raise SystemExit(f"Ctrl-C: status {status}")
+                    res.setdefault(f"{n} {design} Ctrl-C", []).append(time.perf_counter() - got["t"])
+    finally:
+        for s in servers:
+            s.stop(timeout=2, drain=0.5)
+        for a in agents:
+            a.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return res
 
 
 def _median(samples, key):
@@ -304,7 +403,7 @@ def _median(samples, key):
     return statistics.median(values) if values else None
 
 
-def write(runs, args, sizes):
+def write(runs, args, sizes, lat):
     import report
 
     from pcocc.agent import relay
@@ -347,10 +446,13 @@ def write(runs, args, sizes):
                   "simulated hosts' CPU": "CPU time of every worker process during the exec (all VMs and relays: on this "
                                           "2-core machine it shares the cores with the client, where real hosts would each have their own)",
                   "reps": f"{args.reps} runs at 16 and 256 VMs, {args.reps_large} at 4,096 (the direct design: once, cut after {args.cap:g} s)",
+                  "latency, relay vs direct (ms, medians of 7 alternated runs: the real ControlHandler and the unit tests' "
+                  "fake local agent, the CLI's exec loop in process: what the relay adds, no CLI start, no guest)":
+                      "; ".join(f"{k}: {statistics.median(v) * 1000:.0f}" for k, v in sorted(lat.items())) if lat else "not run",
                   "load average at the end": " ".join(f"{x:.1f}" for x in os.getloadavg()),
                   "runs": json.dumps({str(n): {d: [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items() if k != "stderr"}
                                                    if s else None for s in r[d]] for d in ("tree", "direct")} | {"load": r["load"], "hosts_start_s": r["hosts_start_s"]}
-                                      for n, r in runs.items()})})
+                                      for n, r in runs.items()} | {"latency_s": lat})})
 
 
 if __name__ == "__main__":
