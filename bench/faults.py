@@ -57,6 +57,8 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 sys.path.insert(0, str(ROOT / "tests"))  # waiting.py, for the test helpers imported here
 
+from pcocc.networks.gateway import netns_name, netns_tag  # noqa: E402 - the names node setup gives
+
 RESULTS = HERE / "results"
 START_TIMEOUT = 300  # s: a cluster of 2 tiny VMs under TCG on a loaded 2-core host
 CHECK_TIMEOUT = 120  # s: for what a fault must lead to (a VM failed, a cluster ended)
@@ -334,7 +336,7 @@ class LocalBench:
                 kill(pid)
             subprocess.run(["ip", "netns", "delete", self.netns], check=False)
         for ns in self._netns_list():
-            if re.search(rf"-\d+-{self.net}$", ns):
+            if re.search(rf"-\d+-{self.net}{netns_tag(self.node_dir)}$", ns):
                 subprocess.run(["ip", "netns", "delete", ns], check=False)
         shutil.rmtree(self.site.run_dir, ignore_errors=True)
 
@@ -545,7 +547,7 @@ class LocalBench:
         out["ovs bridges"] = [b for b in self.ns("ovs-vsctl", "--timeout=30", "list-br").split() if names.fullmatch(b)]
         for br in self.ns("ovs-vsctl", "--timeout=30", "list-br").split():
             out["ovs ports"] += [f"{br}:{p}" for p in self.ns("ovs-vsctl", "--timeout=30", "list-ports", br).split() if names.fullmatch(p)]
-        out["netns"] = [n for n in self._netns_list() if n.endswith(f"-{jobid}-{self.net}")]
+        out["netns"] = [n for n in self._netns_list() if n.endswith(f"-{jobid}-{self.net}{netns_tag(self.node_dir)}")]
         idle = not list(self.node_dir.glob("undo-*"))
         for table in ("filter", "nat"):
             rules = self.ns("iptables", "-w", "-t", table, "-S")
@@ -992,7 +994,7 @@ class SlurmBench:
                     b"pcocc" in cmd and b"internal" in cmd and (f"SLURM_JOB_ID={jobid}".encode() in env
                                                                 or f"--jobid\0{jobid}\0".encode() in cmd + b"\0")):
                 out["processes"].append(f"{pid} " + cmd.replace(b"\0", b" ")[:100].decode(errors="replace"))
-        out["dnsmasq"] = [f"dnsmasq {p}" for p in dnsmasq_pids(jobid) if str(tc.base).encode() in proc_cmdline(p)]
+        out["dnsmasq"] = [f"dnsmasq {p}" for p in dnsmasq_pids(jobid, [tc.node_state_dir(n) for n in tc.node_names])]
         rd = run_dir(self.site, jobid)
         if os.path.lexists(rd):
             out["run dirs"].append(str(rd))
@@ -1015,7 +1017,7 @@ class SlurmBench:
             out["undo logs"] += [f"{node}: {p.name}" for p in sd.glob("*")
                                  if p.name.startswith((f"undo-{jobid}.", f"dnsmasq-{jobid}-"))]
             out["spank markers"] += [f"{node}: {p.name}" for p in sd.glob(f"spank-{jobid}.*")]
-            out["netns"] += [n for n in os.listdir("/run/netns") if n == f"pcocc-{node}-{jobid}-{self.net}"] \
+            out["netns"] += [n for n in os.listdir("/run/netns") if n == netns_name(jobid, self.net, node, sd)] \
                 if os.path.isdir("/run/netns") else []
         out["store keys"] = [k for k in self.keys(f"/pcocc/users/{self.user}/clusters/{jobid}/")]
         out["pool entries"] = [str(o) for o in pool_owners(self) if str(o).startswith(f"{jobid}:")]

@@ -28,17 +28,29 @@ def node_objects(site, jobid, prefix):
             found += [f"{node}: {table} {line}" for line in rules.splitlines()
                       if f'"pcocc job {jobid}"' in line or (idle and "PCOCC-FORWARD" in line)]
         found += [f"{node}: {p.name}" for p in state_dir.iterdir() if p.name.startswith((f"undo-{jobid}.", f"dnsmasq-{jobid}-"))]
-    found += [f"netns {n}" for n in os.listdir("/run/netns") if f"-{jobid}-" in n] if os.path.isdir("/run/netns") else []
-    found += [f"dnsmasq {pid}" for pid in dnsmasq_pids(jobid)]
+    # host-wide: only this cluster's (its nodes' state dirs), never another test cluster's job of that number
+    dirs = [site.tc.node_state_dir(node) for node in site.tc.node_names]
+    found += [f"netns {n}" for n in os.listdir("/run/netns") if _of_cluster_job(n, jobid, site.tc.node_names, dirs)] \
+        if os.path.isdir("/run/netns") else []
+    found += [f"dnsmasq {pid}" for pid in dnsmasq_pids(jobid, dirs)]
     return found
 
 
-def dnsmasq_pids(jobid):
+def _of_cluster_job(netns, jobid, nodes, dirs):
+    """Whether a gateway namespace is of job `jobid` on one of these nodes (gateway.netns_name)."""
+    from pcocc.networks.gateway import netns_tag
+
+    return any(netns.startswith(f"pcocc-{node}-{jobid}-") and netns.endswith(netns_tag(d)) for node, d in zip(nodes, dirs))
+
+
+def dnsmasq_pids(jobid, state_dirs):
+    """The dnsmasq processes of job `jobid` whose files are in one of these node state dirs."""
     out = []
+    marks = [f"--conf-file={os.path.join(d, f'dnsmasq-{jobid}-')}".encode() for d in state_dirs]
     for pid in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if cmd[0].endswith(b"dnsmasq") and any(f"dnsmasq-{jobid}-".encode() in a for a in cmd):
+            if cmd[0].endswith(b"dnsmasq") and any(a.startswith(m) for a in cmd for m in marks):
                 out.append(int(pid))
     return out
 

@@ -195,9 +195,12 @@ def test_a_killed_l3_setup_leaves_nothing_once_the_next_job_is_set_up(site, tmp_
     store.put(prefix + "info", {"jobid": FAKE_JOB, "vms": [{"rank": 0, "settings": {"resource-set": "l3net"}}]})
     # a dnsmasq that starts, then hangs: the setup is killed with everything made
     kill_setup_midway(tc, node, FAKE_JOB, site.pw.pw_uid, "dnsmasq", '#!/bin/sh\n/usr/sbin/dnsmasq "$@" && exec sleep 300\n',
-                      lambda: leftovers.dnsmasq_pids(FAKE_JOB), "the killed setup's dnsmasq", tmp_path)
+                      lambda: leftovers.dnsmasq_pids(FAKE_JOB, [tc.node_state_dir(node)]), "the killed setup's dnsmasq", tmp_path)
     left = node_objects(site, FAKE_JOB)
-    for what in (f"netns pcocc-{node}-{FAKE_JOB}-pub", f"{node}: link plg{FAKE_JOB}", f"{node}: undo-{FAKE_JOB}.json"):
+    from pcocc.networks.gateway import netns_name
+
+    for what in (f"netns {netns_name(FAKE_JOB, 'pub', node, tc.node_state_dir(node))}", f"{node}: link plg{FAKE_JOB}",
+                 f"{node}: undo-{FAKE_JOB}.json"):
         assert what in left, left
     assert any(o.startswith("dnsmasq ") for o in left) and any(" nat " in o for o in left), left
     assert [o for o in leftovers.pool_owners(site) if o.startswith(f"{FAKE_JOB}:")]

@@ -75,7 +75,7 @@ def test_scancel_during_node_setup_leaves_nothing(site, tmp_path):
     with tc.pcocc_replaced(wrapper):
         jobid = submit(site, "-J", "tdsetup", "-N", "2", "--ntasks-per-node=1", "l3:2", wait=False)
         try:
-            wait_for(lambda: len(leftovers.dnsmasq_pids(jobid)) >= 2, timeout=180, what="both nodes' setup in dnsmasq")
+            wait_for(lambda: len(leftovers.dnsmasq_pids(jobid, [site.tc.node_state_dir(n) for n in site.tc.node_names])) >= 2, timeout=180, what="both nodes' setup in dnsmasq")
             made = leftovers.node_objects(site, jobid, PREFIX)
             assert any(o.startswith("netns ") for o in made) and any(" ovs " in o for o in made), made
             assert [o for o in leftovers.pool_owners(site) if str(o).startswith(f"{jobid}:")]

@@ -316,3 +316,16 @@ def test_node_setup_fails_clearly_before_making_anything(node, tmp_path):
         nodesetup.create(ctx, 8, 0, 1, ranks=[0])
     assert ctx.store.get(f"/pcocc/users/root/clusters/8/nodes/{ctx.hostname}")["state"] == "failed"
     assert host.objects == set()
+
+
+def test_gateway_namespaces_of_two_test_clusters_never_share_a_name(tmp_path):
+    """/run/netns is host-wide: two test clusters (or a test cluster and this host's local
+    backend), whose nodes and job ids repeat (node1, job 1), got the same gateway namespace name,
+    and one's setup replaced the other's namespace. The node state dir's tag tells them apart."""
+    from pcocc.networks.gateway import netns_name, netns_tag
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert netns_name(1, "pub", "node1", str(a)) != netns_name(1, "pub", "node1", str(b))
+    assert netns_name(1, "pub", "node1", str(a)) == netns_name(1, "pub", "node1", str(a) + "/")
+    name = netns_name(1, "pub", "node1", str(a))
+    assert name.startswith("pcocc-node1-1-pub-") and name.endswith(netns_tag(str(a))) and len(netns_tag(str(a))) == 7

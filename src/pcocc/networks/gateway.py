@@ -74,9 +74,20 @@ def gateway_mac(network):
     return ":".join(f"{b:02x}" for b in (0x02, *digest))
 
 
-def netns_name(jobid, network, host):
-    # /run/netns is shared by every node namespace of a test cluster: the host is part of the name
-    return f"pcocc-{host}-{jobid}-{network}"
+def netns_name(jobid, network, host, state_dir=None):
+    """The name of a job's gateway namespace on a node: pcocc-<host>-<job>-<network>[-<tag>].
+
+    /run/netns is host-wide: the nodes of a test cluster (network namespaces of one host)
+    share it, hence the host in the name; and so do several test clusters, or a test cluster
+    and the host's own local backend, whose nodes and job ids repeat (node1, job 1): tag, 6
+    hex digits of the node state dir's sha1, tells them apart (a real node has one state dir:
+    its tag never changes)."""
+    return f"pcocc-{host}-{jobid}-{network}{netns_tag(state_dir)}"
+
+
+def netns_tag(state_dir):
+    """The end of netns_name for a node state dir: "-" and 6 hex digits ("" without one)."""
+    return f"-{hashlib.sha1(os.path.realpath(state_dir).encode()).hexdigest()[:6]}" if state_dir else ""
 
 
 def hostname(settings, rank):
@@ -184,7 +195,7 @@ def setup(job, network, bridge, vm_mac):
     """Make this node's gateway of the job (jobnet.NodeJob) on `network`, whose bridge is made;
     returns what the node publishes (vm_mac(rank): the MAC of a VM)."""
     a = Addressing(network.settings, network.name)
-    ns = netns_name(job.jobid, network.name, job.host)
+    ns = netns_name(job.jobid, network.name, job.host, job.state_dir)
     ranks = sorted(job.ranks)
     ext, ports = _allocate(job, network, a, ranks)
     uplink = _namespace(job, network, a, ns, bridge, ext)
