@@ -53,19 +53,26 @@ def intruder(testcluster):
     return testcluster.add_user(f"pcocci{testcluster.id}")
 
 
-def test_a_run_dir_planted_by_another_user_is_refused_in_one_line(victim, intruder):
+def test_a_run_dir_planted_by_another_user_is_not_used_and_does_not_lock_the_victim_out(victim, intruder):
     """The intruder makes the victim's default run dir first (/tmp is shared by every user of a
-    node): the victim's VMs refuse it, the job ends, and nothing of the victim's lands in it."""
+    node): the victim's VMs run from ~/.cache/pcocc/run-<node> instead (it used to fail the
+    job, so the intruder could keep the victim from pcocc), and nothing lands in the trap."""
     trap = Path(f"/tmp/pcocc-{victim.pw.pw_uid}")
     assert not trap.exists()
     victim.tc.run(["mkdir", "-m", "0777", str(trap)], user=intruder.pw_name, check=True)
     try:
         r = victim.pcocc("batch", "-N", "1", "--mem-per-cpu=256", "--wait", "tiny:1")
-        assert r.returncode != 0
-        errors = [line for line in r.stderr.splitlines() if line.startswith("pcocc: error:")]
-        assert errors and str(trap) in errors[0] and "another user" in errors[0], r.stderr  # the VM's reason, first
-        assert "Traceback" not in r.stderr
+        assert r.returncode == 0, r.stderr
+        jobid = int(r.stdout.split()[0])
+        (vm,) = victim.keys(f"/pcocc/users/{victim.user}/clusters/{jobid}/vms/").values()
+        moved = Path(victim.pw.pw_dir) / ".cache" / "pcocc" / f"run-{vm['host']}"
+        for path in (moved, moved / f"job_{jobid}"):
+            st = os.lstat(path)
+            assert stat.S_ISDIR(st.st_mode) and st.st_uid == victim.pw.pw_uid and stat.S_IMODE(st.st_mode) == 0o700, path
+        assert os.listdir(trap) == []
+        assert victim.pcocc("cancel", "-j", jobid).returncode == 0
         wait_for(lambda: not [j for j in victim.squeue() if j[1] == victim.user], what="the job to end")
+        wait_for(lambda: not (moved / f"job_{jobid}").exists(), what="the job's run dir to go (its epilog)")
         assert os.listdir(trap) == []
     finally:
         shutil.rmtree(trap, ignore_errors=True)
