@@ -402,3 +402,43 @@ def test_etcd_requests_are_sent_again_while_a_leader_is_elected(monkeypatch):
     answers[:] = [etcd_mod.EtcdError("etcd at x refused writing /a: permission denied")]
     with pytest.raises(etcd_mod.EtcdError, match="permission denied"):
         client.call("kv/put", {})
+
+
+def test_a_member_that_closes_a_request_s_connection_is_left_for_the_next(etcd_server):  # noqa: F811
+    """A member SIGKILLed as a request reached it (the faults bench: a launcher failed with
+    'etcd at m0 closed the connection' while 2 of 3 members ran): the request goes to the next
+    member, each at most once; with none left, the last member's failure is raised."""
+    import socket
+
+    from pcocc.store import etcd as etcd_mod
+
+    dying = socket.socket()
+    dying.bind(("127.0.0.1", 0))
+    dying.listen(16)
+    stop = threading.Event()
+
+    def accept_and_close():  # accepts the connection, reads the request, answers nothing
+        dying.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = dying.accept()
+            except OSError:
+                continue
+            conn.recv(65536)
+            conn.close()
+
+    t = threading.Thread(target=accept_and_close, daemon=True)
+    t.start()
+    try:
+        bad = f"http://127.0.0.1:{dying.getsockname()[1]}"
+        client = etcd_mod.EtcdClient([bad, etcd_server.url])
+        client.urls, client._current = [bad, etcd_server.url], 0  # the dying member first
+        assert "header" in client.call("kv/range", {"key": "AA==", "range_end": "AA==", "count_only": True})
+        assert client.url == etcd_server.url
+        alone = etcd_mod.EtcdClient([bad, bad])
+        with pytest.raises(etcd_mod.EtcdLost, match="closed the connection"):
+            alone.call("kv/range", {"key": "AA=="})
+    finally:
+        stop.set()
+        t.join()
+        dying.close()

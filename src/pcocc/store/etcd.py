@@ -37,6 +37,11 @@ class EtcdError(StoreError):
         self.code = code
 
 
+class EtcdLost(StoreError):
+    """The member a request went to closed the connection, failed or did not answer: another
+    member may (EtcdClient.call sends the request to each member in turn)."""
+
+
 def _b64(text):
     return base64.b64encode(text.encode() if isinstance(text, str) else text).decode()
 
@@ -83,7 +88,8 @@ class EtcdClient:
     """POSTs JSON to /v3/<path> on the first etcd endpoint that answers.
 
     Endpoints are shuffled once (to spread clients over members) and the one
-    that answered is kept; a connection error moves to the next. With a user,
+    that answered is kept; a connection error moves to the next, also in the middle of a
+    request (EtcdLost: the request is sent to the next member, each at most once). With a user,
     a token from /v3/auth/authenticate goes in every request; it is renewed
     when etcd says it is invalid (expired, or another member: simple tokens
     are per member).
@@ -176,9 +182,17 @@ class EtcdClient:
         """
         deadline = time.monotonic() + ELECTION_RETRY
         pause = 0.1
+        lost = 0  # members in a row whose connection failed during this request
         while True:
             try:
                 return self._call_once(path, body, what)
+            except EtcdLost:
+                # a member killed or hung mid-request (an etcd of 3 goes on with 2): the next one
+                # is asked, each at most once; as after an election, a compare-and-swap that was
+                # applied before the loss fails its compare the second time (read again)
+                lost += 1
+                if lost >= len(self.urls):
+                    raise
             except EtcdError as exc:
                 if not _electing(exc.message) or time.monotonic() > deadline:
                     raise
@@ -224,13 +238,13 @@ class EtcdClient:
                 self.close()
                 if fresh or attempt:  # a kept-alive connection may have been closed while idle: retry once
                     hint = "if etcd serves https, set settings.etcd-protocol: https" if self.url.startswith("http:") else None
-                    raise StoreError(f"etcd at {self.url} closed the connection: {_reason(exc)}", hint=hint) from None
+                    raise EtcdLost(f"etcd at {self.url} closed the connection: {_reason(exc)}", hint=hint) from None
             except TimeoutError:
                 self.close()
-                raise StoreError(f"etcd at {self.url} did not answer within {self.timeout:g} s") from None
+                raise EtcdLost(f"etcd at {self.url} did not answer within {self.timeout:g} s") from None
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
-                raise StoreError(f"etcd at {self.url}: {_reason(exc)}") from None
+                raise EtcdLost(f"etcd at {self.url}: {_reason(exc)}") from None
         return self._answer(resp.status, raw)
 
     def _answer(self, status, raw):
