@@ -693,7 +693,9 @@ def test_a_read_that_fails_loses_no_handle(monkeypatch):
     monkeypatch.setattr(qga, "PROBE_INTERVAL", 0.0)  # every round looks for the next segment
     agent = LocalAgent()
     try:
-        ex = qga.StreamingExec(agent, ["/bin/sh", "-c", "for i in 1 2 3 4 5 6; do echo out$i; echo err$i >&2; sleep 0.1; done"],
+        # its output all at once, in many 8-byte segments, then it waits: the loop below polls
+        # until the injected failure, however slow this host is (the command is killed after)
+        ex = qga.StreamingExec(agent, ["/bin/sh", "-c", "for i in 1 2 3 4 5 6; do echo out$i; echo err$i >&2; done; exec sleep 600"],
                                qga.new_exec_base(), segment=8)
         ex.start()
         real_read, failed = agent._guest_file_read, []
