@@ -165,10 +165,11 @@ def write(rows, results, args):
                    "16,000 VMs); the launcher's wait, the VMs' and the nodes' waits follow the store's watch (the prefix read "
                    "once, then only its changes); the undo log appends one line per record; a node's VXLAN mesh is made in "
                    "a few ovs-vsctl calls",
-        "load": "these runs (2026-11-30 13:47-13:59) shared the 2 cores with other engineers' suites (TCG VMs): load average "
-                "14-18 for 10 and 100 hosts (the third 100-host run, 137 s, met a load of 72), 72-107 for 300 and 1,000 hosts; "
-                "the 300-host figures and the 1,000-host failure (an etcd request unanswered for 10 s) are this load's as much "
-                "as the code's: run them again on a quiet machine",
+        "load": "these runs (2026-11-30 17:00-17:07, after the peers' endpoints moved to keys of their own) on a quiet "
+                "machine: load average 1.5-3.8 at the start of each (last column). 1,000 hosts still fails: with 1,000 "
+                "clients of its 3 members on these 2 cores, etcd left a node's request unanswered for 10 s (each member "
+                "tried in turn); nothing was left after the teardown. The earlier runs (13:47-13:59, load 14-107) had 300 "
+                "hosts pass in 226 s",
         "reading": "on 2 cores every host's CPU adds up: the wall time is the sum of all hosts' node-local work (which real "
                    "nodes do in parallel) plus etcd's; 'node set-up CPU per host' and 'VM start CPU per VM' are that "
                    "node-local work: a figure that grows with the cluster means a node's own work grows with it",
