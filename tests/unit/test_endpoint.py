@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pcocc.agent import pki
-from pcocc.agent.endpoint import AgentError, ControlClient, ControlServer, call_many, decode_bytes, encode_bytes
+from pcocc.agent.endpoint import AgentError, ControlClient, ControlServer, decode_bytes, encode_bytes
 from pcocc.errors import NotFoundError, PcoccError, PermissionDenied, TimeoutExpired
 
 OWNER = "alice"
@@ -213,25 +213,6 @@ def test_connection_refused_names_the_address(creds):
     with client(creds, ("127.0.0.1", port)) as c:
         with pytest.raises(AgentError, match=f"cannot reach the control endpoint at 127.0.0.1:{port}"):
             c.call("ping")
-
-
-def test_call_many(creds):
-    servers = [start_server(creds) for _ in range(8)]
-    try:
-        servers[3].stop()
-        targets = [(f"vm{i}", s.address) for i, s in enumerate(servers)]
-        cert, key = creds["owner"]
-        out = call_many(targets, "exec", {"argv": ["exit", "0"]}, ca_pem=creds["ca"][0], cert_pem=cert, key_pem=key, timeout=5, parallel=4)
-        assert list(out) == [name for name, _ in targets]
-        for name, (ok, result) in out.items():
-            if name == "vm3":
-                assert not ok and f"127.0.0.1:{servers[3].address[1]}" in result
-            else:
-                assert ok and result["exit_code"] == 0
-        assert call_many([], "ping", {}, ca_pem=creds["ca"][0], cert_pem=cert, key_pem=key) == {}
-    finally:
-        for s in servers:
-            s.stop()
 
 
 def test_stop_is_prompt_and_leaves_no_thread(creds):

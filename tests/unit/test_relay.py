@@ -262,6 +262,35 @@ def test_a_relay_killed_mid_stream_gives_an_error_for_each_of_its_vms(make, narr
         assert {i["vm"] for i in items if "result" in i} == {f"vm{r}" for r in range(8)} - lost  # the others answer
 
 
+def test_a_caller_slow_to_pump_finds_heartbeats_not_a_silence(make, monkeypatch):
+    """The CLI blocked writing to a full stdout (a pager) for longer than lost_after: the
+    relays' heartbeats wait in its sockets. Its next pump reads them before it judges any link
+    silent (it used to fail every VM, and kill their commands, at once)."""
+    import select as _select
+
+    monkeypatch.setattr(relay, "HEARTBEAT", 0.05)
+    hosts = make(2, 1)
+    fan = relay.Fanout(relay.plan(hosts.vms), "exec_stream", {"argv": ["sleep"], "stdin": False},
+                       connect=lambda link, t: tls_client(hosts.creds, link["address"], t), open_timeout=5.0, lost_after=0.5)
+    with fan:
+        pump_until(fan, lambda items: sum(1 for i in items if "event" in i) == 2)
+        links = [link for link in fan.links if link.relay]
+        assert links
+
+        def stalled():  # what a caller finds after a long stall: data waiting, and nothing heard for long
+            waiting = _select.select([l.stream for l in links], [], [], 0.05)[0]
+            return len(waiting) == len(links) and all(time.monotonic() - l.heard > fan.lost_after for l in links)
+
+        end = time.monotonic() + 60
+        while not stalled():
+            assert time.monotonic() < end, "the relays sent no heartbeat"
+        items, _ = fan.pump(0)
+        assert not [i for i in items if "error" in i], items
+        fan.send("all", {"signal": "KILL"})
+        items = pump_until(fan, lambda items: not fan.remaining)
+        assert {i["vm"] for i in items if "result" in i} == {"vm0", "vm1"}
+
+
 def test_the_cli_tells_each_vm_of_a_lost_relay_and_exits_255(make):
     hosts = make(2, 2)
     hosts.servers[2].stop(timeout=1, drain=0)  # host h1's leader is gone before the exec

@@ -76,7 +76,6 @@ Usage::
 """
 
 import base64
-import concurrent.futures
 import collections
 import contextlib
 import errno
@@ -791,26 +790,6 @@ class ClientStream:
             cls = _KIND_ERRORS.get(msg.get("kind"), AgentError)
             raise cls(str(msg.get("error")), msg.get("hint"))
         raise AgentError(f"the control endpoint at {where} sent an invalid answer")
-
-
-def call_many(targets, op, args, *, ca_pem, cert_pem, key_pem, timeout=DEFAULT_TIMEOUT, parallel=16):
-    """Calls ``op(**args)`` on each VM of ``targets`` [(name, address)], ``parallel`` at a time.
-
-    Returns {name: (True, result) or (False, error message)} in the order of
-    ``targets``: one VM failing never stops the others.
-    """
-    def one(address):
-        try:
-            with ControlClient(address, ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem, timeout=timeout) as client:
-                return True, client.call(op, **args)
-        except PcoccError as e:
-            return False, e.message
-
-    targets = list(targets)
-    workers = max(1, min(parallel, len(targets)))
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="pcocc-call") as pool:
-        futures = {name: pool.submit(one, address) for name, address in targets}
-        return {name: f.result() for name, f in futures.items()}
 
 
 # ---- who is at the other end of a connection of this host --------------------------------------

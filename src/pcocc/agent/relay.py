@@ -48,7 +48,6 @@ plan: the top leaders, or one direct TLS link per VM for VM records without a un
 """
 
 import collections
-import concurrent.futures
 import logging
 import os
 import queue
@@ -159,16 +158,26 @@ class Fanout:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
-        remote = [link for link in self.links if "unix" not in link.spec]
-        if remote:
-            pool = concurrent.futures.ThreadPoolExecutor(max(1, min(self.parallel, len(remote))), thread_name_prefix="pcocc-fanout")
-            for link in remote:
-                pool.submit(self._open, link)
-            pool.shutdown(wait=False)  # its threads end with the last connection
+        remote = queue.SimpleQueue()
+        for link in self.links:
+            if "unix" not in link.spec:
+                remote.put(link)
+        # daemon threads, not an executor's (joined at exit): a connect stuck on a dead host must
+        # not keep the CLI alive after a second Ctrl-C
+        for _ in range(min(self.parallel, remote.qsize())):
+            threading.Thread(target=self._open_each, args=(remote,), name="pcocc-fanout", daemon=True).start()
         for link in self.links:  # the host's own VMs: a unix connect, at once
             if "unix" in link.spec:
                 self._open(link)
         return self
+
+    def _open_each(self, links):
+        while True:
+            try:
+                link = links.get_nowait()
+            except queue.Empty:
+                return
+            self._open(link)
 
     def _request(self, link):
         if link.relay:
@@ -273,7 +282,9 @@ class Fanout:
         objects or fds of the caller), and returns (items, the members of extra readable)."""
         items, self._items = self._items, []
         self._take_opened(items)
-        self._check_deadlines(items)
+        # deadlines are checked only after the poll below has read what waits in the sockets:
+        # a caller that was slow (blocked writing to a full stdout) finds the links' heartbeats
+        # there, not a silence (the review found every VM failed after a 40 s pager)
         live = self.selectables()
         if items or any(s.ready() for s in live):
             timeout = 0
