@@ -456,3 +456,25 @@ def test_the_real_handler_relays_output_stdin_and_ctrl_c(real_vms, tmp_path, mon
     status, out, err = run(f"sleep {marker} & echo started; wait", on_out=on_out)
     assert status == 130, err
     assert processes_with(f"sleep\0{marker}") == []  # each VM confirmed the kill through the relays
+
+
+@pytest.mark.parametrize("plan, timeout, says", [
+    ({"links": [{"vm": "vm9", "unix": 5}]}, None, "unix must be a socket path"),
+    ({"links": [{"vm": "vm9", "address": ["x"]}]}, None, "a VM link needs unix (a path) or address [host, port]"),
+    ({"links": [{"relay": "vm9", "address": ["h", "port"], "plan": {"links": []}}]}, None, "a relay link needs"),
+    ({"links": "all"}, None, "plan {links} expected"),
+    ({"links": []}, "abc", "timeout must be a number of seconds"),
+    ({"links": []}, -1, "timeout must be a number of seconds"),
+])
+def test_a_malformed_relay_request_is_refused_in_one_line(make, plan, timeout, says):
+    """Only the owner may send one (TLS certificate, the unix socket's uid): still, a malformed
+    plan or timeout is a usage error, not an internal error with a traceback in the VM's log."""
+    from pcocc.errors import UsageError
+
+    hosts = make(1, 1)
+    with tls_client(hosts.creds, hosts.vms[0]["control"], 5) as c:
+        with pytest.raises(UsageError, match="bad relay") as refused:
+            stream = c.stream("relay", op="exec_stream", args={"argv": ["x"]}, plan=plan, timeout=timeout)
+            while stream.receive(5.0)[0] != "result":
+                pass
+    assert says in refused.value.message and "\n" not in refused.value.message, refused.value.message

@@ -57,7 +57,7 @@ import threading
 import time
 
 from pcocc.agent.endpoint import AgentError, ClientGone, UnixClient, _KINDS
-from pcocc.errors import PcoccError
+from pcocc.errors import PcoccError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -422,21 +422,60 @@ def _keepalive(client):
         pass
 
 
+MAX_TIMEOUT = 24 * 3600.0  # seconds a relay request may give a VM for its first answer
+MAX_DEPTH = 64  # levels of a plan (log16 of any cluster is a few; deeper is a malformed plan)
+
+
+def _plan_problem(links, depth_left):
+    """What is wrong in a plan's links (the shapes of the module's docstring), or None. The plan
+    comes from the cluster's owner only (TLS or the unix socket's uid): checked so that a
+    malformed one is a one-line refusal, not a traceback in the VM's log."""
+    if depth_left <= 0:
+        return f"deeper than {MAX_DEPTH} levels"
+    if not isinstance(links, list):
+        return "links must be a list"
+    for link in links:
+        if not isinstance(link, dict):
+            return "a link must be a mapping"
+        if "relay" in link:
+            address = link.get("address")
+            if not (isinstance(link["relay"], str) and isinstance(address, list) and len(address) == 2
+                    and isinstance(address[0], str) and isinstance(address[1], int) and not isinstance(address[1], bool)
+                    and isinstance(link.get("plan"), dict)):
+                return "a relay link needs relay (a name), address [host, port] and plan"
+            problem = _plan_problem(link["plan"].get("links"), depth_left - 1)
+            if problem:
+                return problem
+        elif not isinstance(link.get("vm"), str):
+            return "a link needs vm (a name) or relay"
+        elif "unix" in link:
+            if not isinstance(link["unix"], str) or not link["unix"]:
+                return "unix must be a socket path"
+        else:
+            address = link.get("address")
+            if not (isinstance(address, list) and len(address) == 2 and isinstance(address[0], str)
+                    and isinstance(address[1], int) and not isinstance(address[1], bool)):
+                return "a VM link needs unix (a path) or address [host, port]"
+    return None
+
+
 def serve(stream, op, args, plan, connect, timeout=None):
     """The ``relay`` op at a host leader: runs op(**args) on every VM of plan (see the module's
     docstring) and sends their items up ``stream`` in batches; returns {"vms": count}.
 
     connect(link, timeout): a ControlClient with the owner's credentials (the VM process's
     ControlHandler gives it).  Raises ClientGone when the upstream left (every connection
-    below is closed then), AgentError for a malformed plan.
+    below is closed then), UsageError for a malformed request or plan (_plan_problem).
     """
     links = (plan or {}).get("links") if isinstance(plan, dict) else None
     if not isinstance(links, list) or not isinstance(args, dict) or not isinstance(op, str):
-        raise AgentError("bad relay request: op, args and plan {links} expected")
-    try:
-        fan = Fanout(links, op, args, connect=connect, open_timeout=timeout or OPEN_TIMEOUT)
-    except (KeyError, TypeError) as exc:
-        raise AgentError(f"bad relay plan: {exc}") from None
+        raise UsageError("bad relay request: op, args and plan {links} expected")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT):
+        raise UsageError(f"bad relay request: timeout must be a number of seconds in (0, {MAX_TIMEOUT:g}]")
+    problem = _plan_problem(links, depth_left=MAX_DEPTH)
+    if problem:
+        raise UsageError(f"bad relay plan: {problem}")
+    fan = Fanout(links, op, args, connect=connect, open_timeout=timeout or OPEN_TIMEOUT)
     count = len(fan.by_name)
     fan.start()
     try:
