@@ -305,3 +305,13 @@ def test_an_option_after_the_definition_is_what_the_error_names(site, cmd):
     lines = r.stderr.strip().splitlines()
     assert lines[0] == "pcocc: error: the cluster DEFINITION comes last, after the options: got option '--foo' there"
     assert lines[1:] == [f"Usage: pcocc {cmd} [OPTIONS] DEFINITION (e.g. tiny:3)"] and site.backend.submitted == []
+
+
+def test_a_word_after_the_definition_is_what_the_error_names(site):
+    """'batch tiny:1 extra' blamed tiny:1 ('unexpected extra argument'); an option's value that
+    is a template's name (-J tiny) is not taken for a definition."""
+    r = site("batch", "tiny:1", "extra")
+    assert r.status == 2 and r.stderr.splitlines()[0] == "pcocc: error: the cluster DEFINITION comes last: 'extra' after it is not one"
+    assert site.backend.submitted == []
+    r = site("batch", "-J", "tiny", "nosuch:2")
+    assert "no template named 'nosuch'" in r.stderr and "comes last" not in r.stderr

@@ -158,9 +158,13 @@ def _split(app, args, restart_ckpt=None):
         return restart_options(list(args), manifest, slurm), definition or manifest["definition"]
     if not args or last_is_value:
         raise UsageError("missing the cluster DEFINITION (e.g. tiny:3)")
+    usage = f"Usage: {click.get_current_context().command_path} [OPTIONS] DEFINITION (e.g. tiny:3)"
     if args[-1].startswith("-"):  # an option after the definition: blame it, not the definition
-        raise UsageError(f"the cluster DEFINITION comes last, after the options: got option '{args[-1]}' there",
-                         f"Usage: {click.get_current_context().command_path} [OPTIONS] DEFINITION (e.g. tiny:3)")
+        raise UsageError(f"the cluster DEFINITION comes last, after the options: got option '{args[-1]}' there", usage)
+    if not _is_definition(app, args[-1]):  # a word after the definition: blame the word
+        words = [a for i, a in enumerate(args[:-1]) if not a.startswith("-") and not (i and _takes_value(args[i - 1], slurm))]
+        if any(_is_definition(app, w) for w in words):
+            raise UsageError(f"the cluster DEFINITION comes last: '{args[-1]}' after it is not one", usage)
     return list(args[:-1]), args[-1]
 
 
