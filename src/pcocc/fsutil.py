@@ -73,6 +73,25 @@ def default_run_dir(environ, uid):
     return os.path.join(home, ".cache", "pcocc", f"run-{socket.gethostname().split('.')[0]}")
 
 
+def run_dir_candidates(environ, uid):
+    """Every directory default_run_dir may give user uid with this environment, whatever another
+    user does in /tmp meanwhile: [$PCOCC_RUN_DIR] or [$XDG_RUNTIME_DIR/pcocc] when they decide,
+    else [/tmp/pcocc-<uid>, <home>/.cache/pcocc/run-<host>]. Root's node setup and the job's
+    tasks each apply the rule at their own moment: a teardown looks in all of them."""
+    chosen = default_run_dir(environ, uid)
+    if environ.get("PCOCC_RUN_DIR") or xdg_runtime_dir(environ, uid):
+        return [chosen]
+    shared = os.path.join(TMP, f"pcocc-{int(uid)}")
+    import pwd
+    import socket
+
+    try:
+        home = pwd.getpwuid(uid).pw_dir
+    except KeyError:
+        return [shared]
+    return [shared, os.path.join(home, ".cache", "pcocc", f"run-{socket.gethostname().split('.')[0]}")]
+
+
 def private_dir(path):
     """Create path (mode 0700) if needed and make sure it is ours; return path.
 

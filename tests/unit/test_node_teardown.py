@@ -115,3 +115,31 @@ def test_processes_naming_a_run_dir_are_killed_before_it_goes_and_only_the_users
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_teardown_finds_a_run_dir_the_tasks_put_elsewhere(tmp_path, monkeypatch):
+    """Without PCOCC_RUN_DIR or XDG_RUNTIME_DIR, root's setup and the job's tasks apply the
+    run dir rule at their own moment: another user who makes or removes /tmp/pcocc-<uid> in
+    between sends the tasks to ~/.cache/pcocc/run-<host> (or back). The setup records every
+    candidate; the teardown removes the job's dir wherever it is (review finding)."""
+    import pwd
+    import socket
+    from types import SimpleNamespace
+
+    from pcocc import fsutil
+
+    uid = os.getuid()
+    home = tmp_path / "home"
+    monkeypatch.setattr(fsutil, "TMP", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(pwd, "getpwuid", lambda u: SimpleNamespace(pw_dir=str(home), pw_gid=os.getgid()))
+    env = {"HOME": str(home)}
+    at_setup = nodesetup.task_run_dir(env, uid, 5)
+    assert at_setup == str(tmp_path / "tmp" / f"pcocc-{uid}" / "job_5")
+    moved = home / ".cache" / "pcocc" / f"run-{socket.gethostname().split('.')[0]}" / "job_5"
+    assert nodesetup.task_run_dirs(env, uid, 5) == [at_setup, str(moved)]
+    (moved / "vm0").mkdir(parents=True)  # where the tasks went after a squat of /tmp/pcocc-<uid>
+    (moved / "vm0" / "disk.qcow2").write_text("x")
+    nodesetup.remove_run_dir(at_setup, uid, alternates=[str(moved)])
+    assert not moved.exists() and moved.parent.is_dir()
+    assert nodesetup.task_run_dirs({"PCOCC_RUN_DIR": "/x"}, uid, 5) == ["/x/job_5"]  # decided by the user: one place

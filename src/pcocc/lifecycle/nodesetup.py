@@ -101,7 +101,9 @@ def create(ctx, jobid, uid, tasks, ranks=None, step_nodes=None, alive=None, task
             with node_lock(ctx.env):
                 _reclaim_dead(ctx, jobid, alive)
                 if task_environ is not None:
-                    undo_log(ctx.env).record(jobid, "run-dir", path=task_run_dir(task_environ, uid, jobid), uid=uid)
+                    path = task_run_dir(task_environ, uid, jobid)
+                    undo_log(ctx.env).record(jobid, "run-dir", path=path, uid=uid, alternates=[
+                        p for p in task_run_dirs(task_environ, uid, jobid) if p != path])
                 common = dict(jobid=jobid, uid=uid, host=ctx.hostname, nodes=nodes, environ=ctx.env.environ, store=ctx.store,
                               undo=undo_log(ctx.env), owner_alive=_owner_alive(ctx, alive), nodes_key=_nodes_key(user, jobid),
                               state_dir=node_state_dir(ctx.env), address=_address(ctx, node_plan))
@@ -373,14 +375,30 @@ def task_run_dir(task_env, uid, jobid):
     return os.path.join(default_run_dir(task_env, uid), f"job_{int(jobid)}")
 
 
-def remove_run_dir(path, uid):
+def task_run_dirs(task_env, uid, jobid):
+    """Every place task_run_dir may be when the tasks apply the rule themselves, later
+    (fsutil.run_dir_candidates: another user may make or remove /tmp/pcocc-<uid> between)."""
+    from pcocc.fsutil import run_dir_candidates
+
+    return [os.path.join(d, f"job_{int(jobid)}") for d in run_dir_candidates(task_env, uid)]
+
+
+def remove_run_dir(path, uid, alternates=()):
     """Remove a job's run dir (`<run dir>/job_<N>`) with the rights of its user, uid (idempotent),
-    once no process of uid names a file in it (procs.kill_processes_naming: they are killed).
+    once no process of uid names a file in it (procs.kill_processes_naming: they are killed);
+    and the same at each of `alternates`, the other places the job's tasks may have put it
+    (task_run_dirs).
 
     Left alone, with a warning: a path not named job_<N>, or whose parent or itself is not
     a directory of uid's (a symlink included). The removal runs with uid's effective ids and
     no supplementary group, so it can remove nothing the user could not; it follows no link.
     """
+    for other in alternates:
+        _remove_run_dir(other, uid)
+    _remove_run_dir(path, uid)
+
+
+def _remove_run_dir(path, uid):
     parent, name = os.path.split(os.path.normpath(path))
     if not name.startswith("job_") or not name[4:].isdigit():
         log.warning("not a job run dir, left alone: %s", path)
