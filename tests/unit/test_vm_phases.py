@@ -146,3 +146,17 @@ def test_the_alloc_shell_waits_for_qemu_and_batch_wait_for_the_agents():
     assert seen == [(2, 2)]
     with pytest.raises(TimeoutExpired):
         Fake().wait_ready(1, alive=lambda j: True, timeout=0)
+
+
+def test_a_run_dir_too_long_for_the_vm_s_sockets_is_said_in_one_line(tmp_path):
+    """A long home (the ~/.cache fallback) or PCOCC_RUN_DIR: qemu would fail on 'Path must be
+    less than 108 bytes' for every VM; the VM fails first, with the fix."""
+    import pytest
+
+    from pcocc.errors import PcoccError
+    from pcocc.lifecycle import vmrun
+
+    vmrun._check_socket_room("/tmp/pcocc-1000/job_12/vm0")
+    with pytest.raises(PcoccError, match="too long for its sockets") as err:
+        vmrun._check_socket_room("/home/" + "u" * 90 + "/.cache/pcocc/run-host/job_12/vm0")
+    assert "PCOCC_RUN_DIR" in err.value.hint

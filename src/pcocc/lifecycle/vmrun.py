@@ -77,6 +77,7 @@ def run_vm(ctx, jobid, rank):
         # this VM with its reason, which ps and batch --wait show
         jobdir = info.get("rundir") or os.path.join(ctx.env.run_dir, f"job_{jobid}")  # SLURM: this node's
         rundir = os.path.join(jobdir, f"vm{rank}")
+        _check_socket_room(rundir)
         for d in (jobdir, rundir):  # each private (makedirs would give the job's dir the umask's mode)
             with contextlib.suppress(FileExistsError):
                 os.mkdir(d, 0o700)
@@ -227,6 +228,20 @@ def _wait_agent(agent, vm, stop, booting=True, on_console=None):
             if time.monotonic() > deadline():
                 raise AgentAbsent(f"the guest agent of {vm.config.name} did not answer (the console was silent for "
                                   f"{AGENT_TIMEOUT} s, or {AGENT_TIMEOUT_MAX} s in all: see its console log)") from None
+
+
+SOCKET_PATH_MAX = 107  # bytes of a unix socket's path (unix(7): sun_path, with its NUL)
+LONGEST_SOCKET = "console.sock"  # the longest of the VM's sockets' names in its run dir (qemu.py, control.sock)
+
+
+def _check_socket_room(rundir):
+    """PcoccError, with the fix, when the VM's sockets would not fit under rundir (a long home
+    in the ~/.cache fallback, a long PCOCC_RUN_DIR): one line, before qemu says it its way."""
+    longest = os.path.join(rundir, LONGEST_SOCKET)
+    if len(longest.encode()) > SOCKET_PATH_MAX:
+        raise PcoccError(f"the VM's run directory {rundir} is too long for its sockets ({len(longest.encode())} bytes "
+                         f"for {LONGEST_SOCKET}, {SOCKET_PATH_MAX} at most: unix(7))",
+                         "Set PCOCC_RUN_DIR to a shorter private directory.")
 
 
 def _agent_answers(agent, timeout=AGENT_PROBE):
