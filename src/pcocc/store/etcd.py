@@ -39,7 +39,15 @@ class EtcdError(StoreError):
 
 class EtcdLost(StoreError):
     """The member a request went to closed the connection, failed or did not answer: another
-    member may (EtcdClient.call sends the request to each member in turn)."""
+    member may (EtcdClient.call sends the request to each member in turn).
+
+    Whether the lost request was applied is unknown, so a write sent again is applied at least
+    once: a compare-and-swap applied the first time fails its compare (Store.update and the
+    pools read again: their functions are idempotent), a create of a key the first attempt
+    made reports it existed, a delete that was done reports nothing deleted, a lease grant
+    may leave an extra lease to expire. Every caller in pcocc tolerates these (the review of
+    2026-11-30 checked the allocator, the drive locks and the job id counter, which may skip
+    a number)."""
 
 
 def _b64(text):
