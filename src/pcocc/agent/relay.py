@@ -438,10 +438,7 @@ def _plan_problem(links, depth_left):
         if not isinstance(link, dict):
             return "a link must be a mapping"
         if "relay" in link:
-            address = link.get("address")
-            if not (isinstance(link["relay"], str) and isinstance(address, list) and len(address) == 2
-                    and isinstance(address[0], str) and isinstance(address[1], int) and not isinstance(address[1], bool)
-                    and isinstance(link.get("plan"), dict)):
+            if not (isinstance(link["relay"], str) and _is_address(link.get("address")) and isinstance(link.get("plan"), dict)):
                 return "a relay link needs relay (a name), address [host, port] and plan"
             problem = _plan_problem(link["plan"].get("links"), depth_left - 1)
             if problem:
@@ -451,12 +448,15 @@ def _plan_problem(links, depth_left):
         elif "unix" in link:
             if not isinstance(link["unix"], str) or not link["unix"]:
                 return "unix must be a socket path"
-        else:
-            address = link.get("address")
-            if not (isinstance(address, list) and len(address) == 2 and isinstance(address[0], str)
-                    and isinstance(address[1], int) and not isinstance(address[1], bool)):
-                return "a VM link needs unix (a path) or address [host, port]"
+        elif not _is_address(link.get("address")):
+            return "a VM link needs unix (a path) or address [host, port]"
     return None
+
+
+def _is_address(address):
+    """Whether address is [host, port] as the plans carry them."""
+    return (isinstance(address, list) and len(address) == 2 and isinstance(address[0], str)
+            and isinstance(address[1], int) and not isinstance(address[1], bool))
 
 
 def serve(stream, op, args, plan, connect, timeout=None):
