@@ -6,8 +6,9 @@ keeps its runtime files in a private directory: a real directory (not a
 link), owned by the process's effective uid, with no access for group or
 others. $XDG_RUNTIME_DIR is used when it is such a directory (the XDG Base
 Directory Specification requires it: owned by the user, mode 0700); else
-/tmp/pcocc-<uid>, created and checked; and when another user made that one first
-(which would lock its owner out of pcocc), ~/.cache/pcocc/run-<host> instead. Files in shared places are created with
+/tmp/pcocc-<uid>, created and checked; and when another user made that one
+first (which would lock its owner out of pcocc), ~/.cache/pcocc/run-<host>
+instead. Files in shared places are created with
 O_CREAT|O_EXCL|O_NOFOLLOW and a random name, then renamed (write_private).
 """
 
@@ -63,13 +64,19 @@ def default_run_dir(environ, uid):
         st = None
     if st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
         return shared
+    # with no home to fall back to, private_dir refuses the taken one, with the fix
+    return _home_run_dir(uid) or shared
+
+
+def _home_run_dir(uid):
+    """<uid's home>/.cache/pcocc/run-<short host name>, or None when uid has no passwd entry."""
     import pwd
     import socket
 
     try:
         home = pwd.getpwuid(uid).pw_dir
     except KeyError:
-        return shared  # no home to fall back to: private_dir refuses the taken one, with the fix
+        return None
     return os.path.join(home, ".cache", "pcocc", f"run-{socket.gethostname().split('.')[0]}")
 
 
@@ -81,15 +88,8 @@ def run_dir_candidates(environ, uid):
     chosen = default_run_dir(environ, uid)
     if environ.get("PCOCC_RUN_DIR") or xdg_runtime_dir(environ, uid):
         return [chosen]
-    shared = os.path.join(TMP, f"pcocc-{int(uid)}")
-    import pwd
-    import socket
-
-    try:
-        home = pwd.getpwuid(uid).pw_dir
-    except KeyError:
-        return [shared]
-    return [shared, os.path.join(home, ".cache", "pcocc", f"run-{socket.gethostname().split('.')[0]}")]
+    home = _home_run_dir(uid)
+    return [os.path.join(TMP, f"pcocc-{int(uid)}"), *([home] if home else [])]
 
 
 def private_dir(path):

@@ -368,7 +368,8 @@ def task_run_dir(task_env, uid, jobid):
 
     Their run dir by the rule of Environment.run_dir (fsutil): $PCOCC_RUN_DIR, else
     $XDG_RUNTIME_DIR/pcocc when that is a private directory of uid's, else /tmp/pcocc-<uid> (or
-    ~/.cache/pcocc/run-<host> when another user took it: fsutil.default_run_dir); found without creating anything (Environment.run_dir creates it, which root must not do).
+    ~/.cache/pcocc/run-<host> when another user took it: fsutil.default_run_dir); found without
+    creating anything (Environment.run_dir creates it, which root must not do).
     """
     from pcocc.fsutil import default_run_dir
 
