@@ -710,24 +710,27 @@ class StreamingExec:
                 elif not isinstance(reply, Exception) and what != "read":
                     self._close(reply)  # a next segment's handle: closed, never lost
                 continue
-            if what == "open":
-                if not isinstance(reply, Exception):
-                    seg.handle, seg.probed = reply, time.monotonic()
-                    got[name] = self._read_stream(seg)
-            elif what == "read":
-                if isinstance(reply, Exception):
-                    error = reply
-                    continue
-                got[name] = self._decode(reply)
-                seg.fresh = seg.fresh or bool(got[name])
-                if len(got[name]) == self.read_size and (name, seg.k + 1) not in plan:  # more is waiting
-                    got[name] += self._read_stream(seg)
-            elif isinstance(reply, Exception):
-                pass  # segment `what` is not there yet
-            elif what != seg.k + 1:  # moved there already (a read of more)
-                self._close(reply)
-            else:  # segment k+1 exists: the relay finished k (drained first), and the stream moves on
-                got[name] = got.get(name, b"") + self._next_segment(seg, reply) + self._read_stream(seg)
+            try:
+                if what == "open":
+                    if not isinstance(reply, Exception):
+                        seg.handle, seg.probed = reply, time.monotonic()
+                        got[name] = self._read_stream(seg)
+                elif what == "read":
+                    if isinstance(reply, Exception):
+                        error = reply
+                        continue
+                    got[name] = self._decode(reply)
+                    seg.fresh = seg.fresh or bool(got[name])
+                    if len(got[name]) == self.read_size and (name, seg.k + 1) not in plan:  # more is waiting
+                        got[name] += self._read_stream(seg)
+                elif isinstance(reply, Exception):
+                    pass  # segment `what` is not there yet
+                elif what != seg.k + 1:  # moved there already (a read of more)
+                    self._close(reply)
+                else:  # segment k+1 exists: the relay finished k (drained first), and the stream moves on
+                    got[name] = got.get(name, b"") + self._next_segment(seg, reply) + self._read_stream(seg)
+            except AgentError as exc:  # a read made here failed: the rest of the round is still handled
+                error = exc
         if error is not None:
             raise error
         for name in self._streams:
@@ -916,8 +919,12 @@ class StreamingExec:
         """Segment k+1 exists (handle nxt): the relay finished k, whose end we may not have
         read yet. What is left of k; seg moves to k+1."""
         parts = []
-        while len(last := self._read(seg.handle)) > 0:
-            parts.append(last)
+        try:
+            while len(last := self._read(seg.handle)) > 0:
+                parts.append(last)
+        except AgentError:
+            self._close(nxt)  # not the stream's yet: cleanup() would not know it
+            raise
         self._close(seg.handle)
         seg.handle, seg.k, seg.acks = nxt, seg.k + 1, seg.acks + 1
         return b"".join(parts)
