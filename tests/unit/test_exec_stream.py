@@ -673,11 +673,18 @@ def test_no_runner_waits_in_the_guest_while_it_is_checkpointed_or_saved(one, mon
     if op == "ckpt":
         monkeypatch.setattr(checkpoint, "pause", snapshot)
         monkeypatch.setattr(checkpoint, "resume", lambda vm: {})
-        handler.op_ckpt_pause()
-        assert handler._spare is None
-        handler._make_spare()
-        assert handler._spare is None  # held until the VM resumes
-        handler.op_ckpt_resume()
+
+        class Paused:  # the checkpoint's stream (lifecycle.control.op_ckpt), resumed once the spare is looked at
+            def send(self, event):
+                assert event == {"paused": True}
+
+            def receive(self, timeout):
+                assert handler._spare is None
+                handler._make_spare()
+                assert handler._spare is None  # held until the VM resumes
+                return {"resume": True}
+
+        assert handler.op_ckpt(Paused()) == {"resumed": True}
     else:
         monkeypatch.setattr(saving, "save_disk", snapshot)
         handler.images = lambda: None

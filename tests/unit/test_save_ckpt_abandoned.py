@@ -77,7 +77,8 @@ class FakeImages:
 
 def fake_vm(monitor):
     stopped = []
-    vm = SimpleNamespace(monitor=monitor, config=SimpleNamespace(name="vm0", disk=True), proc=None,
+    vm = SimpleNamespace(monitor=monitor, proc=None,
+                         config=SimpleNamespace(name="vm0", disk=True, topology=SimpleNamespace(vcpus=1, emulator_cores=[], memory_mb=64)),
                          stop=lambda graceful=False: stopped.append(graceful))
     return vm, stopped
 
@@ -142,30 +143,68 @@ def test_save_disk_checks_its_client_before_handing_the_layer_over(tmp_path, mon
     assert report["uri"] == "r:x@1" and images.published == [None]
 
 
-def test_a_checkpoint_pause_is_undone_when_its_client_leaves(endpoint):
+def ckpt_stream(endpoint):
+    """A client and its checkpoint stream (lifecycle.control.op_ckpt), the VM paused."""
     c = endpoint.client()
-    c.call("ckpt_pause")
+    stream = c.open("ckpt")
+    assert stream.receive(5.0) == ("event", {"paused": True})
     assert endpoint.monitor.status == "paused"
+    return c, stream
+
+
+def final(stream):
+    """The stream's result (events before it skipped)."""
+    while True:
+        kind, value = stream.receive(5.0)
+        assert kind is not None, "no answer within 5 s"
+        if kind == "result":
+            return value
+
+
+def test_a_checkpoint_pause_is_undone_when_its_client_leaves(endpoint):
+    c, _ = ckpt_stream(endpoint)
     c.close()  # the CLI killed between pause and quit
     wait_until(lambda: endpoint.monitor.status == "running", "the VM resumed")
     assert endpoint.stopped == []
 
 
+def test_a_checkpoint_whose_client_leaves_during_the_save_gives_up_and_resumes(endpoint, tmp_path):
+    endpoint.handler.rev = SimpleNamespace(size=2**20, uri="r:x@0", layers=(), top=str(tmp_path / "top"))
+    c, stream = ckpt_stream(endpoint)
+    stream.send({"save": str(tmp_path)})
+    wait_until(lambda: "drive-backup" in endpoint.monitor.log, "the disk's copy started")
+    c.close()  # the copy never ends by itself
+    wait_until(lambda: "job-cancel" in endpoint.monitor.log, "the copy cancelled")
+    wait_until(lambda: endpoint.monitor.status == "running", "the VM resumed")
+    assert endpoint.stopped == []
+
+
 def test_a_checkpoint_that_quit_does_not_resume(endpoint):
-    c = endpoint.client()
-    c.call("ckpt_pause")
-    c.call("ckpt_quit")
+    c, stream = ckpt_stream(endpoint)
+    stream.send({"quit": True})
+    assert final(stream) == {"drives": []}
     c.close()
-    wait_until(lambda: not endpoint.server._conns, "the connection's end handled (its callbacks ran)")
+    wait_until(lambda: not endpoint.server._conns, "the connection's end handled")
     assert endpoint.stopped == [False] and "cont" not in endpoint.monitor.log
 
 
 def test_an_explicit_resume_is_not_repeated_at_close(endpoint):
-    c = endpoint.client()
-    c.call("ckpt_pause")
-    c.call("ckpt_resume")
+    c, stream = ckpt_stream(endpoint)
+    stream.send({"resume": True})
+    assert final(stream) == {"resumed": True}
     assert endpoint.monitor.status == "running"
     n = endpoint.monitor.log.count("query-status")
     c.close()
-    wait_until(lambda: not endpoint.server._conns, "the connection's end handled (its callbacks ran)")
-    assert endpoint.monitor.log.count("query-status") == n  # the close callback was discarded
+    wait_until(lambda: not endpoint.server._conns, "the connection's end handled")
+    assert endpoint.monitor.log.count("query-status") == n  # nothing undone at the end
+
+
+def test_a_bad_checkpoint_message_resumes_and_says_why(endpoint):
+    from pcocc.errors import UsageError
+
+    c, stream = ckpt_stream(endpoint)
+    stream.send({"jump": True})
+    with pytest.raises(UsageError, match="bad checkpoint message"):
+        final(stream)
+    assert endpoint.monitor.status == "running"
+    c.close()

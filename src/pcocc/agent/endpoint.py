@@ -40,8 +40,7 @@ A handler method that takes a keyword argument named ``session`` gets the
 ``Session`` of the request's connection (a request may not send that argument):
 ``session.present()`` tells whether the client is still connected (a long
 operation polls it, and gives up once the client left: Ctrl-C, SIGKILL, a lost
-node), ``session.on_close(fn)`` runs ``fn()`` when the connection ends (e.g. a
-checkpoint's pause undone if its client disappears before the quit).
+node).
 
 Who may hold a connection (file descriptors are the resource a stranger could
 exhaust before any authentication):
@@ -237,7 +236,6 @@ class Session:
     def __init__(self, sock, peer):
         self.peer = peer
         self._fd = sock.fileno()
-        self._callbacks = []
         self._lock = threading.Lock()
         self._closed = False
 
@@ -263,30 +261,9 @@ class Session:
         if not self.present():
             raise ClientGone(f"{what} was abandoned: its client closed the connection")
 
-    def on_close(self, fn):
-        """Run fn() (once, in the connection's thread) when the connection ends; returns fn."""
-        with self._lock:
-            if not self._closed:
-                self._callbacks.append(fn)
-                return fn
-        fn()  # already gone
-        return fn
-
-    def discard(self, fn):
-        """Forget a callback given to on_close (e.g. once the operation it undoes committed)."""
-        with self._lock:
-            if fn in self._callbacks:
-                self._callbacks.remove(fn)
-
     def _close(self):
         with self._lock:
             self._closed = True
-            callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
-            try:
-                fn()
-            except Exception:  # noqa: BLE001 - each callback on its own
-                log.exception("control endpoint: a callback at the end of a connection from %s failed", _where(self.peer))
 
 
 def encode_bytes(data):
@@ -521,7 +498,7 @@ class ControlServer:
                     "control endpoint %s: connection from %s ended: %s", _where(self.address), _where(peer), e)
         finally:
             if session is not None:
-                session._close()  # before the socket goes: callbacks may still want the peer's name
+                session._close()  # before the socket goes: its fd may be reused
             with self._lock:
                 if rfile:
                     rfile.close()  # else conn.close() would leave the descriptor open

@@ -34,7 +34,8 @@ The op (one JSON line each way, ``agent.endpoint``'s streaming protocol)::
           {"vm": NAME, "address": [HOST, PORT]}                         a VM by TLS (the direct design)
           {"relay": NAME, "host": HOST, "address": [HOST, PORT], "plan": PLAN}  a child leader
 
-A plain op (reset, monitor_cmd) gives one result or error item per VM.  Messages down
+A plain op (reset, monitor_cmd) gives one result or error item per VM (a streaming one:
+exec_stream, ckpt, its events first).  Messages down
 are queued per link until its first answer (an endpoint takes nothing before its first
 event), and a child relay's messages to "all" reach its VMs as they open.  Every VM gets
 exactly one final item: a VM whose first answer does not come within ``timeout`` seconds

@@ -1,6 +1,5 @@
 """pcocc save, ckpt: a VM's disk as a new image revision; a whole cluster to a directory."""
 
-import concurrent.futures
 import contextlib
 import os
 import time
@@ -175,9 +174,9 @@ def take_checkpoint(app, targets, directory, force, extra=None):
     Order (see pcocc.lifecycle.checkpoint): pause all, each VM writes and fsyncs its
     files in a staging directory, the manifest last, the directory published (the
     old checkpoint exchanged atomically with -F), and only then the VMs quit. On a
-    failure before that, every VM resumes and directory is untouched. One
-    connection per VM is held throughout: if this process dies, each VM sees its
-    connection end and resumes by itself.
+    failure before that, every VM resumes and directory is untouched. Each VM's part
+    is one stream (its op ckpt), reached through the host relays as exec is
+    (agent.relay): if this process dies, each VM sees its stream end and resumes.
     """
     from pcocc.lifecycle import checkpoint
 
@@ -189,14 +188,15 @@ def take_checkpoint(app, targets, directory, force, extra=None):
         checkpoint.check_replaceable(directory)
     started = time.monotonic()
     staging = checkpoint.staging_dir(directory)
-    vms = _Connections(targets)
+    vms = _Streams(targets)
     paused = False
     try:
-        app.info(f"cluster {targets.jobid}: pausing {len(targets.vms)} VM(s)")
+        app.info(f"cluster {targets.jobid}: pausing {len(targets.ranks)} VM(s)")
         paused = True
-        _all_ok(vms.call("ckpt_pause", {}, timeout=DEFAULT_TIMEOUT), "pause")
+        _all_ok(vms.next("paused", timeout=DEFAULT_TIMEOUT), "pause")
         app.info(f"cluster {targets.jobid}: writing disks and memory to {directory}")
-        saved = _all_ok(vms.call("ckpt_save", {"dir": staging}, timeout=None), "checkpoint")
+        vms.send({"save": staging})
+        saved = _all_ok(vms.next("saved", timeout=None), "checkpoint")
         by_rank = {int(n[2:]): r for n, r in saved.items()}
         try:
             manifest = checkpoint.write_manifest(staging, targets.info, by_rank, None, extra)
@@ -205,8 +205,9 @@ def take_checkpoint(app, targets, directory, force, extra=None):
             raise PcoccError(f"checkpoint failed: {exc.message}", "The cluster goes on as it was; nothing was written.") from None
         staging = None
         app.info(f"cluster {targets.jobid}: checkpoint written ({time.monotonic() - started:.1f} s): stopping the VMs")
-        stopped = vms.call("ckpt_quit", {}, timeout=DEFAULT_TIMEOUT)
-        paused = False  # those that did not stop are cancelled with the cluster
+        paused = False  # from the quit on, a VM that does not stop is cancelled with the cluster
+        vms.send({"quit": True})
+        stopped = vms.next(None, timeout=DEFAULT_TIMEOUT)
         for name, (ok, res) in stopped.items():
             if not ok:
                 app.warn(f"{name}: did not stop after the checkpoint ({res}); it stops with the cluster")
@@ -214,10 +215,11 @@ def take_checkpoint(app, targets, directory, force, extra=None):
         return manifest
     finally:
         if paused:  # a failure before the checkpoint was whole: the cluster goes on as it was
-            for name, (ok, res) in vms.call("ckpt_resume", {}, timeout=DEFAULT_TIMEOUT).items():
+            vms.send({"resume": True})
+            for name, (ok, res) in vms.next(None, timeout=DEFAULT_TIMEOUT).items():
                 if not ok:
                     app.warn(f"{name}: could not resume it: {res}")
-        vms.close()
+        vms.close()  # a VM still paused (no answer above) resumes as its stream ends
         if staging:
             checkpoint.discard_staging(staging)
 
@@ -238,37 +240,50 @@ def _check_drive_stamps(app, checkpoint, directory, targets, by_rank, stopped, m
                  "the restart will ask for the drive copies of the checkpoint")
 
 
-class _Connections:
-    """One control connection per VM, kept for a whole checkpoint (a VM resumes if its ends first)."""
+class _Streams:
+    """Every VM's checkpoint stream (the op ckpt of lifecycle.control), through the host
+    relays (agent.relay.Fanout), for a whole checkpoint."""
 
     def __init__(self, targets):
-        from pcocc.agent.endpoint import ControlClient
+        from pcocc.agent import relay
 
-        creds = targets.creds
-        self.targets = targets
-        self.clients = {}
-        for r in targets.ranks:
-            vm = targets.vms[r]
-            self.clients[vm["name"]] = ControlClient(tuple(vm["control"]), ca_pem=creds["ca"], cert_pem=creds["cert"], key_pem=creds["key"])
+        running = [targets.vms[r] for r in targets.ranks]
+        self.fanout = relay.Fanout(relay.plan(running), "ckpt", {}, open_timeout=DEFAULT_TIMEOUT,
+                                   connect=lambda link, timeout: targets.connect(link["address"], timeout)).start()
+        self.ended = {}  # VM name: (ok, its result or error), once its stream ended
 
-    def call(self, op, args, timeout):
-        """{vm name: (ok, result or error message)}, every VM in parallel."""
-        def one(c):
-            c.set_timeout(timeout)
-            try:
-                return True, c.call(op, **args)
-            except PcoccError as exc:
-                return False, exc.message
+    def send(self, message):
+        """message to every VM whose stream goes on."""
+        self.fanout.send("all", message)
 
-        if not self.clients:
-            return {}
-        with concurrent.futures.ThreadPoolExecutor(min(16, len(self.clients)), thread_name_prefix="pcocc-ckpt") as pool:
-            futures = {name: pool.submit(one, c) for name, c in self.clients.items()}
-            return {name: f.result() for name, f in futures.items()}
+    def next(self, key, timeout):
+        """{VM name: (ok, value)} for every VM whose stream went on: its next event's value
+        under key (key None: its stream's end, its result), or (False, why) if its stream
+        ended otherwise or nothing came within timeout seconds (None: no bound)."""
+        waiting = set(self.fanout.by_name) - set(self.ended)
+        got = {}
+        end = None if timeout is None else time.monotonic() + timeout
+        while waiting - set(got):
+            left = 1.0 if end is None else end - time.monotonic()
+            if left <= 0:
+                for name in waiting - set(got):
+                    got[name] = (False, f"no answer within {timeout:g} s")
+                break
+            items, _ = self.fanout.pump(min(1.0, left))
+            for item in items:
+                name = item["vm"]
+                if "event" in item:
+                    if key is not None and name not in got and key in (item["event"] or {}):
+                        got[name] = (True, item["event"][key])
+                    continue
+                self.ended[name] = (True, item["result"]) if "result" in item else (False, str(item.get("error")))
+                if name not in got:
+                    ok, value = self.ended[name]
+                    got[name] = (ok, value) if key is None else (False, value if not ok else "its checkpoint ended early")
+        return got
 
     def close(self):
-        for c in self.clients.values():
-            c.close()
+        self.fanout.close()
 
 
 def _all_ok(results, what, hint="The cluster goes on as it was; nothing was written."):

@@ -7,8 +7,8 @@ A checkpoint directory holds, for each VM N:
 and ckpt.json, the manifest: definition, each VM's template, settings digest,
 vCPUs, memory, image revision (with its layers), files and persistent drives.
 
-Taking one (the CLI drives the VMs through their control endpoints, one
-connection per VM held for the whole checkpoint):
+Taking one (the CLI drives the VMs through one stream each, the op ckpt of their
+control endpoints, reached through the host relays: lifecycle.control.op_ckpt):
     pause every VM  ->  each writes its disk delta, drive copies, then memory
     into a staging directory beside DIR, and fsyncs each file
     ->  the manifest is written last and fsynced, then the staging directory
@@ -18,8 +18,7 @@ connection per VM held for the whole checkpoint):
 Nothing stops a VM before its checkpoint is complete and durable: any failure
 before the quit (a VM's write, ENOSPC on the manifest, the rename) resumes the
 cluster as it was and removes the staging directory.  A VM also resumes by itself
-when the connection of the client that paused it ends before the quit (the CLI
-killed, a node lost).  Disks are copied before memory: once a migration
+when its stream ends before the quit (the CLI killed, a relay or node lost).  Disks are copied before memory: once a migration
 completes qemu hands the disks over (inactivates them), while a paused VM's
 disks do not change.
 

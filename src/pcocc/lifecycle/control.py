@@ -7,7 +7,7 @@ import shlex
 import threading
 
 from pcocc.agent.endpoint import ClientGone, decode_bytes, encode_bytes, streaming
-from pcocc.errors import PcoccError
+from pcocc.errors import PcoccError, UsageError
 
 log = logging.getLogger("pcocc.run")
 
@@ -40,7 +40,6 @@ class ControlHandler:
         self.images = images  # a callable giving the ImageStore
         self.drives = list(drives)  # the persistent drives [(path, cache, format)]
         self._disk_lock = threading.Lock()  # one save or checkpoint at a time
-        self.checkpointed = False
         self._spare = None  # an exec runner started ahead in the guest, claimed (agent.qga.SpareRunner)
         self._spare_mutex = threading.Lock()  # held while a spare is started and claimed
         self._spare_wanted = threading.Event()  # an exec waits for the spare being claimed
@@ -379,62 +378,54 @@ class ControlHandler:
             return save_drive(self.vm, self.agent, index, entries[index] if 0 <= index < len(entries) else {},
                               target=target, safe=safe, client_present=present)
 
-    def op_ckpt_pause(self, session=None):
-        """Pause for a checkpoint; resumed by ckpt_resume, or when this client's connection
-        ends before ckpt_quit (the CLI killed or its node lost)."""
+    @streaming
+    def op_ckpt(self, stream, session=None):
+        """This VM's part of a checkpoint (pcocc ckpt), on one stream, so that the CLI reaches
+        every VM through the host relays (agent.relay) and holds no connection per VM.
+
+        The order is pcocc.lifecycle.checkpoint's: the VM pauses, and the event {"paused": true}
+        says so.  Messages, then: {"save": DIR} writes the VM's files into DIR
+        (checkpoint.save_vm; the event {"saved": ENTRY} gives its manifest entry once every
+        file is fsynced); {"quit": true} stops qemu (result: quit_vm's drive stamps); or
+        {"resume": true} at any time before the quit (result: {"resumed": true}).  Until the
+        quit, a client that leaves (Ctrl-C, SIGKILL, a relay or node lost; a save polls for
+        it and gives up) or a failure here resumes the VM: it never stays paused for ever.
+        """
         from pcocc.lifecycle import checkpoint
 
+        name = self.vm.config.name
+        settled = False  # quit, or resumed at the client's request: nothing to undo
         with self._exclusive():
             self._hold_spares()
             try:
-                result = checkpoint.pause(self.vm)
-            except BaseException:
-                self._release_spares()
+                checkpoint.pause(self.vm)
+                stream.send({"paused": True})
+                while True:
+                    msg = stream.receive(None)
+                    if isinstance(msg.get("save"), str):
+                        cancelled = (lambda: not session.present()) if session is not None else None
+                        stream.send({"saved": checkpoint.save_vm(self.vm, self.rev, self.drives, msg["save"], cancelled=cancelled)})
+                    elif msg.get("quit") is True:
+                        settled = True
+                        return checkpoint.quit_vm(self.vm, self.drives)
+                    elif msg.get("resume") is True:
+                        settled = True
+                        checkpoint.resume(self.vm)
+                        self._release_spares()
+                        return {"resumed": True}
+                    else:
+                        raise UsageError(f"bad checkpoint message: {sorted(msg)} (save, quit or resume expected)")
+            except ClientGone:
+                log.warning("%s: the client of a checkpoint left before its end: resuming the VM", name)
                 raise
-            if session is not None:
-                self._ckpt_undo = session.on_close(self._resume_abandoned)
-            return result
-
-    def _resume_abandoned(self):
-        from pcocc.lifecycle import checkpoint
-
-        with self._disk_lock:  # waits for a save of this checkpoint still running
-            if self.checkpointed:
-                return
-            log.warning("%s: the client of a checkpoint left before its end: resuming the VM", self.vm.config.name)
-            try:
-                checkpoint.resume(self.vm)
-            except PcoccError as exc:
-                log.error("%s: could not resume it: %s", self.vm.config.name, exc.message)
-            else:
-                self._release_spares()
-
-    def op_ckpt_save(self, dir, session=None):
-        from pcocc.lifecycle import checkpoint
-
-        cancelled = (lambda: not session.present()) if session is not None else None
-        with self._exclusive():
-            return checkpoint.save_vm(self.vm, self.rev, self.drives, dir, cancelled=cancelled)
-
-    def op_ckpt_resume(self, session=None):
-        from pcocc.lifecycle import checkpoint
-
-        with self._exclusive():
-            if session is not None and getattr(self, "_ckpt_undo", None):
-                session.discard(self._ckpt_undo)
-            result = checkpoint.resume(self.vm)
-            self._release_spares()
-            return result
-
-    def op_ckpt_quit(self, session=None):
-        """Stop qemu once the checkpoint is published (the CLI calls it last)."""
-        from pcocc.lifecycle import checkpoint
-
-        with self._exclusive():
-            self.checkpointed = True
-            if session is not None and getattr(self, "_ckpt_undo", None):
-                session.discard(self._ckpt_undo)
-            return checkpoint.quit_vm(self.vm, self.drives)
+            finally:
+                if not settled:
+                    try:
+                        checkpoint.resume(self.vm)
+                    except PcoccError as exc:
+                        log.error("%s: could not resume it after the checkpoint's failure: %s", name, exc.message)
+                    else:
+                        self._release_spares()
 
 
 class _Release:

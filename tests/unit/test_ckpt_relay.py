@@ -1,0 +1,124 @@
+"""pcocc ckpt through the host relays (issue 15): the CLI's side (cli.saving.take_checkpoint)
+against the real VM side (lifecycle.control.op_ckpt) behind real ControlServers, 2 hosts x 2
+VMs chained by relays of width 1, each VM's qemu a fake monitor (test_save_ckpt_abandoned's).
+
+What must hold: one TLS connection from the CLI whatever the VM count; every VM paused
+before any writes, none stopped before the checkpoint is published; any failure, or the
+CLI gone, and every VM runs again."""
+
+import os
+import threading
+from types import SimpleNamespace
+
+import pytest
+from test_relay import creds, tls_client  # noqa: F401 - creds is a fixture
+from test_save_ckpt_abandoned import FakeAgent, FakeMonitor, fake_vm, wait_until
+
+from pcocc.agent import relay
+from pcocc.agent.endpoint import ControlServer
+from pcocc.cli import saving
+from pcocc.errors import PcoccError
+from pcocc.lifecycle import checkpoint
+from pcocc.lifecycle.control import ControlHandler
+
+OWNER = "alice"
+
+
+@pytest.fixture
+def cluster(creds, tmp_path, monkeypatch):  # noqa: F811 - the fixture imported above
+    monkeypatch.setattr(relay, "WIDTH", 1)  # a chain: the CLI -> vm0 (h0) -> vm2 (h1) -> unix sockets
+    cert, key = creds["server"]
+    owner_cert, owner_key = creds["owner"]
+    client_creds = {"ca": creds["ca"][0], "cert": owner_cert, "key": owner_key}
+    servers, vms, monitors, stopped = [], [], [], []
+    events = []  # (what, vm name) in the order they happened
+    lock = threading.Lock()
+    for h in range(2):
+        hostdir = tmp_path / f"h{h}"
+        hostdir.mkdir(mode=0o700)
+        for i in range(2):
+            rank = 2 * h + i
+            monitor = FakeMonitor()
+            vm, stop = fake_vm(monitor)
+            vm.config.name = f"vm{rank}"
+            monitors.append(monitor)
+            stopped.append(stop)
+            handler = ControlHandler(vm, FakeAgent(), rev=SimpleNamespace(size=1, uri="r:x@0"), relay_credentials=lambda: client_creds)
+            srv = ControlServer(handler, ca_pem=creds["ca"][0], cert_pem=cert, key_pem=key, owner=OWNER,
+                                unix_path=str(hostdir / f"vm{rank}.sock")).start()
+            servers.append(srv)
+            vms.append({"name": f"vm{rank}", "state": "running", "host": f"h{h}", "control": list(srv.address), "relay": srv.unix_path})
+    connections = []
+
+    def connect(address, timeout):
+        connections.append(address)
+        return tls_client(creds, address, timeout)
+
+    def save_vm(vm, rev, drives, directory, cancelled=None):
+        with lock:
+            events.append(("save", vm.config.name))
+        if vm.config.name in failing:
+            raise checkpoint.CheckpointError(f"{vm.config.name}: no space left on device")
+        with open(os.path.join(directory, f"memory-{vm.config.name}"), "w") as f:
+            f.write("state")
+        return {"name": vm.config.name, "drives": []}
+
+    def recorded(what, fn):
+        def run(*args, **kwargs):
+            with lock:
+                events.append((what, args[0].config.name if args else None))
+            return fn(*args, **kwargs)
+        return run
+
+    failing = set()
+    monkeypatch.setattr(checkpoint, "save_vm", save_vm)
+    monkeypatch.setattr(checkpoint, "pause", recorded("pause", checkpoint.pause))
+    monkeypatch.setattr(checkpoint, "quit_vm", recorded("quit", checkpoint.quit_vm))
+    monkeypatch.setattr(checkpoint, "publish", lambda staging, directory, force, real=checkpoint.publish:
+                        (events.append(("publish", None)), real(staging, directory, force))[1])
+    monkeypatch.setattr(checkpoint, "check_cluster", lambda config, info: None)
+    monkeypatch.setattr(checkpoint, "write_manifest", lambda staging, info, saved, stamps=None, extra=None: {"vms": sorted(saved)})
+    said = []
+    app = SimpleNamespace(config=None, info=said.append, warn=said.append)
+    targets = SimpleNamespace(jobid=7, info={}, vms=vms, ranks=list(range(4)), connect=connect)
+    yield SimpleNamespace(app=app, targets=targets, monitors=monitors, stopped=stopped, events=events, failing=failing,
+                          connections=connections, said=said, directory=str(tmp_path / "ckpt"))
+    for s in servers:
+        s.stop(timeout=2, drain=0.5)
+
+
+def test_every_vm_is_checkpointed_through_one_connection(cluster):
+    assert relay.depth(relay.plan(cluster.targets.vms)) == 3
+    manifest = saving.take_checkpoint(cluster.app, cluster.targets, cluster.directory, force=False)
+    assert manifest == {"vms": [0, 1, 2, 3]}
+    assert len(cluster.connections) == 1  # the CLI's only TLS connection: the first host's leader
+    assert sorted(os.listdir(cluster.directory)) == [f"memory-vm{r}" for r in range(4)]
+    assert cluster.stopped == [[False]] * 4  # every qemu stopped once
+    kinds = [what for what, _ in cluster.events]
+    assert kinds == ["pause"] * 4 + ["save"] * 4 + ["publish"] + ["quit"] * 4  # all paused before any writes; quit last
+    assert all("cont" not in m.log for m in cluster.monitors)
+
+
+def test_a_vm_that_fails_its_save_resumes_every_vm_and_writes_nothing(cluster):
+    cluster.failing.add("vm3")
+    with pytest.raises(PcoccError, match=r"checkpoint failed \(checkpoint\): vm3: vm3: no space left on device"):
+        saving.take_checkpoint(cluster.app, cluster.targets, cluster.directory, force=False)
+    assert not os.path.exists(cluster.directory)
+    assert [n for n in os.listdir(os.path.dirname(cluster.directory)) if n.startswith(".ckpt.partial")] == []
+    assert all(m.status == "running" for m in cluster.monitors)
+    assert cluster.stopped == [[]] * 4
+
+
+def test_a_cli_gone_after_the_pause_leaves_every_vm_running(cluster):
+    """The CLI killed while the VMs are paused (its connection closed, no resume sent): each
+    relay sees its upstream leave and closes its VMs' streams, and each VM resumes by itself."""
+    streams = saving._Streams(cluster.targets)
+    try:
+        paused = streams.next("paused", timeout=10)
+        assert paused == {f"vm{r}": (True, True) for r in range(4)}
+        assert all(m.status == "paused" for m in cluster.monitors)
+    finally:
+        streams.close()
+    for m in cluster.monitors:
+        wait_until(lambda: m.status == "running", "every VM resumed once its stream ended")
+    assert cluster.stopped == [[]] * 4
