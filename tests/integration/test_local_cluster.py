@@ -142,7 +142,21 @@ def test_dump_and_reset(cluster):
     assert dump.read_bytes()[:4] == b"\x7fELF" and dump.stat().st_size > 200 * 2**20
     dump.unlink()
     assert cluster.pcocc("exec", "-w", "vm1", "touch /run/before-reset").returncode == 0  # /run is a tmpfs
+    # paused first, so that its agent cannot answer before ps looks: the reset's record is published
+    # before reset returns, and says booting until the agent answers again
+    assert cluster.pcocc("monitor-cmd", "vm1", "stop").returncode == 0
     r = cluster.pcocc("reset", "vm1")
+    assert r.returncode == 0, r.stderr
+
+    def vm1():
+        r = cluster.pcocc("ps", "--vms", "--json", check=True)
+        return next(v for v in json.loads(r.stdout) if v["vm"] == "vm1")
+
+    assert vm1()["state"] == "booting"
+    # a guest stuck in its boot can be reset again, and its monitor reached
+    r = cluster.pcocc("reset", "vm1")
+    assert r.returncode == 0, r.stderr
+    r = cluster.pcocc("monitor-cmd", "vm1", "cont")
     assert r.returncode == 0, r.stderr
 
     def rebooted():  # the guest reboots, and its agent comes back
@@ -150,6 +164,7 @@ def test_dump_and_reset(cluster):
         return r.returncode == 0 and "rebooted" in r.stdout
 
     wait_for(rebooted, timeout=120, what="vm1 to reboot")
+    assert vm1()["state"] == "running" and vm1()["agent"] == "ready"
 
 
 def test_control_endpoint_refuses_other_users(cluster):

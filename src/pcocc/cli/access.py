@@ -29,6 +29,7 @@ EXEC_KILL_LIMIT = 75.0
 EXEC_OPEN_TIMEOUT = 60.0  # seconds for a VM's stream to open (its command started), per hop (agent.relay)
 EXEC_FAILED = 255  # exec's status when pcocc itself failed on a VM (ssh's rule, ssh(1) EXIT STATUS)
 _STARTING = STARTING_PHASES + ("submitting", "temporary-disk")  # a VM's phases before it runs
+QEMU_UP = ("booting", "running")  # reset and monitor-cmd need only qemu: a guest stuck in its boot can be reset
 
 
 def not_running(vm):
@@ -69,17 +70,19 @@ class Targets:
             time.sleep(0.5)
             self.info, self.vms = self.backend.job(self.jobid)
 
-    def call_all(self, op, args, timeout=None):
-        """{vm name: (ok, result or error message)}, for every target VM (not running: an error),
-        through the host relays when the records name their unix sockets (agent.relay), else
-        one TLS connection per VM, 16 at a time; timeout: seconds for each VM's answer, per hop."""
+    def call_all(self, op, args, timeout=None, states=("running",)):
+        """{vm name: (ok, result or error message)}, for every target VM (in none of states: an
+        error), through the host relays when the records name their unix sockets (agent.relay),
+        else one TLS connection per VM, 16 at a time; timeout: seconds for each VM's answer, per hop.
+        states: those a VM may be in ("booting" too for what needs only qemu: its endpoint
+        answers from then on, lifecycle.vmrun)."""
         from pcocc.agent import relay
         from pcocc.agent.endpoint import DEFAULT_TIMEOUT
 
         running, down = [], {}
         for r in self.ranks:
             vm = self.vms[r]
-            if vm.get("state") == "running" and vm.get("control"):
+            if vm.get("state") in states and vm.get("control"):
                 running.append(vm)
             else:
                 down[vm["name"]] = (False, self._not_running(vm))
@@ -637,8 +640,12 @@ def _terminal_loop(app, source, receive, send, buffered=lambda: False):
 @click.argument("vms", default="vm0")
 @pass_app
 def reset(app, jobid, jobname, vms):
-    """Hard-reset VMS (default vm0; e.g. vm[0-3] or all)."""
-    _report(app, Targets(app, jobid, jobname, vms).call_all("reset", {}), "reset")
+    """Hard-reset VMS (default vm0; e.g. vm[0-3] or all).
+
+    The guest boots again: 'pcocc ps --vms' shows it booting until its guest
+    agent answers (exec waits for that). A VM still booting can be reset too.
+    """
+    _report(app, Targets(app, jobid, jobname, vms).call_all("reset", {}, states=QEMU_UP), "reset")
 
 
 _VM_WORD = re.compile(r"vm[0-9]+")
@@ -661,7 +668,7 @@ def monitor_cmd(app, jobid, jobname, vms, command):
         vms, command = command[0], command[1:]
         if not command:
             raise UsageError(f"no monitor command for {vms} (e.g. 'pcocc monitor-cmd {vms} info version')")
-    results = Targets(app, jobid, jobname, vms or "vm0").call_all("monitor_cmd", {"command": " ".join(command)})
+    results = Targets(app, jobid, jobname, vms or "vm0").call_all("monitor_cmd", {"command": " ".join(command)}, states=QEMU_UP)
     failed = False
     for name, (ok, res) in results.items():
         if len(results) > 1:

@@ -28,11 +28,13 @@ STDIN_CREDIT = 64 * 1024  # stdin bytes passed on to the guest before the client
 class ControlHandler:
     """What the control endpoint can do to this VM."""
 
-    def __init__(self, vm, agent, rev=None, images=None, drives=(), relay_credentials=None):
+    def __init__(self, vm, agent, rev=None, images=None, drives=(), relay_credentials=None, on_reset=None):
         """relay_credentials(): the cluster owner's client credentials {ca, cert, key} (the
         store's ``cluster_prefix + "client"``, read as the owner: this process), for the
-        relay op's TLS links to other hosts' leaders; None: this VM relays to unix links only."""
+        relay op's TLS links to other hosts' leaders; None: this VM relays to unix links only.
+        on_reset(): called after each reset (the VM process publishes the guest booting)."""
         self.vm = vm
+        self._on_reset = on_reset
         self._relay_credentials = relay_credentials
         self._relay_creds = None
         self.agent = agent
@@ -339,7 +341,10 @@ class ControlHandler:
         return ControlClient(tuple(link["address"]), ca_pem=c["ca"], cert_pem=c["cert"], key_pem=c["key"], timeout=timeout)
 
     def op_reset(self):
+        """Hard reset (QMP system_reset): the guest boots again, and on_reset() is told."""
         self.vm.monitor.cmd("system_reset")
+        if self._on_reset is not None:
+            self._on_reset()
         return {}
 
     def op_monitor_cmd(self, command):

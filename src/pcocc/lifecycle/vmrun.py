@@ -35,6 +35,8 @@ AGENT_TIMEOUT = 300  # seconds of console silence before a VM is taken to have n
 AGENT_TIMEOUT_MAX = 3600  # seconds in all: a TCG boot of a large image on a loaded host can be slow
 AGENT_RECHECK = 30  # seconds between two looks for the agent of a VM that runs without one
 AGENT_PROBE = 2  # seconds one such look may take (the VM's stop waits for it at most that long)
+REBOOT_PROBE = 1  # seconds between two looks for the agent of a guest booting again after pcocc reset
+RESET_PUBLISH_WAIT = 30  # seconds a reset waits for the VM's record to say booting (the loop looks every 0.2 s, or after a probe)
 INFO_TIMEOUT = 120
 
 
@@ -61,6 +63,13 @@ def run_vm(ctx, jobid, rank):
     def publish(status, **extra):
         store.put(key, {"rank": rank, "name": f"vm{rank}", "state": status, "since": round(time.time(), 3), "host": ctx.hostname,
                         "pid": me, "pid_start": me_start, **extra})
+
+    def republish(status, **extra):
+        # while the VM runs: a store that does not answer (an etcd outage) must not fail the VM
+        try:
+            publish(status, **extra)
+        except PcoccError as exc:
+            log.warning("vm%d: its record could not say %s: %s", rank, status, exc.message)
 
     def publish_end(status, **extra):
         # Only into a record that still exists: a cluster reclaimed meanwhile keeps no trace of its VMs.
@@ -103,7 +112,14 @@ def run_vm(ctx, jobid, rank):
         agent = GuestAgent(vm.qga_path, timeout=30)
         ca = store.get(state.cluster_prefix(user, jobid) + "ca")
         # the host's relay (agent.relay) uses the owner's client credentials, read as the CLI reads them
-        handler = ControlHandler(vm, agent, rev, ctx.images, cfg.drives,
+        reset, reset_published = threading.Event(), threading.Event()
+
+        def on_reset():  # pcocc reset: the guest boots again; the record says so before reset returns
+            reset_published.clear()
+            reset.set()
+            reset_published.wait(RESET_PUBLISH_WAIT)
+
+        handler = ControlHandler(vm, agent, rev, ctx.images, cfg.drives, on_reset=on_reset,
                                  relay_credentials=lambda: store.get(state.cluster_prefix(user, jobid) + "client"))
         server = ControlServer(handler, ca_pem=ca["cert"], cert_pem=ca["server_cert"], key_pem=ca["server_key"],
                                owner=info["owner"], host=ctx.control_host, avoid=reverse_nat_ranges(ctx.config),
@@ -132,8 +148,29 @@ def run_vm(ctx, jobid, rank):
         # an agent that starts late (a slow boot, or started by hand) is still found: looked
         # for every AGENT_RECHECK s, and the VM's record then says it has one
         recheck = time.monotonic() + AGENT_RECHECK if agent_state["agent"] == "none" else None
+        reboot = None  # a _Reboot while the guest boots again after a reset
         while not stop.is_set() and vm.proc.poll() is None:
             stop.wait(0.2)
+            if reset.is_set() and not stop.is_set():
+                # ps tells the truth: booting (its uptime from the reset) until the agent answers again
+                reset.clear()
+                if agent_state["agent"] == "ready":
+                    reboot = _Reboot(vm)
+                    republish("booting", **qemu, **endpoints, rundir=rundir)
+                else:  # no agent to tell when it is up: running again from now
+                    republish("running", **qemu, **agent_state, **endpoints, rundir=rundir)
+                reset_published.set()
+            if reboot is not None and reboot.due() and not stop.is_set():
+                if _agent_answers(agent):
+                    reboot = None
+                    republish("running", **qemu, **agent_state, **endpoints, rundir=rundir)
+                elif reboot.expired():
+                    reboot = None
+                    agent_state = {"agent": "none", "agent_error": f"the guest agent of vm{rank} did not answer after a reset "
+                                   f"(the console was silent for {AGENT_TIMEOUT} s, or {AGENT_TIMEOUT_MAX} s in all)"}
+                    log.warning("vm%d: %s: it runs without it", rank, agent_state["agent_error"])
+                    republish("running", **qemu, **agent_state, **endpoints, rundir=rundir)
+                    recheck = time.monotonic() + AGENT_RECHECK
             if recheck is not None and time.monotonic() >= recheck and not stop.is_set():
                 if _agent_answers(agent):
                     log.info("vm%d: its guest agent answers now", rank)
@@ -253,6 +290,28 @@ def _agent_answers(agent, timeout=AGENT_PROBE):
         return True
     except PcoccError:
         return False
+
+
+class _Reboot:
+    """A guest booting again after pcocc reset: its agent is looked for every REBOOT_PROBE s,
+    within the bounds of a first boot (AGENT_TIMEOUT s of console silence, AGENT_TIMEOUT_MAX s in all)."""
+
+    def __init__(self, vm):
+        self.quiet = _ConsoleQuiet(vm.config.path("console.log"))
+        now = time.monotonic()
+        self.hard = now + AGENT_TIMEOUT_MAX
+        self.next = now + REBOOT_PROBE
+
+    def due(self):
+        """Whether it is time for the next look (and the one after is planned)."""
+        now = time.monotonic()
+        if now < self.next:
+            return False
+        self.next = now + REBOOT_PROBE
+        return True
+
+    def expired(self):
+        return time.monotonic() > min(self.hard, self.quiet.since() + AGENT_TIMEOUT)
 
 
 class _ConsoleQuiet:
