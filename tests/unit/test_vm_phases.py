@@ -160,3 +160,29 @@ def test_a_run_dir_too_long_for_the_vm_s_sockets_is_said_in_one_line(tmp_path):
     with pytest.raises(PcoccError, match="too long for its sockets") as err:
         vmrun._check_socket_room("/home/" + "u" * 90 + "/.cache/pcocc/run-host/job_12/vm0")
     assert "PCOCC_RUN_DIR" in err.value.hint
+
+
+def test_a_guest_booting_again_after_a_reset_is_looked_at_within_a_first_boots_bounds(tmp_path, monkeypatch):
+    """lifecycle.vmrun._Reboot: a look every REBOOT_PROBE s; given up after AGENT_TIMEOUT s of
+    console silence (its output moves the bound), or AGENT_TIMEOUT_MAX s in all (a fake clock)."""
+    from types import SimpleNamespace
+
+    from pcocc.lifecycle import vmrun
+
+    now = [1000.0]
+    monkeypatch.setattr(vmrun.time, "monotonic", lambda: now[0])
+    console = tmp_path / "console.log"
+    console.write_bytes(b"")
+    vm = SimpleNamespace(config=SimpleNamespace(path=lambda name: str(tmp_path / name)))
+    reboot = vmrun._Reboot(vm)
+    assert not reboot.due()
+    now[0] += vmrun.REBOOT_PROBE
+    assert reboot.due() and not reboot.due()  # the next one planned a probe later
+    now[0] += vmrun.AGENT_TIMEOUT - 1
+    assert not reboot.expired()
+    console.write_bytes(b"[    0.000000] Linux version")  # the kernel prints: the silence starts again
+    assert not reboot.expired()
+    now[0] += vmrun.AGENT_TIMEOUT - 1
+    assert not reboot.expired()
+    now[0] += 2
+    assert reboot.expired()

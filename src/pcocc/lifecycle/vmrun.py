@@ -60,16 +60,23 @@ def run_vm(ctx, jobid, rank):
     me = os.getpid()
     me_start = process_start(me)
 
+    def record(status, **extra):
+        return {"rank": rank, "name": f"vm{rank}", "state": status, "since": round(time.time(), 3), "host": ctx.hostname,
+                "pid": me, "pid_start": me_start, **extra}
+
     def publish(status, **extra):
-        store.put(key, {"rank": rank, "name": f"vm{rank}", "state": status, "since": round(time.time(), 3), "host": ctx.hostname,
-                        "pid": me, "pid_start": me_start, **extra})
+        store.put(key, record(status, **extra))
+
+    def amend(change):
+        # while the VM runs: only into a record that still exists (a cluster reclaimed meanwhile
+        # keeps no trace of it), and a store that does not answer (an etcd outage) does not fail the VM
+        try:
+            store.update(key, lambda cur: cur and change(cur))
+        except PcoccError as exc:
+            log.warning("vm%d: its record could not be updated: %s", rank, exc.message)
 
     def republish(status, **extra):
-        # while the VM runs: a store that does not answer (an etcd outage) must not fail the VM
-        try:
-            publish(status, **extra)
-        except PcoccError as exc:
-            log.warning("vm%d: its record could not say %s: %s", rank, status, exc.message)
+        amend(lambda cur: record(status, **extra))
 
     def publish_end(status, **extra):
         # Only into a record that still exists: a cluster reclaimed meanwhile keeps no trace of its VMs.
@@ -175,8 +182,7 @@ def run_vm(ctx, jobid, rank):
                 if _agent_answers(agent):
                     log.info("vm%d: its guest agent answers now", rank)
                     agent_state, recheck = {"agent": "ready"}, None
-                    store.update(key, lambda cur: cur and {**{k: v for k, v in cur.items() if k != "agent_error"},
-                                                           "agent": "ready"})
+                    amend(lambda cur: {**{k: v for k, v in cur.items() if k != "agent_error"}, "agent": "ready"})
                 else:
                     recheck = time.monotonic() + AGENT_RECHECK
         if vm.proc.poll() is not None and not stop.is_set():
