@@ -30,7 +30,7 @@ def cluster(creds, tmp_path, monkeypatch):  # noqa: F811 - the fixture imported 
     cert, key = creds["server"]
     owner_cert, owner_key = creds["owner"]
     client_creds = {"ca": creds["ca"][0], "cert": owner_cert, "key": owner_key}
-    servers, vms, monitors, stopped = [], [], [], []
+    servers, vms, monitors, stopped, drains = [], [], [], [], []
     events = []  # (what, vm name) in the order they happened
     lock = threading.Lock()
     for h in range(2):
@@ -44,6 +44,8 @@ def cluster(creds, tmp_path, monkeypatch):  # noqa: F811 - the fixture imported 
             monitors.append(monitor)
             stopped.append(stop)
             handler = ControlHandler(vm, FakeAgent(), rev=SimpleNamespace(size=1, uri="r:x@0"), relay_credentials=lambda: client_creds)
+            # as lifecycle.vmrun once qemu is gone: the endpoint's stop then lets requests answer for drain_time()
+            vm.stop = lambda graceful=False, stop=stop, handler=handler, name=vm.config.name: (stop.append(graceful), drains.append((name, handler.drain_time())))
             srv = ControlServer(handler, ca_pem=creds["ca"][0], cert_pem=cert, key_pem=key, owner=OWNER,
                                 unix_path=str(hostdir / f"vm{rank}.sock")).start()
             servers.append(srv)
@@ -57,6 +59,7 @@ def cluster(creds, tmp_path, monkeypatch):  # noqa: F811 - the fixture imported 
     def save_vm(vm, rev, drives, directory, cancelled=None):
         with lock:
             events.append(("save", vm.config.name))
+        hooks.get(vm.config.name, lambda: None)()
         if vm.config.name in failing:
             raise checkpoint.CheckpointError(f"{vm.config.name}: no space left on device")
         with open(os.path.join(directory, f"memory-{vm.config.name}"), "w") as f:
@@ -71,6 +74,7 @@ def cluster(creds, tmp_path, monkeypatch):  # noqa: F811 - the fixture imported 
         return run
 
     failing = set()
+    hooks = {}  # VM name: called as its save starts
     monkeypatch.setattr(checkpoint, "save_vm", save_vm)
     monkeypatch.setattr(checkpoint, "pause", recorded("pause", checkpoint.pause))
     monkeypatch.setattr(checkpoint, "quit_vm", recorded("quit", checkpoint.quit_vm))
@@ -82,7 +86,8 @@ def cluster(creds, tmp_path, monkeypatch):  # noqa: F811 - the fixture imported 
     app = SimpleNamespace(config=None, info=said.append, warn=said.append)
     targets = SimpleNamespace(jobid=7, info={}, vms=vms, ranks=list(range(4)), connect=connect)
     yield SimpleNamespace(app=app, targets=targets, monitors=monitors, stopped=stopped, events=events, failing=failing,
-                          connections=connections, said=said, directory=str(tmp_path / "ckpt"))
+                          connections=connections, said=said, directory=str(tmp_path / "ckpt"), drains=drains,
+                          hooks=hooks, servers=servers)
     for s in servers:
         s.stop(timeout=2, drain=0.5)
 
@@ -97,11 +102,13 @@ def test_every_vm_is_checkpointed_through_one_connection(cluster):
     kinds = [what for what, _ in cluster.events]
     assert kinds == ["pause"] * 4 + ["save"] * 4 + ["publish"] + ["quit"] * 4  # all paused before any writes; quit last
     assert all("cont" not in m.log for m in cluster.monitors)
+    # the hosts' leaders (vm0, vm2) still relay the others' answers when their own qemu is gone
+    assert sorted(cluster.drains) == [("vm0", relay.OPEN_TIMEOUT), ("vm1", 3.0), ("vm2", relay.OPEN_TIMEOUT), ("vm3", 3.0)]
 
 
 def test_a_vm_that_fails_its_save_resumes_every_vm_and_writes_nothing(cluster):
     cluster.failing.add("vm3")
-    with pytest.raises(PcoccError, match=r"checkpoint failed \(checkpoint\): vm3: vm3: no space left on device"):
+    with pytest.raises(PcoccError, match=r"checkpoint failed \(checkpoint\): vm3: no space left on device$"):
         saving.take_checkpoint(cluster.app, cluster.targets, cluster.directory, force=False)
     assert not os.path.exists(cluster.directory)
     assert [n for n in os.listdir(os.path.dirname(cluster.directory)) if n.startswith(".ckpt.partial")] == []
@@ -122,3 +129,21 @@ def test_a_cli_gone_after_the_pause_leaves_every_vm_running(cluster):
     for m in cluster.monitors:
         wait_until(lambda: m.status == "running", "every VM resumed once its stream ended")
     assert cluster.stopped == [[]] * 4
+
+
+def test_a_relay_lost_during_the_save_fails_the_checkpoint_and_every_vm_resumes(cluster):
+    """h1's leader (vm2) goes while the VMs save (its endpoint stops: its node lost, as far as
+    the others see): its VMs get an error each, through vm0's relay, and resume by themselves
+    (their streams end); the others are told to resume; nothing is published."""
+    lost = threading.Event()
+
+    def lose_h1():
+        threading.Thread(target=lambda: (cluster.servers[2].stop(timeout=2, drain=0), lost.set()), daemon=True).start()
+
+    cluster.hooks["vm0"] = lose_h1
+    cluster.hooks["vm2"] = cluster.hooks["vm3"] = lambda: lost.wait(10)  # still saving when h1's leader goes
+    with pytest.raises(PcoccError, match=r"checkpoint failed \(checkpoint\): vm[23]: relay vm2 on h1 lost"):
+        saving.take_checkpoint(cluster.app, cluster.targets, cluster.directory, force=False)
+    for m in cluster.monitors:
+        wait_until(lambda: m.status == "running", "every VM resumed")
+    assert cluster.stopped == [[]] * 4 and not os.path.exists(cluster.directory)

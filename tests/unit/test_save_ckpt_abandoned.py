@@ -193,10 +193,23 @@ def test_an_explicit_resume_is_not_repeated_at_close(endpoint):
     stream.send({"resume": True})
     assert final(stream) == {"resumed": True}
     assert endpoint.monitor.status == "running"
-    n = endpoint.monitor.log.count("query-status")
+    assert endpoint.monitor.log.count("query-status") == 1  # resumed once (checkpoint.resume asks first)
     c.close()
     wait_until(lambda: not endpoint.server._conns, "the connection's end handled")
-    assert endpoint.monitor.log.count("query-status") == n  # nothing undone at the end
+    assert endpoint.monitor.log.count("query-status") == 1  # nothing undone at the end
+
+
+def test_a_resume_sent_during_a_save_gives_the_save_up(endpoint, tmp_path):
+    """Another VM failed: the CLI tells every VM to resume at once, also those still saving."""
+    endpoint.handler.rev = SimpleNamespace(size=2**20, uri="r:x@0", layers=(), top=str(tmp_path / "top"))
+    c, stream = ckpt_stream(endpoint)
+    stream.send({"save": str(tmp_path)})
+    wait_until(lambda: "drive-backup" in endpoint.monitor.log, "the disk's copy started")
+    stream.send({"resume": True})  # the copy never ends by itself
+    assert final(stream) == {"resumed": True}
+    assert "job-cancel" in endpoint.monitor.log and endpoint.monitor.status == "running"
+    assert endpoint.stopped == []
+    c.close()
 
 
 def test_a_bad_checkpoint_message_resumes_and_says_why(endpoint):

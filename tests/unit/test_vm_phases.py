@@ -170,7 +170,7 @@ def test_a_guest_booting_again_after_a_reset_is_looked_at_within_a_first_boots_b
     from pcocc.lifecycle import vmrun
 
     now = [1000.0]
-    monkeypatch.setattr(vmrun.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(vmrun, "time", SimpleNamespace(monotonic=lambda: now[0]))  # vmrun's clock only
     console = tmp_path / "console.log"
     console.write_bytes(b"")
     vm = SimpleNamespace(config=SimpleNamespace(path=lambda name: str(tmp_path / name)))
@@ -185,4 +185,12 @@ def test_a_guest_booting_again_after_a_reset_is_looked_at_within_a_first_boots_b
     now[0] += vmrun.AGENT_TIMEOUT - 1
     assert not reboot.expired()
     now[0] += 2
+    assert reboot.expired()
+    # a console that prints for ever: AGENT_TIMEOUT_MAX s in all
+    reboot = vmrun._Reboot(vm)
+    for i in range(vmrun.AGENT_TIMEOUT_MAX // vmrun.AGENT_TIMEOUT + 1):
+        assert not reboot.expired()
+        console.write_bytes(b"x" * (i + 100))
+        reboot.expired()  # sees it grow
+        now[0] += vmrun.AGENT_TIMEOUT - 1
     assert reboot.expired()

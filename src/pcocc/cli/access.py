@@ -29,7 +29,7 @@ EXEC_KILL_LIMIT = 75.0
 EXEC_OPEN_TIMEOUT = 60.0  # seconds for a VM's stream to open (its command started), per hop (agent.relay)
 EXEC_FAILED = 255  # exec's status when pcocc itself failed on a VM (ssh's rule, ssh(1) EXIT STATUS)
 _STARTING = STARTING_PHASES + ("submitting", "temporary-disk")  # a VM's phases before it runs
-QEMU_UP = ("booting", "running")  # reset and monitor-cmd need only qemu: a guest stuck in its boot can be reset
+QEMU_UP = ("booting", "running")  # reset, monitor-cmd and dump need only qemu: a guest stuck in its boot can be reset
 
 
 def not_running(vm):
@@ -96,11 +96,12 @@ class Targets:
 
         return ControlClient(tuple(address), ca_pem=self.creds["ca"], cert_pem=self.creds["cert"], key_pem=self.creds["key"], timeout=timeout)
 
-    def call_one(self, op, **args):
+    def call_one(self, op, states=("running",), **args):
+        """op(**args) on the first target VM, which must be in one of states (see call_all)."""
         from pcocc.agent.endpoint import ControlClient
 
         vm = self.vms[self.ranks[0]]
-        if vm.get("state") != "running" or not vm.get("control"):
+        if vm.get("state") not in states or not vm.get("control"):
             raise PcoccError(self._not_running(vm))
         with ControlClient(tuple(vm["control"]), ca_pem=self.creds["ca"], cert_pem=self.creds["cert"], key_pem=self.creds["key"], timeout=None) as c:
             return c.call(op, **args)
@@ -693,7 +694,7 @@ def dump(app, jobid, jobname, vm, dumpfile):
     if os.path.exists(path):
         raise PcoccError(f"{path} already exists")
     app.info(f"dumping {vm} to {path}")
-    res = Targets(app, jobid, jobname, vm).call_one("dump", path=path)
+    res = Targets(app, jobid, jobname, vm).call_one("dump", states=QEMU_UP, path=path)
     app.info(f"wrote {res['path']}")
 
 

@@ -180,23 +180,27 @@ def take_checkpoint(app, targets, directory, force, extra=None):
     """
     from pcocc.lifecycle import checkpoint
 
+    from pcocc.cli.access import not_running
+
     checkpoint.check_cluster(app.config, targets.info)
-    down = [v["name"] for v in targets.vms if v.get("state") != "running"]
+    down = [not_running(v) for v in targets.vms if v.get("state") != "running"]
     if down:
-        raise PcoccError(f"cannot checkpoint cluster {targets.jobid}: {', '.join(down)} not running")
+        raise PcoccError(f"cannot checkpoint cluster {targets.jobid}: {'; '.join(down)}")
     if force:
         checkpoint.check_replaceable(directory)
     started = time.monotonic()
     staging = checkpoint.staging_dir(directory)
-    vms = _Streams(targets)
+    vms = None
     paused = False
     try:
+        vms = _Streams(targets)
         app.info(f"cluster {targets.jobid}: pausing {len(targets.ranks)} VM(s)")
         paused = True
-        _all_ok(vms.next("paused", timeout=DEFAULT_TIMEOUT), "pause")
+        _all_ok(_older(vms.next("paused", timeout=DEFAULT_TIMEOUT)), "pause")
         app.info(f"cluster {targets.jobid}: writing disks and memory to {directory}")
         vms.send({"save": staging})
-        saved = _all_ok(vms.next("saved", timeout=None), "checkpoint")
+        # the first failure is enough: the others are told to resume (and give their saves up) at once
+        saved = _all_ok(vms.next("saved", timeout=None, until_failure=True), "checkpoint")
         by_rank = {int(n[2:]): r for n, r in saved.items()}
         try:
             manifest = checkpoint.write_manifest(staging, targets.info, by_rank, None, extra)
@@ -219,8 +223,9 @@ def take_checkpoint(app, targets, directory, force, extra=None):
             for name, (ok, res) in vms.next(None, timeout=DEFAULT_TIMEOUT).items():
                 if not ok:
                     app.warn(f"{name}: could not resume it: {res}")
-        vms.close()  # a VM still paused (no answer above) resumes as its stream ends
-        if staging:
+        if vms is not None:
+            vms.close()  # a VM still paused (no answer above) resumes as its stream ends
+        if staging:  # once the VMs answered: none writes there any more
             checkpoint.discard_staging(staging)
 
 
@@ -256,14 +261,15 @@ class _Streams:
         """message to every VM whose stream goes on."""
         self.fanout.send("all", message)
 
-    def next(self, key, timeout):
+    def next(self, key, timeout, until_failure=False):
         """{VM name: (ok, value)} for every VM whose stream went on: its next event's value
         under key (key None: its stream's end, its result), or (False, why) if its stream
-        ended otherwise or nothing came within timeout seconds (None: no bound)."""
+        ended otherwise or nothing came within timeout seconds (None: no bound).
+        until_failure: returns at the first (False, why), without waiting for the others."""
         waiting = set(self.fanout.by_name) - set(self.ended)
         got = {}
         end = None if timeout is None else time.monotonic() + timeout
-        while waiting - set(got):
+        while waiting - set(got) and not (until_failure and any(not ok for ok, _ in got.values())):
             left = 1.0 if end is None else end - time.monotonic()
             if left <= 0:
                 for name in waiting - set(got):
@@ -286,8 +292,18 @@ class _Streams:
         self.fanout.close()
 
 
+def _older(results):
+    """results, or the error that a VM process of an older pcocc (without the op ckpt) gets."""
+    old = sorted(n for n, (ok, r) in results.items() if not ok and "unknown operation 'ckpt'" in str(r))
+    if old:
+        raise PcoccError(f"cannot checkpoint: {', '.join(old)} run(s) an older pcocc, which takes checkpoints its own way",
+                         "Checkpoint the cluster with the pcocc version that started it, or restart it with this one.")
+    return results
+
+
 def _all_ok(results, what, hint="The cluster goes on as it was; nothing was written."):
-    failed = [f"{n}: {r}" for n, (ok, r) in results.items() if not ok]
+    # a VM's own message often names it already ("vm3: no space left ...")
+    failed = [r if str(r).startswith(f"{n}:") else f"{n}: {r}" for n, (ok, r) in results.items() if not ok]
     if failed:
         raise PcoccError(f"checkpoint failed ({what}): {failed[0]}" + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""), hint)
     return {n: r for n, (ok, r) in results.items()}

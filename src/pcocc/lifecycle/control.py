@@ -3,6 +3,7 @@ VM process (lifecycle.vmrun) serves, one op_NAME method per protocol op."""
 
 import logging
 import os
+import select
 import shlex
 import threading
 
@@ -37,6 +38,8 @@ class ControlHandler:
         self._on_reset = on_reset
         self._relay_credentials = relay_credentials
         self._relay_creds = None
+        self._relays = 0  # relay ops running (agent.relay): see drain_time
+        self._relay_lock = threading.Lock()
         self.agent = agent
         self.rev = rev  # the image revision the VM's disk is based on
         self.images = images  # a callable giving the ImageStore
@@ -327,7 +330,22 @@ class ControlHandler:
         are used: the owner's, of this cluster, as the CLI uses them)."""
         from pcocc.agent import relay
 
-        return relay.serve(stream, op, args, plan, self._relay_connect, timeout)
+        with self._relay_lock:
+            self._relays += 1
+        try:
+            return relay.serve(stream, op, args, plan, self._relay_connect, timeout)
+        finally:
+            with self._relay_lock:
+                self._relays -= 1
+
+    def drain_time(self):
+        """Seconds the endpoint's stop should let its requests answer (ControlServer.stop's
+        drain): a relay op running (this VM is its host's leader) passes on the answers of the
+        other VMs after its own qemu is gone (a checkpoint's quit), for up to a relay's
+        open timeout; else 3 s (a checkpoint's own answer)."""
+        from pcocc.agent import relay
+
+        return relay.OPEN_TIMEOUT if self._relays else 3.0
 
     def _relay_connect(self, link, timeout):
         from pcocc.agent.endpoint import AgentError, ControlClient
@@ -384,7 +402,7 @@ class ControlHandler:
                               target=target, safe=safe, client_present=present)
 
     @streaming
-    def op_ckpt(self, stream, session=None):
+    def op_ckpt(self, stream):
         """This VM's part of a checkpoint (pcocc ckpt), on one stream, so that the CLI reaches
         every VM through the host relays (agent.relay) and holds no connection per VM.
 
@@ -392,9 +410,10 @@ class ControlHandler:
         says so.  Messages, then: {"save": DIR} writes the VM's files into DIR
         (checkpoint.save_vm; the event {"saved": ENTRY} gives its manifest entry once every
         file is fsynced); {"quit": true} stops qemu (result: quit_vm's drive stamps); or
-        {"resume": true} at any time before the quit (result: {"resumed": true}).  Until the
-        quit, a client that leaves (Ctrl-C, SIGKILL, a relay or node lost; a save polls for
-        it and gives up) or a failure here resumes the VM: it never stays paused for ever.
+        {"resume": true} at any time before the quit, a save then given up (result:
+        {"resumed": true}).  Until the quit, a client that leaves (Ctrl-C, SIGKILL, a relay or
+        node lost; a save polls for it and gives up) or a failure here resumes the VM: it
+        never stays paused for ever.
         """
         from pcocc.lifecycle import checkpoint
 
@@ -408,8 +427,13 @@ class ControlHandler:
                 while True:
                     msg = stream.receive(None)
                     if isinstance(msg.get("save"), str):
-                        cancelled = (lambda: not session.present()) if session is not None else None
-                        stream.send({"saved": checkpoint.save_vm(self.vm, self.rev, self.drives, msg["save"], cancelled=cancelled)})
+                        try:  # given up when the client leaves, or sends something (a resume: another VM failed)
+                            entry = checkpoint.save_vm(self.vm, self.rev, self.drives, msg["save"], cancelled=lambda: _heard(stream))
+                        except PcoccError:
+                            if not _heard(stream):
+                                raise
+                            continue  # the next message (or the client's end) says what comes next
+                        stream.send({"saved": entry})
                     elif msg.get("quit") is True:
                         settled = True
                         return checkpoint.quit_vm(self.vm, self.drives)
@@ -431,6 +455,19 @@ class ControlHandler:
                         log.error("%s: could not resume it after the checkpoint's failure: %s", name, exc.message)
                     else:
                         self._release_spares()
+
+
+def _heard(stream):
+    """Whether the client sent something, or closed its side, since the last receive (a poll
+    of the connection, nothing read: the message stays for the next receive)."""
+    if stream.ready():
+        return True
+    poller = select.poll()
+    poller.register(stream.fileno(), select.POLLIN | select.POLLRDHUP)
+    try:
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
 
 
 class _Release:

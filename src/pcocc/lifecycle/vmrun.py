@@ -118,14 +118,17 @@ def run_vm(ctx, jobid, rank):
         publish("qemu-start", **qemu)
         agent = GuestAgent(vm.qga_path, timeout=30)
         ca = store.get(state.cluster_prefix(user, jobid) + "ca")
-        # the host's relay (agent.relay) uses the owner's client credentials, read as the CLI reads them
-        reset, reset_published = threading.Event(), threading.Event()
+        reset, reset_published, watching = threading.Event(), threading.Event(), threading.Event()
 
         def on_reset():  # pcocc reset: the guest boots again; the record says so before reset returns
+            if not watching.is_set():  # its first boot (the record says booting), or it stops
+                return
             reset_published.clear()
             reset.set()
-            reset_published.wait(RESET_PUBLISH_WAIT)
+            if watching.is_set():
+                reset_published.wait(RESET_PUBLISH_WAIT)
 
+        # the host's relay (agent.relay) uses the owner's client credentials, read as the CLI reads them
         handler = ControlHandler(vm, agent, rev, ctx.images, cfg.drives, on_reset=on_reset,
                                  relay_credentials=lambda: store.get(state.cluster_prefix(user, jobid) + "client"))
         server = ControlServer(handler, ca_pem=ca["cert"], cert_pem=ca["server_cert"], key_pem=ca["server_key"],
@@ -150,6 +153,7 @@ def run_vm(ctx, jobid, rank):
             from pcocc.lifecycle import instant
 
             instant.give_identity(agent, f"vm{rank}", jobnet.vm_macs(ctx.config, spec["settings"], jobid, rank))
+        watching.set()  # a reset from now on is the loop's below (one just before is seen there: booting after running)
         if not stop.is_set() and vm.proc.poll() is None:
             publish("running", **qemu, **agent_state, **endpoints, rundir=rundir)
         # an agent that starts late (a slow boot, or started by hand) is still found: looked
@@ -185,6 +189,8 @@ def run_vm(ctx, jobid, rank):
                     amend(lambda cur: {**{k: v for k, v in cur.items() if k != "agent_error"}, "agent": "ready"})
                 else:
                     recheck = time.monotonic() + AGENT_RECHECK
+        watching.clear()
+        reset_published.set()  # a reset waiting for the loop: it has ended
         if vm.proc.poll() is not None and not stop.is_set():
             code = vm.proc.returncode
             if code != 0:
@@ -203,7 +209,7 @@ def run_vm(ctx, jobid, rank):
     finally:
         # Each step on its own: a failure in one must not skip the others.
         if server is not None:
-            _quietly(server.stop)
+            _quietly(server.stop, drain=handler.drain_time())
         if relay is not None:
             _quietly(relay.stop)
         if vm is not None:
