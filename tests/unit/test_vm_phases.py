@@ -194,3 +194,21 @@ def test_a_guest_booting_again_after_a_reset_is_looked_at_within_a_first_boots_b
         reboot.expired()  # sees it grow
         now[0] += vmrun.AGENT_TIMEOUT - 1
     assert reboot.expired()
+
+
+def test_a_reset_through_the_monitor_is_a_reset_too():
+    """pcocc reset and monitor-cmd system_reset both tell the VM process (on_reset), whose
+    record then says booting; other monitor commands do not."""
+    from types import SimpleNamespace
+
+    from pcocc.lifecycle.control import ControlHandler
+
+    sent, resets = [], []
+    monitor = SimpleNamespace(hmp=lambda command: sent.append(command) or "", cmd=lambda name, **a: sent.append(name) or {})
+    handler = ControlHandler(SimpleNamespace(monitor=monitor, config=SimpleNamespace(name="vm0")), SimpleNamespace(),
+                             on_reset=lambda: resets.append(1))
+    handler.op_monitor_cmd("info version")
+    assert resets == []
+    handler.op_monitor_cmd("system_reset")
+    handler.op_reset()
+    assert sent == ["info version", "system_reset", "system_reset"] and resets == [1, 1]

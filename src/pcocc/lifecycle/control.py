@@ -366,7 +366,10 @@ class ControlHandler:
         return {}
 
     def op_monitor_cmd(self, command):
-        return {"output": self.vm.monitor.hmp(command)}
+        output = self.vm.monitor.hmp(command)
+        if command.split()[:1] == ["system_reset"] and self._on_reset is not None:
+            self._on_reset()  # as pcocc reset: the record says booting
+        return {"output": output}
 
     def op_dump(self, path):
         path = os.path.abspath(path)
