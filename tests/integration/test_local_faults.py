@@ -200,7 +200,7 @@ def test_ctrl_c_of_batch_wait_says_the_cluster_goes_on(site):
     jobid = int(proc.stdout.readline())
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err
     assert f"cluster {jobid} goes on" in err
     wait_for(lambda: [j for j in ps(site) if j["vm_states"].get("vm0") == "running"], timeout=300, what="the cluster to run")
     assert site.pcocc("cancel", "-j", jobid).returncode == 0
