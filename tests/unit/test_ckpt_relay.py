@@ -147,3 +147,37 @@ def test_a_relay_lost_during_the_save_fails_the_checkpoint_and_every_vm_resumes(
     for m in cluster.monitors:
         wait_until(lambda: m.status == "running", "every VM resumed")
     assert cluster.stopped == [[]] * 4 and not os.path.exists(cluster.directory)
+
+
+def test_a_second_ctrl_c_while_the_vms_resume_still_leaves_nothing(cluster, monkeypatch):
+    """Review: a second Ctrl-C (or SIGTERM, SIGHUP: they interrupt as Ctrl-C does) during the
+    wait for the resumes skipped the cleanup: the hidden staging directory stayed, with VM files."""
+    real = saving._Streams.next
+
+    def next_(self, key, timeout, until_failure=False):
+        if key is None:  # the wait for the resumes
+            raise KeyboardInterrupt
+        return real(self, key, timeout, until_failure)
+
+    monkeypatch.setattr(saving._Streams, "next", next_)
+    cluster.failing.add("vm3")
+    with pytest.raises(KeyboardInterrupt):
+        saving.take_checkpoint(cluster.app, cluster.targets, cluster.directory, force=False)
+    parent = os.path.dirname(cluster.directory)
+    assert [n for n in os.listdir(parent) if ".partial-" in n] == [] and not os.path.exists(cluster.directory)
+    for m in cluster.monitors:
+        wait_until(lambda: m.status == "running", "every VM resumed once its stream ended")
+
+
+def test_sigterm_during_a_checkpoint_interrupts_it_as_ctrl_c(cluster):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    cluster.hooks["vm0"] = lambda: os.kill(os.getpid(), signal.SIGTERM)  # as the VMs save
+    with pytest.raises(KeyboardInterrupt):
+        saving.take_checkpoint(cluster.app, cluster.targets, cluster.directory, force=False)
+    assert signal.getsignal(signal.SIGTERM) == before  # given back
+    parent = os.path.dirname(cluster.directory)
+    assert [n for n in os.listdir(parent) if ".partial-" in n] == [] and not os.path.exists(cluster.directory)
+    for m in cluster.monitors:
+        wait_until(lambda: m.status == "running", "every VM resumed")

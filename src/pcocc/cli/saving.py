@@ -177,6 +177,7 @@ def take_checkpoint(app, targets, directory, force, extra=None):
     failure before that, every VM resumes and directory is untouched. Each VM's part
     is one stream (its op ckpt), reached through the host relays as exec is
     (agent.relay): if this process dies, each VM sees its stream end and resumes.
+    SIGTERM and SIGHUP interrupt it as Ctrl-C does: the VMs resume, nothing is left.
     """
     from pcocc.lifecycle import checkpoint
 
@@ -188,6 +189,11 @@ def take_checkpoint(app, targets, directory, force, extra=None):
         raise PcoccError(f"cannot checkpoint cluster {targets.jobid}: {'; '.join(down)}")
     if force:
         checkpoint.check_replaceable(directory)
+    with _terminations_interrupt():
+        return _take_checkpoint(app, checkpoint, targets, directory, force, extra)
+
+
+def _take_checkpoint(app, checkpoint, targets, directory, force, extra):
     started = time.monotonic()
     staging = checkpoint.staging_dir(directory)
     vms = None
@@ -211,22 +217,29 @@ def take_checkpoint(app, targets, directory, force, extra=None):
         app.info(f"cluster {targets.jobid}: checkpoint written ({time.monotonic() - started:.1f} s): stopping the VMs")
         paused = False  # from the quit on, a VM that does not stop is cancelled with the cluster
         vms.send({"quit": True})
-        stopped = vms.next(None, timeout=DEFAULT_TIMEOUT)
+        try:
+            stopped = vms.next(None, timeout=DEFAULT_TIMEOUT)
+        except KeyboardInterrupt:
+            app.warn(f"interrupted while the VMs stop: the checkpoint in {directory} is complete; "
+                     "a VM that did not stop yet stops with the cluster")
+            raise
         for name, (ok, res) in stopped.items():
             if not ok:
                 app.warn(f"{name}: did not stop after the checkpoint ({res}); it stops with the cluster")
         _check_drive_stamps(app, checkpoint, directory, targets, by_rank, stopped, manifest, extra)
         return manifest
     finally:
-        if paused:  # a failure before the checkpoint was whole: the cluster goes on as it was
-            vms.send({"resume": True})
-            for name, (ok, res) in vms.next(None, timeout=DEFAULT_TIMEOUT).items():
-                if not ok:
-                    app.warn(f"{name}: could not resume it: {res}")
-        if vms is not None:
-            vms.close()  # a VM still paused (no answer above) resumes as its stream ends
-        if staging:  # once the VMs answered: none writes there any more
-            checkpoint.discard_staging(staging)
+        try:
+            if paused:  # a failure before the checkpoint was whole: the cluster goes on as it was
+                vms.send({"resume": True})
+                for name, (ok, res) in vms.next(None, timeout=DEFAULT_TIMEOUT).items():
+                    if not ok:  # its own failure (it resumed after it), or its resume's
+                        app.warn(res if str(res).startswith(f"{name}:") else f"{name}: {res}")
+        finally:  # also after a second Ctrl-C during that wait
+            if vms is not None:
+                vms.close()  # a VM still paused (no answer above) resumes as its stream ends
+            if staging:  # once the VMs answered (or were left): none writes there any more
+                checkpoint.discard_staging(staging)
 
 
 def _check_drive_stamps(app, checkpoint, directory, targets, by_rank, stopped, manifest, extra):
@@ -243,6 +256,23 @@ def _check_drive_stamps(app, checkpoint, directory, targets, by_rank, stopped, m
     except checkpoint.CheckpointError as exc:
         app.warn(f"a persistent drive changed as its VM stopped, and the manifest could not say so ({exc.message}): "
                  "the restart will ask for the drive copies of the checkpoint")
+
+
+@contextlib.contextmanager
+def _terminations_interrupt():
+    """SIGTERM and SIGHUP (a closed terminal, a killed session) interrupt as Ctrl-C does for
+    the block: its cleanup runs (the VMs resumed, the staging directory removed)."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    saved = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 class _Streams:

@@ -456,8 +456,8 @@ class ControlHandler:
                         checkpoint.resume(self.vm)
                     except PcoccError as exc:
                         log.error("%s: could not resume it after the checkpoint's failure: %s", name, exc.message)
-                    else:
-                        self._release_spares()
+                        raise PcoccError(f"{name}: could not resume it after the checkpoint's failure: {exc.message}") from None
+                    self._release_spares()
 
 
 def _heard(stream):
