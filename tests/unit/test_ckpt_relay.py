@@ -11,45 +11,34 @@ import threading
 from types import SimpleNamespace
 
 import pytest
-from test_relay import creds, tls_client  # noqa: F401 - creds is a fixture
+from test_relay import creds, serve_vms, tls_client  # noqa: F401 - creds is a fixture
 from test_save_ckpt_abandoned import FakeAgent, FakeMonitor, fake_vm, wait_until
 
 from pcocc.agent import relay
-from pcocc.agent.endpoint import ControlServer
 from pcocc.cli import saving
 from pcocc.errors import PcoccError
 from pcocc.lifecycle import checkpoint
 from pcocc.lifecycle.control import ControlHandler
 
-OWNER = "alice"
-
 
 @pytest.fixture
 def cluster(creds, tmp_path, monkeypatch):  # noqa: F811 - the fixture imported above
     monkeypatch.setattr(relay, "WIDTH", 1)  # a chain: the CLI -> vm0 (h0) -> vm2 (h1) -> unix sockets
-    cert, key = creds["server"]
-    owner_cert, owner_key = creds["owner"]
-    client_creds = {"ca": creds["ca"][0], "cert": owner_cert, "key": owner_key}
-    servers, vms, monitors, stopped, drains = [], [], [], [], []
+    monitors, stopped, drains = [], [], []
     events = []  # (what, vm name) in the order they happened
     lock = threading.Lock()
-    for h in range(2):
-        hostdir = tmp_path / f"h{h}"
-        hostdir.mkdir(mode=0o700)
-        for i in range(2):
-            rank = 2 * h + i
-            monitor = FakeMonitor()
-            vm, stop = fake_vm(monitor)
-            vm.config.name = f"vm{rank}"
-            monitors.append(monitor)
-            stopped.append(stop)
-            handler = ControlHandler(vm, FakeAgent(), rev=SimpleNamespace(size=1, uri="r:x@0"), relay_credentials=lambda: client_creds)
-            # as lifecycle.vmrun once qemu is gone: the endpoint's stop then lets requests answer for drain_time()
-            vm.stop = lambda graceful=False, stop=stop, handler=handler, name=vm.config.name: (stop.append(graceful), drains.append((name, handler.drain_time())))
-            srv = ControlServer(handler, ca_pem=creds["ca"][0], cert_pem=cert, key_pem=key, owner=OWNER,
-                                unix_path=str(hostdir / f"vm{rank}.sock")).start()
-            servers.append(srv)
-            vms.append({"name": f"vm{rank}", "state": "running", "host": f"h{h}", "control": list(srv.address), "relay": srv.unix_path})
+
+    def handler(rank, client_creds):
+        monitors.append(FakeMonitor())
+        vm, stop = fake_vm(monitors[-1])
+        vm.config.name = f"vm{rank}"
+        stopped.append(stop)
+        h = ControlHandler(vm, FakeAgent(), rev=SimpleNamespace(size=1, uri="r:x@0"), relay_credentials=lambda: client_creds)
+        # as lifecycle.vmrun once qemu is gone: the endpoint's stop then lets requests answer for drain_time()
+        vm.stop = lambda graceful=False: (stop.append(graceful), drains.append((vm.config.name, h.drain_time())))
+        return h
+
+    servers, vms = serve_vms(creds, tmp_path, handler)
     connections = []
 
     def connect(address, timeout):

@@ -387,6 +387,31 @@ def test_an_unbindable_unix_path_leaves_tls_only(creds, tmp_path):
 # ---- the real VM handler (lifecycle.control) behind the relays ------------------------------------
 
 
+def serve_vms(creds, tmp_path, make_handler, hosts=2, per=2):
+    """hosts x per VMs, VM `rank` served by make_handler(rank, client_creds) behind a ControlServer
+    (TLS on loopback, and a unix socket in its host's private directory); (servers, records as
+    the store holds them). client_creds: the owner's, as the store's cluster_prefix + "client"."""
+    cert, key = creds["server"]
+    owner_cert, owner_key = creds["owner"]
+    client_creds = {"ca": creds["ca"][0], "cert": owner_cert, "key": owner_key}
+    servers, vms = [], []
+    try:
+        for h in range(hosts):
+            hostdir = tmp_path / f"h{h}"
+            hostdir.mkdir(mode=0o700)
+            for i in range(per):
+                rank = h * per + i
+                srv = ControlServer(make_handler(rank, client_creds), ca_pem=creds["ca"][0], cert_pem=cert, key_pem=key,
+                                    owner=OWNER, unix_path=str(hostdir / f"vm{rank}.sock")).start()
+                servers.append(srv)
+                vms.append({"name": f"vm{rank}", "state": "running", "host": f"h{h}", "control": list(srv.address), "relay": srv.unix_path})
+    except BaseException:
+        for s in servers:
+            s.stop(timeout=2, drain=0)
+        raise
+    return servers, vms
+
+
 @pytest.fixture
 def real_vms(creds, tmp_path, monkeypatch):
     """2 hosts x 2 VMs served by the real ControlHandler (its relay op and credentials lookup)
@@ -397,23 +422,15 @@ def real_vms(creds, tmp_path, monkeypatch):
     from pcocc.lifecycle.control import ControlHandler
 
     monkeypatch.setattr(qga, "EXEC_TMP", str(tmp_path))
-    cert, key = creds["server"]
-    owner_cert, owner_key = creds["owner"]
-    client_creds = {"ca": creds["ca"][0], "cert": owner_cert, "key": owner_key}  # as the store's cluster_prefix + "client"
-    servers, agents, vms = [], [], []
+    agents = []
+
+    def handler(rank, client_creds):
+        agents.append(LocalAgent())
+        return ControlHandler(SimpleNamespace(config=SimpleNamespace(name=f"vm{rank}")), agents[-1], relay_credentials=lambda: client_creds)
+
+    servers = []
     try:
-        for h in range(2):
-            hostdir = tmp_path / f"h{h}"
-            hostdir.mkdir(mode=0o700)
-            for i in range(2):
-                rank = 2 * h + i
-                agent = LocalAgent()
-                agents.append(agent)
-                handler = ControlHandler(SimpleNamespace(config=SimpleNamespace(name=f"vm{rank}")), agent, relay_credentials=lambda: client_creds)
-                srv = ControlServer(handler, ca_pem=creds["ca"][0], cert_pem=cert, key_pem=key, owner=OWNER,
-                                    unix_path=str(hostdir / f"vm{rank}.sock")).start()
-                servers.append(srv)
-                vms.append({"name": f"vm{rank}", "state": "running", "host": f"h{h}", "control": list(srv.address), "relay": srv.unix_path})
+        servers, vms = serve_vms(creds, tmp_path, handler)
         yield SimpleNamespace(vms=vms, ranks=list(range(4)), client=lambda rank, t: tls_client(creds, vms[rank]["control"], t),
                               connect=lambda address, t: tls_client(creds, address, t))
     finally:
