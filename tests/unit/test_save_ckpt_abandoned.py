@@ -221,3 +221,23 @@ def test_a_bad_checkpoint_message_resumes_and_says_why(endpoint):
         final(stream)
     assert endpoint.monitor.status == "running"
     c.close()
+
+
+def test_a_memory_save_that_fills_the_disk_says_so(tmp_path, monkeypatch):
+    """Review: qemu says only "Unable to write to command: Broken pipe" when its compressor
+    finds the disk full; the error names the full file system (statvfs: f_bavail)."""
+    from pcocc.hypervisor import snapshot
+
+    class Failing(FakeMonitor):
+        def cmd(self, name, **args):
+            if name == "query-migrate":
+                return {"status": "failed", "error-desc": "Unable to write to command: Broken pipe"}
+            return super().cmd(name, **args)
+
+    space = {"free": 0}
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=space["free"], f_frsize=4096))
+    with pytest.raises(snapshot.SnapshotError, match=f"Broken pipe \\(no space left on the file system of {tmp_path}\\)"):
+        snapshot.save_memory(Failing(), str(tmp_path / "memory-vm0.zst"), "zstd")
+    space["free"] = 1 << 20  # 4 GiB free: qemu's own words only
+    with pytest.raises(snapshot.SnapshotError, match="Broken pipe$"):
+        snapshot.save_memory(Failing(), str(tmp_path / "memory-vm0.zst"), "zstd")

@@ -139,6 +139,13 @@ def save_memory(monitor, path, name, timeout=None, cancelled=None, qemu_pid=None
     monitor.cmd("migrate", uri="exec:" + _command(name, 0, path))
     try:
         st = wait_migration(monitor, timeout, "saving the memory", cancelled)
+    except SnapshotError as exc:
+        _cancel_migration(monitor)
+        # qemu sees its compressor's pipe break ("Broken pipe"), not why: a full disk, said here
+        full = _full(os.path.dirname(path)) if "abandoned" not in exc.message else None
+        if full:
+            raise SnapshotError(f"{exc.message} ({full})") from None
+        raise
     except BaseException:
         _cancel_migration(monitor)
         raise
@@ -149,6 +156,21 @@ def save_memory(monitor, path, name, timeout=None, cancelled=None, qemu_pid=None
         raise SnapshotError(f"the memory image {path} is not whole: {(test.stderr or '').strip() or f'{name} -t failed'}")
     fsync_file(path)
     return st
+
+
+FULL_BELOW = 1 << 20  # bytes free (for this user) under which a directory's file system is taken as full
+
+
+def _full(directory):
+    """"no space left on the file system of DIRECTORY" when less than FULL_BELOW bytes are free
+    there for this user (statvfs(3): f_bavail), else None."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    if st.f_bavail * st.f_frsize < FULL_BELOW:
+        return f"no space left on the file system of {directory}"
+    return None
 
 
 def _cancel_migration(monitor):
