@@ -56,6 +56,9 @@ def test_a_reservation_counts_while_one_of_its_owners_runs(shared_dir):
     res.change(lambda live, mine: mine)
     assert set(res.mine()) == {"a"}
     assert not pid_alive(dead_pid, 1)
+    # the last one released: the user's file goes (the shared directory keeps nothing of a user without clusters)
+    res.change(lambda live, mine: {})
+    assert res.mine() == {} and [n for n in os.listdir(shared_dir) if n.startswith("pcocc-resv.")] == []
 
 
 def _as_nobody(fn):

@@ -133,6 +133,11 @@ class HostReservations:
         """Replace the calling user's reservations by `entries` (dropping those no longer held)."""
         entries = {k: v for k, v in entries.items() if valid_entry(v) is not None and _held(v)}
         own = self._own_files()
+        if not entries:  # nothing held: no file (a user's last cluster leaves nothing in the shared directory)
+            for name in own:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.path, name))
+            return
         target = own[0] if own else f"{PREFIX}{self.uid}.{secrets.token_hex(8)}.json"
         tmp = os.path.join(self.path, f"{PREFIX}{self.uid}.{secrets.token_hex(8)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
