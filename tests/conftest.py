@@ -1,5 +1,9 @@
 """Fixtures shared by every test."""
 
+import signal
+import threading
+import warnings
+
 import pytest
 
 from cli_helpers import Cli
@@ -18,3 +22,19 @@ def pytest_collection_finish(session):
     if grouped and "@" not in grouped[0].nodeid:
         raise pytest.UsageError("pytest-xdist did not group the tests marked xdist_group (a pytest it does not support?): "
                                 "tests sharing host state would run at once")
+
+
+@pytest.fixture(autouse=True)
+def _sigint_left_as_found(request):
+    """After each test, SIGINT is neither ignored nor blocked in this worker: a process it starts
+    inherits both (signal(7)), and the Ctrl-C tests twice saw pcocc miss its SIGINT under load
+    (test-under-load, 2026-11-30). One that is is put back, and the test that left it named."""
+    yield
+    if threading.current_thread() is not threading.main_thread():
+        return
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    if ignored or blocked:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        warnings.warn(f"{request.node.nodeid} left SIGINT {'ignored' if ignored else 'blocked'} in the test process: put back")

@@ -1,7 +1,17 @@
 """A user's world for the local backend, for integration tests."""
 
 import os
+import signal
 from pathlib import Path
+
+
+def as_a_foreground_job():
+    """preexec_fn of a pcocc started to get Ctrl-C (SIGINT): at its default and unblocked, as for a
+    terminal's foreground job, whatever the test process has (a child inherits an ignored or a
+    blocked SIGINT: signal(7); twice under load pcocc missed its SIGINT, 2026-11-30)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
 
 def cache_dir():
     """pcocc's cache, shared by the tests, the demo and users: $PCOCC_TEST_CACHE or ~/.cache/pcocc."""

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from local_site import PCOCC, LocalSite
+from local_site import PCOCC, LocalSite, as_a_foreground_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("exec-cluster")]
 
@@ -30,7 +30,7 @@ def cluster(tmp_path_factory, tiny_image):
 def start(site, *argv, stdin=subprocess.DEVNULL):
     """`pcocc exec` running, its stdout and stderr as pipes."""
     return subprocess.Popen([str(PCOCC), "exec", "-j", site.jobid, *argv], env=site.environ, stdin=stdin,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=site.root)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=site.root, preexec_fn=as_a_foreground_job)
 
 
 def finish(proc, timeout=600):

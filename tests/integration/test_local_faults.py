@@ -15,7 +15,7 @@ import sys
 import pytest
 from waiting import wait_for
 
-from local_site import PCOCC
+from local_site import PCOCC, as_a_foreground_job
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +123,8 @@ def test_a_vm_process_killed_while_qemu_starts_fails_the_wait(site):
     and the qemu dies with it (nothing left once cancelled)."""
     site.write(".pcocc/templates.yaml", TPL)
     proc = subprocess.Popen([str(PCOCC), "batch", "-m", "256", "--wait", "tiny:1"], env=site.environ,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=site.root)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=site.root,
+                            preexec_fn=as_a_foreground_job)
     try:
         jobid = int(proc.stdout.readline())
 
@@ -175,7 +176,8 @@ def test_ctrl_c_of_a_submission_stops_what_it_started(site):
     Ctrl-C: the submission is cancelled whole, nothing runs hidden."""
     site.write(".pcocc/templates.yaml", TPL)
     proc = subprocess.Popen([str(PCOCC), "batch", "-m", "256", "tiny:1"], env=site.environ,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=site.root)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=site.root,
+                            preexec_fn=as_a_foreground_job)
     try:
         wait_for(lambda: list(site.run_dir.glob("job_*/supervisor.log")), interval=0.001, what="the supervisor to start")
         proc.send_signal(signal.SIGSTOP)
@@ -196,7 +198,8 @@ def test_ctrl_c_of_batch_wait_says_the_cluster_goes_on(site):
     """As sbatch: once the job id is printed, Ctrl-C stops the waiting, not the cluster."""
     site.write(".pcocc/templates.yaml", TPL)
     proc = subprocess.Popen([str(PCOCC), "batch", "-m", "256", "--wait", "tiny:1"], env=site.environ,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=site.root)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=site.root,
+                            preexec_fn=as_a_foreground_job)
     jobid = int(proc.stdout.readline())
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

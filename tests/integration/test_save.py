@@ -8,7 +8,7 @@ import time
 import pytest
 from waiting import wait_for
 
-from local_site import PCOCC, LocalSite
+from local_site import PCOCC, LocalSite, as_a_foreground_job
 from pcocc.errors import ExitStatus
 
 pytestmark = pytest.mark.integration
@@ -138,7 +138,8 @@ def test_an_interrupted_save_publishes_nothing(site):
     for attempt in range(3):  # a host slower than the copy is short may see it end before the Ctrl-C lands: again then
         dest = f"interrupted{attempt}"
         proc = subprocess.Popen([str(PCOCC), "save", "-j", str(job), "-d", dest, "--full"],
-                                env=site.environ, cwd=site.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                env=site.environ, cwd=site.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=as_a_foreground_job)
         held = False
         try:
             wait_for(lambda: tmp.exists() and list(tmp.iterdir()), timeout=120, interval=0.01, what="the VM writing the layer")
