@@ -234,7 +234,7 @@ def _take_checkpoint(app, checkpoint, targets, directory, force, extra):
                 vms.send({"resume": True})
                 for name, (ok, res) in vms.next(None, timeout=DEFAULT_TIMEOUT).items():
                     if not ok:  # its own failure (it resumed after it), or its resume's
-                        app.warn(res if str(res).startswith(f"{name}:") else f"{name}: {res}")
+                        app.warn(_named(name, res))
         finally:  # also after a second Ctrl-C during that wait
             if vms is not None:
                 vms.close()  # a VM still paused (no answer above) resumes as its stream ends
@@ -331,9 +331,13 @@ def _older(results):
     return results
 
 
+def _named(name, message):
+    """message about VM name, prefixed with it unless it names it already ("vm3: no space left ...")."""
+    return str(message) if str(message).startswith(f"{name}:") else f"{name}: {message}"
+
+
 def _all_ok(results, what, hint="The cluster goes on as it was; nothing was written."):
-    # a VM's own message often names it already ("vm3: no space left ...")
-    failed = [r if str(r).startswith(f"{n}:") else f"{n}: {r}" for n, (ok, r) in results.items() if not ok]
+    failed = [_named(n, r) for n, (ok, r) in results.items() if not ok]
     if failed:
         raise PcoccError(f"checkpoint failed ({what}): {failed[0]}" + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""), hint)
     return {n: r for n, (ok, r) in results.items()}

@@ -142,7 +142,7 @@ def save_memory(monitor, path, name, timeout=None, cancelled=None, qemu_pid=None
     except SnapshotError as exc:
         _cancel_migration(monitor)
         # qemu sees its compressor's pipe break ("Broken pipe"), not why: a full disk, said here
-        full = _full(os.path.dirname(path)) if "abandoned" not in exc.message else None
+        full = None if cancelled is not None and cancelled() else _full(os.path.dirname(path))
         if full:
             raise SnapshotError(f"{exc.message} ({full})") from None
         raise

@@ -160,27 +160,31 @@ def run_vm(ctx, jobid, rank):
         # for every AGENT_RECHECK s, and the VM's record then says it has one
         recheck = time.monotonic() + AGENT_RECHECK if agent_state["agent"] == "none" else None
         reboot = None  # a _Reboot while the guest boots again after a reset
+
+        def running_again():  # the record of a VM that runs, from now (agent_state as it is then)
+            republish("running", **qemu, **agent_state, **endpoints, rundir=rundir)
+
         while not stop.is_set() and vm.proc.poll() is None:
             stop.wait(0.2)
             if reset.is_set() and not stop.is_set():
-                # ps tells the truth: booting (its uptime from the reset) until the agent answers again
+                # ps tells the truth: booting (since the reset) until the agent answers again
                 reset.clear()
                 if agent_state["agent"] == "ready":
                     reboot = _Reboot(vm)
                     republish("booting", **qemu, **endpoints, rundir=rundir)
                 else:  # no agent to tell when it is up: running again from now
-                    republish("running", **qemu, **agent_state, **endpoints, rundir=rundir)
+                    running_again()
                 reset_published.set()
             if reboot is not None and reboot.due() and not stop.is_set():
                 if _agent_answers(agent):
                     reboot = None
-                    republish("running", **qemu, **agent_state, **endpoints, rundir=rundir)
+                    running_again()
                 elif reboot.expired():
                     reboot = None
                     agent_state = {"agent": "none", "agent_error": f"the guest agent of vm{rank} did not answer after a reset "
                                    f"(the console was silent for {AGENT_TIMEOUT} s, or {AGENT_TIMEOUT_MAX} s in all)"}
                     log.warning("vm%d: %s: it runs without it", rank, agent_state["agent_error"])
-                    republish("running", **qemu, **agent_state, **endpoints, rundir=rundir)
+                    running_again()
                     recheck = time.monotonic() + AGENT_RECHECK
             if recheck is not None and time.monotonic() >= recheck and not stop.is_set():
                 if _agent_answers(agent):
