@@ -16,7 +16,27 @@ pytestmark = pytest.mark.integration
 def site(tmp_path_factory, tiny_image):
     site = LocalSite(tmp_path_factory.mktemp("untrusted"), tiny_image)
     # 'late': its user-data path names the job id, so it is checked only by the VM (binary files there)
-    site.write(".pcocc/templates.yaml", f"tiny:\n  image: user:tiny\nlate:\n  image: user:tiny\n  user-data: {site.home}/ud-%{{jobid}}.bin\n")
+    # the late-* ones name the job id: only the VM's side can check them (each kind of such input)
+    site.write(".pcocc/templates.yaml", f"""\
+tiny:
+  image: user:tiny
+late:
+  image: user:tiny
+  user-data: {site.home}/ud-%{{jobid}}.bin
+late-user-data-missing:
+  image: user:tiny
+  user-data: {site.home}/none-%{{jobid}}.yaml
+late-image:
+  image: user:tiny-%{{jobid}}
+late-kernel:
+  image: user:tiny
+  kernel: {site.home}/vmlinuz-%{{jobid}}
+late-mount:
+  image: user:tiny
+  mount-points:
+    share:
+      path: {site.home}/share-%{{jobid}}
+""")
     for jobid in range(1, 8):
         (site.home / f"ud-{jobid}.bin").write_bytes(b"\x9d\xff\x00binary" * 64)
     yield site
@@ -68,5 +88,31 @@ def test_binary_user_data_found_by_the_vm_fails_it_in_one_line(site):
         errors = [l for l in r.stderr.splitlines() if l.startswith("pcocc: error:")]
         assert len(errors) == 1 and "user-data" in errors[0] and "binary data" in errors[0], r.stderr
         assert "codec" not in r.stderr and "Traceback" not in r.stderr
+    finally:
+        site.pcocc("cancel", "-j", jobid)
+
+
+@pytest.mark.parametrize("template, says", [
+    ("late-user-data-missing", "user-data"),
+    ("late-image", "tiny-"),
+    ("late-kernel", "vmlinuz-"),
+    ("late-mount", "share-"),
+])
+def test_what_only_the_vm_can_check_fails_it_in_one_line(site, template, says):
+    """Issue 12, section 5: an `internal run` failure reaches batch --wait and ps as one line."""
+    r = site.pcocc("batch", "-m", "256", "--wait", f"{template}:1", timeout=300)
+    jobid = r.stdout.split()[0]
+    try:
+        assert r.returncode == ExitStatus.ERROR, r.stderr
+        errors = [l for l in r.stderr.splitlines() if l.startswith("pcocc: error:")]
+        assert len(errors) == 1 and says in errors[0], r.stderr
+        assert "Traceback" not in r.stderr
+        # its only VM failed, so the cluster ended: ps sends to the history, which says why in one line
+        r = site.pcocc("ps", "-j", jobid)
+        assert r.returncode == ExitStatus.NOT_FOUND and f"pcocc history -j {jobid}" in r.stderr, r.stderr
+        r = site.pcocc("history", "-j", jobid, "--json")
+        assert r.returncode == 0, r.stderr
+        (ended,) = json.loads(r.stdout)
+        assert ended["state"] == "FAILED" and says in ended["reason"] and "\n" not in ended["reason"], ended
     finally:
         site.pcocc("cancel", "-j", jobid)
