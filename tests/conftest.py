@@ -14,6 +14,16 @@ def cli(tmp_path):
     return Cli(tmp_path)
 
 
+def pytest_configure(config):
+    """A shell without job control starts a background command (`scripts/test &`, a script's
+    `cmd &`) with SIGINT ignored, and every process it starts inherits that (signal(7)); a
+    shell cannot undo it (bash(1): signals ignored on entry). The Ctrl-C tests would then test
+    nothing, or fail: here the tests, and what they start, get SIGINT as a terminal's job does.
+    (This was why pcocc never saw its SIGINT in two under-load runs started so, 2026-11-30.)"""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_collection_finish(session):
     """Tests that share host state run in one xdist group: fail early if the grouping is lost."""
     if not getattr(session.config.option, "loadgroup", False):  # set on xdist workers with --dist loadgroup
@@ -28,7 +38,8 @@ def pytest_collection_finish(session):
 def _sigint_left_as_found(request):
     """After each test, SIGINT is neither ignored nor blocked in this worker: a process it starts
     inherits both (signal(7)), and the Ctrl-C tests twice saw pcocc miss its SIGINT under load
-    (test-under-load, 2026-11-30). One that is is put back, and the test that left it named."""
+    (test-under-load, 2026-11-30: started in the background, see pytest_configure). One that
+    is is put back, and the test that left it named."""
     yield
     if threading.current_thread() is not threading.main_thread():
         return

@@ -20,6 +20,7 @@ from waiting import wait_for
 
 from local_site import PCOCC
 from pcocc.errors import ExitStatus
+from test_slurm_cross_user import FLOOD, HOLD
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create users")]
 
@@ -38,13 +39,29 @@ class User:
         self.home.chmod(0o755)
         self.etc = etc
 
-    def pcocc(self, *argv, run_dir=True, timeout=600):
+    def pcocc(self, *argv, run_dir=True, timeout=600, cwd=None, env=()):
         env = {"PATH": f"{PCOCC.parent}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(self.home), "USER": self.name,
-               "PCOCC_SYSTEM_CONF_DIR": str(self.etc)}
+               "PCOCC_SYSTEM_CONF_DIR": str(self.etc), **dict(env)}
         if run_dir:  # else the default: $XDG_RUNTIME_DIR (unset here) or /tmp/pcocc-<uid>
             env["PCOCC_RUN_DIR"] = str(self.home / "run")
         return subprocess.run(["runuser", "-u", self.name, "--", "env", "-i", *[f"{k}={v}" for k, v in env.items()],
-                               str(PCOCC), *map(str, argv)], capture_output=True, text=True, timeout=timeout, cwd=self.home)
+                               str(PCOCC), *map(str, argv)], capture_output=True, text=True, timeout=timeout,
+                              cwd=cwd or self.home)
+
+    def run(self, *argv, **kw):
+        """argv as this user (no pcocc)."""
+        return subprocess.run(["runuser", "-u", self.name, "--", *map(str, argv)], capture_output=True, text=True, **kw)
+
+    def own(self, path, text):
+        """A file of this user's, written with text."""
+        path.write_text(text)
+        os.chown(path, self.uid, -1)
+        return path
+
+    def add_repo(self, name="mine"):
+        """A repository of his own, in his default place (~/.pcocc/repo), which pcocc makes."""
+        self.own(self.home / ".pcocc" / "repos.yaml", f"repos:\n  - name: {name}\n    path: '%{{homedir}}/.pcocc/repo'\n")
+        return name
 
     def ps(self):
         r = self.pcocc("ps", "--json")
@@ -158,3 +175,89 @@ def test_a_user_s_files_and_clusters_are_his_own(two_users):
     assert [j["vm_states"] for j in a.ps()] == [{"vm0": "running"}]
     r = a.pcocc("exec", "hostname")
     assert r.returncode == 0 and r.stdout.strip() == "vm0"
+
+
+def test_links_another_user_plants_in_a_shared_directory_are_never_followed(two_users):
+    """r04, r05 between two users: B fills a sticky directory that A uses (A's $TMPDIR, and where
+    A submits from) with links to a file of A's, under every name A's pcocc could write there:
+    the KVM probe's cache and its temporary files, the -b script's output. A's file is intact,
+    A's pcocc makes nothing there, and the cluster's history says why its output was not written."""
+    a, b = two_users
+    shared = a.etc.parent / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    notes = a.own(a.home / "notes.txt", "important data\n")
+    script = a.own(a.home / "job.sh", "#!/bin/sh\necho output of the batch script\n")
+    script.chmod(0o755)
+    with open("/proc/sys/kernel/ns_last_pid") as f:
+        last = int(f.read())
+    plant = ("import os, sys\nd, uid, target, first = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])\n"
+             "names = [f'pcocc-accel-{uid}.json'] + [f'pcocc-accel-{uid}.json.{p}' for p in range(first, first + 20000)]\n"
+             "names += [f'pcocc_{j}.out' for j in range(1, 301)]\n"
+             "for n in names:\n    os.symlink(target, os.path.join(d, n))\n")
+    r = b.run("python3", "-c", plant, shared, a.uid, notes, last)
+    assert r.returncode == 0, r.stderr
+    planted = set(os.listdir(shared))
+    r = a.pcocc("batch", "-m", "256", "-b", script, "tiny:1", cwd=shared, env={"TMPDIR": str(shared)})
+    assert r.returncode == 0, r.stderr
+    jobid = int(r.stdout)
+    wait_for(lambda: a.ps() == [], timeout=300, what="the batch cluster to end")
+    r = a.pcocc("history", "-j", jobid, "--json")
+    assert r.returncode == 0, r.stderr
+    (ended,) = json.loads(r.stdout)
+    assert ended["state"] == "FAILED" and "was not written" in ended["reason"] and "\n" not in ended["reason"], ended
+    assert notes.read_text() == "important data\n"
+    assert set(os.listdir(shared)) == planted  # A's pcocc made nothing there
+    assert all(os.lstat(shared / n).st_uid == b.uid for n in planted)
+
+
+def test_a_user_s_images_are_closed_to_another_user(two_users):
+    """r03 between two users: A's first pcocc command imports a disk holding a secret into his
+    own repository (default umask; A's ~/.pcocc is 0755 here): B can neither list nor read it."""
+    a, b = two_users
+    repo = a.add_repo()
+    disk = a.home / "secret.img"
+    a.own(disk, "SECRET-MARKER-" + a.name)
+    os.truncate(disk, 1 << 20)
+    r = a.pcocc("image", "import", disk, f"{repo}:private")
+    assert r.returncode == 0, r.stderr
+    disk.unlink()
+    top = a.home / ".pcocc" / "repo"
+    files = [p for p in top.rglob("*") if p.is_file()]
+    assert any(b"SECRET-MARKER-" in p.read_bytes() for p in files)  # the secret is there (root reads it)
+    r = b.run("ls", top)
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    for path in files:
+        r = b.run("cat", path)
+        assert r.returncode != 0, f"{b.name} can read {path}"
+
+
+def test_another_user_s_flood_of_my_vm_s_endpoint_does_not_lock_me_out(two_users):
+    """r02 between two users on one host: B holds hundreds of connections to the control
+    endpoint of A's VM (a local peer: refused by its uid); A's exec and save get through."""
+    import sqlite3
+
+    a, b = two_users
+    repo = a.add_repo()
+    r = a.pcocc("batch", "-m", "256", "--wait", "tiny:1")
+    assert r.returncode == 0, r.stderr
+    jobid = int(r.stdout.strip())
+    with sqlite3.connect(f"file:{a.home / '.pcocc' / 'state.db'}?mode=ro", uri=True) as db:
+        (value,) = db.execute("select value from kv where key = ?", (f"/pcocc/users/{a.name}/clusters/{jobid}/vms/0",)).fetchone()
+    host, port = json.loads(value)["control"]
+    flood = subprocess.Popen(["runuser", "-u", b.name, "--", "python3", "-c", FLOOD, host, str(port), str(HOLD)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert flood.stdout.readline().strip().isdigit()  # its connections are made (or refused) and held
+        r = a.pcocc("exec", "echo", "still mine")
+        assert r.returncode == 0 and r.stdout == "still mine\n", r.stderr
+        r = a.pcocc("save", "-j", jobid, "-d", f"{repo}:saved", "--json", "vm0")
+        assert r.returncode == 0 and json.loads(r.stdout)["uri"].startswith(f"{repo}:saved"), r.stderr
+    finally:
+        flood.stdin.close()
+        try:
+            flood.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(flood.pid, 9)
+            flood.wait()
+    assert a.pcocc("cancel", "-j", jobid).returncode == 0

@@ -1,5 +1,6 @@
-"""The fault-injection bench (bench/faults.py) keeps working: a few local cycles with a fixed
-seed, each fault kind of the local backend at least once, and nothing left after any of them.
+"""The fault-injection bench (bench/faults.py) keeps working: a few cycles with a fixed seed,
+each fault kind of each backend once (local; SLURM on the bench's own test cluster with its
+3-member etcd), and nothing left after any of them.
 
 The 200-cycle runs stay in the bench (bench/results/faults.md); here a handful of cycles
 prove that the bench's faults, checks and counts still fit the code (a renamed record
@@ -61,3 +62,21 @@ def test_the_counts_see_a_live_cluster(bench, tmp_path, tiny_image):
         assert b.history(jobid) == 1  # how it ended is kept, and counted apart
     finally:
         b.close()
+
+
+def test_slurm_cycles_leave_nothing(bench, tmp_path, tiny_image):
+    """Each SLURM fault kind once (issue 12, section 6: the tests hit every kind): scancel
+    during node setup, SIGKILL of the launcher, of node setup, of qemu, of the VM task and of
+    the CLI, Ctrl-C of batch --wait, slurmd restarted, one etcd member of three killed. The
+    bench brings its own test cluster, so the session's cluster is not touched."""
+    faults = bench.SLURM_FAULTS
+    status = bench.main(["--backend", "slurm", "--cycles", str(len(faults)), "--seed", "13",
+                         "--each", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "faults.json").read_text())["backends"]["slurm"]
+    assert data["cycles_run"] == len(faults)
+    assert sorted(data["kinds"]) == sorted(faults)
+    assert data["failures"] == [], data["failures"]
+    assert data["leaks"] == [], data["leaks"]
+    for kind, k in data["kinds"].items():
+        assert all(n == 0 for n in k["leftovers"].values()), (kind, k["leftovers"])
+    assert status == 0

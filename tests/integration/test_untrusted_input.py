@@ -1,5 +1,5 @@
 """User-given strings and files as data, with a real VM (issue 12, sections 4 and 5): exec -u names,
-scripts at private paths in the guest, a fresh cloud-init instance-id, user-data refused on the VM side."""
+scripts at private paths in the guest, a fresh cloud-init instance-id, user-data refused on the VM side, and each kind of input only the VM can check failing it in one line."""
 
 import json
 import re

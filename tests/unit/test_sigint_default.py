@@ -1,0 +1,13 @@
+"""The tests run with SIGINT at Python's default, even when pytest was started as a background
+job of a shell without job control, which ignores it (tests/conftest.py:pytest_configure)."""
+
+import signal
+import subprocess
+import sys
+
+
+def test_this_process_and_its_children_get_sigint():
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    child = subprocess.run([sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT))"],
+                           capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == "<built-in function default_int_handler>"
