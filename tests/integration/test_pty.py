@@ -91,6 +91,10 @@ def test_a_guest_shell_on_a_terminal(cluster, term):
     term.keys("sleep 1000", "Enter")
     term.wait_for(lambda t: lines(t)[-1].endswith("sleep 1000"), "sleep running")
     term.keys("C-c")  # to the guest's command, not to pcocc
+    # the guest shell's prompt first: keys typed ahead are echoed before it, and the command's
+    # output then lands on the prompt's line (seen under load: "# still-2")
+    term.wait_for(lambda t: lines(t)[-1] in ("#", "$") and any(l.startswith("^C") for l in lines(t)),
+                  "the guest's prompt after Ctrl-C")
     term.keys("echo still-$((1+1))", "Enter")
     term.wait_for(lambda t: "still-2" in lines(t), "the guest shell after Ctrl-C")
     term.keys("exit 5", "Enter")
