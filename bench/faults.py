@@ -1204,7 +1204,8 @@ def main(argv=None):
         return _main(args)
     finally:
         for s, h in handlers.items():
-            signal.signal(s, h)
+            if h is not None:  # None: set outside Python, which cannot be put back from here
+                signal.signal(s, h)
 
 
 def _main(args):

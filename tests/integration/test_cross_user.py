@@ -5,6 +5,7 @@ cannot reach or disturb another's clusters.
 Needs root (it creates two throwaway users, removed at the end).
 """
 
+import contextlib
 import json
 import os
 import pwd
@@ -20,7 +21,7 @@ from waiting import wait_for
 
 from local_site import PCOCC
 from pcocc.errors import ExitStatus
-from test_slurm_cross_user import FLOOD, HOLD
+from flood import flooding
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create users")]
 
@@ -39,9 +40,9 @@ class User:
         self.home.chmod(0o755)
         self.etc = etc
 
-    def pcocc(self, *argv, run_dir=True, timeout=600, cwd=None, env=()):
+    def pcocc(self, *argv, run_dir=True, timeout=600, cwd=None, extra_env=()):
         env = {"PATH": f"{PCOCC.parent}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(self.home), "USER": self.name,
-               "PCOCC_SYSTEM_CONF_DIR": str(self.etc), **dict(env)}
+               "PCOCC_SYSTEM_CONF_DIR": str(self.etc), **dict(extra_env)}
         if run_dir:  # else the default: $XDG_RUNTIME_DIR (unset here) or /tmp/pcocc-<uid>
             env["PCOCC_RUN_DIR"] = str(self.home / "run")
         return subprocess.run(["runuser", "-u", self.name, "--", "env", "-i", *[f"{k}={v}" for k, v in env.items()],
@@ -178,10 +179,11 @@ def test_a_user_s_files_and_clusters_are_his_own(two_users):
 
 
 def test_links_another_user_plants_in_a_shared_directory_are_never_followed(two_users):
-    """r04, r05 between two users: B fills a sticky directory that A uses (A's $TMPDIR, and where
-    A submits from) with links to a file of A's, under every name A's pcocc could write there:
-    the KVM probe's cache and its temporary files, the -b script's output. A's file is intact,
-    A's pcocc makes nothing there, and the cluster's history says why its output was not written."""
+    """r05 (and r04) between two users: B fills a sticky directory that A submits from, and uses
+    as $TMPDIR, with links to a file of A's: at the -b script's output names of A's first 300
+    jobs, and at the name the KVM probe's cache had there before it moved to A's private run dir.
+    A's file is intact, A's pcocc makes nothing there, and the cluster's history says why its
+    output was not written."""
     a, b = two_users
     shared = a.etc.parent / "shared"
     shared.mkdir()
@@ -189,16 +191,13 @@ def test_links_another_user_plants_in_a_shared_directory_are_never_followed(two_
     notes = a.own(a.home / "notes.txt", "important data\n")
     script = a.own(a.home / "job.sh", "#!/bin/sh\necho output of the batch script\n")
     script.chmod(0o755)
-    with open("/proc/sys/kernel/ns_last_pid") as f:
-        last = int(f.read())
-    plant = ("import os, sys\nd, uid, target, first = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])\n"
-             "names = [f'pcocc-accel-{uid}.json'] + [f'pcocc-accel-{uid}.json.{p}' for p in range(first, first + 20000)]\n"
-             "names += [f'pcocc_{j}.out' for j in range(1, 301)]\n"
-             "for n in names:\n    os.symlink(target, os.path.join(d, n))\n")
-    r = b.run("python3", "-c", plant, shared, a.uid, notes, last)
+    plant = ("import os, sys\nd, uid, target = sys.argv[1:4]\n"
+             "for n in [f'pcocc-accel-{uid}.json'] + [f'pcocc_{j}.out' for j in range(1, 301)]:\n"
+             "    os.symlink(target, os.path.join(d, n))\n")
+    r = b.run("python3", "-c", plant, shared, a.uid, notes)
     assert r.returncode == 0, r.stderr
     planted = set(os.listdir(shared))
-    r = a.pcocc("batch", "-m", "256", "-b", script, "tiny:1", cwd=shared, env={"TMPDIR": str(shared)})
+    r = a.pcocc("batch", "-m", "256", "-b", script, "tiny:1", cwd=shared, extra_env={"TMPDIR": str(shared)})
     assert r.returncode == 0, r.stderr
     jobid = int(r.stdout)
     wait_for(lambda: a.ps() == [], timeout=300, what="the batch cluster to end")
@@ -242,22 +241,12 @@ def test_another_user_s_flood_of_my_vm_s_endpoint_does_not_lock_me_out(two_users
     r = a.pcocc("batch", "-m", "256", "--wait", "tiny:1")
     assert r.returncode == 0, r.stderr
     jobid = int(r.stdout.strip())
-    with sqlite3.connect(f"file:{a.home / '.pcocc' / 'state.db'}?mode=ro", uri=True) as db:
+    with contextlib.closing(sqlite3.connect(f"file:{a.home / '.pcocc' / 'state.db'}?mode=ro", uri=True)) as db:
         (value,) = db.execute("select value from kv where key = ?", (f"/pcocc/users/{a.name}/clusters/{jobid}/vms/0",)).fetchone()
     host, port = json.loads(value)["control"]
-    flood = subprocess.Popen(["runuser", "-u", b.name, "--", "python3", "-c", FLOOD, host, str(port), str(HOLD)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert flood.stdout.readline().strip().isdigit()  # its connections are made (or refused) and held
+    with flooding(b.name, host, port):
         r = a.pcocc("exec", "echo", "still mine")
         assert r.returncode == 0 and r.stdout == "still mine\n", r.stderr
         r = a.pcocc("save", "-j", jobid, "-d", f"{repo}:saved", "--json", "vm0")
         assert r.returncode == 0 and json.loads(r.stdout)["uri"].startswith(f"{repo}:saved"), r.stderr
-    finally:
-        flood.stdin.close()
-        try:
-            flood.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(flood.pid, 9)
-            flood.wait()
     assert a.pcocc("cancel", "-j", jobid).returncode == 0

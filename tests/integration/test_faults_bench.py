@@ -38,14 +38,20 @@ def test_local_cycles_leave_nothing(bench, tmp_path, tiny_image):
     # one cycle per fault kind (the draw of each cycle's timing stays seeded)
     status = bench.main(["--backend", "local", "--cycles", str(len(faults)), "--seed", "12",
                          "--each", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "faults.json").read_text())["backends"]["local"]
+    assert_each_kind_left_nothing(tmp_path, "local", faults, status)
+    assert "| **all** |" in (tmp_path / "faults.md").read_text()
+
+
+def assert_each_kind_left_nothing(out, backend, faults, status):
+    """The bench's results in out: every kind of faults run once, no failed check, nothing left."""
+    data = json.loads((out / "faults.json").read_text())["backends"][backend]
     assert data["cycles_run"] == len(faults)
+    assert sorted(data["kinds"]) == sorted(faults)
     assert data["failures"] == [], data["failures"]
     assert data["leaks"] == [], data["leaks"]
     for kind, k in data["kinds"].items():
         assert all(n == 0 for n in k["leftovers"].values()), (kind, k["leftovers"])
     assert status == 0
-    assert "| **all** |" in (tmp_path / "faults.md").read_text()
 
 
 def test_the_counts_see_a_live_cluster(bench, tmp_path, tiny_image):
@@ -65,18 +71,11 @@ def test_the_counts_see_a_live_cluster(bench, tmp_path, tiny_image):
 
 
 def test_slurm_cycles_leave_nothing(bench, tmp_path, tiny_image):
-    """Each SLURM fault kind once (issue 12, section 6: the tests hit every kind): scancel
-    during node setup, SIGKILL of the launcher, of node setup, of qemu, of the VM task and of
-    the CLI, Ctrl-C of batch --wait, slurmd restarted, one etcd member of three killed. The
-    bench brings its own test cluster, so the session's cluster is not touched."""
+    """Each SLURM fault kind once (issue 12, section 6: the tests hit every kind): cancel during
+    the start, scancel during node setup, SIGKILL of the launcher, of node setup, of qemu, of
+    the VM task and of the CLI, Ctrl-C of batch --wait, slurmd restarted, one etcd member of
+    three killed. The bench brings its own test cluster, so the session's cluster is not touched."""
     faults = bench.SLURM_FAULTS
     status = bench.main(["--backend", "slurm", "--cycles", str(len(faults)), "--seed", "13",
                          "--each", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "faults.json").read_text())["backends"]["slurm"]
-    assert data["cycles_run"] == len(faults)
-    assert sorted(data["kinds"]) == sorted(faults)
-    assert data["failures"] == [], data["failures"]
-    assert data["leaks"] == [], data["leaks"]
-    for kind, k in data["kinds"].items():
-        assert all(n == 0 for n in k["leftovers"].values()), (kind, k["leftovers"])
-    assert status == 0
+    assert_each_kind_left_nothing(tmp_path, "slurm", faults, status)

@@ -6,34 +6,16 @@ and test_slurm_cluster.py; the same on one host, local backend, in test_cross_us
 import json
 import os
 import shutil
-import signal
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
 from waiting import wait_for
 
+from flood import flooding
 from test_slurm_cluster import SlurmSite, qemu_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("slurm")]
-
-HOLD = 300  # connections the other user opens and holds: well over the endpoint's 64 pending ones
-
-FLOOD = """
-import socket, sys
-host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-held = []
-for _ in range(n):
-    try:
-        s = socket.create_connection((host, port), timeout=5)
-        held.append(s)
-    except OSError:
-        pass
-print(len(held), flush=True)
-sys.stdin.read()  # hold them until the test closes our stdin
-"""
-
 
 @pytest.fixture(scope="module")
 def victim(testcluster, tiny_image):
@@ -92,28 +74,12 @@ def test_the_vm_run_dir_is_private_and_a_flood_does_not_lock_its_owner_out(victi
     assert r.returncode != 0 and "Permission denied" in r.stderr
     # the intruder holds hundreds of connections to the VM's control endpoint, from the VM's
     # node (a local peer, refused by uid) and from outside it (a remote peer, before TLS)
-    flood = Path(intruder.pw_dir) / "flood.py"
-    flood.write_text(FLOOD)
     host, port = vm["control"]
-    floods = []
-    try:
-        for prefix in (victim.tc.enter_argv(vm["host"]), []):
-            p = subprocess.Popen([*prefix, "runuser", "-u", intruder.pw_name, "--", "python3", str(flood), host, str(port), str(HOLD)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
-            floods.append(p)
-            assert p.stdout.readline().strip().isdigit()  # its connections are made (or refused) and held
+    with flooding(intruder.pw_name, host, port, prefix=victim.tc.enter_argv(vm["host"])), flooding(intruder.pw_name, host, port):
         r = victim.pcocc("exec", "-j", jobid, "echo", "still mine")
         assert r.returncode == 0 and r.stdout == "still mine\n", r.stderr
         r = victim.pcocc("save", "-j", jobid, "--json", "vm0", timeout=600)
         assert r.returncode == 0 and json.loads(r.stdout)["uri"] == "user:tiny@1", r.stderr
-    finally:
-        for p in floods:
-            p.stdin.close()
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
     victim.tc.run(["scancel", str(jobid)], user=victim.user, check=True)
     wait_for(lambda: not [j for j in victim.squeue() if j[1] == victim.user], what="the job to end")
     wait_for(lambda: not qemu_processes(victim.pw.pw_uid), timeout=60, what="qemu to stop")

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, tiny_image):
     site = LocalSite(tmp_path_factory.mktemp("untrusted"), tiny_image)
-    # 'late': its user-data path names the job id, so it is checked only by the VM (binary files there)
-    # the late-* ones name the job id: only the VM's side can check them (each kind of such input)
+    # the late* templates name the job id in a path: only the VM's side can check them ('late':
+    # binary user-data files there; the others, one kind of such input each)
     site.write(".pcocc/templates.yaml", f"""\
 tiny:
   image: user:tiny
@@ -82,6 +82,7 @@ def test_instance_id_is_the_clusters_uuid(site, cluster):
 
 def test_binary_user_data_found_by_the_vm_fails_it_in_one_line(site):
     r = site.pcocc("batch", "-m", "256", "--wait", "late:1", timeout=300)
+    assert r.stdout.strip(), r.stderr
     jobid = r.stdout.split()[0]
     try:
         assert r.returncode == ExitStatus.ERROR, r.stderr
@@ -101,6 +102,7 @@ def test_binary_user_data_found_by_the_vm_fails_it_in_one_line(site):
 def test_what_only_the_vm_can_check_fails_it_in_one_line(site, template, says):
     """Issue 12, section 5: an `internal run` failure reaches batch --wait and ps as one line."""
     r = site.pcocc("batch", "-m", "256", "--wait", f"{template}:1", timeout=300)
+    assert r.stdout.strip(), r.stderr  # submitted: only its VM finds the fault
     jobid = r.stdout.split()[0]
     try:
         assert r.returncode == ExitStatus.ERROR, r.stderr

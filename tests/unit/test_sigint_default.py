@@ -5,6 +5,17 @@ import signal
 import subprocess
 import sys
 
+import conftest
+
+
+def test_pytest_configure_gives_an_ignored_sigint_back():
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job of sh -c starts us
+    try:
+        conftest.pytest_configure(None)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+
 
 def test_this_process_and_its_children_get_sigint():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
