@@ -4,11 +4,15 @@ job of a shell without job control, which ignores it (tests/conftest.py:pytest_c
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
-import conftest
+TOP_CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
 
 
-def test_pytest_configure_gives_an_ignored_sigint_back():
+def test_pytest_configure_gives_an_ignored_sigint_back(pytestconfig):
+    # the loaded tests/conftest.py (a plain `import conftest` may find tests/integration's)
+    (conftest,) = [p for p in pytestconfig.pluginmanager.get_plugins()
+                   if getattr(p, "__file__", None) and Path(p.__file__).resolve() == TOP_CONFTEST]
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job of sh -c starts us
     try:
         conftest.pytest_configure(None)
