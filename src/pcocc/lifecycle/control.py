@@ -185,7 +185,9 @@ class ControlHandler:
         """No runner waits in the guest from now on (until _release_spares): a checkpoint or a
         template snapshot would keep it in the guest's memory, asleep for ever after a restore
         (the restored VM's process knows nothing of it), and a save would keep its files if
-        the guest's /tmp is on its disk. The spare is discarded, and waited for."""
+        the guest's /tmp is on its disk. The spare is discarded before this returns: its group
+        sent SIGKILL and its files removed (a snapshot may still hold it dying; it ends as soon
+        as the VM runs)."""
         self._spare_wanted.set()
         with self._spare_mutex:  # waits for a spare being claimed
             self._spare_held = True
