@@ -44,3 +44,4 @@ def flooding(user, host, port, prefix=(), n=HOLD):
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+        p.stdout.close()

@@ -70,8 +70,9 @@ class User:
         return json.loads(r.stdout)
 
     def remove(self):
-        for job in self.ps():
-            self.pcocc("cancel", "-j", job["jobid"])
+        with contextlib.suppress(Exception):  # a failed pcocc must not keep the user and his files
+            for job in self.ps():
+                self.pcocc("cancel", "-j", job["jobid"])
         shutil.rmtree(f"/tmp/pcocc-{self.uid}", ignore_errors=True)  # its default private dir (the KVM probe's cache)
         subprocess.run(["userdel", self.name], capture_output=True)
 
@@ -96,7 +97,8 @@ def two_users(tiny_image):
     suffix = os.getpid() % 100000
     users = []
     try:
-        users = [User(f"pcxa{suffix}", top, etc), User(f"pcxb{suffix}", top, etc)]
+        for name in (f"pcxa{suffix}", f"pcxb{suffix}"):  # one at a time: the first is removed if the second fails
+            users.append(User(name, top, etc))
         if subprocess.run(["runuser", "-u", users[0].name, "--", str(PCOCC), "--version"], capture_output=True).returncode:
             pytest.skip(f"other users cannot run {PCOCC} (a checkout under a private directory, such as /root)")
         yield users
