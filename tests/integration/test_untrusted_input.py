@@ -7,6 +7,7 @@ import re
 import pytest
 
 from local_site import LocalSite
+from waiting import wait_for
 from pcocc.errors import ExitStatus
 
 pytestmark = pytest.mark.integration
@@ -109,9 +110,11 @@ def test_what_only_the_vm_can_check_fails_it_in_one_line(site, template, says):
         errors = [l for l in r.stderr.splitlines() if l.startswith("pcocc: error:")]
         assert len(errors) == 1 and says in errors[0], r.stderr
         assert "Traceback" not in r.stderr
-        # its only VM failed, so the cluster ended: ps sends to the history, which says why in one line
+        # its only VM failed, so the cluster ends (a moment after batch --wait has said why): ps
+        # then sends to the history, which says why in one line
+        wait_for(lambda: site.pcocc("ps", "-j", jobid).returncode == ExitStatus.NOT_FOUND, what="the cluster's end")
         r = site.pcocc("ps", "-j", jobid)
-        assert r.returncode == ExitStatus.NOT_FOUND and f"pcocc history -j {jobid}" in r.stderr, r.stderr
+        assert f"pcocc history -j {jobid}" in r.stderr, r.stderr
         r = site.pcocc("history", "-j", jobid, "--json")
         assert r.returncode == 0, r.stderr
         (ended,) = json.loads(r.stdout)
