@@ -8,7 +8,9 @@ from pathlib import Path
 def as_a_foreground_job():
     """preexec_fn of a pcocc started to get Ctrl-C (SIGINT): at its default and unblocked, as for a
     terminal's foreground job, whatever the test process has (a child inherits an ignored or a
-    blocked SIGINT: signal(7); twice under load pcocc missed its SIGINT, 2026-11-30)."""
+    blocked SIGINT: signal(7)). The cause seen, pytest started as a background job, is undone
+    for every test by tests/conftest.py:pytest_configure; this keeps the Ctrl-C tests exact
+    should a test leave SIGINT blocked."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
