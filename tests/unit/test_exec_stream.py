@@ -666,10 +666,10 @@ def test_no_runner_waits_in_the_guest_while_it_is_checkpointed_or_saved(one, mon
     seen = []
 
     def ended_or_killed():
-        # closing its handles (discard's first step) ends an unused runner by itself ("no command
-        # came": its .c FIFO has no writer left); only one the agent still saw running is sent
-        # SIGKILL to its group (whose end, a moment later, is the kernel's); which of the two
-        # happens depends on the scheduler
+        # closing its handles (discard's first step) ends an unused runner that already reads its
+        # .c FIFO by itself ("no command came": no writer is left); only one the agent still saw
+        # running is sent SIGKILL to its group (whose end, a moment later, is the kernel's); which
+        # of the two happens depends on the scheduler
         ended = agent.procs[int(spare.pid)].popen.returncode is not None  # as the agent's guest-exec-status saw it
         return ended or any(c == "guest-exec" and a.get("arg", [])[1:2] and a["arg"][1].startswith(f"kill -KILL -{int(spare.pid)} ")
                             for c, a in agent.log)

@@ -186,8 +186,8 @@ class ControlHandler:
         template snapshot would keep it in the guest's memory, asleep for ever after a restore
         (the restored VM's process knows nothing of it), and a save would keep its files if
         the guest's /tmp is on its disk. The spare is discarded before this returns: its group
-        sent SIGKILL and its files removed (a snapshot may still hold it dying; it ends as soon
-        as the VM runs)."""
+        sent SIGKILL unless the agent saw it end already, and its files removed (a snapshot
+        may still hold it dying; it ends as soon as the VM runs)."""
         self._spare_wanted.set()
         with self._spare_mutex:  # waits for a spare being claimed
             self._spare_held = True
