@@ -112,8 +112,8 @@ def test_what_only_the_vm_can_check_fails_it_in_one_line(site, template, says):
         assert "Traceback" not in r.stderr
         # its only VM failed, so the cluster ends (a moment after batch --wait has said why): ps
         # then sends to the history, which says why in one line
-        wait_for(lambda: site.pcocc("ps", "-j", jobid).returncode == ExitStatus.NOT_FOUND, what="the cluster's end")
-        r = site.pcocc("ps", "-j", jobid)
+        r = wait_for(lambda: (p := site.pcocc("ps", "-j", jobid)).returncode == ExitStatus.NOT_FOUND and p,
+                     what="the cluster's end")
         assert f"pcocc history -j {jobid}" in r.stderr, r.stderr
         r = site.pcocc("history", "-j", jobid, "--json")
         assert r.returncode == 0, r.stderr
